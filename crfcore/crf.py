@@ -1,0 +1,1 @@
+"""crf: see ../shared/DESIGN.md (module ownership); filled in by its issue."""

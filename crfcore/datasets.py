@@ -1,0 +1,1 @@
+"""datasets: see ../shared/DESIGN.md (module ownership); filled in by its issue."""

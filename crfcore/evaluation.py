@@ -1,0 +1,1 @@
+"""evaluation: see ../shared/DESIGN.md (module ownership); filled in by its issue."""

@@ -1,0 +1,1 @@
+"""heatmap: see ../shared/DESIGN.md (module ownership); filled in by its issue."""

@@ -1,0 +1,1 @@
+"""inference: see ../shared/DESIGN.md (module ownership); filled in by its issue."""

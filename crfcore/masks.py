@@ -1,0 +1,178 @@
+"""Tissue, tumour and normal masks on a slide's pyramid lattice, and mask files.
+
+A mask is a bool array `[row, col]`; pixel `[r, c]` covers the level-0 point
+`((c + 0.5) * dx, (r + 0.5) * dy)` where `(dx, dy)` is the per-axis downsample.
+"""
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+import openslide
+from skimage.color import rgb2hsv
+from skimage.filters import threshold_otsu
+
+from . import slide as sl
+from .annotations import Annotation
+from .io import load_array, save_array
+
+KINDS = ("tissue", "tumor", "normal")
+DEFAULT_DOWNSAMPLE = 64.0  # NCRF's level 6
+
+
+class MaskWarning(UserWarning):
+    """An empty mask, or annotation vertices outside the slide."""
+
+
+@dataclass(frozen=True)
+class Lattice:
+    """Where a mask's pixels sit on the slide: shape `(H, W)` and per-axis downsample."""
+
+    shape: tuple[int, int]
+    downsample: tuple[float, float]
+    level: int | None  # the pyramid level the pixels come from, None when resized
+
+    @classmethod
+    def for_slide(cls, slide: openslide.OpenSlide, level: int | None = None,
+                  downsample: float | None = None) -> "Lattice":
+        """The lattice of `level`, or of `downsample` (default 64): a level within 1 % of
+        it when there is one, else the level-0 size divided by it, rounded up."""
+        w0, h0 = slide.dimensions
+        if level is not None:
+            if not 0 <= level < slide.level_count:
+                raise ValueError(f"level {level} out of range: the slide has {slide.level_count} levels")
+            w, h = slide.level_dimensions[level]
+            return cls((h, w), (w0 / w, h0 / h), level)
+        d = DEFAULT_DOWNSAMPLE if downsample is None else float(downsample)
+        h, w = sl.thumbnail_shape(slide, d)
+        lvl = slide.level_dimensions.index((w, h)) if (w, h) in slide.level_dimensions else None
+        return cls((h, w), (w0 / w, h0 / h), lvl)
+
+    def centres(self) -> tuple[np.ndarray, np.ndarray]:
+        """Level-0 x of every column and y of every row (pixel centres)."""
+        h, w = self.shape
+        return (np.arange(w) + 0.5) * self.downsample[0], (np.arange(h) + 0.5) * self.downsample[1]
+
+    def image(self, slide: openslide.OpenSlide) -> np.ndarray:
+        """The slide's RGB pixels on this lattice."""
+        if self.level is not None:
+            return sl.read_level(slide, self.level)
+        img = sl.read_level(slide, sl.level_for_downsample(slide, min(self.downsample)))
+        return cv2.resize(img, self.shape[::-1], interpolation=cv2.INTER_AREA)
+
+
+def tissue_mask_otsu(rgb: np.ndarray, rgb_min: int = 50) -> np.ndarray:
+    """NCRF's rule: not background in all of R, G, B (each above its Otsu threshold is
+    background), saturation above its Otsu threshold, and R, G, B all above `rgb_min`."""
+    background = np.ones(rgb.shape[:2], bool)
+    for ch in range(3):
+        background &= rgb[..., ch] > _otsu(rgb[..., ch])
+    sat = rgb2hsv(rgb)[..., 1]
+    return ~background & (sat > _otsu(sat)) & np.all(rgb > rgb_min, axis=-1)
+
+
+def _otsu(channel: np.ndarray) -> float:
+    # A constant image has no threshold; treat everything as one class.
+    return threshold_otsu(channel) if channel.min() != channel.max() else channel.max()
+
+
+def tissue_mask_histolab(rgb: np.ndarray) -> np.ndarray:
+    """histolab's `TissueMask` filter chain (optional dependency)."""
+    try:
+        from histolab.filters.compositions import FiltersComposition
+        from histolab.slide import Slide
+    except ImportError:
+        raise ModuleNotFoundError("--method histolab needs histolab (install it with Install/install.sh)") from None
+    from PIL import Image
+
+    filters = FiltersComposition(Slide).tissue_mask_filters
+    return np.asarray(filters(Image.fromarray(rgb)), bool)
+
+
+def annotation_mask(ann: Annotation, lattice: Lattice) -> np.ndarray:
+    """Polygons filled at pixel centres: positive minus negative (exactly `ann.contains`)."""
+    h, w = lattice.shape
+    mask = _fill(ann.positive, lattice)
+    if ann.negative:
+        mask &= ~_fill(ann.negative, lattice)
+    return mask
+
+
+def _fill(polygons: list[np.ndarray], lattice: Lattice) -> np.ndarray:
+    """Pixels whose centre lies inside any polygon; vertices mapped to pixel-index space."""
+    canvas = np.zeros(lattice.shape, np.uint8)
+    shift = 8
+    dx, dy = lattice.downsample
+    pts = [np.round((p / (dx, dy) - 0.5) * (1 << shift)).astype(np.int64).astype(np.int32)
+           for p in polygons]
+    for p in pts:  # one at a time: fillPoly would XOR overlapping polygons
+        cv2.fillPoly(canvas, [p], 1, lineType=cv2.LINE_8, shift=shift)
+    return canvas.astype(bool)
+
+
+def count_outside(ann: Annotation, slide: openslide.OpenSlide) -> int:
+    """How many vertices lie outside the slide's level-0 area."""
+    w0, h0 = slide.dimensions
+    allv = ann.positive + ann.negative
+    if not allv:
+        return 0
+    v = np.concatenate(allv)
+    return int(np.sum((v[:, 0] < 0) | (v[:, 1] < 0) | (v[:, 0] > w0) | (v[:, 1] > h0)))
+
+
+def make_mask(slide_path: str | Path, kind: str, annotation: Annotation | None = None,
+              level: int | None = None, downsample: float | None = None,
+              method: str = "otsu") -> tuple[np.ndarray, dict]:
+    """Compute a `tissue`, `tumor` or `normal` mask and its sidecar metadata."""
+    if kind not in KINDS:
+        raise ValueError(f"unknown mask kind {kind!r} (expected one of {', '.join(KINDS)})")
+    if kind != "tissue" and annotation is None:
+        raise ValueError(f"a {kind} mask needs --annotation")
+    slide = sl.open_slide(slide_path)
+    lattice = Lattice.for_slide(slide, level, downsample)
+    if annotation is not None and (n := count_outside(annotation, slide)):
+        warnings.warn(f"{slide_path}: {n} annotation vertices lie outside the slide "
+                      f"{slide.dimensions}; clipped", MaskWarning, stacklevel=2)
+    if kind == "tumor":
+        mask = annotation_mask(annotation, lattice)
+    else:
+        rgb = lattice.image(slide)
+        mask = tissue_mask_histolab(rgb) if method == "histolab" else tissue_mask_otsu(rgb)
+        if kind == "normal":
+            mask &= ~annotation_mask(annotation, lattice)
+    if not mask.any():
+        warnings.warn(f"{slide_path}: the {kind} mask is empty", MaskWarning, stacklevel=2)
+    meta = {"slide": Path(slide_path).name, "level": lattice.level,
+            "downsample": list(lattice.downsample), "kind": kind,
+            "method": "polygons" if kind == "tumor" else method,
+            "slide_dimensions": list(slide.dimensions)}
+    slide.close()
+    return mask, meta
+
+
+def save_mask(path: str | Path, mask: np.ndarray, meta: dict) -> None:
+    save_array(path, mask.astype(bool), meta)
+
+
+def load_mask(path: str | Path, slide: str | Path | None = None,
+              kind: str | tuple | None = None) -> tuple[np.ndarray, dict]:
+    """Read a mask; refuse one made for another slide than `slide` (file name check)."""
+    mask, meta = load_array(path, kind=kind or KINDS, slide=slide)
+    return mask.astype(bool), meta
+
+
+def preview(slide: openslide.OpenSlide, mask: np.ndarray, downsample: tuple[float, float],
+            colour: tuple[int, int, int] = (0, 200, 0), min_side: int = 512) -> np.ndarray:
+    """The slide thumbnail with the mask's outline drawn on it, at least `min_side` wide."""
+    h, w = mask.shape
+    f = max(1, math.ceil(min_side / max(h, w)))
+    img = np.ascontiguousarray(cv2.resize(sl.thumbnail(slide, min(downsample) / f), (w * f, h * f),
+                                          interpolation=cv2.INTER_AREA))
+    big = cv2.resize(mask.astype(np.uint8), (w * f, h * f), interpolation=cv2.INTER_NEAREST)
+    contours, _ = cv2.findContours(big, cv2.RETR_LIST, cv2.CHAIN_APPROX_NONE)
+    cv2.drawContours(img, contours, -1, colour, max(1, f // 2 + 1))
+    return img

@@ -1,0 +1,121 @@
+"""Opening whole-slide images with OpenSlide and reading RGB pixels from them.
+
+Level downsamples are computed per axis from the real level dimensions: pyramids
+round level sizes, so a "level 1" is often not exactly 2x smaller (NCRF assumed
+powers of two and mis-registered such slides).
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import openslide
+
+
+class SlideError(Exception):
+    """A slide that does not exist, is not a slide, or that OpenSlide cannot read."""
+
+
+def open_slide(path: str | Path) -> openslide.OpenSlide:
+    """Open `path` with OpenSlide; raise `SlideError` naming the file and the reason."""
+    path = Path(path)
+    if not path.exists():
+        raise SlideError(f"{path}: no such file")
+    if path.is_dir():
+        raise SlideError(f"{path}: is a directory, not a slide file")
+    try:
+        slide = openslide.OpenSlide(str(path))
+    except openslide.OpenSlideUnsupportedFormatError:
+        raise SlideError(f"{path}: not a slide format OpenSlide supports") from None
+    except openslide.OpenSlideError as err:
+        raise SlideError(f"{path}: OpenSlide cannot read it ({err})") from None
+    try:  # some broken files open but fail on the first read
+        slide.read_region((0, 0), slide.level_count - 1, (1, 1))
+    except openslide.OpenSlideError as err:
+        slide.close()
+        raise SlideError(f"{path}: OpenSlide cannot read its pixels ({err})") from None
+    return slide
+
+
+def slide_id(path: str | Path) -> str:
+    """The slide's id as used in coords lists and output names: its file stem."""
+    return Path(path).stem
+
+
+def level_downsamples(slide: openslide.OpenSlide) -> list[tuple[float, float]]:
+    """Per-axis `(dx, dy)` level-0 pixels per level pixel, from the level dimensions."""
+    w0, h0 = slide.dimensions
+    return [(w0 / w, h0 / h) for w, h in slide.level_dimensions]
+
+
+def level_for_downsample(slide: openslide.OpenSlide, downsample: float) -> int:
+    """The coarsest level whose downsample is at or below `downsample` (1 % slack)."""
+    best = 0
+    for level, (dx, dy) in enumerate(level_downsamples(slide)):
+        if max(dx, dy) <= downsample * 1.01:
+            best = level
+    return best
+
+
+def nearest_level(slide: openslide.OpenSlide, downsample: float) -> int:
+    """The level whose downsample is closest to `downsample` on a log scale."""
+    ds = [math.sqrt(dx * dy) for dx, dy in level_downsamples(slide)]
+    return int(np.argmin([abs(math.log(d / downsample)) for d in ds]))
+
+
+def slide_mpp(slide: openslide.OpenSlide) -> tuple[float, float] | None:
+    """Level-0 microns per pixel `(x, y)`, or None when the slide does not say."""
+    props = slide.properties
+    try:
+        return float(props[openslide.PROPERTY_NAME_MPP_X]), float(props[openslide.PROPERTY_NAME_MPP_Y])
+    except (KeyError, ValueError):
+        return None
+
+
+def rgba_to_rgb(rgba: np.ndarray) -> np.ndarray:
+    """Composite an RGBA array over white (transparent and outside pixels become white)."""
+    rgb = rgba[..., :3].astype(np.uint16)
+    alpha = rgba[..., 3:4].astype(np.uint16)
+    return ((rgb * alpha + 255 * (255 - alpha) + 127) // 255).astype(np.uint8)
+
+
+def read_rgb(slide: openslide.OpenSlide, xy: tuple[int, int], level: int,
+             size: tuple[int, int]) -> np.ndarray:
+    """Read a `(h, w, 3)` uint8 region whose top-left is level-0 point `xy`, at `level`.
+
+    Pixels outside the slide or transparent in it are white.
+    """
+    x, y = (int(round(v)) for v in xy)
+    w, h = (int(v) for v in size)
+    region = slide.read_region((x, y), level, (w, h))
+    return rgba_to_rgb(np.asarray(region))
+
+
+def read_level(slide: openslide.OpenSlide, level: int) -> np.ndarray:
+    """The whole of `level` as an `(H, W, 3)` uint8 array."""
+    return read_rgb(slide, (0, 0), level, slide.level_dimensions[level])
+
+
+def thumbnail_shape(slide: openslide.OpenSlide, downsample: float) -> tuple[int, int]:
+    """`(H, W)` of a picture of the slide at `downsample`: the level's own size when a
+    level is within 1 % of it, else the level-0 size divided and rounded up."""
+    for (w, h), (dx, dy) in zip(slide.level_dimensions, level_downsamples(slide)):
+        if abs(dx / downsample - 1) < 0.01 and abs(dy / downsample - 1) < 0.01:
+            return h, w
+    w0, h0 = slide.dimensions
+    return math.ceil(h0 / downsample), math.ceil(w0 / downsample)
+
+
+def thumbnail(slide: openslide.OpenSlide, downsample: float) -> np.ndarray:
+    """The slide as an RGB array of `thumbnail_shape(slide, downsample)`.
+
+    Reads the best level at or below `downsample` and resizes by area averaging.
+    """
+    import cv2
+
+    h, w = thumbnail_shape(slide, downsample)
+    img = read_level(slide, level_for_downsample(slide, downsample))
+    if img.shape[:2] != (h, w):
+        img = cv2.resize(img, (w, h), interpolation=cv2.INTER_AREA)
+    return img

@@ -1,0 +1,1 @@
+"""tiling: see ../shared/DESIGN.md (module ownership); filled in by its issue."""

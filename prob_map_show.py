@@ -1,0 +1,7 @@
+#!/usr/bin/env python3
+"""prob_map_show.py: not yet implemented (see the project's open issues)."""
+import sys
+
+if __name__ == "__main__":
+    print("prob_map_show.py: not yet implemented", file=sys.stderr)
+    sys.exit(2)

@@ -1,0 +1,88 @@
+import cv2
+import numpy as np
+import pytest
+
+from crfcore import slide as sl
+from conftest import SHARED, shared
+
+REAL = ["CMU-1-Small-Region.svs", "tcga-cr-7395-01a-01-ts1.svs", "boxes.tiff", "small.svs",
+        "boxes_0.dcm", "boxes_1.dcm"]
+
+
+@pytest.mark.parametrize("name", REAL)
+def test_real_slides_open_and_read(name):
+    s = sl.open_slide(shared("slides", name))
+    w0, h0 = s.dimensions
+    assert s.level_count >= 1 and w0 > 0 and h0 > 0
+    ds = sl.level_downsamples(s)
+    assert ds[0] == (1.0, 1.0)
+    for (w, h), (dx, dy) in zip(s.level_dimensions, ds):
+        assert dx == pytest.approx(w0 / w) and dy == pytest.approx(h0 / h)
+    # a region at the coarsest level equals the same region read at level 0 and resized
+    lvl = s.level_count - 1
+    lw, lh = s.level_dimensions[lvl]
+    small = sl.read_rgb(s, (0, 0), lvl, (lw, lh))
+    assert small.shape == (lh, lw, 3) and small.dtype == np.uint8
+    if lvl:
+        full = cv2.resize(sl.read_rgb(s, (0, 0), 0, (w0, h0)), (lw, lh), interpolation=cv2.INTER_AREA)
+        assert np.abs(full.astype(int) - small.astype(int)).mean() < 12
+
+
+def test_tcga_downsample_is_not_two():
+    s = sl.open_slide(shared("slides", "tcga-cr-7395-01a-01-ts1.svs"))
+    dx, dy = sl.level_downsamples(s)[1]
+    assert dx != 2.0 and dy != 2.0 and dx == pytest.approx(4443 / 2221)
+    assert sl.level_for_downsample(s, 2) == 1
+    assert sl.level_for_downsample(s, 1.5) == 0
+    assert sl.slide_mpp(s) is None
+
+
+@pytest.mark.parametrize("name", ["broken.svs", "kidney-48-5.tif", "unopenable.tiff", "unreadable.svs"])
+def test_broken_slides_raise_slide_error(name):
+    path = shared("bad-slides", name)
+    with pytest.raises(sl.SlideError, match=name):
+        sl.open_slide(path)
+
+
+def test_missing_and_non_slide_files(tmp_path):
+    with pytest.raises(sl.SlideError, match="no such file"):
+        sl.open_slide(tmp_path / "nope.svs")
+    text = tmp_path / "notes.txt"
+    text.write_text("not a slide")
+    with pytest.raises(sl.SlideError, match="notes.txt"):
+        sl.open_slide(text)
+    with pytest.raises(sl.SlideError, match="directory"):
+        sl.open_slide(tmp_path)
+
+
+def test_outside_pixels_are_white():
+    s = sl.open_slide(shared("slides", "CMU-1-Small-Region.svs"))
+    w0, h0 = s.dimensions
+    region = sl.read_rgb(s, (w0 - 10, h0 - 10), 0, (20, 20))
+    assert (region[10:, 10:] == 255).all()
+    assert not (region[:10, :10] == 255).all()
+
+
+def test_thumbnail_shapes():
+    s = sl.open_slide(shared("slides", "CMU-1-Small-Region.svs"))
+    thumb = sl.thumbnail(s, 16)
+    assert thumb.shape == (int(np.ceil(2967 / 16)), int(np.ceil(2220 / 16)), 3)
+    b = sl.open_slide(SHARED / "slides" / "boxes.tiff")
+    assert sl.thumbnail(b, 4).shape == (62, 75, 3)  # an existing level is used as is
+
+
+def test_synthetic_slide_round_trip(syn_slide):
+    s = sl.open_slide(syn_slide.path)
+    assert s.dimensions == (2048, 1536)
+    assert sl.slide_mpp(s) == pytest.approx((0.25, 0.25))
+    assert [round(d[0]) for d in sl.level_downsamples(s)][:7] == [1, 2, 4, 8, 16, 32, 64]
+    assert len(syn_slide.annotation.positive) == 2
+    # planted tumour is darker than normal tissue, glass is bright
+    rng = np.random.default_rng(0)
+    pts = rng.uniform(0, 1, (4000, 2)) * (2048, 1536)
+    tumour = syn_slide.annotation.contains(pts)
+    tissue = syn_slide.tissue_contains(pts)
+    img = sl.read_rgb(s, (0, 0), 0, s.dimensions).astype(float).mean(axis=2)
+    blur = cv2.blur(img, (31, 31))
+    val = blur[pts[:, 1].astype(int), pts[:, 0].astype(int)]
+    assert val[tumour].mean() + 20 < val[tissue & ~tumour].mean() < val[~tissue].mean() - 20

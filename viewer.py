@@ -1,0 +1,7 @@
+#!/usr/bin/env python3
+"""viewer.py: not yet implemented (see the project's open issues)."""
+import sys
+
+if __name__ == "__main__":
+    print("viewer.py: not yet implemented", file=sys.stderr)
+    sys.exit(2)
