@@ -13,7 +13,6 @@ from typing import Iterable, Sequence
 
 import numpy as np
 from defusedxml import ElementTree as SafeET
-from matplotlib.path import Path as MplPath
 
 from .io import atomic_write_text
 
@@ -67,15 +66,49 @@ class Annotation:
             inside &= ~_inside_any(self.negative, points, np.zeros(len(points), bool))
         return inside
 
+    def rasterise(self, xs: np.ndarray, ys: np.ndarray) -> np.ndarray:
+        """`contains` on the grid of level-0 columns `xs` x rows `ys`: bool `(len(ys), len(xs))`.
+        Only the annotation's bounding box is tested, so it stays cheap on large grids."""
+        out = np.zeros((len(ys), len(xs)), bool)
+        box = self.bounds()
+        if box is None:
+            return out
+        c0, c1 = np.searchsorted(xs, box[0]), np.searchsorted(xs, box[2], side="right")
+        r0, r1 = np.searchsorted(ys, box[1]), np.searchsorted(ys, box[3], side="right")
+        if c1 > c0 and r1 > r0:
+            gx, gy = np.meshgrid(xs[c0:c1], ys[r0:r1])
+            out[r0:r1, c0:c1] = self.contains(np.stack([gx.ravel(), gy.ravel()], 1)).reshape(gx.shape)
+        return out
+
 
 def _inside_any(polygons: Sequence[np.ndarray], points: np.ndarray, out: np.ndarray) -> np.ndarray:
     """OR into `out` the points inside any polygon; a bounding-box test first keeps it fast."""
     for poly in polygons:
         lo, hi = poly.min(axis=0), poly.max(axis=0)
-        cand = ~out & np.all((points >= lo) & (points <= hi), axis=1)
-        if cand.any():
-            out[cand] = MplPath(poly).contains_points(points[cand])
+        cand = np.flatnonzero(~out & np.all((points >= lo) & (points <= hi), axis=1))
+        if cand.size:
+            out[cand] = _even_odd(poly, points[cand])
     return out
+
+
+def _even_odd(poly: np.ndarray, points: np.ndarray, chunk: int = 2048) -> np.ndarray:
+    """Crossing-number test, vectorised: points sorted by y and cut into horizontal
+    strips, so each strip is tested only against the few edges that span it."""
+    a, b = poly, np.roll(poly, -1, axis=0)
+    keep = a[:, 1] != b[:, 1]  # horizontal edges never cross a horizontal ray
+    a, b = a[keep], b[keep]
+    ylo, yhi = np.minimum(a[:, 1], b[:, 1]), np.maximum(a[:, 1], b[:, 1])
+    slope = (b[:, 0] - a[:, 0]) / (b[:, 1] - a[:, 1])
+    order = np.argsort(points[:, 1], kind="stable")
+    inside = np.zeros(len(points), bool)
+    for start in range(0, len(order), chunk):
+        idx = order[start:start + chunk]
+        px, py = points[idx, 0:1], points[idx, 1:2]
+        e = (yhi >= py[0, 0]) & (ylo <= py[-1, 0])
+        spans = (a[e, 1] > py) != (b[e, 1] > py)
+        xcross = a[e, 0] + (py - a[e, 1]) * slope[e]
+        inside[idx] = np.count_nonzero(spans & (px < xcross), axis=1) % 2 == 1
+    return inside
 
 
 def _distinct_vertices(vertices: np.ndarray) -> int:

@@ -94,24 +94,8 @@ def tissue_mask_histolab(rgb: np.ndarray) -> np.ndarray:
 
 
 def annotation_mask(ann: Annotation, lattice: Lattice) -> np.ndarray:
-    """Polygons filled at pixel centres: positive minus negative (exactly `ann.contains`)."""
-    h, w = lattice.shape
-    mask = _fill(ann.positive, lattice)
-    if ann.negative:
-        mask &= ~_fill(ann.negative, lattice)
-    return mask
-
-
-def _fill(polygons: list[np.ndarray], lattice: Lattice) -> np.ndarray:
-    """Pixels whose centre lies inside any polygon; vertices mapped to pixel-index space."""
-    canvas = np.zeros(lattice.shape, np.uint8)
-    shift = 8
-    dx, dy = lattice.downsample
-    pts = [np.round((p / (dx, dy) - 0.5) * (1 << shift)).astype(np.int64).astype(np.int32)
-           for p in polygons]
-    for p in pts:  # one at a time: fillPoly would XOR overlapping polygons
-        cv2.fillPoly(canvas, [p], 1, lineType=cv2.LINE_8, shift=shift)
-    return canvas.astype(bool)
+    """Pixels whose centre is tumour by `ann` (positive minus negative): exactly `contains`."""
+    return ann.rasterise(*lattice.centres())
 
 
 def count_outside(ann: Annotation, slide: openslide.OpenSlide) -> int:

@@ -119,3 +119,14 @@ def thumbnail(slide: openslide.OpenSlide, downsample: float) -> np.ndarray:
     if img.shape[:2] != (h, w):
         img = cv2.resize(img, (w, h), interpolation=cv2.INTER_AREA)
     return img
+
+
+SLIDE_EXTENSIONS = (".svs", ".tif", ".tiff", ".ndpi", ".mrxs", ".vms", ".vmu", ".scn",
+                    ".bif", ".svslide", ".dcm")
+
+
+def find_slides(folder: str | Path) -> list[Path]:
+    """Slide files directly inside `folder`, sorted by name (DICOM: one file per series)."""
+    found = sorted(p for p in Path(folder).iterdir()
+                   if p.is_file() and p.suffix.lower() in SLIDE_EXTENSIONS)
+    return found

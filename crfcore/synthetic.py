@@ -13,7 +13,6 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import cv2
 import numpy as np
 import tifffile
 
@@ -89,18 +88,6 @@ def _nuclei(x: np.ndarray, y: np.ndarray, cells: tuple, seed: int) -> np.ndarray
     return (dx * dx + dy * dy <= r * r) & (_hash(ix, iy, seed, 4) < presence)
 
 
-def _fill_polygons(shape: tuple[int, int], polygons: list[np.ndarray], x0: float, y0: float,
-                   d: tuple[float, float], offset: float) -> np.ndarray:
-    """Rasterise level-0 polygons onto a band whose sample (r, c) sits at
-    `(x0 + (c + offset) * dx, y0 + (r + offset) * dy)`."""
-    canvas = np.zeros(shape, np.uint8)
-    shift = 4
-    pts = [np.round(((p - (x0, y0)) / d - offset) * (1 << shift)).astype(np.int32) for p in polygons]
-    for p in pts:  # one at a time: fillPoly would XOR overlapping polygons
-        cv2.fillPoly(canvas, [p], 1, lineType=cv2.LINE_8, shift=shift)
-    return canvas.astype(bool)
-
-
 @dataclass
 class _Scene:
     width: int
@@ -119,16 +106,14 @@ class _Scene:
                 ox, oy = (t + 0.5) / ss, (s + 0.5) / ss
                 x = x0 + (np.arange(w) + ox)[None, :] * d[0]
                 y = y0 + (np.arange(h) + oy)[:, None] * d[1]
-                acc += self._sample(x, y, x0, y0, d, (ox, oy))
+                acc += self._sample(x, y)
         img = acc / (ss * ss) + rng.normal(0, 4, (h, w, 3))
         return img
 
-    def _sample(self, x, y, x0, y0, d, off) -> np.ndarray:
+    def _sample(self, x: np.ndarray, y: np.ndarray) -> np.ndarray:
+        tumour = self.annotation.rasterise(x[0], y[:, 0])
         x, y = np.broadcast_arrays(x, y)
         tissue = _in_tissue(x, y, self.tissue)
-        tumour = _fill_polygons(x.shape, self.annotation.positive, x0, y0, d, off[0] - 0.0)
-        if self.annotation.negative:
-            tumour &= ~_fill_polygons(x.shape, self.annotation.negative, x0, y0, d, off[0])
         tumour &= tissue
         if self.noise > 0:  # mimic regions: patches of tissue whose look contradicts the label
             bx, by = np.floor(x / 384), np.floor(y / 384)

@@ -26,3 +26,15 @@ def syn_slide(tmp_path_factory) -> synthetic.SyntheticSlide:
     d = tmp_path_factory.mktemp("syn")
     return synthetic.write_slide(d / "syn_tumor.tif", 2048, 1536, tumours=2, seed=3,
                                  tumour_radius=0.13, xml=d / "syn_tumor.xml")
+
+
+def run_script(name: str, *args: str, check: bool = True):
+    """Run a top-level script with this Python; return the CompletedProcess."""
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, str(ROOT / name), *map(str, args)],
+                          capture_output=True, text=True, cwd=ROOT)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{name} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+    return proc

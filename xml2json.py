@@ -1,0 +1,73 @@
+#!/usr/bin/env python3
+"""Convert lesion annotations: ASAP/Camelyon XML, vertex-list txt or NCRF JSON to NCRF
+JSON (default), ASAP XML or GeoJSON (QuPath). Coordinates stay level-0 pixels."""
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+from crfcore import annotations as an
+from crfcore.cli import UserError, parser, run
+
+SUFFIXES = (".xml", ".json", ".txt")
+OUT_SUFFIX = {"json": ".json", "xml": ".xml", "geojson": ".geojson"}
+
+
+def collect(inputs: list[str], to: str) -> list[Path]:
+    """The annotation files named, with directories expanded (sorted; files already in
+    the output format are left out of a directory, so xml + json side by side work)."""
+    files: list[Path] = []
+    for item in map(Path, inputs):
+        if item.is_dir():
+            files += sorted(p for p in item.iterdir()
+                            if p.suffix.lower() in SUFFIXES and p.suffix.lower() != OUT_SUFFIX[to])
+        elif item.exists():
+            files.append(item)
+        else:
+            raise UserError(f"{item}: no such file or directory")
+    if not files:
+        raise UserError(f"no annotation files (.xml, .json, .txt) in {', '.join(inputs)}")
+    return files
+
+
+def outputs(files: list[Path], out: Path, to: str, many: bool) -> list[Path]:
+    """One output per input: `out` itself for a single file, else `out/<stem><suffix>`."""
+    if not many and not out.is_dir():
+        return [out]
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{out}: several inputs need -o to be a directory")
+    names = [f.stem + OUT_SUFFIX[to] for f in files]
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        raise UserError(f"several inputs would write the same output: {', '.join(dupes)}")
+    return [out / n for n in names]
+
+
+def main(argv=None) -> int:
+    p = parser(__doc__)
+    p.add_argument("inputs", nargs="+", metavar="INPUT", help="annotation files or directories")
+    p.add_argument("-o", "--output", required=True, type=Path,
+                   help="output file (one input) or directory (several)")
+    p.add_argument("--to", choices=tuple(OUT_SUFFIX), default="json", help="output format")
+    p.add_argument("--positive-groups", default=",".join(an.POSITIVE_GROUPS),
+                   help="XML groups that are tumour, comma-separated")
+    p.add_argument("--negative-groups", default=",".join(an.NEGATIVE_GROUPS),
+                   help="XML groups that are non-tumour islands inside tumour")
+    p.add_argument("--txt-group", choices=("positive", "negative"), default="positive",
+                   help="which part a vertex-list .txt polygon belongs to")
+    args = p.parse_args(argv)
+    pos = [g for g in args.positive_groups.split(",") if g]
+    neg = [g for g in args.negative_groups.split(",") if g]
+    files = collect(args.inputs, args.to)
+    many = len(files) > 1 or any(Path(i).is_dir() for i in args.inputs)
+    for src, dst in zip(files, outputs(files, args.output, args.to, many)):
+        ann = an.load_annotation(src, pos, neg, txt_part=args.txt_group)
+        if not len(ann):
+            warnings.warn(f"{src}: no polygons found; writing an empty annotation")
+        an.write_annotation(ann, dst, to=args.to)
+        print(f"{src} -> {dst}: {len(ann.positive)} positive, {len(ann.negative)} negative polygons")
+    return 0
+
+
+if __name__ == "__main__":
+    run(main)
