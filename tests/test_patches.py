@@ -1,0 +1,122 @@
+import json
+
+import cv2
+import numpy as np
+import pytest
+
+from crfcore import masks, tiling
+from crfcore import slide as sl
+from conftest import run_script, shared
+
+
+@pytest.fixture(scope="module")
+def syn_masks(syn_slide, tmp_path_factory):
+    d = tmp_path_factory.mktemp("masks")
+    for kind in ("tumor", "tissue"):
+        mask, meta = masks.make_mask(syn_slide.path, kind, syn_slide.annotation, downsample=32)
+        masks.save_mask(d / f"syn_tumor_{kind}.npy", mask, meta)
+    return d
+
+
+def read_png(path):
+    return cv2.imread(str(path))[..., ::-1]
+
+
+def test_random_centres_lie_inside_the_mask(syn_slide, syn_masks, tmp_path):
+    run_script("Patch_gen.py", syn_slide.path, "--mask", syn_masks / "syn_tumor_tumor.npy", "-o", tmp_path,
+               "--mode", "random", "--num", "40", "--image-size", "128", "--workers", "0", "--quiet")
+    mask, meta = masks.load_mask(syn_masks / "syn_tumor_tumor.npy")
+    centres = np.array([l.split(",")[1:] for l in (tmp_path / "syn_tumor.txt").read_text().split()], int)
+    assert len(centres) == 40
+    dx, dy = meta["downsample"]
+    assert mask[(centres[:, 1] // dy).astype(int), (centres[:, 0] // dx).astype(int)].all()
+    assert syn_slide.annotation.contains(centres).mean() > 0.9
+    assert (tmp_path / "syn_tumor_preview.png").exists()
+
+
+@pytest.mark.parametrize("level", [0, 1])
+def test_grid_squares_pass_the_fraction_rule_and_match_read_rgb(syn_slide, syn_masks, tmp_path, level):
+    run_script("Patch_gen.py", syn_slide.path, "--mask", syn_masks / "syn_tumor_tissue.npy", "-o", tmp_path,
+               "--image-size", "256", "--level", level, "--min-mask-fraction", "0.5", "--workers", "2",
+               "--quiet")
+    mask, meta = masks.load_mask(syn_masks / "syn_tumor_tissue.npy")
+    tiles, bad = tiling.collect_tiles(tmp_path)
+    assert not bad and len(tiles["syn_tumor"]) >= 4
+    boxes = np.array([t.box for t in tiles["syn_tumor"]])
+    side = 256 * 2 ** level
+    assert ((boxes[:, 2] - boxes[:, 0]) == side).all()
+    assert (np.diff(np.unique(boxes[:, 0])) % side == 0).all()  # a regular grid
+    assert (tiling.mask_fraction(mask, tuple(meta["downsample"]), boxes) >= 0.5).all()
+    s = sl.open_slide(syn_slide.path)
+    for t in tiles["syn_tumor"][:6]:
+        expect = sl.read_rgb(s, t.box[:2], level, (256, 256))
+        got = read_png(t.path)
+        assert got.shape == (256, 256, 3) and np.array_equal(got, expect)
+
+
+def test_coords_mode_and_dataset_folder(syn_slide, syn_masks, tmp_path):
+    coords = tmp_path / "hard.txt"
+    coords.write_text("syn_tumor,1000,800\nother_slide,5,5\nsyn_tumor,1100,700\nsyn_tumor,10,10\n")
+    run_script("Patch_gen.py", syn_slide.path, "--mask", syn_masks / "syn_tumor_tissue.npy", "-o",
+               tmp_path / "p", "--mode", "coords", "--coords", coords, "--workers", "0", "--quiet")
+    proc = run_script("coord_list_gen.py", tmp_path / "p", "-o", tmp_path / "ds")
+    lines = (tmp_path / "ds" / "list.txt").read_text().split()
+    assert lines == ["syn_tumor,1000,800", "syn_tumor,1100,700"]  # (10, 10) runs off the slide
+    s = sl.open_slide(syn_slide.path)
+    for i, line in enumerate(lines):
+        _, x, y = line.split(",")
+        expect = sl.read_rgb(s, (int(x) - 384, int(y) - 384), 0, (768, 768))
+        assert np.array_equal(read_png(tmp_path / "ds" / f"{i}.png"), expect)
+    assert "2 patches" in proc.stdout
+
+
+def test_real_slide_grid_only_on_tissue(tmp_path):
+    path = shared("slides", "CMU-1-Small-Region.svs")
+    run_script("Mask_gen.py", path, "-o", tmp_path / "m.npy", "--kind", "tissue", "--downsample", "16")
+    run_script("Patch_gen.py", path, "--mask", tmp_path / "m.npy", "-o", tmp_path / "p",
+               "--image-size", "256", "--workers", "0", "--quiet")
+    mask, meta = masks.load_mask(tmp_path / "m.npy")
+    tiles, _ = tiling.collect_tiles(tmp_path / "p")
+    boxes = np.array([t.box for t in tiles["CMU-1-Small-Region"]])
+    # 2220 x 2967 is at most 8 x 11 = 88 squares; tissue covers about a third
+    assert 20 <= len(boxes) <= 60
+    assert (tiling.mask_fraction(mask, tuple(meta["downsample"]), boxes) >= 0.2).all()
+    for t in tiles["CMU-1-Small-Region"]:
+        img = read_png(t.path)
+        assert (img.std(axis=2) > 15).mean() > 0.05  # some stained (coloured) pixels
+
+
+def test_coord_list_gen_refusals_and_append(syn_slide, syn_masks, tmp_path):
+    run_script("Patch_gen.py", syn_slide.path, "--mask", syn_masks / "syn_tumor_tumor.npy", "-o",
+               tmp_path / "p", "--mode", "random", "--num", "5", "--image-size", "64", "--workers", "0",
+               "--quiet")
+    (tmp_path / "p" / "syn_tumor" / "notes.png").write_bytes(b"x")
+    proc = run_script("coord_list_gen.py", tmp_path / "p", "-o", tmp_path / "ds", "--copy")
+    assert "notes.png" in proc.stderr and len((tmp_path / "ds" / "list.txt").read_text().split()) == 5
+    proc = run_script("coord_list_gen.py", tmp_path / "p", "-o", tmp_path / "ds", check=False)
+    assert proc.returncode == 2 and "--append" in proc.stderr
+    proc = run_script("coord_list_gen.py", tmp_path / "p", "-o", tmp_path / "ds", "--append", check=False)
+    assert proc.returncode == 2 and "duplicate" in proc.stderr
+    run_script("coord_list_gen.py", tmp_path / "p", "-o", tmp_path / "ds", "--overwrite")
+    assert sorted(p.name for p in (tmp_path / "ds").iterdir()) == ["0.png", "1.png", "2.png", "3.png",
+                                                                   "4.png", "list.txt"]
+
+
+def test_patch_gen_refuses_mask_of_another_slide(syn_slide, syn_masks, tmp_path):
+    other = tmp_path / "other.npy"
+    mask, meta = masks.load_mask(syn_masks / "syn_tumor_tissue.npy")
+    masks.save_mask(other, mask, {**meta, "slide": "someone_else.tif"})
+    proc = run_script("Patch_gen.py", syn_slide.path, "--mask", other, "-o", tmp_path / "p", check=False)
+    assert proc.returncode == 2 and "someone_else.tif" in proc.stderr
+
+
+def test_group_boxes_covers_every_box_once():
+    rng = np.random.default_rng(0)
+    xy = rng.integers(0, 20000, (500, 2))
+    boxes = np.concatenate([xy, xy + 256], 1)
+    groups = tiling.group_boxes(boxes, block=2048)
+    idx = np.concatenate([g[1] for g in groups])
+    assert sorted(idx.tolist()) == list(range(500))
+    for (x0, y0, x1, y1), members in groups:
+        b = boxes[members]
+        assert (b[:, 0] >= x0).all() and (b[:, 3] <= y1).all()
