@@ -65,3 +65,146 @@ def extract_patches(slide_path: str | Path, boxes: np.ndarray, level: int, size:
             done += int(n)
             bar.update(int(n))
     return done
+
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class DataError(Exception):
+    """A data set that is empty, malformed or lacks the annotation its labels need."""
+
+
+def to_tensor(rgb: np.ndarray) -> "torch.Tensor":
+    """`(H, W, 3)` uint8 -> `[3, H, W]` float, ImageNet-normalised."""
+    import torch
+
+    t = torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1).float().div_(255)
+    mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
+    std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
+    return (t - mean) / std
+
+
+def cut_grid(rgb: np.ndarray, patch: int, crop: int) -> np.ndarray:
+    """`(S, S, 3)` image -> `(g*g, crop, crop, 3)`: cells of `patch`, each centre-cropped."""
+    g = rgb.shape[0] // patch
+    o = (patch - crop) // 2
+    cells = rgb[:g * patch, :g * patch].reshape(g, patch, g, patch, 3).transpose(0, 2, 1, 3, 4)
+    return cells[:, :, o:o + crop, o:o + crop].reshape(g * g, crop, crop, 3)
+
+
+class Augment:
+    """Colour jitter, flips and 90-degree rotations applied jointly to an image and its
+    `(g, g)` label grid (so each label stays on its cell)."""
+
+    def __init__(self, color_jitter: tuple[float, float, float, float] | None, flip: bool,
+                 rotate: bool) -> None:
+        from torchvision.transforms import ColorJitter
+
+        self.jitter = ColorJitter(*color_jitter) if color_jitter and any(color_jitter) else None
+        self.flip, self.rotate = flip, rotate
+
+    def __call__(self, rgb: np.ndarray, labels: np.ndarray, rng: np.random.Generator):
+        import torch
+
+        if self.jitter is not None:
+            t = torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1)
+            rgb = self.jitter(t).permute(1, 2, 0).numpy()
+        if self.flip and rng.random() < 0.5:
+            rgb, labels = rgb[:, ::-1], labels[:, ::-1]
+        if self.rotate:
+            k = int(rng.integers(4))
+            rgb, labels = np.rot90(rgb, k, axes=(0, 1)), np.rot90(labels, k, axes=(0, 1))
+        return rgb, labels
+
+
+class GridDataset(Dataset):
+    """NCRF's training set: `list.txt` (`slide_id,x,y`) + `0.png, 1.png, ...`; each item is
+    `(patches [N, 3, crop, crop], labels [N])`, labels = tumour at each cell centre by the
+    slide's annotation JSON in `json_dir`."""
+
+    def __init__(self, data_dir: str | Path, json_dir: str | Path, image_size: int,
+                 patch_size: int, crop_size: int, augment: Augment | None = None) -> None:
+        from .annotations import load_annotation
+        from .tiling import GridGeometry, read_coords
+
+        self.dir = Path(data_dir)
+        if not (self.dir / "list.txt").exists():
+            raise DataError(f"{self.dir}: no list.txt (make it with coord_list_gen.py)")
+        self.coords = read_coords(self.dir / "list.txt")
+        if not self.coords:
+            raise DataError(f"{self.dir}: list.txt is empty")
+        self.geom = GridGeometry(image_size, patch_size, crop_size)
+        self.augment = augment
+        self.annotations = {}
+        for sid in sorted({c[0] for c in self.coords}):
+            path = Path(json_dir) / f"{sid}.json"
+            if not path.exists():
+                raise DataError(f"slide {sid!r} of {self.dir} has no annotation {path} "
+                                "(normal slides need an empty one)")
+            self.annotations[sid] = load_annotation(path)
+        offsets = self.geom.cell_offsets()
+        self.labels = np.stack([self.annotations[s].contains(np.array([x, y]) + offsets)
+                                for s, x, y in self.coords]).astype(np.float32)
+
+    def __len__(self) -> int:
+        return len(self.coords)
+
+    def __getitem__(self, i: int):
+        import torch
+
+        path = self.dir / f"{i}.png"
+        img = cv2.imread(str(path), cv2.IMREAD_COLOR)
+        if img is None:
+            raise DataError(f"{path}: missing or unreadable image")
+        size = self.geom.image_size
+        if img.shape[:2] != (size, size):
+            raise DataError(f"{path}: is {img.shape[1]}x{img.shape[0]}, image_size is {size}")
+        rgb, g = img[..., ::-1], self.geom.grid
+        labels = self.labels[i].reshape(g, g)
+        if self.augment is not None:
+            rgb, labels = self.augment(rgb, labels, np.random.default_rng(torch.randint(2**62, ()).item()))
+        cells = cut_grid(rgb, self.geom.patch_size, self.geom.crop_size)
+        patches = torch.stack([to_tensor(c) for c in cells])
+        return patches, torch.from_numpy(np.ascontiguousarray(labels).reshape(-1).copy())
+
+
+class FolderDataset(Dataset):
+    """ImageFolder-style class sub-folders; items `(image [1, 3, s, s], class index)`."""
+
+    EXTS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
+
+    def __init__(self, root: str | Path, size: int, augment: Augment | None = None,
+                 classes: list[str] | None = None) -> None:
+        self.root = Path(root)
+        if not self.root.is_dir():
+            raise DataError(f"{self.root}: not a directory of class sub-folders")
+        found = sorted(p.name for p in self.root.iterdir() if p.is_dir())
+        self.classes = classes or found
+        extra = sorted(set(found) - set(self.classes))
+        if extra:
+            raise DataError(f"{self.root}: classes {extra} are not among the model's {self.classes}")
+        self.items = [(p, k) for k, c in enumerate(self.classes) if (self.root / c).is_dir()
+                      for p in sorted((self.root / c).iterdir()) if p.suffix.lower() in self.EXTS]
+        if not self.items:
+            raise DataError(f"{self.root}: no images in class sub-folders")
+        self.size, self.augment = size, augment
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    @property
+    def targets(self) -> list[int]:
+        return [k for _, k in self.items]
+
+    def __getitem__(self, i: int):
+        import torch
+
+        path, k = self.items[i]
+        img = cv2.imread(str(path), cv2.IMREAD_COLOR)
+        if img is None:
+            raise DataError(f"{path}: unreadable image")
+        rgb = cv2.resize(img[..., ::-1], (self.size, self.size), interpolation=cv2.INTER_AREA)
+        if self.augment is not None:
+            rgb, _ = self.augment(rgb, np.zeros((1, 1)), np.random.default_rng(torch.randint(2**62, ()).item()))
+        return to_tensor(rgb).unsqueeze(0), k

@@ -1,1 +1,142 @@
-"""model: see ../shared/DESIGN.md (module ownership); filled in by its issue."""
+"""MobileNetV2 (torchvision) backbone + linear logit head + CRF; checkpoints.
+
+Input `[B, N, 3, H, W]` (N = grid*grid patches, row-major); output `[B, N]` logits (one
+tumour logit per patch) or `[B, N, C]` for a C-class patch classifier (grid 1).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+import torch
+import torchvision
+from torch import nn
+
+from . import __version__
+from .crf import CRF
+from .io import atomic_path
+
+GRIDS = (1, 3, 5, 7)
+
+
+class CheckpointError(Exception):
+    """A checkpoint that cannot be read or does not fit the model asked for."""
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    grid: int = 3          # CRF grid side; 1 = plain CNN, no CRF
+    crf_iters: int = 10
+    width_mult: float = 1.0
+    num_classes: int = 1   # 1: one tumour logit per patch; C >= 2: softmax classes
+
+    def __post_init__(self) -> None:
+        if self.grid not in GRIDS:
+            raise ValueError(f"grid must be one of {GRIDS}, got {self.grid}")
+        if self.num_classes > 1 and self.grid != 1:
+            raise ValueError("a multi-class classifier has no CRF: use grid 1")
+        if self.num_classes < 1 or self.crf_iters < 0 or self.width_mult <= 0:
+            raise ValueError(f"bad model config {self}")
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ModelConfig":
+        return cls(**{f.name: d[f.name] for f in fields(cls) if f.name in d})
+
+
+class CRFNet(nn.Module):
+    """MobileNetV2 features -> pooled feature (1280-d at width 1) -> logit head -> CRF."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        backbone = torchvision.models.mobilenet_v2(weights=None, width_mult=cfg.width_mult)
+        self.features = backbone.features
+        self.feature_dim = backbone.last_channel
+        self.fc = nn.Linear(self.feature_dim, cfg.num_classes)
+        self.crf = CRF(cfg.grid * cfg.grid, cfg.crf_iters) if cfg.grid > 1 else None
+
+    def embed(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Patches `[M, 3, H, W]` -> logits `[M]` (or `[M, C]`) and pooled features `[M, D]`."""
+        feats = nn.functional.adaptive_avg_pool2d(self.features(x), 1).flatten(1)
+        logits = self.fc(feats)
+        return (logits.squeeze(1) if self.cfg.num_classes == 1 else logits), feats
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n = x.shape[:2]
+        logits, feats = self.embed(x.flatten(0, 1))
+        logits = logits.reshape(b, n, *logits.shape[1:])
+        if self.crf is None:
+            return logits
+        if n != self.crf.W.shape[0]:
+            raise ValueError(f"input has {n} patches per sample, the CRF expects {self.crf.W.shape[0]}")
+        return self.crf(logits, feats.reshape(b, n, -1))
+
+
+def load_pretrained_backbone(model: CRFNet, path: str | Path) -> None:
+    """Load ImageNet weights from a local torchvision MobileNetV2 state dict (the
+    `features.*` entries; the classifier is ignored: the head is always new)."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except (OSError, RuntimeError) as err:
+        raise CheckpointError(f"{path}: cannot read pretrained weights ({err})") from None
+    state = state.get("state_dict", state)
+    feats = {k[len("features."):]: v for k, v in state.items() if k.startswith("features.")}
+    if not feats:
+        raise CheckpointError(f"{path}: no 'features.*' weights: not a torchvision MobileNetV2 state dict")
+    try:
+        model.features.load_state_dict(feats)
+    except RuntimeError as err:
+        raise CheckpointError(f"{path}: does not fit this backbone (width_mult "
+                              f"{model.cfg.width_mult}?): {str(err).splitlines()[0]}") from None
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
+    """Read a checkpoint dict (safe `weights_only` loading)."""
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: no such checkpoint") from None
+    except Exception as err:  # torch raises many types for corrupt files
+        raise CheckpointError(f"{path}: not a readable checkpoint ({str(err).splitlines()[0]})") from None
+    if not isinstance(ckpt, dict) or "state_dict" not in ckpt or "config" not in ckpt:
+        raise CheckpointError(f"{path}: not a crfcore checkpoint (no state_dict/config)")
+    return ckpt
+
+
+def model_from_checkpoint(path: str | Path, expect: dict | None = None,
+                          map_location: str | torch.device = "cpu") -> tuple[CRFNet, dict]:
+    """Build the model a checkpoint describes and load its weights. `expect`: config
+    values the caller needs; a differing one is refused by name."""
+    ckpt = load_checkpoint(path, map_location)
+    cfg = ckpt["config"]
+    for key, want in (expect or {}).items():
+        if cfg.get(key) != want:
+            raise CheckpointError(f"{path}: checkpoint has {key}={cfg.get(key)!r}, expected {want!r}")
+    model = CRFNet(ModelConfig.from_dict(cfg))
+    try:
+        model.load_state_dict(ckpt["state_dict"])
+    except RuntimeError as err:
+        raise CheckpointError(f"{path}: weights do not fit its own config ({str(err).splitlines()[0]})") from None
+    return model, ckpt
+
+
+def init_from_checkpoint(model: CRFNet, path: str | Path) -> list[str]:
+    """Fine-tuning: copy every weight of the checkpoint whose name and shape fit `model`
+    (e.g. all but the head when the class count differs); return the names left new."""
+    state = load_checkpoint(path)["state_dict"]
+    own = model.state_dict()
+    fit = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
+    if not any(k.startswith("features.") for k in fit):
+        raise CheckpointError(f"{path}: no backbone weights fit this model (different width_mult?)")
+    model.load_state_dict(fit, strict=False)
+    return sorted(set(own) - set(fit))
+
+
+def save_checkpoint(path: str | Path, model: nn.Module, config: dict, **extra) -> None:
+    """Atomically write `{state_dict, config, crfcore_version, **extra}`."""
+    net = model.module if hasattr(model, "module") else model
+    with atomic_path(path, ".ckpt") as tmp:
+        torch.save({"state_dict": net.state_dict(), "config": config,
+                    "crfcore_version": __version__, **extra}, tmp)
+
+

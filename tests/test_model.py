@@ -1,0 +1,57 @@
+import torch
+
+from crfcore.crf import CRF, mean_field
+from crfcore.model import CRFNet, ModelConfig
+
+
+def test_crf_with_zero_w_is_identity():
+    crf = CRF(9, iters=10)
+    u, f = torch.randn(4, 9), torch.randn(4, 9, 32)
+    assert torch.equal(crf(u, f), u)
+
+
+def test_crf_is_permutation_consistent():
+    torch.manual_seed(0)
+    u, f, w = torch.randn(2, 9), torch.randn(2, 9, 16), torch.randn(9, 9)
+    perm = torch.randperm(9)
+    out = mean_field(u, f, w, 10)
+    out_p = mean_field(u[:, perm], f[:, perm], w[perm][:, perm], 10)
+    assert torch.allclose(out[:, perm], out_p, atol=1e-5)
+    assert not torch.allclose(out, u)  # a non-zero W does change the logits
+
+
+def test_crf_matches_the_formula_for_one_step():
+    torch.manual_seed(1)
+    u, f, w = torch.randn(9), torch.randn(9, 8), torch.randn(9, 9)
+    s = torch.nn.functional.cosine_similarity(f[:, None], f[None], dim=-1)
+    p = s * (w + w.T) / 2
+    expect = u + p @ (2 * torch.sigmoid(u) - 1)
+    assert torch.allclose(mean_field(u, f, w, 1), expect, atol=1e-5)
+
+
+def test_batch_equals_items_alone_and_batch_of_one_works():
+    torch.manual_seed(0)
+    model = CRFNet(ModelConfig(grid=3, width_mult=0.5)).eval()
+    with torch.no_grad():
+        model.crf.W.normal_(0, 0.5)
+        x = torch.randn(3, 9, 3, 64, 64)
+        out = model(x)
+        assert out.shape == (3, 9)
+        for i in range(3):
+            assert torch.allclose(model(x[i:i + 1]), out[i:i + 1], atol=1e-4)
+
+
+def test_gradients_reach_w():
+    model = CRFNet(ModelConfig(grid=3, width_mult=0.25)).train()
+    x = torch.randn(2, 9, 3, 32, 32)
+    loss = torch.nn.functional.binary_cross_entropy_with_logits(model(x), torch.ones(2, 9))
+    loss.backward()
+    assert model.crf.W.grad is not None and model.crf.W.grad.abs().sum() > 0
+
+
+def test_grid_one_and_multiclass_shapes():
+    cnn = CRFNet(ModelConfig(grid=1, width_mult=0.25)).eval()
+    assert cnn.crf is None and cnn(torch.randn(2, 4, 3, 32, 32)).shape == (2, 4)
+    cls = CRFNet(ModelConfig(grid=1, num_classes=5, width_mult=0.25)).eval()
+    assert cls(torch.randn(2, 1, 3, 32, 32)).shape == (2, 1, 5)
+    assert CRFNet(ModelConfig(grid=7, width_mult=0.25)).crf.W.shape == (49, 49)

@@ -1,0 +1,142 @@
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from crfcore import training
+from crfcore.model import CRFNet, ModelConfig, init_from_checkpoint, load_checkpoint, save_checkpoint
+from conftest import ROOT, run_script, shared
+
+TINY = {"image_size": 96, "patch_size": 32, "crop_size": 32, "width_mult": 0.25, "batch_size": 8,
+        "workers": 0, "optimizer": "adamw", "lr": 0.002, "epochs": 1}
+
+
+@pytest.fixture(scope="module")
+def grid_data(syn_slide, tmp_path_factory):
+    """The reduced chain: xml2json -> Mask_gen -> Patch_gen -> coord_list_gen."""
+    d = tmp_path_factory.mktemp("grid")
+    run_script("xml2json.py", syn_slide.path.with_suffix(".xml"), "-o", d / "json" / "syn_tumor.json")
+    for kind in ("tumor", "normal"):
+        run_script("Mask_gen.py", syn_slide.path, "-o", d / f"{kind}.npy", "--kind", kind,
+                   "--annotation", d / "json" / "syn_tumor.json", "--downsample", "16")
+        run_script("Patch_gen.py", syn_slide.path, "--mask", d / f"{kind}.npy", "-o", d / f"p_{kind}",
+                   "--mode", "random", "--num", "12", "--image-size", "96", "--workers", "0", "--quiet")
+        run_script("coord_list_gen.py", d / f"p_{kind}", "-o", d / kind)
+    cfg = {"mode": "grid", "data_path_tumor_train": str(d / "tumor"), "data_path_normal_train": str(d / "normal"),
+           "json_path_train": str(d / "json"), "data_path_tumor_valid": str(d / "tumor"),
+           "data_path_normal_valid": str(d / "normal"), **TINY}
+    (d / "cfg.json").write_text(json.dumps(cfg))
+    return d
+
+
+def test_grid_dataset_labels_follow_the_annotation(grid_data, syn_slide):
+    from crfcore.datasets import GridDataset
+    ds = GridDataset(grid_data / "tumor", grid_data / "json", 96, 32, 32)
+    x, y = ds[0]
+    assert x.shape == (9, 3, 32, 32) and y.shape == (9,)
+    _, cx, cy = ds.coords[0]
+    assert y[4] == syn_slide.annotation.contains(np.array([[cx, cy]]))[0]
+    assert ds.labels[:, 4].mean() > 0.9  # centres were drawn inside the tumour mask
+
+
+def test_augmentation_keeps_labels_on_their_cells():
+    from crfcore.datasets import Augment
+    img = np.zeros((96, 96, 3), np.uint8)
+    img[:32, 64:] = 255  # top-right cell white
+    labels = np.zeros((3, 3))
+    labels[0, 2] = 1
+    aug = Augment(None, True, True)
+    for seed in range(12):
+        a, l = aug(img, labels, np.random.default_rng(seed))
+        r, c = np.argwhere(l == 1)[0]
+        assert a[r * 32 + 16, c * 32 + 16].min() == 255
+
+
+def test_train_one_epoch_writes_everything(grid_data, tmp_path):
+    run_script("train.py", grid_data / "cfg.json", tmp_path / "run", "--quiet")
+    for name in ("train.ckpt", "best.ckpt", "log.csv", "curves.png", "config.json"):
+        assert (tmp_path / "run" / name).exists(), name
+    ckpt = load_checkpoint(tmp_path / "run" / "best.ckpt")
+    assert ckpt["config"]["grid"] == 3 and ckpt["epoch"] == 1 and "crfcore_version" in ckpt
+    log = (tmp_path / "run" / "log.csv").read_text()
+    assert "valid_auc" in log and "valid_acc_tumor" in log
+
+
+def test_resume_continues_exactly(grid_data, tmp_path):
+    run_script("train.py", grid_data / "cfg.json", tmp_path / "a", "--set", "epochs=2", "--quiet")
+    run_script("train.py", grid_data / "cfg.json", tmp_path / "b", "--set", "epochs=1", "--quiet")
+    run_script("train.py", grid_data / "cfg.json", tmp_path / "b", "--set", "epochs=2", "--resume", "--quiet")
+    a = load_checkpoint(tmp_path / "a" / "train.ckpt")
+    b = load_checkpoint(tmp_path / "b" / "train.ckpt")
+    assert a["step"] == b["step"] and a["epoch"] == b["epoch"] == 2
+    for k, v in a["state_dict"].items():
+        assert torch.allclose(v.float(), b["state_dict"][k].float(), atol=1e-5), k
+    proc = run_script("train.py", grid_data / "cfg.json", tmp_path / "a", check=False)
+    assert proc.returncode == 2 and "--resume" in proc.stderr
+
+
+def test_config_errors_are_one_line(grid_data, tmp_path):
+    proc = run_script("train.py", grid_data / "cfg.json", tmp_path / "x", "--set", "lernrate=1", check=False)
+    assert proc.returncode == 2 and "lernrate" in proc.stderr and "Traceback" not in proc.stderr
+    cfg = json.loads((grid_data / "cfg.json").read_text())
+    cfg["json_path_train"] = str(tmp_path)  # no JSON for the slide
+    (tmp_path / "c.json").write_text(json.dumps(cfg))
+    proc = run_script("train.py", tmp_path / "c.json", tmp_path / "y", check=False)
+    assert proc.returncode == 2 and "syn_tumor" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(grid_data, tmp_path):
+    run_script("train.py", grid_data / "cfg.json", tmp_path / "r", "--quiet")
+    before = (tmp_path / "r" / "train.ckpt").read_bytes()
+    proc = run_script("train.py", grid_data / "cfg.json", tmp_path / "r", "--resume", "--set", "epochs=2",
+                      "--set", "lr=1e30", "--quiet", check=False)
+    assert proc.returncode == 2 and "loss is nan" in proc.stderr.lower()
+    assert (tmp_path / "r" / "train.ckpt").read_bytes() == before
+
+
+def test_fine_tune_to_a_different_head(tmp_path):
+    seven = CRFNet(ModelConfig(grid=1, num_classes=7, width_mult=0.25))
+    save_checkpoint(tmp_path / "seven.ckpt", seven, {"mode": "classify", "grid": 1, "num_classes": 7,
+                                                     "width_mult": 0.25})
+    five = CRFNet(ModelConfig(grid=1, num_classes=5, width_mult=0.25))
+    new = init_from_checkpoint(five, tmp_path / "seven.ckpt")
+    assert new == ["fc.bias", "fc.weight"]
+    assert torch.equal(five.features[0][0].weight, seven.features[0][0].weight)
+
+
+def test_classify_mode_on_idc_with_report(tmp_path):
+    idc = shared("idc")
+    train, valid = tmp_path / "train", tmp_path / "valid"
+    for c in ("0", "1"):
+        files = sorted((idc / c).iterdir())
+        for split, chunk in ((train, files[:40]), (valid, files[40:60])):
+            (split / c).mkdir(parents=True)
+            for f in chunk:
+                (split / c / f.name).symlink_to(f)
+    cfg = {"mode": "classify", "grid": 1, "data_path_train": str(train), "data_path_valid": str(valid),
+           "patch_size": 48, "width_mult": 0.25, "batch_size": 16, "workers": 0, "epochs": 1,
+           "optimizer": "adamw"}
+    (tmp_path / "cfg.json").write_text(json.dumps(cfg))
+    proc = run_script("train.py", tmp_path / "cfg.json", tmp_path / "run", "--quiet")
+    assert "precision" in proc.stdout and "balanced_accuracy=" in proc.stdout
+    assert (tmp_path / "run" / "confusion_matrix.png").exists()
+    proc = run_script("train.py", "--evaluate", tmp_path / "run" / "best.ckpt", valid, "--quiet")
+    last = proc.stdout.strip().splitlines()[-1]
+    assert last.startswith("balanced_accuracy=") and " auc=" in last
+
+
+def test_torchrun_two_processes_on_cpu(grid_data, tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                           "--master_port", "29531", str(ROOT / "train.py"), str(grid_data / "cfg.json"),
+                           str(tmp_path / "ddp"), "--quiet"], capture_output=True, text=True, env=env,
+                          cwd=ROOT, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    ckpt = load_checkpoint(tmp_path / "ddp" / "train.ckpt")
+    single = training.BalancedBatches([12, 12], 8, 0)
+    assert ckpt["step"] == len(single) // 2  # each rank took half the batches
+    assert (tmp_path / "ddp" / "log.csv").read_text().count("\n") == 2
