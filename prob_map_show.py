@@ -1,7 +1,57 @@
 #!/usr/bin/env python3
-"""prob_map_show.py: not yet implemented (see the project's open issues)."""
-import sys
+"""Render a probability map: a PNG with a colour bar; with --slide, the map over the
+slide thumbnail (aligned pixel for pixel); with --tiff, a pyramidal TIFF of the coloured
+map at the slide's level-0 size and mpp, to overlay in QuPath or ASAP."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from crfcore import heatmap
+from crfcore import slide as sl
+from crfcore.cli import UserError, parser, run
+
+
+def main(argv=None) -> int:
+    p = parser(__doc__)
+    p.add_argument("prob", type=Path, help="probability map .npy (prob_map.py)")
+    p.add_argument("-o", "--output", type=Path, required=True, help="OUT.png")
+    p.add_argument("--slide", type=Path, help="draw over this slide's thumbnail")
+    p.add_argument("--alpha", type=float, default=0.5, help="overlay opacity")
+    p.add_argument("--cmap", default="jet", help="matplotlib colour map")
+    p.add_argument("--vmin", type=float, default=0.0)
+    p.add_argument("--vmax", type=float, default=1.0)
+    p.add_argument("--tiff", type=Path, help="also write a pyramidal TIFF (needs --slide)")
+    args = p.parse_args(argv)
+    import matplotlib
+
+    if args.cmap not in matplotlib.colormaps:
+        raise UserError(f"unknown colour map {args.cmap!r}")
+    prob, meta = heatmap.load_probability_map(args.prob, slide=args.slide)
+    dx, dy = meta["downsample"]
+    h, w = prob.shape
+    extent = (0, w * dx, h * dy, 0)
+    title = f"{meta['slide']}: tumour probability ({meta.get('method', '')}, grid {meta.get('grid', '?')})"
+    if args.slide is None:
+        if args.tiff:
+            raise UserError("--tiff needs --slide (the TIFF takes the slide's size and mpp)")
+        heatmap.figure(prob, args.output, args.cmap, args.vmin, args.vmax, title, extent)
+        print(f"{args.prob} -> {args.output}")
+        return 0
+    with sl.open_slide(args.slide) as s:
+        f = heatmap.upscale_factor(prob.shape)
+        import cv2
+
+        thumb = cv2.resize(sl.thumbnail(s, min(dx, dy) / f), (w * f, h * f), interpolation=cv2.INTER_AREA)
+        img = heatmap.overlay(thumb, prob, args.alpha, args.cmap, args.vmin, args.vmax)
+        heatmap.figure(img, args.output, args.cmap, args.vmin, args.vmax, title, extent)
+        print(f"{args.prob} over {args.slide.name} -> {args.output}")
+        if args.tiff:
+            mpp = sl.slide_mpp(s)
+            heatmap.write_map_tiff(args.tiff, prob, s.dimensions, mpp[0] if mpp else None,
+                                   args.cmap, args.vmin, args.vmax)
+            print(f"pyramidal TIFF {s.dimensions[0]}x{s.dimensions[1]} -> {args.tiff}")
+    return 0
+
 
 if __name__ == "__main__":
-    print("prob_map_show.py: not yet implemented", file=sys.stderr)
-    sys.exit(2)
+    run(main)

@@ -1,1 +1,124 @@
-"""heatmap: see ../shared/DESIGN.md (module ownership); filled in by its issue."""
+"""Probability-map files, colour rendering, overlays on the slide and pyramidal TIFFs.
+
+A map is float32 `[row, col]` on a mask lattice; pixel `[r, c]` covers level-0
+`((c + 0.5) * dx, (r + 0.5) * dy)`, so a picture of it lines up with a slide thumbnail
+of the same downsample pixel for pixel (no offsets, no gaps between blocks).
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+import tifffile
+
+from .io import atomic_path, load_array, save_array
+
+TILE = 256
+
+
+def save_probability_map(path: str | Path, prob: np.ndarray, meta: dict) -> None:
+    save_array(path, prob.astype(np.float32), {**meta, "kind": "probability"})
+
+
+def load_probability_map(path: str | Path, slide: str | Path | None = None) -> tuple[np.ndarray, dict]:
+    return load_array(path, kind="probability", slide=slide)
+
+
+def colourise(prob: np.ndarray, cmap: str = "jet", vmin: float = 0.0, vmax: float = 1.0) -> np.ndarray:
+    """`(H, W)` values -> `(H, W, 3)` uint8 colours of a matplotlib colour map."""
+    import matplotlib
+
+    norm = np.clip((prob - vmin) / max(vmax - vmin, 1e-12), 0, 1)
+    return (matplotlib.colormaps[cmap](norm)[..., :3] * 255 + 0.5).astype(np.uint8)
+
+
+def upscale_factor(shape: tuple[int, int], min_side: int = 800) -> int:
+    return max(1, math.ceil(min_side / max(shape)))
+
+
+def overlay(thumb: np.ndarray, prob: np.ndarray, alpha: float = 0.5, cmap: str = "jet",
+            vmin: float = 0.0, vmax: float = 1.0, tissue: np.ndarray | None = None) -> np.ndarray:
+    """Blend the coloured map (scaled up to `thumb`'s size, nearest) over `thumb` on the
+    tissue (default: where the map is non-zero); elsewhere the slide shows through."""
+    import cv2
+
+    colours = colourise(prob, cmap, vmin, vmax)
+    on = prob > 0 if tissue is None else tissue
+    big = lambda a: cv2.resize(a, (thumb.shape[1], thumb.shape[0]), interpolation=cv2.INTER_NEAREST)  # noqa: E731
+    col, on_big = big(colours), big(on.astype(np.uint8)).astype(bool)
+    out = thumb.astype(np.float32)
+    out[on_big] = (1 - alpha) * out[on_big] + alpha * col[on_big]
+    return out.astype(np.uint8)
+
+
+def figure(image: np.ndarray, out_png: str | Path, cmap: str, vmin: float, vmax: float,
+           title: str, extent: tuple[float, float, float, float]) -> None:
+    """Save `image` with a colour bar for `cmap` and level-0 pixel axes."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    h, w = image.shape[:2]
+    fig, ax = plt.subplots(figsize=(8, 8 * h / w + 0.8))
+    shown = ax.imshow(image, cmap=cmap, vmin=vmin, vmax=vmax, extent=extent, interpolation="nearest")
+    if image.ndim == 3:  # an RGB overlay: a scalar mappable just for the colour bar
+        shown = plt.cm.ScalarMappable(norm=plt.Normalize(vmin, vmax), cmap=cmap)
+    fig.colorbar(shown, ax=ax, fraction=0.046, pad=0.04, label="tumour probability")
+    ax.set(title=title, xlabel="x (level-0 pixels)", ylabel="y (level-0 pixels)")
+    fig.tight_layout()
+    with atomic_path(out_png) as tmp:
+        fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+
+
+def pyramid_sizes(width: int, height: int, min_size: int = 512) -> list[tuple[int, int]]:
+    """Power-of-two pyramid, rounded up, down to `min_size` on the long side."""
+    sizes, d = [], 1
+    while not sizes or max(width, height) / d >= min_size:
+        sizes.append((math.ceil(width / d), math.ceil(height / d)))
+        d *= 2
+    return sizes
+
+
+def write_pyramid(path: str | Path, sizes: list[tuple[int, int]],
+                  tiles: Callable[[int, int, int], Iterator[np.ndarray]], mpp: float | None,
+                  compression: str = "jpeg", quality: int = 90) -> None:
+    """A tiled pyramidal RGB TIFF, one page per level (OpenSlide's generic tiled TIFF,
+    which QuPath and ASAP open). `tiles(level, w, h)` yields the level's `TILE x TILE`
+    tiles row by row. `mpp` sets the resolution tags (microns per level-0 pixel)."""
+    w0, h0 = sizes[0]
+    with atomic_path(path) as tmp:
+        with tifffile.TiffWriter(tmp, bigtiff=w0 * h0 * 3 > 2**31) as tw:
+            for k, (lw, lh) in enumerate(sizes):
+                kw = {}
+                if mpp:
+                    kw = dict(resolution=(1e4 / (mpp * w0 / lw), 1e4 / (mpp * h0 / lh)), resolutionunit="CENTIMETER")
+                comp = dict(compression=compression)
+                if compression == "jpeg":
+                    comp["compressionargs"] = {"level": quality}
+                tw.write(tiles(k, lw, lh), shape=(lh, lw, 3), dtype=np.uint8, tile=(TILE, TILE),
+                         photometric="rgb", subfiletype=0 if k == 0 else 1, metadata=None, **comp, **kw)
+
+
+def write_map_tiff(path: str | Path, prob: np.ndarray, slide_size: tuple[int, int], mpp: float | None,
+                   cmap: str = "jet", vmin: float = 0.0, vmax: float = 1.0) -> None:
+    """The coloured map as a pyramidal TIFF at the slide's level-0 size (nearest-neighbour,
+    outside tissue white), so it overlays the slide exactly in QuPath or ASAP."""
+    colours = colourise(prob, cmap, vmin, vmax)
+    colours[prob <= 0] = 255
+    h, w = prob.shape
+    w0, h0 = slide_size
+
+    def tiles(level: int, lw: int, lh: int):
+        fx, fy = w / lw, h / lh  # map pixels per level pixel
+        for y in range(0, lh, TILE):
+            rows = np.minimum(((np.arange(y, y + TILE) + 0.5) * fy).astype(int), h - 1)
+            band = colours[rows]
+            for x in range(0, lw, TILE):
+                cols = np.minimum(((np.arange(x, x + TILE) + 0.5) * fx).astype(int), w - 1)
+                yield band[:, cols]
+
+    write_pyramid(path, pyramid_sizes(w0, h0), tiles, mpp, compression="zlib")

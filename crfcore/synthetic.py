@@ -14,12 +14,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import tifffile
 
 from .annotations import Annotation, write_annotation
-from .io import atomic_path
+from .heatmap import TILE, pyramid_sizes, write_pyramid
 
-TILE = 256
 GLASS = np.array([243, 241, 246], float)
 STROMA = np.array([232, 162, 200], float)
 TUMOUR_STROMA = np.array([214, 140, 196], float)
@@ -128,15 +126,6 @@ class _Scene:
         return np.where(tissue[..., None], img, GLASS)
 
 
-def level_sizes(width: int, height: int, min_size: int = 32) -> list[tuple[int, int]]:
-    """Power-of-two pyramid, rounded up as scanners do, down to `min_size` on the long side."""
-    sizes, d = [], 1
-    while not sizes or max(width, height) / d >= min_size:
-        sizes.append((math.ceil(width / d), math.ceil(height / d)))
-        d *= 2
-    return sizes
-
-
 def _tiles(scene: _Scene, lw: int, lh: int, seed: int):
     """Yield the JPEG tiles of one level, row by row, rendering a band of tiles at a time."""
     d = (scene.width / lw, scene.height / lh)
@@ -180,16 +169,8 @@ def write_slide(path: str | Path, width: int = 4096, height: int = 3072, tumours
         centres.append((cx, cy))
         ann.add("positive", f"Tumor {i}", blob_polygon(cx, cy, radius, rng))
     scene = _Scene(width, height, ellipses, ann, seed, noise)
-    path = Path(path)
-    sizes = level_sizes(width, height)
-    with atomic_path(path) as tmp:
-        with tifffile.TiffWriter(tmp, bigtiff=width * height * 3 > 2**31) as tw:
-            for k, (lw, lh) in enumerate(sizes):
-                res = (1e4 / (mpp * width / lw), 1e4 / (mpp * height / lh))
-                tw.write(_tiles(scene, lw, lh, seed), shape=(lh, lw, 3), dtype=np.uint8,
-                         tile=(TILE, TILE), compression="jpeg", compressionargs={"level": quality},
-                         photometric="rgb", resolution=res, resolutionunit="CENTIMETER",
-                         subfiletype=0 if k == 0 else 1, metadata=None)
+    sizes = pyramid_sizes(width, height, min_size=32)
+    write_pyramid(path, sizes, lambda k, lw, lh: _tiles(scene, lw, lh, seed), mpp, "jpeg", quality)
     if xml is not None:
         write_annotation(ann, xml, to="xml")
-    return SyntheticSlide(path, width, height, mpp, ann, ellipses)
+    return SyntheticSlide(Path(path), width, height, mpp, ann, ellipses)
