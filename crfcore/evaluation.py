@@ -59,3 +59,163 @@ def patch_report(y_true: np.ndarray, prob: np.ndarray, class_names: list[str],
         plt.close(fig)
     m = patch_metrics(y_true, prob)
     return text + f"balanced_accuracy={m['balanced_acc']:.4f} auc={m['auc']:.4f}"
+
+
+# ----------------------------------------------------------------------------- lesions (NMS)
+
+CAMELYON_MPP = 0.243          # um per level-0 pixel on Camelyon16 slides
+FROC_FP_RATES = (0.25, 0.5, 1, 2, 4, 8)
+
+
+def find_lesions(prob: np.ndarray, downsample: tuple[float, float], threshold: float = 0.5,
+                 radius: int = 12, sigma: float = 0.0) -> np.ndarray:
+    """NCRF's non-maximum suppression: take the maximum while it exceeds `threshold`, emit
+    `(prob, x, y)` (level-0 centre of that map pixel), zero the square `[r - radius,
+    r + radius) x [c - radius, c + radius)` around it, repeat. Returns `(n, 3)`."""
+    p = np.array(prob, dtype=np.float64)
+    if sigma > 0:
+        from scipy.ndimage import gaussian_filter
+        p = gaussian_filter(p, sigma=sigma)
+    out = []
+    h, w = p.shape
+    while p.size and p.max() > threshold:
+        r, c = np.unravel_index(np.argmax(p), p.shape)  # first maximum in row-major order
+        out.append((p[r, c], int((c + 0.5) * downsample[0]), int((r + 0.5) * downsample[1])))
+        p[max(r - radius, 0):min(r + radius, h), max(c - radius, 0):min(c + radius, w)] = 0
+        p[r, c] = 0  # radius 0 would otherwise loop forever (as NCRF's does)
+    return np.array(out, dtype=np.float64).reshape(-1, 3)
+
+
+def lesions_csv(lesions: np.ndarray) -> str:
+    return "".join(f"{p:0.5f},{int(x)},{int(y)}\n" for p, x, y in lesions)
+
+
+def read_lesions(path: str | Path) -> np.ndarray:
+    """A `prob,x,y` CSV (NCRF's, no header) as `(n, 3)`."""
+    rows = []
+    for lineno, line in enumerate(Path(path).read_text().splitlines(), 1):
+        if line.strip():
+            try:
+                rows.append([float(v) for v in line.split(",")[:3]])
+            except ValueError:
+                raise ValueError(f"{path}:{lineno}: expected 'prob,x,y', got {line.strip()!r}") from None
+    return np.array(rows, float).reshape(-1, 3)
+
+
+def lesions_asap_xml(lesions: np.ndarray) -> str:
+    """Lesions as ASAP Dot annotations (name = probability) in a 'lesions' group."""
+    import xml.etree.ElementTree as ET
+
+    root = ET.Element("ASAP_Annotations")
+    annos = ET.SubElement(root, "Annotations")
+    for i, (p, x, y) in enumerate(lesions):
+        a = ET.SubElement(annos, "Annotation", Name=f"lesion {i} p={p:.3f}", Type="Dot",
+                          PartOfGroup="lesions", Color="#FF0000")
+        ET.SubElement(ET.SubElement(a, "Coordinates"), "Coordinate", Order="0", X=str(int(x)), Y=str(int(y)))
+    ET.SubElement(ET.SubElement(ET.SubElement(root, "AnnotationGroups"), "Group", Name="lesions",
+                                PartOfGroup="None", Color="#FF0000"), "Attributes")
+    ET.indent(root, space="\t")
+    return '<?xml version="1.0"?>\n' + ET.tostring(root, encoding="unicode") + "\n"
+
+
+def lesions_geojson(lesions: np.ndarray) -> dict:
+    """Lesions as GeoJSON Points for QuPath, with the probability as a measurement."""
+    return {"type": "FeatureCollection", "features": [
+        {"type": "Feature", "geometry": {"type": "Point", "coordinates": [int(x), int(y)]},
+         "properties": {"objectType": "annotation", "name": f"lesion {i}",
+                        "classification": {"name": "Tumor", "color": [255, 0, 0]},
+                        "measurements": {"probability": float(p)}}}
+        for i, (p, x, y) in enumerate(lesions)]}
+
+
+# ----------------------------------------------------------------------------- FROC
+
+
+def evaluation_mask(tumour: np.ndarray, level_downsample: float, mpp: float = CAMELYON_MPP) -> np.ndarray:
+    """Camelyon16's evaluation mask: tumour regions dilated by 75 um (half of it on each
+    side, as the official code measures), holes filled, labelled with 8-connectivity."""
+    from scipy import ndimage as nd
+    from skimage import measure
+
+    distance = nd.distance_transform_edt(~tumour.astype(bool))
+    threshold = 75 / (mpp * level_downsample * 2)
+    filled = nd.binary_fill_holes(distance < threshold)
+    return measure.label(filled, connectivity=2)
+
+
+def isolated_tumour_cells(labels: np.ndarray, level_downsample: float, mpp: float = CAMELYON_MPP) -> set[int]:
+    """Labels of regions whose major axis is below 275 um (ITCs: neither hits nor misses)."""
+    from skimage import measure
+
+    threshold = 275 / (mpp * level_downsample)
+    return {r.label for r in measure.regionprops(labels) if r.axis_major_length < threshold}
+
+
+def slide_hits(lesions: np.ndarray, labels: np.ndarray | None, itc: set[int],
+               level_downsample: float) -> tuple[list[float], np.ndarray, int]:
+    """(false-positive probabilities, best probability per tumour region (0 = missed),
+    number of countable tumours) of one slide, as Camelyon16's evaluation code does."""
+    if labels is None or labels.max() == 0:
+        return [float(p) for p in lesions[:, 0]], np.zeros(0), 0
+    n = int(labels.max())
+    tp = np.zeros(n)
+    fp = []
+    for p, x, y in lesions:
+        r, c = int(y / level_downsample), int(x / level_downsample)
+        hit = labels[r, c] if 0 <= r < labels.shape[0] and 0 <= c < labels.shape[1] else 0
+        if hit == 0:
+            fp.append(float(p))
+        elif hit not in itc:
+            tp[hit - 1] = max(tp[hit - 1], p)
+    keep = np.array([k + 1 not in itc for k in range(n)])
+    return fp, tp[keep], int(keep.sum())
+
+
+def froc(fp_probs: list[list[float]], tp_probs: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """Average false positives per slide and sensitivity at every threshold (Camelyon16).
+
+    The thresholds are the detections' probabilities; missed tumours hold 0 and never
+    count. (The official script dropped the lowest probability instead, which is the 0
+    of a missed tumour when there is one, but a real detection otherwise, so that a
+    perfect detector scored below 1.)"""
+    fps = np.concatenate([np.asarray(f, float) for f in fp_probs]) if fp_probs else np.zeros(0)
+    tps = np.concatenate([np.asarray(t, float) for t in tp_probs]) if tp_probs else np.zeros(0)
+    n_tumours = len(tps)
+    thresholds = np.unique(np.concatenate([fps, tps]))
+    thresholds = thresholds[thresholds > 0]
+    total_fp = np.array([(fps >= t).sum() for t in thresholds] + [0], float)
+    total_tp = np.array([(tps >= t).sum() for t in thresholds] + [0], float)
+    return total_fp / len(fp_probs), total_tp / max(n_tumours, 1)
+
+
+def froc_score(avg_fp: np.ndarray, sensitivity: np.ndarray,
+               rates: tuple[float, ...] = FROC_FP_RATES) -> tuple[float, np.ndarray]:
+    """Sensitivity at the given average FP rates (interpolated) and their mean."""
+    sens = np.interp(rates, avg_fp[::-1], sensitivity[::-1])
+    return float(sens.mean()), sens
+
+
+# ----------------------------------------------------------------------------- slide level
+
+
+def slide_roc(labels: np.ndarray, scores: np.ndarray, n_boot: int = 2000, seed: int = 0,
+              sensitivity: float = 0.99) -> dict:
+    """ROC AUC with a bootstrap 95 % interval, and the specificity at `sensitivity`
+    (the share of normal slides that could be skipped missing at most 1 - sensitivity)."""
+    labels, scores = np.asarray(labels, int), np.asarray(scores, float)
+    if len(np.unique(labels)) < 2:
+        raise ValueError("slide-level ROC needs both tumour and normal slides")
+    auc = skm.roc_auc_score(labels, scores)
+    rng = np.random.default_rng(seed)
+    boots = []
+    for _ in range(n_boot):
+        i = rng.integers(0, len(labels), len(labels))
+        if len(np.unique(labels[i])) == 2:
+            boots.append(skm.roc_auc_score(labels[i], scores[i]))
+    lo, hi = np.percentile(boots, [2.5, 97.5])
+    fpr, tpr, thr = skm.roc_curve(labels, scores, drop_intermediate=False)
+    ok = tpr >= sensitivity
+    j = np.flatnonzero(ok)[np.argmin(fpr[ok])]
+    return {"auc": float(auc), "auc_low": float(lo), "auc_high": float(hi),
+            "specificity": float(1 - fpr[j]), "threshold": float(thr[j]), "sensitivity": float(tpr[j]),
+            "fpr": fpr, "tpr": tpr}
