@@ -5,6 +5,7 @@
                      [--to csv|xml|geojson]
   python evaluate.py froc LESIONS_DIR TRUTH_DIR [--level 5] [--slides DIR] [--plot froc.png]
   python evaluate.py slides PROBS_DIR LABELS.csv [--plot roc.png]
+  python evaluate.py pixels PROB.npy TUMOUR_MASK.npy [--threshold 0.5]
   python evaluate.py patches CKPT DATASET_DIR [--json JSON_DIR]
 """
 from __future__ import annotations
@@ -131,6 +132,19 @@ def cmd_slides(args) -> None:
         plot(args.plot, r["fpr"], r["tpr"], "1 - specificity", "sensitivity", f"ROC AUC {r['auc']:.3f}")
 
 
+def cmd_pixels(args) -> None:
+    from crfcore.masks import load_mask
+
+    prob, meta = load_probability_map(args.prob)
+    truth, _ = load_mask(args.mask, slide=meta["slide"])
+    if truth.shape != prob.shape:
+        raise UserError(f"{args.mask}: shape {truth.shape} differs from the map's {prob.shape}")
+    pred = prob >= args.threshold
+    inter, union = (pred & truth).sum(), (pred | truth).sum()
+    dice = 2 * inter / max(pred.sum() + truth.sum(), 1)
+    print(f"{meta['slide']}: IoU={inter / max(union, 1):.4f} Dice={dice:.4f} at threshold {args.threshold}")
+
+
 def cmd_patches(args) -> None:
     from crfcore.training import evaluate_folder
     print(evaluate_folder(args.ckpt, args.data, json_dir=args.json, quiet=args.quiet))
@@ -177,6 +191,10 @@ def main(argv=None) -> int:
     q.add_argument("probs_dir", type=Path)
     q.add_argument("labels", type=Path, help="CSV: slide,label (tumor/normal or 1/0)")
     q.add_argument("--plot", type=Path)
+    q = sub.add_parser("pixels", help="IoU and Dice of the thresholded map against a tumour mask")
+    q.add_argument("prob", type=Path)
+    q.add_argument("mask", type=Path, help="tumour mask .npy on the same lattice (Mask_gen.py)")
+    q.add_argument("--threshold", type=float, default=0.5)
     q = sub.add_parser("patches", help="classification report of a checkpoint on a data folder")
     q.add_argument("ckpt", type=Path)
     q.add_argument("data", type=Path)
@@ -186,7 +204,8 @@ def main(argv=None) -> int:
     for name in ("lesions_dir", "truth_dir", "probs_dir"):
         if getattr(args, name, None) is not None and not getattr(args, name).is_dir():
             raise UserError(f"{getattr(args, name)}: not a directory")
-    {"lesions": cmd_lesions, "froc": cmd_froc, "slides": cmd_slides, "patches": cmd_patches}[args.cmd](args)
+    {"lesions": cmd_lesions, "froc": cmd_froc, "slides": cmd_slides, "pixels": cmd_pixels,
+     "patches": cmd_patches}[args.cmd](args)
     return 0
 
 

@@ -23,8 +23,29 @@ import numpy as np
 import torch
 
 from crfcore import inference, masks, synthetic
+from crfcore import slide as sl
+from crfcore.datasets import to_tensor
 from crfcore.model import CRFNet, ModelConfig
 from crfcore.training import autocast_for, resolve_device
+
+
+def calibrated_model(path: Path, crop: int) -> CRFNet:
+    """A random MobileNetV2-CRF whose outputs vary with the input (batch-norm statistics
+    from real patches of the slide, non-zero CRF W): a fair test of equality."""
+    torch.manual_seed(0)
+    model = CRFNet(ModelConfig(grid=3))
+    s = sl.open_slide(path)
+    w, h = s.dimensions
+    xy = np.random.default_rng(0).uniform(0.3, 0.7, (128, 2)) * (w, h)
+    x = torch.stack([to_tensor(sl.read_rgb(s, tuple(p.astype(int)), 0, (crop, crop))) for p in xy])
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.momentum = None  # plain average over the calibration batch
+    with torch.no_grad():
+        model.train()
+        model.embed(x)
+        model.crf.W.normal_(0, 0.1)
+    return model.eval()
 
 
 def main() -> None:
@@ -39,12 +60,15 @@ def main() -> None:
     p.add_argument("--device", default="auto")
     p.add_argument("--precision", default="auto")
     p.add_argument("--slide", type=Path, help="reuse a synthetic slide written by an earlier run")
+    p.add_argument("--keep", type=Path, help="write (or reuse) the synthetic slide at this path")
     args = p.parse_args()
     device = resolve_device(args.device)
     _, precision = autocast_for(device, args.precision)
     side = args.lattice_side * args.stride + 2 * args.patch
     with tempfile.TemporaryDirectory() as tmp:
         path = args.slide or Path(tmp) / "bench.tif"
+        if args.keep:
+            path = Path(args.keep)
         t = time.perf_counter()
         if not path.exists():
             synthetic.write_slide(path, side, side, tumours=2, seed=0, tissue=[(0.5, 0.5, 0.5, 0.5)])
@@ -53,11 +77,7 @@ def main() -> None:
         rows, cols = np.nonzero(mask)
         print(f"tissue: {mask.sum()} lattice points, spans {np.ptp(rows) + 1} x {np.ptp(cols) + 1}; "
               f"device {device}, precision {precision}, {torch.get_num_threads()} threads")
-        torch.manual_seed(0)
-        model = CRFNet(ModelConfig(grid=3)).eval()
-        with torch.no_grad():
-            model.crf.W.normal_(0, 0.1)
-        model = model.to(device, memory_format=torch.channels_last)
+        model = calibrated_model(path, args.crop).to(device, memory_format=torch.channels_last)
         opts = inference.Options(batch_size=args.batch_size, workers=args.workers, device=device,
                                  precision=precision, quiet=True)
 
@@ -93,6 +113,7 @@ def main() -> None:
               f"{e2e:.0f} patches/s end to end")
         print(f"naive:   {t_naive:.1f} s (scaled from {len(pick)} points), "
               f"{9 * len(rows)} CNN patches (9 per tissue point)")
+        print(f"map: mean {lat[mask].mean():.3f}, std {lat[mask].std():.3f} over the tissue")
         print(f"model-only forward: {model_rate:.0f} patches/s (batch {args.batch_size})")
         print(f"peak RSS of this process: {peak:.0f} MiB")
         print(f"speedup={t_naive / t_lat:.2f} max_abs_diff={diff:.2e} io_efficiency={e2e / model_rate:.2f}")

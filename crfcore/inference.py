@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from . import slide as sl
 from .crf import mean_field
-from .datasets import cut_grid, to_tensor
+from .datasets import cut_grid, normalise_batch, to_tensor
 from .model import CRFNet
 
 # The 8 dihedral transforms of a square image `(H, W, ...)`: (quarter turns, flip first).
@@ -73,7 +73,7 @@ class Geometry:
 
 class LatticePatches(Dataset):
     """Items: one region of the slide, read once, sliced into the crops of its lattice
-    points: `(indices [n], patches [n, 3, crop, crop])`. Slides open once per worker."""
+    points: `(indices [n], uint8 patches [n, crop, crop, 3])`. Slides open once per worker."""
 
     def __init__(self, slide_path: Path, origins: np.ndarray, crop: int, groups: list[np.ndarray]) -> None:
         self.slide_path, self.origins, self.crop, self.groups = slide_path, origins, crop, groups
@@ -91,8 +91,8 @@ class LatticePatches(Dataset):
         x1, y1 = o.max(0) + self.crop
         region = sl.read_rgb(self._slide, (int(x0), int(y0)), 0, (int(x1 - x0), int(y1 - y0)))
         c = self.crop
-        patches = [to_tensor(region[y - y0:y - y0 + c, x - x0:x - x0 + c]) for x, y in o]
-        return torch.from_numpy(idx), torch.stack(patches)
+        patches = np.stack([region[y - y0:y - y0 + c, x - x0:x - x0 + c] for x, y in o])
+        return torch.from_numpy(idx), torch.from_numpy(patches)
 
 
 class NaiveGrids(Dataset):
@@ -116,11 +116,13 @@ class NaiveGrids(Dataset):
         return i, torch.stack([to_tensor(c) for c in cut_grid(img, g.patch, g.crop)])
 
 
-def region_groups(band: np.ndarray, cols: np.ndarray, width: int = 32) -> list[np.ndarray]:
-    """Indices of points (sorted row-major) grouped into blocks of `width` lattice columns
-    within each band, ordered band by band, so one region read serves a whole block."""
-    block = (cols - cols.min()) // width  # lattice columns may be negative (off the slide)
-    key = band * (int(block.max()) + 1) + block
+def region_groups(rows: np.ndarray, cols: np.ndarray, block: tuple[int, int] = (8, 16)) -> list[np.ndarray]:
+    """Indices of lattice points (sorted row-major) grouped into blocks of `block` (rows,
+    cols), block row by block row: one region read serves a block, and blocks are small
+    enough that a few in flight stay cheap (8 x 16 crops of 224 px are 19 MB of uint8)."""
+    rb = (rows - rows.min()) // block[0]
+    cb = (cols - cols.min()) // block[1]  # lattice columns may be negative (off the slide)
+    key = rb * (int(cb.max()) + 1) + cb
     order = np.argsort(key, kind="stable")
     return np.split(order, np.flatnonzero(np.diff(key[order])) + 1)
 
@@ -177,12 +179,12 @@ class Options:
     precision: str = "fp32"
     tta: int = 1
     quiet: bool = False
-    band_rows: int = 64
+    band_rows: int = 64  # a multiple of 8 (the region block height)
 
 
 def _loader(ds: Dataset, opts: Options, batch: int | None) -> DataLoader:
     return DataLoader(ds, batch_size=batch, num_workers=opts.workers, pin_memory=opts.device.type == "cuda",
-                      collate_fn=None if batch else None, prefetch_factor=4 if opts.workers else None)
+                      prefetch_factor=4 if opts.workers else None)
 
 
 def naive_map(model: CRFNet, slide_path: Path, mask: np.ndarray, geom: Geometry, opts: Options,
@@ -245,7 +247,8 @@ def lattice_map(model: CRFNet, slide_path: Path, mask: np.ndarray, geom: Geometr
 
     band = (need[:, 0] - need[0, 0]) // opts.band_rows
     starts = np.searchsorted(band, np.arange(band[-1] + 2))  # band b is need[starts[b]:starts[b+1]]
-    groups = region_groups(band, need[:, 1])
+    assert opts.band_rows % 8 == 0  # region blocks must not straddle bands
+    groups = region_groups(need[:, 0], need[:, 1])
     origins = geom.crop_origin(geom.centres(need[:, 0], need[:, 1]))
     loader = _loader(LatticePatches(slide_path, origins, geom.crop, groups), opts, None)
     cache = _Cache(opts.tta, model.feature_dim)
@@ -310,7 +313,8 @@ def _run(model, pending, lo_b, fe_b, offset: int, opts: Options, bar) -> None:
     idx = torch.cat([i for i, _ in pending]) - int(offset)
     x = torch.cat([x for _, x in pending])
     for s in range(0, len(idx), opts.batch_size):
-        lo, fe = _embed(model, x[s:s + opts.batch_size], opts.tta, opts.device, opts.precision)
+        batch = normalise_batch(x[s:s + opts.batch_size].to(opts.device, non_blocking=True))
+        lo, fe = _embed(model, batch, opts.tta, opts.device, opts.precision)
         lo_b[idx[s:s + opts.batch_size]] = lo
         fe_b[idx[s:s + opts.batch_size]] = fe
     bar.update(len(idx))

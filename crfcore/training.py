@@ -226,6 +226,9 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
     if name == "cuda" and not torch.cuda.is_available():
         raise ConfigError("device cuda asked for, but CUDA is not available on this machine")
     if name in ("cuda", "auto") and torch.cuda.is_available():
+        if local_rank >= torch.cuda.device_count():
+            raise ConfigError(f"process {local_rank} has no GPU: {torch.cuda.device_count()} GPU(s) here; "
+                              "start at most that many processes per node, or use device cpu")
         return torch.device("cuda", local_rank)
     return torch.device("cpu")
 

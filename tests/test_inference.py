@@ -49,7 +49,7 @@ def varied_model(grid: int, slide_path) -> CRFNet:
 def test_lattice_equals_naive_including_the_slide_border(border_slide, grid):
     s, mask, meta = border_slide
     model = varied_model(grid, s.path)
-    opts = inference.Options(batch_size=48, workers=0, quiet=True, band_rows=5)
+    opts = inference.Options(batch_size=48, workers=0, quiet=True, band_rows=8)
     lat, m1 = inference.probability_map(model, s.path, mask, meta["downsample"], PATCH, CROP, "lattice", opts)
     ref, m2 = inference.probability_map(model, s.path, mask, meta["downsample"], PATCH, CROP, "naive", opts)
     assert (m1, m2) == ("lattice", "naive")

@@ -133,10 +133,22 @@ def test_torchrun_two_processes_on_cpu(grid_data, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
                            "--master_port", "29531", str(ROOT / "train.py"), str(grid_data / "cfg.json"),
-                           str(tmp_path / "ddp"), "--quiet"], capture_output=True, text=True, env=env,
+                           str(tmp_path / "ddp"), "--set", 'device="cpu"', "--quiet"], capture_output=True,
+                          text=True, env=env,
                           cwd=ROOT, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     ckpt = load_checkpoint(tmp_path / "ddp" / "train.ckpt")
     single = training.BalancedBatches([12, 12], 8, 0)
     assert ckpt["step"] == len(single) // 2  # each rank took half the batches
     assert (tmp_path / "ddp" / "log.csv").read_text().count("\n") == 2
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (nccl backend)")
+def test_torchrun_nccl_on_gpu(grid_data, tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "1",
+                           "--master_port", "29532", str(ROOT / "train.py"), str(grid_data / "cfg.json"),
+                           str(tmp_path / "ddp"), "--quiet"], capture_output=True, text=True, cwd=ROOT,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    ckpt = load_checkpoint(tmp_path / "ddp" / "train.ckpt")
+    assert ckpt["step"] == len(training.BalancedBatches([12, 12], 8, 0))
