@@ -26,6 +26,7 @@ TUMOUR_NUCLEUS = np.array([70, 30, 115], float)
 # (cell size, radius range, presence probability) of nuclei in level-0 pixels.
 NORMAL_CELLS = (22.0, (2.5, 4.0), 0.55)
 TUMOUR_CELLS = (13.0, (4.0, 6.0), 0.95)
+NOISE_BLOCK = 48  # level-0 side of the mimic spots that `noise` plants
 
 
 @dataclass
@@ -113,8 +114,8 @@ class _Scene:
         x, y = np.broadcast_arrays(x, y)
         tissue = _in_tissue(x, y, self.tissue)
         tumour &= tissue
-        if self.noise > 0:  # mimic regions: patches of tissue whose look contradicts the label
-            bx, by = np.floor(x / 384), np.floor(y / 384)
+        if self.noise > 0:  # mimic spots smaller than a patch: single patches mislead, context does not
+            bx, by = np.floor(x / NOISE_BLOCK), np.floor(y / NOISE_BLOCK)
             flip = _hash(bx, by, self.seed, 9) < self.noise / 2
             look = tumour ^ flip
         else:
@@ -148,8 +149,8 @@ def write_slide(path: str | Path, width: int = 4096, height: int = 3072, tumours
 
     `tissue`: ellipses `(cx, cy, rx, ry)` as fractions of the slide size (default: one
     large central ellipse); `tumours`: how many tumour islands to plant inside the tissue,
-    of radius `tumour_radius` x the short side; `noise` in [0, 1]: the fraction of
-    384-pixel blocks whose look is swapped between tumour and normal (hard cases).
+    of radius `tumour_radius` x the short side; `noise` in [0, 1]: twice the fraction of
+    48-pixel spots whose look is swapped between tumour and normal (hard cases).
     """
     rng = np.random.default_rng(seed)
     frac = tissue or [(0.5, 0.5, 0.38, 0.36)]

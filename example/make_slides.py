@@ -19,6 +19,8 @@ if __name__ == "__main__":
         folder = "test" if name.startswith("test") else "slides"
         path = out / folder / f"{name}.tif"
         if not path.exists():
+            # mpp 1.0: the planted tumours (about 400 um) are macro-metastases by Camelyon16's
+            # rules, not isolated tumour cells; noise plants small misleading spots
             synthetic.write_slide(path, 2048, 1536, tumours=tumours, seed=seed, tumour_radius=0.13,
-                                  noise=0.05, xml=out / "xml" / f"{name}.xml")
+                                  mpp=1.0, noise=0.1, xml=out / "xml" / f"{name}.xml")
         print(f"{path}: {tumours} planted tumour(s)")

@@ -68,7 +68,7 @@ else
 fi
 
 echo
-echo "Done. Look at:"
+echo "Done in $((SECONDS / 60)) min $((SECONDS % 60)) s. Look at:"
 echo "  heat map of the held-out tumour slide: $O/test_001_overlay.png (pyramidal TIFF: $O/test_001_heatmap.tif)"
 echo "  training curves:                       $O/model/curves.png"
 echo "  FROC curve / slide ROC:                $O/froc.png, $O/roc.png"

@@ -152,3 +152,23 @@ def test_torchrun_nccl_on_gpu(grid_data, tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     ckpt = load_checkpoint(tmp_path / "ddp" / "train.ckpt")
     assert ckpt["step"] == len(training.BalancedBatches([12, 12], 8, 0))
+
+
+def test_reduced_pipeline_chain(grid_data, syn_slide, tmp_path):
+    """Every stage interface in order, as example/run_pipeline.sh calls them (tiny sizes)."""
+    run_script("train.py", grid_data / "cfg.json", tmp_path / "model", "--quiet")
+    run_script("Mask_gen.py", syn_slide.path, "-o", tmp_path / "tissue.npy", "--kind", "tissue",
+               "--downsample", "32")
+    run_script("Mask_gen.py", syn_slide.path, "-o", tmp_path / "tumour.npy", "--kind", "tumor",
+               "--annotation", grid_data / "json" / "syn_tumor.json", "--downsample", "32")
+    run_script("prob_map.py", syn_slide.path, tmp_path / "model" / "best.ckpt", tmp_path / "tissue.npy",
+               tmp_path / "maps" / "syn_tumor_prob.npy", "--workers", "1", "--quiet")
+    run_script("prob_map_show.py", tmp_path / "maps" / "syn_tumor_prob.npy", "-o", tmp_path / "o.png",
+               "--slide", syn_slide.path)
+    run_script("evaluate.py", "lesions", tmp_path / "maps" / "syn_tumor_prob.npy", "-o",
+               tmp_path / "les" / "syn_tumor.csv", "--threshold", "0.0")
+    proc = run_script("evaluate.py", "froc", tmp_path / "les", grid_data / "json")
+    assert "FROC=" in proc.stdout
+    proc = run_script("evaluate.py", "pixels", tmp_path / "maps" / "syn_tumor_prob.npy", tmp_path / "tumour.npy")
+    assert "IoU=" in proc.stdout
+    assert (tmp_path / "o.png").stat().st_size > 1000
