@@ -13,7 +13,20 @@ from .io import atomic_path
 from .tiling import group_boxes
 
 
-class PatchCutter(Dataset):
+class SlideDataset(Dataset):
+    """A dataset that reads one slide; the handle opens lazily, once in each worker."""
+
+    slide_path: Path
+    _slide = None
+
+    @property
+    def slide(self):
+        if self._slide is None:
+            self._slide = sl.open_slide(self.slide_path)
+        return self._slide
+
+
+class PatchCutter(SlideDataset):
     """Reads the regions of `group_boxes(boxes)` (one item each), slices the patches out at
     `level` and writes them as PNGs `out_dir/names[i]`; returns how many it wrote.
     Meant for a DataLoader with workers: each worker opens the slide once."""
@@ -23,19 +36,16 @@ class PatchCutter(Dataset):
         self.slide_path, self.level, self.size = Path(slide_path), level, size
         self.boxes, self.out_dir, self.names = boxes, Path(out_dir), names
         self.groups = group_boxes(boxes, max_waste=3.0 if batched else 0.0)
-        self._slide = None
 
     def __len__(self) -> int:
         return len(self.groups)
 
     def __getitem__(self, i: int) -> int:
-        if self._slide is None:
-            self._slide = sl.open_slide(self.slide_path)
         (rx0, ry0, rx1, ry1), idx = self.groups[i]
-        dx, dy = sl.level_downsamples(self._slide)[self.level]
+        dx, dy = sl.level_downsamples(self.slide)[self.level]
         w = int(round((rx1 - rx0) / dx)) + self.size
         h = int(round((ry1 - ry0) / dy)) + self.size
-        region = sl.read_rgb(self._slide, (rx0, ry0), self.level, (w, h))
+        region = sl.read_rgb(self.slide, (rx0, ry0), self.level, (w, h))
         for j in idx:
             ox, oy = int(round((self.boxes[j, 0] - rx0) / dx)), int(round((self.boxes[j, 1] - ry0) / dy))
             patch = region[oy:oy + self.size, ox:ox + self.size]

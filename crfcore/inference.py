@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from . import slide as sl
 from .crf import mean_field
-from .datasets import cut_grid, normalise_batch, to_tensor
+from .datasets import SlideDataset, cut_grid, normalise_batch, to_tensor
 from .model import CRFNet
 
 # The 8 dihedral transforms of a square image `(H, W, ...)`: (quarter turns, flip first).
@@ -71,48 +71,42 @@ class Geometry:
 # ----------------------------------------------------------------------------- reading
 
 
-class LatticePatches(Dataset):
+class LatticePatches(SlideDataset):
     """Items: one region of the slide, read once, sliced into the crops of its lattice
     points: `(indices [n], uint8 patches [n, crop, crop, 3])`. Slides open once per worker."""
 
     def __init__(self, slide_path: Path, origins: np.ndarray, crop: int, groups: list[np.ndarray]) -> None:
         self.slide_path, self.origins, self.crop, self.groups = slide_path, origins, crop, groups
-        self._slide = None
 
     def __len__(self) -> int:
         return len(self.groups)
 
     def __getitem__(self, i: int):
-        if self._slide is None:
-            self._slide = sl.open_slide(self.slide_path)
         idx = self.groups[i]
         o = self.origins[idx]
         x0, y0 = o.min(0)
         x1, y1 = o.max(0) + self.crop
-        region = sl.read_rgb(self._slide, (int(x0), int(y0)), 0, (int(x1 - x0), int(y1 - y0)))
+        region = sl.read_rgb(self.slide, (int(x0), int(y0)), 0, (int(x1 - x0), int(y1 - y0)))
         c = self.crop
         patches = np.stack([region[y - y0:y - y0 + c, x - x0:x - x0 + c] for x, y in o])
         return torch.from_numpy(idx), torch.from_numpy(patches)
 
 
-class NaiveGrids(Dataset):
+class NaiveGrids(SlideDataset):
     """Items: NCRF's grid image around one tissue point, cut into cells and cropped:
     `(index, patches [g*g, 3, crop, crop])`."""
 
     def __init__(self, slide_path: Path, centres: np.ndarray, geom: Geometry) -> None:
         self.slide_path, self.centres, self.geom = slide_path, centres, geom
-        self._slide = None
 
     def __len__(self) -> int:
         return len(self.centres)
 
     def __getitem__(self, i: int):
-        if self._slide is None:
-            self._slide = sl.open_slide(self.slide_path)
         g = self.geom
         size = g.grid * g.patch
         x, y = self.centres[i] - size // 2
-        img = sl.read_rgb(self._slide, (int(x), int(y)), 0, (size, size))
+        img = sl.read_rgb(self.slide, (int(x), int(y)), 0, (size, size))
         return i, torch.stack([to_tensor(c) for c in cut_grid(img, g.patch, g.crop)])
 
 

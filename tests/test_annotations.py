@@ -1,7 +1,6 @@
 import json
 
 import numpy as np
-import pytest
 from matplotlib.path import Path as MplPath
 
 from crfcore import annotations as an
