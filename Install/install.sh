@@ -7,7 +7,7 @@ root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
 venv="$root/.venv"
 stamp="$venv/.crfcore-installed"
-want="$(sha256sum pyproject.toml Install/install.sh | sha256sum | cut -d' ' -f1)"
+X
 
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
     touch "$stamp"
