@@ -3,8 +3,8 @@
 
 Uses the example's training sets (run `make demo` first): trains the grid-1 baseline on
 them (the grid-3 model is example/out/model), writes held-out slides with misleading
-spots (`noise`), maps them with both models and prints FROC, slide AUC, pixel IoU and
-patch AUC for each.
+spots (`noise`), maps them with both models and prints FROC, slide AUC and pixel IoU
+(threshold 0.5) for each.
 
   python bench/crf_vs_cnn.py [--out bench/out/crf_vs_cnn] [--noise 0.3]
 """
