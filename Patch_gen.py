@@ -5,6 +5,7 @@ PATCH_DIR/<slide_id>.txt (the centres, NCRF coords list) and a preview PNG."""
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
 
 import cv2
@@ -91,7 +92,7 @@ def main(argv=None) -> int:
     p.add_argument("--min-mask-fraction", type=float, default=0.2,
                    help="grid mode: keep squares at least this much inside the mask")
     p.add_argument("--seed", type=int, default=0, help="random mode seed")
-    p.add_argument("--workers", type=int, default=min(4, math.ceil((__import__("os").cpu_count() or 1) / 2)),
+    p.add_argument("--workers", type=int, default=min(4, math.ceil((os.cpu_count() or 1) / 2)),
                    help="DataLoader worker processes reading the slide")
     p.add_argument("--quiet", action="store_true")
     args = p.parse_args(argv)

@@ -38,10 +38,7 @@ def main(argv=None) -> int:
         print(f"{args.prob} -> {args.output}")
         return 0
     with sl.open_slide(args.slide) as s:
-        f = heatmap.upscale_factor(prob.shape)
-        import cv2
-
-        thumb = cv2.resize(sl.thumbnail(s, min(dx, dy) / f), (w * f, h * f), interpolation=cv2.INTER_AREA)
+        thumb, _ = sl.lattice_picture(s, prob.shape, (dx, dy), min_side=800)
         img = heatmap.overlay(thumb, prob, args.alpha, args.cmap, args.vmin, args.vmax)
         heatmap.figure(img, args.output, args.cmap, args.vmin, args.vmax, title, extent)
         print(f"{args.prob} over {args.slide.name} -> {args.output}")

@@ -54,10 +54,6 @@ class PatchCutter(SlideDataset):
         return len(idx)
 
 
-def collate_sum(counts: list[int]) -> int:
-    return int(sum(counts))
-
-
 def extract_patches(slide_path: str | Path, boxes: np.ndarray, level: int, size: int,
                     out_dir: str | Path, names: list[str], workers: int = 0,
                     quiet: bool = False, batched: bool = True) -> int:
@@ -125,9 +121,13 @@ class Augment:
         self.jitter = ColorJitter(*color_jitter) if color_jitter and any(color_jitter) else None
         self.flip, self.rotate = flip, rotate
 
-    def __call__(self, rgb: np.ndarray, labels: np.ndarray, rng: np.random.Generator):
+    def __call__(self, rgb: np.ndarray, labels: np.ndarray, rng: np.random.Generator | None = None):
+        """`rng` defaults to one seeded from torch's generator, which DataLoader seeds per
+        worker (and --resume restores), so augmentation is reproducible."""
         import torch
 
+        if rng is None:
+            rng = np.random.default_rng(torch.randint(2**62, ()).item())
         if self.jitter is not None:
             t = torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1)
             rgb = self.jitter(t).permute(1, 2, 0).numpy()
@@ -184,7 +184,7 @@ class GridDataset(Dataset):
         rgb, g = img[..., ::-1], self.geom.grid
         labels = self.labels[i].reshape(g, g)
         if self.augment is not None:
-            rgb, labels = self.augment(rgb, labels, np.random.default_rng(torch.randint(2**62, ()).item()))
+            rgb, labels = self.augment(rgb, labels)
         cells = cut_grid(rgb, self.geom.patch_size, self.geom.crop_size)
         patches = torch.stack([to_tensor(c) for c in cells])
         return patches, torch.from_numpy(np.ascontiguousarray(labels).reshape(-1).copy())
@@ -227,5 +227,5 @@ class FolderDataset(Dataset):
             raise DataError(f"{path}: unreadable image")
         rgb = cv2.resize(img[..., ::-1], (self.size, self.size), interpolation=cv2.INTER_AREA)
         if self.augment is not None:
-            rgb, _ = self.augment(rgb, np.zeros((1, 1)), np.random.default_rng(torch.randint(2**62, ()).item()))
+            rgb, _ = self.augment(rgb, np.zeros((1, 1)))
         return to_tensor(rgb).unsqueeze(0), k

@@ -34,10 +34,6 @@ def colourise(prob: np.ndarray, cmap: str = "jet", vmin: float = 0.0, vmax: floa
     return (matplotlib.colormaps[cmap](norm)[..., :3] * 255 + 0.5).astype(np.uint8)
 
 
-def upscale_factor(shape: tuple[int, int], min_side: int = 800) -> int:
-    return max(1, math.ceil(min_side / max(shape)))
-
-
 def overlay(thumb: np.ndarray, prob: np.ndarray, alpha: float = 0.5, cmap: str = "jet",
             vmin: float = 0.0, vmax: float = 1.0, tissue: np.ndarray | None = None) -> np.ndarray:
     """Blend the coloured map (scaled up to `thumb`'s size, nearest) over `thumb` on the

@@ -190,19 +190,15 @@ def naive_map(model: CRFNet, slide_path: Path, mask: np.ndarray, geom: Geometry,
     n = geom.grid ** 2
     with tqdm(total=len(ds), desc=f"naive {slide_path.name}", disable=opts.quiet) as bar:
         for idx, x in _loader(ds, opts, max(1, opts.batch_size // n)):
-            b = len(idx)
-            lo, fe = _embed(model, x.flatten(0, 1), 1, opts.device, opts.precision) if opts.tta == 1 else (None, None)
-            if opts.tta == 1:
-                p = crf_centre(model, lo.reshape(b, n, 1), fe.reshape(b, n, 1, -1), 1)
-            else:
-                p = _naive_tta(model, x, opts)
-            out[rows[idx.numpy()], cols[idx.numpy()]] = p.numpy()
-            bar.update(b)
+            out[rows[idx.numpy()], cols[idx.numpy()]] = _naive_centre(model, x, opts).numpy()
+            bar.update(len(idx))
     return out
 
 
-def _naive_tta(model: CRFNet, x: torch.Tensor, opts: Options) -> torch.Tensor:
-    """TTA the NCRF way: transform each whole grid image, CRF, centre node, mean."""
+def _naive_centre(model: CRFNet, x: torch.Tensor, opts: Options) -> torch.Tensor:
+    """Centre-node probability of whole grids `x [b, N, 3, c, c]`, the NCRF way: for each
+    of the `tta` transforms (the first is the identity), transform the grid image, CNN,
+    CRF, centre node; then the mean."""
     b, n = x.shape[:2]
     g = model.cfg.grid
     probs = []

@@ -5,7 +5,6 @@ A mask is a bool array `[row, col]`; pixel `[r, c]` covers the level-0 point
 """
 from __future__ import annotations
 
-import math
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -153,9 +152,7 @@ def preview(slide: openslide.OpenSlide, mask: np.ndarray, downsample: tuple[floa
             colour: tuple[int, int, int] = (0, 200, 0), min_side: int = 512) -> np.ndarray:
     """The slide thumbnail with the mask's outline drawn on it, at least `min_side` wide."""
     h, w = mask.shape
-    f = max(1, math.ceil(min_side / max(h, w)))
-    img = np.ascontiguousarray(cv2.resize(sl.thumbnail(slide, min(downsample) / f), (w * f, h * f),
-                                          interpolation=cv2.INTER_AREA))
+    img, f = sl.lattice_picture(slide, mask.shape, downsample, min_side)
     big = cv2.resize(mask.astype(np.uint8), (w * f, h * f), interpolation=cv2.INTER_NEAREST)
     contours, _ = cv2.findContours(big, cv2.RETR_LIST, cv2.CHAIN_APPROX_NONE)
     cv2.drawContours(img, contours, -1, colour, max(1, f // 2 + 1))

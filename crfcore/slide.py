@@ -58,12 +58,6 @@ def level_for_downsample(slide: openslide.OpenSlide, downsample: float) -> int:
     return best
 
 
-def nearest_level(slide: openslide.OpenSlide, downsample: float) -> int:
-    """The level whose downsample is closest to `downsample` on a log scale."""
-    ds = [math.sqrt(dx * dy) for dx, dy in level_downsamples(slide)]
-    return int(np.argmin([abs(math.log(d / downsample)) for d in ds]))
-
-
 def slide_mpp(slide: openslide.OpenSlide) -> tuple[float, float] | None:
     """Level-0 microns per pixel `(x, y)`, or None when the slide does not say."""
     props = slide.properties
@@ -119,6 +113,18 @@ def thumbnail(slide: openslide.OpenSlide, downsample: float) -> np.ndarray:
     if img.shape[:2] != (h, w):
         img = cv2.resize(img, (w, h), interpolation=cv2.INTER_AREA)
     return img
+
+
+def lattice_picture(slide: openslide.OpenSlide, shape: tuple[int, int], downsample: tuple[float, float],
+                    min_side: int = 512) -> tuple[np.ndarray, int]:
+    """The slide pictured on an `(H, W)` array lattice of `downsample`, scaled up by an
+    integer factor `f` until its long side is at least `min_side`: `(f*H, f*W, 3)`, `f`."""
+    import cv2
+
+    h, w = shape
+    f = max(1, math.ceil(min_side / max(h, w)))
+    img = cv2.resize(thumbnail(slide, min(downsample) / f), (w * f, h * f), interpolation=cv2.INTER_AREA)
+    return np.ascontiguousarray(img), f
 
 
 SLIDE_EXTENSIONS = (".svs", ".tif", ".tiff", ".ndpi", ".mrxs", ".vms", ".vmu", ".scn",
