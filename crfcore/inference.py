@@ -26,6 +26,7 @@ from .model import CRFNet
 
 # The 8 dihedral transforms of a square image `(H, W, ...)`: (quarter turns, flip first).
 DIHEDRAL = [(k, f) for f in (False, True) for k in range(4)]
+CRF_CHUNK = 1024  # tissue points x transforms per CRF step (9 x 1024 x 1280 floats: 47 MB, a few copies)
 
 
 def dihedral(a: np.ndarray, k: int, flip: bool) -> np.ndarray:
@@ -173,7 +174,7 @@ class Options:
     precision: str = "fp32"
     tta: int = 1
     quiet: bool = False
-    band_rows: int = 64  # a multiple of 8 (the region block height)
+    band_rows: int = 16  # a multiple of 8 (the region block height); the cache holds ~band_rows + 2k rows
 
 
 def _loader(ds: Dataset, opts: Options, batch: int | None) -> DataLoader:
@@ -215,6 +216,16 @@ def _naive_centre(model: CRFNet, x: torch.Tensor, opts: Options) -> torch.Tensor
     return torch.stack(probs).mean(0)
 
 
+def needed_points(mask: np.ndarray, offs: np.ndarray, reach: int) -> np.ndarray:
+    """`(n, 2)` lattice points (row, col), row-major, that some tissue point has as a grid
+    node; they may lie outside the mask. A dilation, so no per-point copies on big slides."""
+    h, w = mask.shape
+    need = np.zeros((h + 2 * reach, w + 2 * reach), bool)
+    for dr, dc in offs:
+        need[reach + dr:reach + dr + h, reach + dc:reach + dc + w] |= mask
+    return np.stack(np.nonzero(need), 1) - reach
+
+
 def lattice_map(model: CRFNet, slide_path: Path, mask: np.ndarray, geom: Geometry, opts: Options) -> np.ndarray:
     """The lattice method: each needed lattice patch through the CNN once. Needed points
     are read in row bands by one DataLoader; a band's logits and features join a rolling
@@ -228,8 +239,7 @@ def lattice_map(model: CRFNet, slide_path: Path, mask: np.ndarray, geom: Geometr
     if not trows.size:
         return out
     reach = h * k
-    # tissue points and their grid neighbours (which may lie outside the mask), row-major
-    need = np.unique(np.stack([trows[:, None] + offs[:, 0], tcols[:, None] + offs[:, 1]], -1).reshape(-1, 2), axis=0)
+    need = needed_points(mask, offs, reach)
     span = mask.shape[1] + 2 * reach + 1
 
     def key(r, c):  # row-major, so keys of `need` (and of the cache) are sorted
@@ -247,12 +257,13 @@ def lattice_map(model: CRFNet, slide_path: Path, mask: np.ndarray, geom: Geometr
     def finish(b: int, lo: torch.Tensor, fe: torch.Tensor) -> None:
         cache.add(key(*need[starts[b]:starts[b + 1]].T), lo, fe)
         ready = min(need[starts[b + 1] - 1, 0] - reach, trows.max()) if b < band[-1] else trows.max()
-        sel = (trows > state["done"]) & (trows <= ready)
-        if sel.any():
-            r, c = trows[sel], tcols[sel]
+        lo_i, hi_i = np.searchsorted(trows, [state["done"] + 1, ready + 1])  # trows is sorted
+        step = max(1, CRF_CHUNK // opts.tta)  # in chunks: the neighbours' features are 9x a band
+        for s in range(lo_i, hi_i, step):
+            r, c = trows[s:min(hi_i, s + step)], tcols[s:min(hi_i, s + step)]
             lo_n, fe_n = cache.get(key(r[:, None] + offs[:, 0], c[:, None] + offs[:, 1]))
             out[r, c] = crf_centre(model, lo_n, fe_n, opts.tta).numpy()
-            state["done"] = ready
+        state["done"] = max(state["done"], ready)
         cache.drop_below(key(state["done"] + 1 - reach, -reach))
 
     current, lo_b, fe_b = 0, None, None
@@ -293,7 +304,8 @@ class _Cache:
 
     def drop_below(self, key: int) -> None:
         cut = int(np.searchsorted(self.keys, key))
-        self.keys, self.lo, self.fe = self.keys[cut:], self.lo[cut:], self.fe[cut:]
+        # copies: a slice would keep the whole old buffer alive until the next add
+        self.keys, self.lo, self.fe = self.keys[cut:].copy(), self.lo[cut:].clone(), self.fe[cut:].clone()
 
 
 def _run(model, pending, lo_b, fe_b, offset: int, opts: Options, bar) -> None:

@@ -44,8 +44,9 @@ def varied_model(grid: int, slide_path) -> CRFNet:
 
 
 @pytest.mark.parametrize("grid", [1, 3])
-def test_lattice_equals_naive_including_the_slide_border(border_slide, grid):
+def test_lattice_equals_naive_including_the_slide_border(border_slide, grid, monkeypatch):
     s, mask, meta = border_slide
+    monkeypatch.setattr(inference, "CRF_CHUNK", 50)  # many CRF chunks per band
     model = varied_model(grid, s.path)
     opts = inference.Options(batch_size=48, workers=0, quiet=True, band_rows=8)
     lat, m1 = inference.probability_map(model, s.path, mask, meta["downsample"], PATCH, CROP, "lattice", opts)
@@ -56,8 +57,9 @@ def test_lattice_equals_naive_including_the_slide_border(border_slide, grid):
     assert (lat[~mask] == 0).all()
 
 
-def test_tta8_lattice_equals_naive_on_a_subset(border_slide):
+def test_tta8_lattice_equals_naive_on_a_subset(border_slide, monkeypatch):
     s, mask, meta = border_slide
+    monkeypatch.setattr(inference, "CRF_CHUNK", 50)
     model = varied_model(3, s.path)
     sub = np.zeros_like(mask)
     rows, cols = np.nonzero(mask)
