@@ -5,6 +5,8 @@ tumour logit per patch) or `[B, N, C]` for a C-class patch classifier (grid 1).
 """
 from __future__ import annotations
 
+import pickle
+import zipfile
 from dataclasses import dataclass, fields
 from pathlib import Path
 
@@ -92,10 +94,14 @@ def load_pretrained_backbone(model: CRFNet, path: str | Path) -> None:
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
     """Read a checkpoint dict (safe `weights_only` loading)."""
+    if not Path(path).is_file():
+        raise CheckpointError(f"{path}: no such checkpoint")
+    if not zipfile.is_zipfile(path):  # torch.save writes a zip archive
+        raise CheckpointError(f"{path}: not a checkpoint (not a file written by torch.save)")
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    except FileNotFoundError:
-        raise CheckpointError(f"{path}: no such checkpoint") from None
+    except pickle.UnpicklingError:
+        raise CheckpointError(f"{path}: not a crfcore checkpoint (it holds objects other than weights)") from None
     except Exception as err:  # torch raises many types for corrupt files
         raise CheckpointError(f"{path}: not a readable checkpoint ({str(err).splitlines()[0]})") from None
     if not isinstance(ckpt, dict) or "state_dict" not in ckpt or "config" not in ckpt:

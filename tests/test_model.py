@@ -1,3 +1,5 @@
+import numpy as np
+import pytest
 import torch
 
 from crfcore.crf import CRF, mean_field
@@ -55,3 +57,26 @@ def test_grid_one_and_multiclass_shapes():
     cls = CRFNet(ModelConfig(grid=1, num_classes=5, width_mult=0.25)).eval()
     assert cls(torch.randn(2, 1, 3, 32, 32)).shape == (2, 1, 5)
     assert CRFNet(ModelConfig(grid=7, width_mult=0.25)).crf.W.shape == (49, 49)
+
+
+def test_bad_checkpoints_get_one_line_errors(tmp_path):
+    import argparse
+
+    from crfcore.model import CheckpointError, model_from_checkpoint, save_checkpoint
+
+    good = tmp_path / "good.ckpt"
+    save_checkpoint(good, CRFNet(ModelConfig(grid=1, width_mult=0.25)), {"mode": "grid", "grid": 1, "width_mult": 0.25})
+    assert model_from_checkpoint(good, expect={"mode": "grid"})[0].cfg.grid == 1
+    np.save(tmp_path / "mask.npy", np.zeros((2, 2)))
+    torch.save({"a": argparse.Namespace(x=1)}, tmp_path / "object.ckpt")
+    torch.save({"a": 1}, tmp_path / "plain.ckpt")
+    (tmp_path / "cut.ckpt").write_bytes(good.read_bytes()[:1000])
+    cases = {"missing.ckpt": "no such checkpoint", "mask.npy": "not a file written by torch.save",
+             "object.ckpt": "objects other than weights", "plain.ckpt": "no state_dict/config",
+             "cut.ckpt": "not a"}
+    for name, msg in cases.items():
+        with pytest.raises(CheckpointError, match=msg) as err:
+            model_from_checkpoint(tmp_path / name)
+        assert "\n" not in str(err.value)
+    with pytest.raises(CheckpointError, match="mode='grid', expected 'classify'"):
+        model_from_checkpoint(good, expect={"mode": "classify"})
