@@ -65,9 +65,21 @@ CHROMIUM = next((p for p in ("/usr/bin/chromium", "/usr/bin/chromium-browser") i
 @pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium (apt-get install chromium)")
 @pytest.mark.skipif(not (ROOT / "node_modules" / "openseadragon").exists(),
                     reason="needs OpenSeadragon (npm install, run by Install/install.sh)")
+def slide_box(img: np.ndarray) -> tuple[int, int, int, int] | None:
+    """(top, bottom, left, right) of the slide's bright glass inside the black viewer."""
+    bright = img.sum(axis=2) > 600
+    viewer_rows = np.flatnonzero(img[:, 2].sum(axis=1) < 30)  # rows where the viewer's left edge is black
+    if not viewer_rows.size:
+        return None
+    mid_r, mid_c = int(viewer_rows.mean()), img.shape[1] // 2
+    cols, rows = np.flatnonzero(bright[mid_r]), viewer_rows[bright[viewer_rows, mid_c]]
+    return (rows.min(), rows.max() + 1, cols.min(), cols.max() + 1) if cols.size and rows.size else None
+
+
 def test_browser_shows_the_heat_map_on_the_tumour(client, tmp_path):
-    """Headless Chromium opens the viewer page; the red of the overlay sits where the
-    planted tumour is (as a fraction of the slide's extent in the screenshot)."""
+    """Headless Chromium opens the viewer page; once the whole slide is drawn (the glass
+    has the slide's aspect ratio), the red of the overlay sits where the planted tumour is
+    (as a fraction of the slide's extent in the screenshot)."""
     import subprocess
     import threading
 
@@ -77,23 +89,27 @@ def test_browser_shows_the_heat_map_on_the_tumour(client, tmp_path):
     c, s = client
     server = make_server("127.0.0.1", 0, c.application, threaded=True)
     threading.Thread(target=server.serve_forever, daemon=True).start()
-    shot = tmp_path / "shot.png"
     try:
-        subprocess.run([CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
-                        "--no-first-run", "--disable-background-networking", "--disable-component-update",
-                        "--disable-sync", f"--user-data-dir={tmp_path / 'profile'}", "--window-size=1000,800",
-                        "--virtual-time-budget=8000", f"--screenshot={shot}",
-                        f"http://127.0.0.1:{server.server_port}/sub/v.tif?animation=0"],
-                       check=True, capture_output=True, timeout=120)
+        # virtual ms. Headless Chromium sometimes shows a canvas stretched to a stale size
+        # (controls faded after a long budget), so try short budgets first and keep the
+        # first screenshot whose slide has the right aspect ratio.
+        for attempt, budget in enumerate((2000, 4000, 8000, 16000)):
+            shot = tmp_path / f"shot{attempt}.png"
+            subprocess.run([CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
+                            "--no-first-run", "--disable-background-networking", "--disable-component-update",
+                            "--disable-sync", f"--user-data-dir={tmp_path / f'profile{attempt}'}",
+                            "--window-size=1000,800", f"--virtual-time-budget={budget}", f"--screenshot={shot}",
+                            f"http://127.0.0.1:{server.server_port}/sub/v.tif?animation=0"],
+                           check=True, capture_output=True, timeout=180)
+            img = cv2.imread(str(shot))[..., ::-1].astype(int)
+            box = slide_box(img)
+            if box and abs((box[3] - box[2]) / (box[1] - box[0]) / (s.width / s.height) - 1) < 0.02:
+                break
+        else:
+            pytest.fail(f"the slide was never drawn whole (last box {box}); see {shot}")
     finally:
         server.shutdown()
-    img = cv2.imread(str(shot))[..., ::-1].astype(int)
-    bright = img.sum(axis=2) > 600  # the slide's glass, against the black viewer
-    viewer_rows = np.flatnonzero(img[:, 2].sum(axis=1) < 30)  # rows of the black viewer area
-    mid_r, mid_c = int(viewer_rows.mean()), img.shape[1] // 2
-    cols = np.flatnonzero(bright[mid_r])
-    rows = viewer_rows[bright[viewer_rows, mid_c]]
-    top, bottom, left, right = rows.min(), rows.max(), cols.min(), cols.max()
+    top, bottom, left, right = box
     r, g, b = img[..., 0], img[..., 1], img[..., 2]
     red = (r > 1.8 * g) & (r > 1.4 * b) & (r > 80)
     ry, rx = np.nonzero(red[top:bottom, left:right])
@@ -101,4 +117,9 @@ def test_browser_shows_the_heat_map_on_the_tumour(client, tmp_path):
     got = (rx.mean() / (right - left), ry.mean() / (bottom - top))
     x0, y0, x1, y1 = s.annotation.bounds()
     want = ((x0 + x1) / 2 / s.width, (y0 + y1) / 2 / s.height)
-    assert abs(got[0] - want[0]) < 0.06 and abs(got[1] - want[1]) < 0.06
+    assert abs(got[0] - want[0]) < 0.03 and abs(got[1] - want[1]) < 0.03, (got, want)
+    green = (g > 180) & (r < 120) & (b < 120)  # the lesion marker of v.csv, at (500, 400)
+    gy, gx = np.nonzero(green[top:bottom, left:right])
+    assert len(gx) > 20, "no lesion marker visible"
+    assert abs(gx.mean() / (right - left) - 500 / s.width) < 0.02
+    assert abs(gy.mean() / (bottom - top) - 400 / s.height) < 0.02
