@@ -120,10 +120,10 @@ def large_slide_memory(args, model: CRFNet, tmp: Path) -> None:
     print(f"large slide {side}x{side} ready in {time.perf_counter() - t:.0f} s")
     mask, meta = masks.make_mask(path, "tissue", downsample=args.stride)
     masks.save_mask(tmp / "large_tissue.npy", mask, meta)
-    rows, cols = np.nonzero(mask)
+    rows = np.nonzero(mask)[0]
     cfg = {"mode": "grid", "grid": 3, "crf_iters": model.cfg.crf_iters, "width_mult": model.cfg.width_mult,
            "num_classes": 1, "image_size": 3 * args.patch, "patch_size": args.patch, "crop_size": args.crop}
-    save_checkpoint(tmp / "bench.ckpt", model.cpu(), cfg)
+    save_checkpoint(tmp / "bench.ckpt", model, cfg)
     cmd = [sys.executable, str(Path(__file__).resolve().parents[1] / "prob_map.py"), str(path), str(tmp / "bench.ckpt"),
            str(tmp / "large_tissue.npy"), str(tmp / "large_prob.npy"), "--quiet", "--batch-size", str(args.batch_size),
            "--workers", str(args.workers), "--device", args.device, "--precision", args.precision]
