@@ -173,8 +173,7 @@ def main() -> None:
                                            "lattice", opts)
         t_lat = time.perf_counter() - t
         geom = inference.Geometry(3, args.patch, args.crop, tuple(meta["downsample"]))
-        k = geom.lattice_step()
-        n_lat = len(inference.needed_points(mask, np.array([(i * k, j * k) for i in (-1, 0, 1) for j in (-1, 0, 1)]), k))
+        n_lat = len(inference.needed_points(mask, geom.node_offsets()))
 
         pick = np.random.default_rng(0).choice(len(rows), min(args.naive_points, len(rows)), replace=False)
         sub = (rows[pick], cols[pick])

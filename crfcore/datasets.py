@@ -85,10 +85,7 @@ def to_tensor(rgb: np.ndarray) -> "torch.Tensor":
     """`(H, W, 3)` uint8 -> `[3, H, W]` float, ImageNet-normalised."""
     import torch
 
-    t = torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1).float().div_(255)
-    mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
-    std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
-    return (t - mean) / std
+    return normalise_batch(torch.from_numpy(np.ascontiguousarray(rgb))[None])[0]
 
 
 def normalise_batch(u8: "torch.Tensor") -> "torch.Tensor":

@@ -63,6 +63,15 @@ class Geometry:
         sx, sy = (s, s) if s else self.stride
         return np.stack([np.floor((cols + 0.5) * sx), np.floor((rows + 0.5) * sy)], 1).astype(np.int64)
 
+    def node_offsets(self) -> np.ndarray | None:
+        """`(grid*grid, 2)` lattice offsets (row, col) of a point's grid nodes, row-major;
+        None when the lattice method does not apply."""
+        k = self.lattice_step()
+        if k is None:
+            return None
+        span = range(-self.half, self.half + 1)
+        return np.array([(i * k, j * k) for i in span for j in span])
+
     def crop_origin(self, centres: np.ndarray) -> np.ndarray:
         """Top-left of the centre node's crop in a grid image centred on `centres` (the
         same pixels whether cut from a grid image or read alone)."""
@@ -216,9 +225,11 @@ def _naive_centre(model: CRFNet, x: torch.Tensor, opts: Options) -> torch.Tensor
     return torch.stack(probs).mean(0)
 
 
-def needed_points(mask: np.ndarray, offs: np.ndarray, reach: int) -> np.ndarray:
+def needed_points(mask: np.ndarray, offs: np.ndarray) -> np.ndarray:
     """`(n, 2)` lattice points (row, col), row-major, that some tissue point has as a grid
-    node; they may lie outside the mask. A dilation, so no per-point copies on big slides."""
+    node (`offs`: `Geometry.node_offsets`); they may lie outside the mask. A dilation, so
+    no per-point copies on big slides."""
+    reach = int(np.abs(offs).max())
     h, w = mask.shape
     need = np.zeros((h + 2 * reach, w + 2 * reach), bool)
     for dr, dc in offs:
@@ -230,16 +241,14 @@ def lattice_map(model: CRFNet, slide_path: Path, mask: np.ndarray, geom: Geometr
     """The lattice method: each needed lattice patch through the CNN once. Needed points
     are read in row bands by one DataLoader; a band's logits and features join a rolling
     cache, and tissue rows whose grid neighbours are all cached get their CRF."""
-    k = geom.lattice_step()
-    assert k is not None
-    h = geom.half
-    offs = np.array([(i * k, j * k) for i in range(-h, h + 1) for j in range(-h, h + 1)])  # row-major nodes
+    offs = geom.node_offsets()
+    assert offs is not None
     trows, tcols = np.nonzero(mask)
     out = np.zeros(mask.shape, np.float32)
     if not trows.size:
         return out
-    reach = h * k
-    need = needed_points(mask, offs, reach)
+    reach = int(offs.max())  # half * k: how far a grid node lies from its centre
+    need = needed_points(mask, offs)
     span = mask.shape[1] + 2 * reach + 1
 
     def key(r, c):  # row-major, so keys of `need` (and of the cache) are sorted
