@@ -14,6 +14,7 @@ from typing import Iterable, Sequence
 import numpy as np
 from defusedxml import ElementTree as SafeET
 
+from .errors import CrfError
 from .io import atomic_write_text
 
 POSITIVE_GROUPS = ("Tumor", "_0", "_1", "metastases")
@@ -22,7 +23,7 @@ NEGATIVE_GROUPS = ("_2", "Exclusion")
 GROUP_OF = {"positive": ("Tumor", "#F4FA58"), "negative": ("Exclusion", "#64FE2E")}
 
 
-class AnnotationError(Exception):
+class AnnotationError(CrfError):
     """An annotation file that cannot be read; the message names the file and the fault."""
 
 

@@ -9,6 +9,7 @@ import numpy as np
 from torch.utils.data import Dataset
 
 from . import slide as sl
+from .errors import CrfError
 from .io import atomic_path
 from .tiling import group_boxes
 
@@ -77,7 +78,7 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-class DataError(Exception):
+class DataError(CrfError):
     """A data set that is empty, malformed or lacks the annotation its labels need."""
 
 

@@ -1,35 +1,99 @@
-"""Atomic file writes and `.npy` arrays with their `.json` sidecars.
+"""Atomic file writes, `.npy` arrays with their `.json` sidecars, and the one rule that
+pairs a slide with its masks, maps, lesions and annotations.
 
-Every output is written to a temporary file in the same folder and renamed, so a
-crash never leaves a half-written file behind.
+Every output is written to a hidden temporary file in the same folder and renamed, so a
+crash never leaves a half-written file behind; the file gets the mode a plain `open()`
+would give (the umask), and a path that is a device or other special file is refused.
 """
 from __future__ import annotations
 
 import json
+import math
 import os
+import shutil
 import tempfile
+import warnings
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Sequence
 
 import numpy as np
 
 from . import __version__
+from .errors import CrfError, OutputError
+
+# ----------------------------------------------------------------------------- atomic writes
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def check_output_path(path: str | Path) -> Path:
+    """`path` as a Path; refuse one that exists and is not a regular file (a device, a
+    FIFO, a directory): renaming onto it would replace it."""
+    path = Path(path)
+    if path.exists() and not path.is_file():
+        what = "a directory" if path.is_dir() else "a device or other special file"
+        raise OutputError(f"{path}: is {what}, not a file to write")
+    return path
+
+
+def _temp_prefix(path: Path) -> str:
+    return f".{path.name}.{os.getpid()}."
+
+
+def remove_stale_temps(path: Path) -> int:
+    """Delete the temporary files a killed writer of `path` left behind (their writer's
+    process id is in the name and no longer runs); return how many."""
+    removed = 0
+    if not path.parent.is_dir():
+        return 0
+    for tmp in path.parent.glob(f".{path.name}.*"):
+        pid = tmp.name[len(path.name) + 2:].split(".", 1)[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            tmp.unlink(missing_ok=True)
+            removed += 1
+    if removed:
+        warnings.warn(f"{path}: removed {removed} temporary file(s) left by a killed earlier run")
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
 
 
 @contextmanager
 def atomic_path(path: str | Path, suffix: str = "") -> Iterator[Path]:
-    """Yield a temporary path next to `path`; rename it onto `path` if the body succeeds."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix or path.suffix, dir=path.parent)
-    os.close(fd)
+    """Yield a temporary path next to `path`; rename it onto `path` if the body succeeds.
+    An `OSError` on the temporary file is reported as an `OutputError` naming `path`."""
+    path = check_output_path(path)
     try:
-        yield Path(tmp)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale_temps(path)
+        fd, name = tempfile.mkstemp(prefix=_temp_prefix(path), suffix=suffix or path.suffix, dir=path.parent)
+        os.close(fd)
+    except OSError as err:
+        raise OutputError(f"{path}: cannot write ({err.strerror or err})") from None
+    tmp = Path(name)
+    try:
+        yield tmp
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; honour the umask like open()
         os.replace(tmp, path)
+    except OSError as err:
+        if err.filename in (None, name, str(path)) or getattr(err, "filename2", None) == str(path):
+            raise OutputError(f"{path}: cannot write ({err.strerror or err})") from None
+        raise
     finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        tmp.unlink(missing_ok=True)
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
@@ -41,12 +105,49 @@ def atomic_write_json(path: str | Path, obj: object) -> None:
     atomic_write_text(path, json.dumps(obj, indent=1) + "\n")
 
 
+def write_image(path: str | Path, rgb: np.ndarray) -> None:
+    """Write an RGB uint8 array as an image (format from the suffix), atomically; a
+    failed encode or write (a full disk) is an `OutputError`, never a silent success."""
+    import cv2
+
+    with atomic_path(path) as tmp:
+        try:
+            ok = cv2.imwrite(str(tmp), np.ascontiguousarray(rgb[..., ::-1]))
+        except cv2.error as err:
+            raise OutputError(f"{path}: cannot encode the image ({str(err).strip().splitlines()[-1]})") from None
+        if not ok or tmp.stat().st_size == 0:
+            raise OutputError(f"{path}: cannot write the image (disk full or not writable?)")
+
+
+def atomic_copy(src: str | Path, dst: str | Path) -> None:
+    """Copy `src` to `dst` through a temporary file: a full disk never leaves a truncated `dst`."""
+    with atomic_path(dst) as tmp:
+        shutil.copyfile(src, tmp)
+
+
+def ensure_free_space(path: str | Path, nbytes: int, what: str = "output") -> None:
+    """Refuse to start a long computation whose `nbytes` output cannot fit next to `path`."""
+    folder = Path(path).parent
+    while not folder.exists():
+        folder = folder.parent
+    free = shutil.disk_usage(folder).free
+    if free < nbytes:
+        raise OutputError(f"{path}: the {what} needs {nbytes / 2**20:.1f} MiB but only "
+                          f"{free / 2**20:.1f} MiB are free on that file system")
+
+
+# ----------------------------------------------------------------------------- arrays + sidecars
+
+
 def sidecar_path(npy: str | Path) -> Path:
     return Path(npy).with_suffix(".json")
 
 
-class ArrayFileError(Exception):
+class ArrayFileError(CrfError):
     """An array file or sidecar that is missing, malformed or belongs to another slide."""
+
+
+MAKER = {"probability": "prob_map.py"}  # which script writes each kind (masks: Mask_gen.py)
 
 
 def save_array(path: str | Path, array: np.ndarray, meta: dict) -> None:
@@ -58,24 +159,111 @@ def save_array(path: str | Path, array: np.ndarray, meta: dict) -> None:
     atomic_write_json(sidecar_path(path), meta)
 
 
-def load_array(path: str | Path, kind: str | None = None,
-               slide: str | None = None) -> tuple[np.ndarray, dict]:
-    """Read an array and its sidecar; check `kind` and the slide's file name if given."""
+def load_array(path: str | Path, kind: str | tuple[str, ...] | None = None,
+               slide: str | Path | None = None) -> tuple[np.ndarray, dict]:
+    """Read a 2-D array and its sidecar; check the sidecar's lattice, `kind` and the
+    slide's file name if given. Non-finite values are refused."""
     path = Path(path)
+    kinds = (kind,) if isinstance(kind, str) else kind
+    maker = MAKER.get(kinds[0], "Mask_gen.py") if kinds else "Mask_gen.py or prob_map.py"
     side = sidecar_path(path)
-    if not path.exists():
+    if not path.is_file():
         raise ArrayFileError(f"{path}: no such file")
-    if not side.exists():
-        raise ArrayFileError(f"{path}: sidecar {side.name} is missing (write masks with Mask_gen.py)")
+    if not side.is_file():
+        raise ArrayFileError(f"{path}: sidecar {side.name} is missing (write it with {maker})")
     try:
         array = np.load(path, allow_pickle=False)
         meta = json.loads(side.read_text())
-    except (ValueError, OSError, json.JSONDecodeError) as err:
-        raise ArrayFileError(f"{path}: cannot read array or sidecar ({err})") from None
+    except (ValueError, OSError, UnicodeDecodeError) as err:  # JSONDecodeError is a ValueError
+        raise ArrayFileError(f"{path}: cannot read array or sidecar ({str(err).splitlines()[0]})") from None
+    if not isinstance(meta, dict):
+        raise ArrayFileError(f"{side}: not a sidecar (expected a JSON object)")
     if list(array.shape) != meta.get("shape"):
         raise ArrayFileError(f"{path}: shape {array.shape} does not match its sidecar {meta.get('shape')}")
-    if kind is not None and meta.get("kind") not in (kind if isinstance(kind, tuple) else (kind,)):
-        raise ArrayFileError(f"{path}: is a {meta.get('kind')!r} array, expected {kind!r}")
+    if array.ndim != 2:
+        raise ArrayFileError(f"{path}: is a {array.ndim}-D array; masks and maps are 2-D [row, col]")
+    if kinds is not None and meta.get("kind") not in kinds:
+        raise ArrayFileError(f"{path}: is a {meta.get('kind')!r} array, expected {' or '.join(map(repr, kinds))}")
     if slide is not None and meta.get("slide") != Path(slide).name:
         raise ArrayFileError(f"{path}: belongs to slide {meta.get('slide')!r}, not {Path(slide).name!r}")
+    meta["downsample"] = _downsample(path, meta)
+    if array.dtype.kind == "f" and not np.isfinite(array).all():
+        bad = int((~np.isfinite(array)).sum())
+        raise ArrayFileError(f"{path}: {bad} cell(s) are NaN or infinite; refusing a non-finite map")
     return array, meta
+
+
+def _downsample(path: Path, meta: dict) -> list[float]:
+    """The sidecar's per-axis downsample, checked: two positive finite numbers."""
+    ds = meta.get("downsample")
+    try:
+        dx, dy = (float(v) for v in ds)
+        ok = all(math.isfinite(v) and v > 0 for v in (dx, dy)) and not any(isinstance(v, (bool, str)) for v in ds)
+    except (TypeError, ValueError):
+        ok = False
+    if not ok:
+        raise ArrayFileError(f"{sidecar_path(path)}: 'downsample' must be two positive numbers, got {ds!r}")
+    return [dx, dy]
+
+
+def check_fits_slide(path: str | Path, shape: tuple[int, ...], downsample: Sequence[float],
+                     slide_size: tuple[int, int]) -> None:
+    """Refuse an array whose lattice does not cover the slide: `shape * downsample` must
+    equal the slide's level-0 size to within one array pixel on each axis."""
+    h, w = shape[:2]
+    (dx, dy), (w0, h0) = downsample, slide_size
+    if abs(w * dx - w0) >= dx or abs(h * dy - h0) >= dy:
+        raise ArrayFileError(f"{path}: a {w}x{h} lattice at downsample {dx:g}x{dy:g} covers "
+                             f"{w * dx:.0f}x{h * dy:.0f} level-0 pixels, but the slide is {w0}x{h0}")
+
+
+# ----------------------------------------------------------------------------- pairing files with slides
+
+# What follows a slide's stem in the name of each kind of companion file. The rule:
+# `<stem><suffix>` exactly (case-insensitively when no exact-case name exists), never a
+# bare prefix, so `s1.tif` never takes `s10_tissue.npy`.
+COMPANIONS: dict[str, tuple[str, ...]] = {
+    "tissue": ("_tissue.npy",),
+    "tumor": ("_tumor.npy",),
+    "normal": ("_normal.npy",),
+    "prob": ("_prob.npy",),
+    "lesions": (".csv", "_lesions.csv", "_prob.csv"),
+    "annotation": (".json", ".xml", ".geojson", ".txt"),
+}
+
+
+def visible_files(folder: str | Path, suffixes: Sequence[str] = ()) -> list[Path]:
+    """Regular files directly in `folder` whose names end with one of `suffixes` (any when
+    empty), sorted; hidden files (temporary files of writers among them) are left out."""
+    folder = Path(folder)
+    low = tuple(s.lower() for s in suffixes)
+    return sorted(p for p in folder.iterdir()
+                  if not p.name.startswith(".") and p.is_file() and (not low or p.name.lower().endswith(low)))
+
+
+def companion(folder: str | Path, stem: str, kind: str) -> Path | None:
+    """The file in `folder` that belongs to the slide `stem` as `kind` (see COMPANIONS),
+    or None. The first suffix of the kind that matches wins."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return None
+    names = {p.name: p for p in visible_files(folder)}
+    lower = {}
+    for name, p in names.items():
+        lower.setdefault(name.lower(), []).append(p)
+    for suffix in COMPANIONS[kind]:
+        want = stem + suffix
+        if want in names:
+            return names[want]
+        if len(lower.get(want.lower(), [])) == 1:
+            return lower[want.lower()][0]
+    return None
+
+
+def companion_stem(path: str | Path, kind: str) -> str:
+    """The slide stem of a companion file: its name without the kind's suffix."""
+    name = Path(path).name
+    for suffix in sorted(COMPANIONS[kind], key=len, reverse=True):
+        if name.lower().endswith(suffix.lower()):
+            return name[:-len(suffix)]
+    return Path(path).stem

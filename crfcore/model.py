@@ -16,12 +16,13 @@ from torch import nn
 
 from . import __version__
 from .crf import CRF
+from .errors import CrfError
 from .io import atomic_path
 
 GRIDS = (1, 3, 5, 7)
 
 
-class CheckpointError(Exception):
+class CheckpointError(CrfError):
     """A checkpoint that cannot be read or does not fit the model asked for."""
 
 

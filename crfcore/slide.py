@@ -12,8 +12,10 @@ from pathlib import Path
 import numpy as np
 import openslide
 
+from .errors import CrfError
 
-class SlideError(Exception):
+
+class SlideError(CrfError):
     """A slide that does not exist, is not a slide, or that OpenSlide cannot read."""
 
 

@@ -20,6 +20,7 @@ from tqdm import tqdm
 
 from . import __version__
 from .datasets import Augment, FolderDataset, GridDataset
+from .errors import CrfError
 from .evaluation import patch_metrics, patch_report
 from .io import atomic_path, atomic_write_json
 from .model import CRFNet, ModelConfig, init_from_checkpoint, load_checkpoint, load_pretrained_backbone
@@ -67,11 +68,11 @@ DEFAULTS: dict[str, tuple[Any, str]] = {
 MODEL_KEYS = ("mode", "grid", "crf_iters", "width_mult", "image_size", "patch_size", "crop_size")
 
 
-class ConfigError(ValueError):
+class ConfigError(CrfError):
     """A config file or --set value that is unknown or invalid; the message names it."""
 
 
-class TrainingError(RuntimeError):
+class TrainingError(CrfError):
     """Training cannot go on (a NaN loss); the last good checkpoint is kept."""
 
 
