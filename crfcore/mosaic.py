@@ -13,10 +13,11 @@ than 50 x 50: the slide ends there). Placed so, neighbours abut with neither ove
 nor gap: on patient 8863 the colour step across a seam (mean |difference| 17.7
 across columns, 18.5 across rows) equals the step between adjacent pixels inside a patch
 (17.5-18.8), where a one-pixel overlap would give identical lines and a one-pixel gap
-the step of pixels two apart (24-25). The slide spans `(0, 0)` to the largest `x1, y1`.
+the step of pixels two apart (23-25). The slide spans `(0, 0)` to the largest `x1, y1`.
 
-A patient is *complete* when its patches hold both classes (every tissue patch of the
-slide is there) and *partial* otherwise (e.g. only its IDC patches were kept).
+A patient is *complete* when its patches hold both classes (as for 8863-8865 in
+../shared/data/idc, whose every tissue patch is there) and *partial* otherwise (only its
+IDC patches, or only its others, were kept): then the slide and the CSV show those only.
 
 The annotation is exact at cell level: `load_annotation(xml).contains(p)` is True
 exactly when `p`, strictly inside some cell, is inside a class-1 cell. The union's
@@ -28,6 +29,7 @@ exactly the polygon.
 """
 from __future__ import annotations
 
+import os
 import re
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -121,9 +123,7 @@ def scan(folder: str | Path) -> PatchFolder:
         raise MosaicError(f"{folder}: not a folder of IDC patches")
     found = PatchFolder()
     groups: dict[str, list[PatchFile]] = defaultdict(list)
-    for path in sorted(folder.rglob("*")):
-        if any(part.startswith(".") for part in path.relative_to(folder).parts) or not path.is_file():
-            continue
+    for path in _visible_files_below(folder):
         patch = parse_name(path)
         if patch is None:
             found.unparsable.append(path)
@@ -133,6 +133,21 @@ def scan(folder: str | Path) -> PatchFolder:
         groups[patch.patient].append(patch)
     found.patients = {p: groups[p] for p in sorted(groups)}
     return found
+
+
+def _visible_files_below(folder: Path) -> list[Path]:
+    """The files under `folder`, sorted, hidden files and folders left out. Linked folders
+    are followed (a training split made of links to the class folders), each once."""
+    files, seen = [], set()
+    for root, dirs, names in os.walk(folder, followlinks=True):
+        real = os.path.realpath(root)
+        if real in seen:  # a link loop, or the same folder linked twice
+            dirs[:] = []
+            continue
+        seen.add(real)
+        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        files += [Path(root, n) for n in names if not n.startswith(".") and os.path.isfile(os.path.join(root, n))]
+    return sorted(files)
 
 
 def read_patch(path: Path) -> np.ndarray:

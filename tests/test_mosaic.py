@@ -163,6 +163,16 @@ def test_unparsable_names_are_counted(tmp_path):
     assert [(p.x, p.y, p.label) for p in found.patients["7"]] == [(0, 0, 0), (50, 0, 1)]
 
 
+def test_linked_class_folders_are_followed_once(tmp_path):
+    write_patches(tmp_path / "data", "7", grid("01"), [50, 50], [50])
+    (tmp_path / "split").mkdir()
+    for c in "01":
+        (tmp_path / "split" / c).symlink_to(tmp_path / "data" / c)
+    (tmp_path / "split" / "loop").symlink_to(tmp_path / "split")
+    found = mosaic.scan(tmp_path / "split")
+    assert [(p.x, p.label) for p in found.patients["7"]] == [(0, 0), (50, 1)] and not found.unparsable
+
+
 def test_duplicate_coordinates_are_refused(tmp_path):
     write_patches(tmp_path, "5", grid("0"), [50], [50])
     write_patches(tmp_path, "5", grid("1"), [50], [50])
