@@ -1,6 +1,14 @@
 #!/usr/bin/env python3
-"""Convert lesion annotations: ASAP/Camelyon XML, vertex-list txt or NCRF JSON to NCRF
-JSON (default), ASAP XML or GeoJSON (QuPath). Coordinates stay level-0 pixels."""
+"""Convert lesion annotations: ASAP/Camelyon XML, GeoJSON (QuPath export), vertex-list txt
+or NCRF JSON to NCRF JSON (default), ASAP XML or GeoJSON (QuPath). Coordinates stay
+level-0 pixels. XML groups and GeoJSON classes are kept (Camelyon's _0, _1, _2 stay as
+they are) unless --rename-groups is given; NCRF JSON has no groups.
+
+  python xml2json.py tumor_001.xml -o tumor_001.json
+  python xml2json.py tumor_001.xml -o tumor_001.geojson --to geojson
+  python xml2json.py qupath_export.geojson -o tumor_001.xml --to xml --rename-groups Tumor,Exclusion
+  python xml2json.py annotations/ -o json/
+"""
 from __future__ import annotations
 
 import warnings
@@ -9,7 +17,7 @@ from pathlib import Path
 from crfcore import annotations as an
 from crfcore.cli import UserError, parser, run
 
-SUFFIXES = (".xml", ".json", ".txt")
+SUFFIXES = (".xml", ".json", ".geojson", ".txt")
 OUT_SUFFIX = {"json": ".json", "xml": ".xml", "geojson": ".geojson"}
 
 
@@ -26,7 +34,7 @@ def collect(inputs: list[str], to: str) -> list[Path]:
         else:
             raise UserError(f"{item}: no such file or directory")
     if not files:
-        raise UserError(f"no annotation files (.xml, .json, .txt) in {', '.join(inputs)}")
+        raise UserError(f"no annotation files (.xml, .json, .geojson, .txt) in {', '.join(inputs)}")
     return files
 
 
@@ -43,6 +51,18 @@ def outputs(files: list[Path], out: Path, to: str, many: bool) -> list[Path]:
     return [out / n for n in names]
 
 
+def rename_groups(option: str | None, to: str) -> tuple[str, str] | None:
+    """`--rename-groups POSITIVE,NEGATIVE` as a pair, checked."""
+    if option is None:
+        return None
+    if to == "json":
+        raise UserError("--rename-groups needs --to xml or geojson (NCRF JSON has no groups)")
+    names = option.split(",")
+    if len(names) != 2 or not all(n.strip() for n in names):
+        raise UserError(f"--rename-groups wants two group names, POSITIVE,NEGATIVE; got {option!r}")
+    return names[0].strip(), names[1].strip()
+
+
 def main(argv=None) -> int:
     p = parser(__doc__)
     p.add_argument("inputs", nargs="+", metavar="INPUT", help="annotation files or directories")
@@ -50,21 +70,25 @@ def main(argv=None) -> int:
                    help="output file (one input) or directory (several)")
     p.add_argument("--to", choices=tuple(OUT_SUFFIX), default="json", help="output format")
     p.add_argument("--positive-groups", default=",".join(an.POSITIVE_GROUPS),
-                   help="XML groups that are tumour, comma-separated")
+                   help="XML groups / GeoJSON classes that are tumour, comma-separated")
     p.add_argument("--negative-groups", default=",".join(an.NEGATIVE_GROUPS),
-                   help="XML groups that are non-tumour islands inside tumour")
+                   help="XML groups / GeoJSON classes that are non-tumour islands inside tumour")
+    p.add_argument("--rename-groups", metavar="POSITIVE,NEGATIVE",
+                   help="XML / GeoJSON output: put every positive polygon into group POSITIVE and "
+                        "every negative one into NEGATIVE (default: keep the input's groups)")
     p.add_argument("--txt-group", choices=("positive", "negative"), default="positive",
                    help="which part a vertex-list .txt polygon belongs to")
     args = p.parse_args(argv)
     pos = [g for g in args.positive_groups.split(",") if g]
     neg = [g for g in args.negative_groups.split(",") if g]
+    rename = rename_groups(args.rename_groups, args.to)
     files = collect(args.inputs, args.to)
     many = len(files) > 1 or any(Path(i).is_dir() for i in args.inputs)
     for src, dst in zip(files, outputs(files, args.output, args.to, many)):
         ann = an.load_annotation(src, pos, neg, txt_part=args.txt_group)
         if not len(ann):
             warnings.warn(f"{src}: no polygons found; writing an empty annotation")
-        an.write_annotation(ann, dst, to=args.to)
+        an.write_annotation(ann.renamed(*rename) if rename else ann, dst, to=args.to)
         print(f"{src} -> {dst}: {len(ann.positive)} positive, {len(ann.negative)} negative polygons")
     return 0
 

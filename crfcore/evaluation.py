@@ -103,28 +103,22 @@ def read_lesions(path: str | Path) -> np.ndarray:
 
 
 def lesions_asap_xml(lesions: np.ndarray) -> str:
-    """Lesions as ASAP Dot annotations (name = probability) in a 'lesions' group."""
-    import xml.etree.ElementTree as ET
+    """Lesions as ASAP Dot annotations (name with the probability to 4 decimals) in a
+    group of their own, "Predicted lesion", never the truth's."""
+    from .annotations import LESION_CLASS, LESION_COLOUR, asap_xml
 
-    root = ET.Element("ASAP_Annotations")
-    annos = ET.SubElement(root, "Annotations")
-    for i, (p, x, y) in enumerate(lesions):
-        a = ET.SubElement(annos, "Annotation", Name=f"lesion {i} p={p:.3f}", Type="Dot",
-                          PartOfGroup="lesions", Color="#FF0000")
-        ET.SubElement(ET.SubElement(a, "Coordinates"), "Coordinate", Order="0", X=str(int(x)), Y=str(int(y)))
-    ET.SubElement(ET.SubElement(ET.SubElement(root, "AnnotationGroups"), "Group", Name="lesions",
-                                PartOfGroup="None", Color="#FF0000"), "Attributes")
-    ET.indent(root, space="\t")
-    return '<?xml version="1.0"?>\n' + ET.tostring(root, encoding="unicode") + "\n"
+    return asap_xml(((f"lesion {i} p={p:.4f}", "Dot", LESION_CLASS, [(x, y)])
+                     for i, (p, x, y) in enumerate(lesions)), {LESION_CLASS: LESION_COLOUR})
 
 
 def lesions_geojson(lesions: np.ndarray) -> dict:
-    """Lesions as GeoJSON Points for QuPath, with the probability as a measurement."""
+    """Lesions as GeoJSON Points for QuPath in a class of their own, "Predicted lesion",
+    with the probability (4 decimals) as a measurement."""
+    from .annotations import LESION_CLASS, LESION_COLOUR, geojson_feature
+
     return {"type": "FeatureCollection", "features": [
-        {"type": "Feature", "geometry": {"type": "Point", "coordinates": [int(x), int(y)]},
-         "properties": {"objectType": "annotation", "name": f"lesion {i}",
-                        "classification": {"name": "Tumor", "color": [255, 0, 0]},
-                        "measurements": {"probability": float(p)}}}
+        geojson_feature({"type": "Point", "coordinates": [int(x), int(y)]}, f"lesion {i} p={p:.4f}",
+                        LESION_CLASS, LESION_COLOUR, measurements={"probability": round(float(p), 4)})
         for i, (p, x, y) in enumerate(lesions)]}
 
 

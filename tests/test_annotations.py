@@ -1,22 +1,78 @@
+import importlib.util
 import json
 
 import numpy as np
+import pytest
+from defusedxml import ElementTree as SafeET
 from matplotlib.path import Path as MplPath
 
 from crfcore import annotations as an
-from conftest import run_script, shared
+from crfcore import evaluation as ev
+from crfcore.cli import run
+from conftest import ROOT, shared
+
+_spec = importlib.util.spec_from_file_location("xml2json", ROOT / "xml2json.py")
+xml2json = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(xml2json)
 
 
-def test_tumor_001_xml_converts_exactly_like_ncrf(tmp_path):
+def convert(*args) -> None:
+    """xml2json.py in-process; it must succeed."""
+    assert xml2json.main([str(a) for a in args]) == 0
+
+
+def script(capsys, *args) -> tuple[int, str]:
+    """xml2json.py as its `__main__` runs it: (exit status, stderr)."""
+    with pytest.raises(SystemExit) as done:
+        run(xml2json.main, [str(a) for a in args])
+    return done.value.code, capsys.readouterr().err
+
+
+def error(capsys, *args) -> str:
+    """The one-line error of a run of xml2json.py that must fail with status 2."""
+    code, err = script(capsys, *args)
+    assert code == 2 and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    return err
+
+
+def signed_area(ring) -> float:
+    """Shoelace area of a ring in its coordinate values: > 0 counter-clockwise."""
+    x, y = np.asarray(ring, float).T
+    return 0.5 * float(np.dot(x, np.roll(y, -1)) - np.dot(np.roll(x, -1), y))
+
+
+def xml_doc(polygons) -> str:
+    """ASAP XML of `(name, group, vertices)`; vertex values are written as given (strings kept)."""
+    annos = "".join(
+        f'<Annotation Name="{n}" Type="Polygon" PartOfGroup="{g}"><Coordinates>'
+        + "".join(f'<Coordinate Order="{i}" X="{x}" Y="{y}"/>' for i, (x, y) in enumerate(v))
+        + "</Coordinates></Annotation>" for n, g, v in polygons)
+    return f'<?xml version="1.0"?><ASAP_Annotations><Annotations>{annos}</Annotations></ASAP_Annotations>'
+
+
+def square(x0, y0, side, clockwise=False):
+    v = [[x0, y0], [x0 + side, y0], [x0 + side, y0 + side], [x0, y0 + side]]
+    return v[::-1] if clockwise else v
+
+
+def closed(v):
+    return [*v, v[0]]
+
+
+# ----------------------------------------------------------------------------- XML and NCRF JSON
+
+
+def test_tumor_001_xml_converts_exactly_like_ncrf(tmp_path, capsys):
     out = tmp_path / "t.json"
-    run_script("xml2json.py", shared("annotations", "tumor_001.xml"), "-o", out)
+    convert(shared("annotations", "tumor_001.xml"), "-o", out)
     assert json.loads(out.read_text()) == json.loads(shared("annotations", "tumor_001.json").read_text())
+    assert "2 positive, 0 negative" in capsys.readouterr().out
 
 
 def test_xml_json_xml_json_is_identity(tmp_path):
-    run_script("xml2json.py", shared("annotations", "tumor_001.xml"), "-o", tmp_path / "a.json")
-    run_script("xml2json.py", tmp_path / "a.json", "-o", tmp_path / "b.xml", "--to", "xml")
-    run_script("xml2json.py", tmp_path / "b.xml", "-o", tmp_path / "c.json")
+    convert(shared("annotations", "tumor_001.xml"), "-o", tmp_path / "a.json")
+    convert(tmp_path / "a.json", "-o", tmp_path / "b.xml", "--to", "xml")
+    convert(tmp_path / "b.xml", "-o", tmp_path / "c.json")
     assert (tmp_path / "a.json").read_text() == (tmp_path / "c.json").read_text()
 
 
@@ -27,7 +83,36 @@ def test_negative_polygons_and_groups_survive_xml(tmp_path):
     an.write_annotation(ann, tmp_path / "a.xml", to="xml")
     back = an.load_annotation(tmp_path / "a.xml")
     assert back.positive_names == ["Tumor A"] and back.negative_names == ["Hole"]
+    assert back.positive_groups == ["Tumor"] and back.negative_groups == ["Exclusion"]
     assert back.contains(np.array([[10, 10], [50, 50], [150, 50]])).tolist() == [True, False, False]
+
+
+def groups_of(xml_path) -> tuple[list[str], dict[str, str]]:
+    """(PartOfGroup of every Annotation, AnnotationGroups name -> colour)."""
+    root = SafeET.parse(str(xml_path)).getroot()
+    return ([a.get("PartOfGroup") for a in root.iter("Annotation")],
+            {g.get("Name"): g.get("Color") for g in root.iter("Group")})
+
+
+def test_xml_output_keeps_camelyon_groups_or_renames_them(tmp_path, capsys):
+    convert(shared("annotations", "tumor_001.xml"), "-o", tmp_path / "k.xml", "--to", "xml")
+    used, listed = groups_of(tmp_path / "k.xml")
+    assert used == ["_0", "_1"] and listed == {"_0": "#00FF00", "_1": "#00FFFF"}  # the input's colours
+    convert(shared("annotations", "tumor_001.xml"), "-o", tmp_path / "r.xml", "--to", "xml",
+            "--rename-groups", "Tumor,Exclusion")
+    used, listed = groups_of(tmp_path / "r.xml")
+    assert used == ["Tumor", "Tumor"] and listed == {"Tumor": an.DEFAULT_COLOUR["positive"]}
+    # NCRF JSON has no groups: Tumor / Exclusion, both listed
+    ann = an.Annotation()
+    ann.add("positive", "p", square(0, 0, 10))
+    ann.add("negative", "n", square(2, 2, 2))
+    an.write_annotation(ann, tmp_path / "n.json")
+    convert(tmp_path / "n.json", "-o", tmp_path / "n.xml", "--to", "xml")
+    assert groups_of(tmp_path / "n.xml")[0] == ["Tumor", "Exclusion"]
+    assert set(groups_of(tmp_path / "n.xml")[1]) == {"Tumor", "Exclusion"}
+    err = error(capsys, tmp_path / "n.json", "-o", tmp_path / "x.xml", "--to", "xml", "--rename-groups", "A")
+    assert "--rename-groups" in err and "'A'" in err
+    assert "--to xml" in error(capsys, tmp_path / "n.json", "-o", tmp_path / "x.json", "--rename-groups", "A,B")
 
 
 def test_vertex_txt_with_crlf(tmp_path):
@@ -37,17 +122,6 @@ def test_vertex_txt_with_crlf(tmp_path):
     assert ann.positive[0][0].tolist() == [float(v) for v in first]
     neg = an.load_annotation(shared("annotations", "Annotation0.txt"), txt_part="negative")
     assert len(neg.negative) == 1
-
-
-def test_geojson_for_qupath(tmp_path):
-    out = tmp_path / "t.geojson"
-    run_script("xml2json.py", shared("annotations", "tumor_001.xml"), "-o", out, "--to", "geojson")
-    gj = json.loads(out.read_text())
-    assert gj["type"] == "FeatureCollection" and len(gj["features"]) == 2
-    f = gj["features"][0]
-    assert f["geometry"]["type"] == "Polygon"
-    ring = f["geometry"]["coordinates"][0]
-    assert ring[0] == ring[-1] and f["properties"]["classification"]["name"] == "Tumor"
 
 
 def test_contains_matches_matplotlib_and_excludes_negatives():
@@ -64,38 +138,235 @@ def test_contains_matches_matplotlib_and_excludes_negatives():
     assert not holed.contains(pts)[MplPath(ann.positive[1]).contains_points(pts)].any()
 
 
-def test_bad_inputs_give_one_line_errors(tmp_path):
-    bad = tmp_path / "bad.xml"
-    bad.write_text('<?xml version="1.0"?>\n<ASAP_Annotations>\n<Annotations>\n</Oops>\n')
-    proc = run_script("xml2json.py", bad, "-o", tmp_path / "o.json", check=False)
-    assert proc.returncode == 2 and "line 4" in proc.stderr and "Traceback" not in proc.stderr
-    txt = tmp_path / "v.txt"
-    txt.write_text("1 2\n3 4\nfoo bar\n")
-    proc = run_script("xml2json.py", txt, "-o", tmp_path / "o.json", check=False)
-    assert proc.returncode == 2 and "v.txt:3" in proc.stderr
-    proc = run_script("xml2json.py", tmp_path / "missing.xml", "-o", tmp_path / "o.json", check=False)
-    assert proc.returncode == 2 and "missing.xml" in proc.stderr
+# ----------------------------------------------------------------------------- GeoJSON output
 
 
-def test_warnings_exit_zero(tmp_path):
-    xml = tmp_path / "w.xml"
-    xml.write_text('<?xml version="1.0"?><ASAP_Annotations><Annotations>'
-                   '<Annotation Name="a" PartOfGroup="Mystery"><Coordinates>'
-                   '<Coordinate Order="0" X="0" Y="0"/><Coordinate Order="1" X="9" Y="0"/>'
-                   '<Coordinate Order="2" X="9" Y="9"/></Coordinates></Annotation>'
-                   '<Annotation Name="line" PartOfGroup="Tumor"><Coordinates>'
-                   '<Coordinate Order="0" X="0" Y="0"/><Coordinate Order="1" X="9" Y="0"/>'
-                   '<Coordinate Order="2" X="0" Y="0"/></Coordinates></Annotation>'
-                   '</Annotations></ASAP_Annotations>')
-    proc = run_script("xml2json.py", xml, "-o", tmp_path / "w.json")
-    assert "Mystery" in proc.stderr and "'line'" in proc.stderr and "no polygons" in proc.stderr
+def test_geojson_for_qupath(tmp_path):
+    out = tmp_path / "t.geojson"
+    convert(shared("annotations", "tumor_001.xml"), "-o", out, "--to", "geojson")
+    gj = json.loads(out.read_text())
+    assert gj["type"] == "FeatureCollection" and len(gj["features"]) == 2
+    f = gj["features"][0]
+    assert f["geometry"]["type"] == "Polygon"
+    ring = f["geometry"]["coordinates"][0]
+    assert ring[0] == ring[-1] and f["properties"]["classification"]["name"] == "_0"
+    for f in gj["features"]:
+        assert signed_area(f["geometry"]["coordinates"][0]) > 0  # RFC 7946: exterior counter-clockwise
+    values = [v for f in gj["features"] for r in f["geometry"]["coordinates"] for xy in r for v in xy]
+    assert all(type(v) is int for v in values if float(v).is_integer())
+    assert any(type(v) is float for v in values)
+
+
+EXCLUSIONS = [
+    ("hole far", "_2", square(600, 600, 50)),               # inside tumour A, counter-clockwise
+    ("tumour A", "_0", square(0, 0, 1000, clockwise=True)),
+    ("island", "_2", square(5000, 5000, 100.5)),            # outside any tumour
+    ("tumour B", "_1", square(2000, 0, 800)),
+    ("hole near", "_2", closed(square(100, 100, 50, clockwise=True))),  # closed ring, in A
+    ("tumour C", "_0", [[3000.25, 0], [3400, 0], [3400, 400.75]]),
+]
+
+
+def test_geojson_round_trip_with_exclusions_is_exact(tmp_path):
+    xml = tmp_path / "ex.xml"
+    xml.write_text(xml_doc(EXCLUSIONS))
+    convert(xml, "-o", tmp_path / "direct.json")
+    convert(xml, "-o", tmp_path / "ex.geojson", "--to", "geojson")
+    convert(tmp_path / "ex.geojson", "-o", tmp_path / "back.xml", "--to", "xml")
+    convert(tmp_path / "back.xml", "-o", tmp_path / "back.json")
+    assert (tmp_path / "back.json").read_text() == (tmp_path / "direct.json").read_text()
+    assert groups_of(tmp_path / "back.xml")[0] == ["_0", "_0", "_1", "_2", "_2", "_2"]
+    # the Annotation read back equals the original one, vertex for vertex
+    a, b = an.load_annotation(xml), an.load_annotation(tmp_path / "ex.geojson")
+    for x, y in ((a.positive, b.positive), (a.negative, b.negative)):
+        assert len(x) == len(y) and all(np.array_equal(u, v) for u, v in zip(x, y))
+    assert (a.positive_names, a.negative_names) == (b.positive_names, b.negative_names)
+    assert (a.positive_groups, a.negative_groups) == (b.positive_groups, b.negative_groups)
+    # the two exclusions inside tumour A are its holes, the island stays a feature of its own
+    feats = json.loads((tmp_path / "ex.geojson").read_text())["features"]
+    assert [(f["properties"]["name"], f["properties"]["classification"]["name"],
+             len(f["geometry"]["coordinates"])) for f in feats] == [
+        ("tumour A", "_0", 3), ("tumour C", "_0", 1), ("tumour B", "_1", 1), ("island", "_2", 1)]
+    for f in feats:
+        exterior, *holes = f["geometry"]["coordinates"]
+        assert signed_area(exterior) > 0 and all(signed_area(h) < 0 for h in holes)
+        assert all(r[0] == r[-1] for r in f["geometry"]["coordinates"])
+    corner = feats[3]["geometry"]["coordinates"][0][1]
+    assert corner == [5100.5, 5000] and type(corner[1]) is int  # integers where integral
+
+
+def test_geojson_holes_keep_contains(tmp_path):
+    ann = an.load_annotation(_write(tmp_path / "ex.xml", xml_doc(EXCLUSIONS)))
+    an.write_annotation(ann, tmp_path / "ex.geojson", to="geojson")
+    gj = json.loads((tmp_path / "ex.geojson").read_text())
+    for f in gj["features"]:
+        del f["properties"]["crfcore"]  # as QuPath would write it back: no crfcore properties
+    back = an.load_annotation(_write(tmp_path / "q.geojson", json.dumps(gj)))
+    pts = np.random.default_rng(1).uniform(-100, 5200, (20000, 2))
+    assert back.contains(pts).tolist() == ann.contains(pts).tolist()
+    assert back.negative_names == ["tumour A hole 1", "tumour A hole 2", "island"]
+
+
+def _write(path, text):
+    path.write_text(text)
+    return path
+
+
+# ----------------------------------------------------------------------------- GeoJSON input (QuPath)
+
+
+def qupath_feature(geometry, cls=None, name=None, colour=None):
+    props = {"objectType": "annotation"}
+    if name:
+        props["name"] = name
+    if cls:
+        props["classification"] = {"name": cls, **({"color": colour} if colour else {})}
+    return {"type": "Feature", "id": "0b1c", "geometry": geometry, "properties": props}
+
+
+QUPATH = [
+    qupath_feature({"type": "Polygon", "coordinates": [closed(square(0, 0, 100)), closed(square(40, 40, 20, True))]},
+                   "Tumor", "T1", [200, 0, 0]),
+    qupath_feature({"type": "MultiPolygon", "coordinates": [
+        [closed(square(200, 0, 100))],
+        [closed(square(400, 0, 100)), closed(square(410, 10, 10, True)), closed(square(450, 50, 10, True))]]},
+        "Tumor", "M"),
+    qupath_feature({"type": "Polygon", "coordinates": [closed(square(600, 0, 100))]}, "Stroma", "S"),
+    qupath_feature({"type": "Polygon", "coordinates": [closed(square(800, 0, 100))]}),
+    qupath_feature({"type": "Point", "coordinates": [5, 5]}, "Tumor", "dot"),
+    qupath_feature({"type": "LineString", "coordinates": [[0, 0], [9, 9]]}, "Tumor", "line"),
+]
+
+
+@pytest.mark.parametrize("shape", ["collection", "list", "json"])
+def test_qupath_geojson_reads(tmp_path, shape):
+    data = {"type": "FeatureCollection", "features": QUPATH} if shape == "collection" else QUPATH
+    path = _write(tmp_path / ("q.json" if shape == "json" else "q.geojson"), json.dumps(data))
+    with pytest.warns(an.AnnotationWarning) as caught:
+        ann = an.load_annotation(path)
+    said = " ".join(str(w.message) for w in caught)
+    assert "'Stroma'" in said and "(none)" in said and "'Tumor'" in said  # classes found
+    assert "2 feature(s) of type LineString, Point ignored" in said
+    assert ann.positive_names == ["T1", "M", "M"] and ann.positive_groups == ["Tumor"] * 3
+    assert ann.negative_names == ["T1 hole 1", "M hole 1", "M hole 2"]
+    assert [len(v) for v in ann.positive] == [4, 4, 4]  # closing vertex dropped
+    pts = [[10, 10], [50, 50], [250, 50], [415, 15], [455, 55], [430, 80], [650, 50], [850, 50]]
+    assert ann.contains(np.array(pts)).tolist() == [True, False, True, False, False, True, False, False]
+    assert ann.colours == {"Tumor": "#C80000"}
+
+
+def test_qupath_classes_mapped_by_options(tmp_path, capsys):
+    path = _write(tmp_path / "q.geojson", json.dumps({"type": "FeatureCollection", "features": QUPATH}))
+    code, err = script(capsys, path, "-o", tmp_path / "q.xml", "--to", "xml",
+                       "--positive-groups", "Tumor", "--negative-groups", "Stroma")
+    assert code == 0 and "(none)" in err and "Stroma" not in err.split("ignored")[0]
+    ann = an.load_annotation(tmp_path / "q.xml", ("Tumor",), ("Exclusion", "Stroma"))
+    assert ann.negative_names == ["T1 hole 1", "M hole 1", "M hole 2", "S"]
+    assert groups_of(tmp_path / "q.xml")[1] == {"Tumor": "#C80000", "Exclusion": an.DEFAULT_COLOUR["negative"],
+                                                "Stroma": an.DEFAULT_COLOUR["negative"]}
+    one = _write(tmp_path / "one.geojson", json.dumps(QUPATH[0]))  # a single Feature
+    assert an.load_annotation(one).positive_names == ["T1"]
+
+
+def test_hole_of_a_negative_polygon_is_ignored_with_a_warning(tmp_path):
+    feat = qupath_feature({"type": "Polygon", "coordinates": [closed(square(0, 0, 100)),
+                                                              closed(square(40, 40, 20, True))]}, "Exclusion", "E")
+    with pytest.warns(an.AnnotationWarning, match="holes of 1 negative polygon"):
+        ann = an.load_annotation(_write(tmp_path / "e.geojson", json.dumps([feat])))
+    assert ann.negative_names == ["E"] and not ann.positive
+
+
+# ----------------------------------------------------------------------------- predicted lesions
+
+
+def test_predicted_lesions_have_their_own_class_and_rounded_probabilities():
+    les = np.array([[0.912345678, 100, 200], [0.5, 300.0, 400.0]])
+    feats = ev.lesions_geojson(les)["features"]
+    props = feats[0]["properties"]
+    assert props["classification"]["name"] == "Predicted lesion" != "Tumor"
+    assert props["classification"]["color"] == [255, 0, 255]
+    assert props["measurements"]["probability"] == 0.9123 and feats[0]["geometry"]["coordinates"] == [100, 200]
+    root = SafeET.fromstring(ev.lesions_asap_xml(les))
+    annos = root.findall("./Annotations/Annotation")
+    assert [a.get("PartOfGroup") for a in annos] == ["Predicted lesion"] * 2
+    assert annos[0].get("Name") == "lesion 0 p=0.9123" and annos[0].get("Type") == "Dot"
+    assert [(c.get("X"), c.get("Y")) for c in annos[1].iter("Coordinate")] == [("300", "400")]
+    assert [g.get("Name") for g in root.iter("Group")] == ["Predicted lesion"]
+
+
+# ----------------------------------------------------------------------------- refused coordinates
+
+FINITE, BEYOND, NAN = "not a finite coordinate", "beyond the 2147483648 pixels", "not a number"
+TEXT_CASES = {"nan": FINITE, "inf": FINITE, "-Infinity": FINITE, "1e300": BEYOND, "-3e9": BEYOND, "1,5": NAN}
+JSON_CASES = {"NaN": FINITE, "Infinity": FINITE, "-Infinity": FINITE, "1e300": BEYOND, "1e400": FINITE,
+              "3000000000": BEYOND, "null": NAN, "true": NAN, "false": NAN, '"12"': NAN}
+GOOD = [[0, 0], [100, 0], [100, 100], [0, 100]]
+
+
+def bad_file(tmp_path, fmt: str, value: str):
+    """An annotation whose polygon 'P' has `value` as X of vertex 2."""
+    if fmt == "xml":
+        verts = [list(map(str, v)) for v in GOOD]
+        verts[2][0] = value
+        return _write(tmp_path / "bad.xml", xml_doc([("ok", "Tumor", GOOD), ("P", "Tumor", verts)]))
+    if fmt == "txt":
+        lines = [f"{x} {y}" for x, y in GOOD]
+        lines[2] = f"{value} 100"
+        return _write(tmp_path / "P.txt", "\n".join(lines) + "\n")
+    verts = json.dumps(GOOD).replace("[100, 100]", f"[{value}, 100]")
+    if fmt == "json":
+        return _write(tmp_path / "bad.json", f'{{"positive": [{{"name": "P", "vertices": {verts}}}]}}')
+    ring = verts.replace("]]", "], [0, 0]]")
+    return _write(tmp_path / "bad.geojson", '{"type": "FeatureCollection", "features": [{"type": "Feature", '
+                  f'"geometry": {{"type": "Polygon", "coordinates": [{ring}]}}, '
+                  '"properties": {"name": "P", "classification": {"name": "Tumor"}}}]}')
+
+
+@pytest.mark.parametrize("fmt,value,reason", [(f, v, r) for f in ("xml", "txt") for v, r in TEXT_CASES.items()
+                                              if not (f == "txt" and v == "1,5")]
+                         + [(f, v, r) for f in ("json", "geojson") for v, r in JSON_CASES.items()])
+def test_bad_coordinates_are_refused_by_file_polygon_and_vertex(tmp_path, capsys, fmt, value, reason):
+    path = bad_file(tmp_path, fmt, value)
+    err = error(capsys, path, "-o", tmp_path / "o.json")
+    where = f"{path.name}:3: polygon 'P' vertex 2: X is " if fmt == "txt" else f"{path.name}: polygon 'P' vertex 2: X is "
+    assert where in err and reason in err, err
+    assert not (tmp_path / "o.json").exists()
+
+
+def test_missing_xml_coordinate_and_programmatic_nan_are_refused(tmp_path, capsys):
+    path = _write(tmp_path / "m.xml", xml_doc([("P", "Tumor", GOOD)]).replace(' Y="0"/>', "/>", 1))
+    assert "polygon 'P' vertex 0: Y is missing, not a number" in error(capsys, path, "-o", tmp_path / "o.json")
+    with pytest.raises(an.AnnotationError, match=r"polygon 'p' vertex 1: Y is NaN, not a finite coordinate"):
+        an.Annotation().add("positive", "p", [[0, 0], [1, np.nan], [2, 2]])
+
+
+# ----------------------------------------------------------------------------- errors, warnings, folders
+
+
+def test_bad_inputs_give_one_line_errors(tmp_path, capsys):
+    bad = _write(tmp_path / "bad.xml", '<?xml version="1.0"?>\n<ASAP_Annotations>\n<Annotations>\n</Oops>\n')
+    assert "line 4" in error(capsys, bad, "-o", tmp_path / "o.json")
+    txt = _write(tmp_path / "v.txt", "1 2\n3 4\nfoo bar\n")
+    assert "v.txt:3" in error(capsys, txt, "-o", tmp_path / "o.json")
+    assert "missing.xml" in error(capsys, tmp_path / "missing.xml", "-o", tmp_path / "o.json")
+    notgeo = _write(tmp_path / "n.geojson", '"just a string"')
+    assert "n.geojson: not GeoJSON" in error(capsys, notgeo, "-o", tmp_path / "o.json")
+    other = _write(tmp_path / "o.json", '{"features": 3}')
+    assert "neither an NCRF annotation" in error(capsys, other, "-o", tmp_path / "p.json")
+
+
+def test_warnings_exit_zero(tmp_path, capsys):
+    xml = _write(tmp_path / "w.xml", xml_doc([("a", "Mystery", [[0, 0], [9, 0], [9, 9]]),
+                                               ("line", "Tumor", [[0, 0], [9, 0], [0, 0]])]))
+    code, err = script(capsys, xml, "-o", tmp_path / "w.json")
+    assert code == 0 and "Mystery" in err and "'line'" in err and "no polygons" in err
     assert json.loads((tmp_path / "w.json").read_text()) == {"positive": [], "negative": []}
-    proc = run_script("xml2json.py", xml, "-o", tmp_path / "m.json", "--positive-groups", "Mystery")
+    convert(xml, "-o", tmp_path / "m.json", "--positive-groups", "Mystery")
     assert len(json.loads((tmp_path / "m.json").read_text())["positive"]) == 1
 
 
 def test_directory_of_inputs(tmp_path):
-    run_script("xml2json.py", shared("annotations"), "-o", tmp_path / "out")
+    convert(shared("annotations"), "-o", tmp_path / "out")
     names = sorted(p.name for p in (tmp_path / "out").iterdir())
     assert names == ["Annotation0.json", "tumor_001.json"]  # tumor_001.json itself is skipped
     assert json.loads((tmp_path / "out" / "tumor_001.json").read_text())["positive"][0]["name"] == "_0"
