@@ -155,6 +155,12 @@ def test_geojson_for_qupath(tmp_path):
     values = [v for f in gj["features"] for r in f["geometry"]["coordinates"] for xy in r for v in xy]
     assert all(type(v) is int for v in values if float(v).is_integer())
     assert any(type(v) is float for v in values)
+    # and back: XML -> GeoJSON -> XML -> JSON is XML -> JSON exactly
+    convert(out, "-o", tmp_path / "back.xml", "--to", "xml")
+    convert(tmp_path / "back.xml", "-o", tmp_path / "back.json")
+    convert(shared("annotations", "tumor_001.xml"), "-o", tmp_path / "direct.json")
+    assert (tmp_path / "back.json").read_text() == (tmp_path / "direct.json").read_text()
+    assert groups_of(tmp_path / "back.xml")[0] == ["_0", "_1"]
 
 
 EXCLUSIONS = [
