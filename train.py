@@ -8,54 +8,55 @@
 """
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
 from crfcore import training
-from crfcore.cli import UserError, run
-from crfcore.datasets import DataError
-from crfcore.model import CheckpointError
+from crfcore.cli import UserError, parser, run
+from crfcore.config import load_config
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = parser(__doc__)
     p.add_argument("config", nargs="?", type=Path, help="config JSON (keys: see README)")
     p.add_argument("save_dir", nargs="?", type=Path, help="output folder")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key (JSON value), repeatable")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), help="shortcut for --set device=...")
+    p.add_argument("--workers", type=int, help="shortcut for --set workers=... (DataLoader processes)")
     p.add_argument("--resume", action="store_true", help="continue SAVE_DIR/train.ckpt exactly")
     p.add_argument("--evaluate", nargs=2, type=Path, metavar=("CKPT", "DATA_DIR"),
                    help="report a checkpoint on a data folder and exit")
     p.add_argument("--json", type=Path, help="--evaluate of a grid model: annotation JSON folder")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     args = p.parse_args(argv)
+    if args.evaluate:
+        ckpt, data = args.evaluate
+        print(training.evaluate_folder(ckpt, data, json_dir=args.json, quiet=args.quiet,
+                                       device=args.device or "auto", workers=2 if args.workers is None else args.workers))
+        return 0
+    if args.config is None or args.save_dir is None:
+        p.error("CONFIG and SAVE_DIR are required (or --evaluate CKPT DATA_DIR)")
+    shortcuts = [f"{k}={v}" for k, v in (("device", args.device), ("workers", args.workers)) if v is not None]
+    cfg = load_config(args.config, [*args.set, *shortcuts])
+    if not args.resume and (args.save_dir / "train.ckpt").exists():
+        raise UserError(f"{args.save_dir} already holds a run; use --resume or another SAVE_DIR")
+    args.save_dir.mkdir(parents=True, exist_ok=True)
+    run_ = training.Run(cfg, args.save_dir, resume=args.resume, quiet=args.quiet)
+    if run_.main:
+        training.write_config(run_.cfg, args.save_dir)
     try:
-        if args.evaluate:
-            ckpt, data = args.evaluate
-            print(training.evaluate_folder(ckpt, data, json_dir=args.json, quiet=args.quiet))
-            return 0
-        if args.config is None or args.save_dir is None:
-            p.error("CONFIG and SAVE_DIR are required (or --evaluate CKPT DATA_DIR)")
-        cfg = training.load_config(args.config, args.set)
-        if not args.resume and (args.save_dir / "train.ckpt").exists():
-            raise UserError(f"{args.save_dir} already holds a run; use --resume or another SAVE_DIR")
-        args.save_dir.mkdir(parents=True, exist_ok=True)
-        run_ = training.Run(cfg, args.save_dir, resume=args.resume, quiet=args.quiet)
-        if run_.main:
-            training.write_config(run_.cfg, args.save_dir)
-        try:
-            last = run_.fit()
-            report = run_.report() if cfg["mode"] == "classify" else None
-        finally:
-            run_.close()
-        if run_.main:
-            if report:
-                print(report)
-            print(f"done: {args.save_dir}/best.ckpt, train.ckpt, log.csv, curves.png"
-                  + (f"; last epoch valid_auc={last.get('valid_auc', float('nan')):.4f}" if last else ""))
-    except (DataError, CheckpointError, training.TrainingError) as err:
-        raise UserError(str(err)) from None
+        last = run_.fit()
+        report = run_.report() if cfg.mode == "classify" else None
+    finally:
+        run_.close()
+    if run_.main:
+        if report:
+            print(report)
+        best = args.save_dir / "best.ckpt"
+        metric = f"; last epoch valid_auc={last['valid_auc']:.4f}" if "valid_auc" in last else ""
+        print(f"done: {best}, train.ckpt, log.csv, curves.png{metric}" if best.exists()
+              else f"done: {args.save_dir}/train.ckpt, log.csv (no epoch gave a finite {cfg.best_metric}: no best.ckpt)")
     return 0
 
 

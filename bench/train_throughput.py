@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 from crfcore import training
+from crfcore.config import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -28,22 +29,20 @@ def main() -> int:
         print("error: run `make demo` first (this bench reads example/out/dataset)", file=sys.stderr)
         return 2
     for grid in (1, 3):
-        cfg = training.load_config(ROOT / "example" / "config.json",
-                                   [f"grid={grid}", f"max_steps={args.steps}", "epochs=1",
-                                    "data_path_tumor_valid=null", "data_path_normal_valid=null", *args.set])
+        cfg = load_config(ROOT / "example" / "config.json",
+                          [f"grid={grid}", "epochs=1", "data_path_tumor_valid=null", "data_path_normal_valid=null",
+                           *args.set])
         with tempfile.TemporaryDirectory() as tmp:
             run = training.Run(cfg, tmp, quiet=True)
-            run.train_loader.batch_sampler.max_steps = 2
-            run.train_epoch()  # warm-up (workers, allocator)
-            run.train_loader.batch_sampler.max_steps = args.steps
+            run.train_epoch(max_steps=2)  # warm-up (workers, allocator)
             t = time.perf_counter()
-            run.train_epoch()
+            run.train_epoch(max_steps=args.steps)
             dt = time.perf_counter() - t
-        n = args.steps * cfg["batch_size"]
-        cells = (cfg["image_size"] // cfg["patch_size"]) ** 2
+        n = args.steps * cfg.batch_size
+        cells = (cfg.image_size // cfg.patch_size) ** 2
         print(f"grid {grid}: {n / dt:6.1f} grids/s, {n * cells / dt:7.1f} patches/s "
-              f"({cfg['crop_size']} px crops, width {cfg['width_mult']}, batch {cfg['batch_size']}, "
-              f"{cfg['workers']} workers, device {run.device})")
+              f"({cfg.crop_size} px crops, width {cfg.width_mult}, batch {cfg.batch_size}, "
+              f"{cfg.workers} workers, device {run.device}, {run.precision})")
     return 0
 
 

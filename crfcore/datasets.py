@@ -3,14 +3,16 @@ label grids (train.py grid mode) and plain image folders (classify mode)."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Callable, Sequence
 
 import cv2
 import numpy as np
+import torch
 from torch.utils.data import Dataset
 
 from . import slide as sl
 from .errors import CrfError
-from .io import atomic_path
+from .io import companion, write_image
 from .tiling import group_boxes
 
 
@@ -49,9 +51,7 @@ class PatchCutter(SlideDataset):
         region = sl.read_rgb(self.slide, (rx0, ry0), self.level, (w, h))
         for j in idx:
             ox, oy = int(round((self.boxes[j, 0] - rx0) / dx)), int(round((self.boxes[j, 1] - ry0) / dy))
-            patch = region[oy:oy + self.size, ox:ox + self.size]
-            with atomic_path(self.out_dir / self.names[j]) as tmp:
-                cv2.imwrite(str(tmp), np.ascontiguousarray(patch[..., ::-1]))
+            write_image(self.out_dir / self.names[j], region[oy:oy + self.size, ox:ox + self.size])
         return len(idx)
 
 
@@ -82,18 +82,14 @@ class DataError(CrfError):
     """A data set that is empty, malformed or lacks the annotation its labels need."""
 
 
-def to_tensor(rgb: np.ndarray) -> "torch.Tensor":
+def to_tensor(rgb: np.ndarray) -> torch.Tensor:
     """`(H, W, 3)` uint8 -> `[3, H, W]` float, ImageNet-normalised."""
-    import torch
-
     return normalise_batch(torch.from_numpy(np.ascontiguousarray(rgb))[None])[0]
 
 
-def normalise_batch(u8: "torch.Tensor") -> "torch.Tensor":
+def normalise_batch(u8: torch.Tensor) -> torch.Tensor:
     """`[n, H, W, 3]` uint8 (on any device) -> `[n, 3, H, W]` float, ImageNet-normalised.
     Workers hand over uint8 (4x less to copy); this runs where the model does."""
-    import torch
-
     x = u8.permute(0, 3, 1, 2).float().div_(255)
     mean = torch.tensor(IMAGENET_MEAN, device=x.device).view(1, 3, 1, 1)
     std = torch.tensor(IMAGENET_STD, device=x.device).view(1, 3, 1, 1)
@@ -108,24 +104,38 @@ def cut_grid(rgb: np.ndarray, patch: int, crop: int) -> np.ndarray:
     return cells[:, :, o:o + crop, o:o + crop].reshape(g * g, crop, crop, 3)
 
 
-class Augment:
-    """Colour jitter, flips and 90-degree rotations applied jointly to an image and its
-    `(g, g)` label grid (so each label stays on its cell)."""
+Normaliser = Callable[[np.ndarray], np.ndarray]  # e.g. crfcore.stain.MacenkoNormaliser
 
-    def __init__(self, color_jitter: tuple[float, float, float, float] | None, flip: bool,
-                 rotate: bool) -> None:
+
+def normalise_cells(rgb: np.ndarray, patch: int, crop: int, normalise: Normaliser) -> np.ndarray:
+    """Stain-normalise the centre `crop` of each `patch` cell of a grid image on its own:
+    the pixels the CNN will see, exactly as inference normalises each crop."""
+    out = np.array(rgb)
+    o = (patch - crop) // 2
+    for y in range(o, out.shape[0] - patch + o + 1, patch):
+        for x in range(o, out.shape[1] - patch + o + 1, patch):
+            out[y:y + crop, x:x + crop] = normalise(out[y:y + crop, x:x + crop])
+    return out
+
+
+class Augment:
+    """Stain (HED) jitter, colour jitter, flips and 90-degree rotations applied jointly to an
+    image and its `(g, g)` label grid (so each label stays on its cell)."""
+
+    def __init__(self, color_jitter: tuple[float, ...] | None, flip: bool, rotate: bool,
+                 stain: Callable[[np.ndarray, np.random.Generator], np.ndarray] | None = None) -> None:
         from torchvision.transforms import ColorJitter
 
         self.jitter = ColorJitter(*color_jitter) if color_jitter and any(color_jitter) else None
-        self.flip, self.rotate = flip, rotate
+        self.flip, self.rotate, self.stain = flip, rotate, stain
 
     def __call__(self, rgb: np.ndarray, labels: np.ndarray, rng: np.random.Generator | None = None):
         """`rng` defaults to one seeded from torch's generator, which DataLoader seeds per
         worker (and --resume restores), so augmentation is reproducible."""
-        import torch
-
         if rng is None:
             rng = np.random.default_rng(torch.randint(2**62, ()).item())
+        if self.stain is not None:
+            rgb = self.stain(rgb, rng)
         if self.jitter is not None:
             t = torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1)
             rgb = self.jitter(t).permute(1, 2, 0).numpy()
@@ -143,7 +153,8 @@ class GridDataset(Dataset):
     slide's annotation JSON in `json_dir`."""
 
     def __init__(self, data_dir: str | Path, json_dir: str | Path, image_size: int,
-                 patch_size: int, crop_size: int, augment: Augment | None = None) -> None:
+                 patch_size: int, crop_size: int, augment: Augment | None = None,
+                 normalise: Normaliser | None = None) -> None:
         from .annotations import load_annotation
         from .tiling import GridGeometry, read_coords
 
@@ -154,32 +165,45 @@ class GridDataset(Dataset):
         if not self.coords:
             raise DataError(f"{self.dir}: list.txt is empty")
         self.geom = GridGeometry(image_size, patch_size, crop_size)
-        self.augment = augment
+        self.augment, self.normalise = augment, normalise
+        self._check_images()
         self.annotations = {}
         for sid in sorted({c[0] for c in self.coords}):
-            path = Path(json_dir) / f"{sid}.json"
-            if not path.exists():
-                raise DataError(f"slide {sid!r} of {self.dir} has no annotation {path} "
+            path = companion(json_dir, sid, "annotation")
+            if path is None:
+                raise DataError(f"slide {sid!r} of {self.dir} has no annotation {sid}.json in {json_dir} "
                                 "(normal slides need an empty one)")
             self.annotations[sid] = load_annotation(path)
         offsets = self.geom.cell_offsets()
         self.labels = np.stack([self.annotations[s].contains(np.array([x, y]) + offsets)
                                 for s, x, y in self.coords]).astype(np.float32)
 
+    def _check_images(self) -> None:
+        """Refuse a folder whose images are missing or of another size than image_size
+        before any worker starts (their errors would arrive wrapped in tracebacks)."""
+        missing = next((i for i in range(len(self.coords)) if not (self.dir / f"{i}.png").is_file()), None)
+        if missing is not None:
+            raise DataError(f"{self.dir}: list.txt names {len(self.coords)} images but {missing}.png is missing")
+        self._read(0)
+
     def __len__(self) -> int:
         return len(self.coords)
 
-    def __getitem__(self, i: int):
-        import torch
-
+    def _read(self, i: int) -> np.ndarray:
         path = self.dir / f"{i}.png"
         img = cv2.imread(str(path), cv2.IMREAD_COLOR)
         if img is None:
             raise DataError(f"{path}: missing or unreadable image")
         size = self.geom.image_size
         if img.shape[:2] != (size, size):
-            raise DataError(f"{path}: is {img.shape[1]}x{img.shape[0]}, image_size is {size}")
-        rgb, g = img[..., ::-1], self.geom.grid
+            raise DataError(f"{path}: is {img.shape[1]}x{img.shape[0]}, but image_size is {size} "
+                            "(make the patches with Patch_gen.py --image-size, or change the config)")
+        return img[..., ::-1]
+
+    def __getitem__(self, i: int):
+        rgb, g = self._read(i), self.geom.grid
+        if self.normalise is not None:
+            rgb = normalise_cells(rgb, self.geom.patch_size, self.geom.crop_size, self.normalise)
         labels = self.labels[i].reshape(g, g)
         if self.augment is not None:
             rgb, labels = self.augment(rgb, labels)
@@ -194,12 +218,12 @@ class FolderDataset(Dataset):
     EXTS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 
     def __init__(self, root: str | Path, size: int, augment: Augment | None = None,
-                 classes: list[str] | None = None) -> None:
+                 classes: Sequence[str] | None = None, normalise: Normaliser | None = None) -> None:
         self.root = Path(root)
         if not self.root.is_dir():
             raise DataError(f"{self.root}: not a directory of class sub-folders")
         found = sorted(p.name for p in self.root.iterdir() if p.is_dir())
-        self.classes = classes or found
+        self.classes = list(classes or found)
         extra = sorted(set(found) - set(self.classes))
         if extra:
             raise DataError(f"{self.root}: classes {extra} are not among the model's {self.classes}")
@@ -207,23 +231,19 @@ class FolderDataset(Dataset):
                       for p in sorted((self.root / c).iterdir()) if p.suffix.lower() in self.EXTS]
         if not self.items:
             raise DataError(f"{self.root}: no images in class sub-folders")
-        self.size, self.augment = size, augment
+        self.size, self.augment, self.normalise = size, augment, normalise
 
     def __len__(self) -> int:
         return len(self.items)
 
-    @property
-    def targets(self) -> list[int]:
-        return [k for _, k in self.items]
-
     def __getitem__(self, i: int):
-        import torch
-
         path, k = self.items[i]
         img = cv2.imread(str(path), cv2.IMREAD_COLOR)
         if img is None:
             raise DataError(f"{path}: unreadable image")
         rgb = cv2.resize(img[..., ::-1], (self.size, self.size), interpolation=cv2.INTER_AREA)
+        if self.normalise is not None:
+            rgb = self.normalise(rgb)
         if self.augment is not None:
             rgb, _ = self.augment(rgb, np.zeros((1, 1)))
         return to_tensor(rgb).unsqueeze(0), k

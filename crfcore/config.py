@@ -1,0 +1,220 @@
+"""The training config: one typed, frozen table of keys, their defaults and their help.
+
+`load_config` builds it from defaults <- a config JSON <- `key=value` overrides, refusing
+unknown keys and wrong types by name; `TrainConfig.check` refuses combinations that cannot
+train. The README's config table is `markdown_table()` (a test keeps them equal).
+Checkpoints store `TrainConfig.to_dict()`.
+"""
+from __future__ import annotations
+
+import json
+import math
+import types
+import typing
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any, Optional
+
+from .errors import CrfError
+
+# The keys a checkpoint's model is built from: a resumed run must not change them.
+MODEL_KEYS = ("mode", "grid", "crf_iters", "width_mult", "image_size", "patch_size", "crop_size")
+CHOICES = {"mode": ("grid", "classify"), "optimizer": ("sgd", "adamw"),
+           "schedule": ("none", "cosine", "step"), "device": ("auto", "cpu", "cuda"),
+           "precision": ("auto", "fp32", "bf16", "fp16"),
+           "best_metric": ("auc", "balanced_acc", "acc", "loss")}
+
+
+class ConfigError(CrfError):
+    """A config file or --set value that is unknown or invalid; the message names it."""
+
+
+def key(default: Any, help: str) -> Any:  # noqa: A002 - the word the table uses
+    """A config field with its help text (tuples are immutable, so safe as defaults)."""
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    mode: str = key("grid", "`grid`: WSI patch grids, labels from annotation JSON; `classify`: image folders")
+    data_path_tumor_train: Optional[str] = key(None, "grid: tumour training set folder (list.txt + N.png)")
+    data_path_normal_train: Optional[str] = key(None, "grid: normal training set folder")
+    json_path_train: Optional[str] = key(None, "grid: folder of annotation JSONs, one per training slide")
+    data_path_tumor_valid: Optional[str] = key(None, "grid: tumour validation set folder")
+    data_path_normal_valid: Optional[str] = key(None, "grid: normal validation set folder")
+    json_path_valid: Optional[str] = key(None, "grid: annotation JSONs of the validation slides")
+    data_path_train: Optional[str] = key(
+        None, "a single training folder (grid: list.txt folder; classify: class sub-folders)")
+    data_path_valid: Optional[str] = key(None, "a single validation folder")
+    image_size: int = key(768, "grid: side of a training image (grid of patches), pixels")
+    patch_size: int = key(256, "grid: side of one cell; classify: images are resized to this")
+    crop_size: int = key(224, "grid: centre crop of each cell fed to the CNN; classify: unused")
+    grid: int = key(3, "CRF grid side (1 = plain CNN baseline, 3, 5, 7); grid mode needs "
+                       "image_size/patch_size = grid or grid 1")
+    crf_iters: int = key(10, "mean-field iterations")
+    width_mult: float = key(1.0, "MobileNetV2 width multiplier")
+    pretrained: Optional[str] = key(None, "local torchvision MobileNetV2 ImageNet state dict (nothing is downloaded)")
+    init_from: Optional[str] = key(None, "checkpoint to fine-tune from (weights whose shapes fit; new head otherwise)")
+    optimizer: str = key("sgd", "`sgd` (momentum, as NCRF) or `adamw`")
+    lr: float = key(0.001, "learning rate")
+    momentum: float = key(0.9, "SGD momentum")
+    weight_decay: float = key(0.0001, "weight decay")
+    schedule: str = key("none", "learning-rate schedule per epoch: `none`, `cosine` or `step`")
+    step_size: int = key(10, "`step` schedule: epochs between decays")
+    gamma: float = key(0.1, "`step` schedule: decay factor")
+    epochs: int = key(20, "training epochs")
+    max_steps: Optional[int] = key(None, "cap on training steps per epoch (quick runs)")
+    batch_size: int = key(10, "samples per batch (grid: half tumour, half normal with two sets)")
+    class_weights: Optional[tuple[float, ...]] = key(None, "loss weight per class, e.g. [1.0, 3.0] "
+                                                           "(grid: [normal, tumour])")
+    color_jitter: Optional[tuple[float, ...]] = key(
+        (0.25, 0.75, 0.25, 0.04), "ColorJitter brightness, contrast, saturation, hue (NCRF's); null for none")
+    hed_jitter: float = key(0.0, "stain augmentation (Tellez et al. 2018): each of H, E, D scaled by "
+                                 "U(1-s, 1+s) and shifted by U(-s, s); 0 = off, 0.05 light, 0.2 strong")
+    stain_norm: Optional[str] = key(None, "reference image for Macenko stain normalisation (torchstain) of "
+                                          "every patch, in training and in prob_map.py; null = off")
+    flip: bool = key(True, "random horizontal flips (joint with the label grid)")
+    rotate: bool = key(True, "random 90-degree rotations (joint with the label grid)")
+    workers: int = key(2, "DataLoader worker processes")
+    seed: int = key(0, "random seed (data order, augmentation, initialisation)")
+    device: str = key("auto", "`auto` (CUDA when present), `cpu`, `cuda`")
+    precision: str = key("auto", "`auto` (CUDA: bf16/fp16 mixed precision; CPU: fp32), `fp32`, `bf16`, `fp16`")
+    best_metric: str = key("auc", "validation metric that picks best.ckpt: auc, balanced_acc, acc or loss")
+    # Set by train.py, stored in checkpoints; not for config files.
+    classes: Optional[tuple[str, ...]] = key(None, "set by train.py: the class names")
+    num_classes: Optional[int] = key(None, "set by train.py: 1 (grid mode) or the number of classes")
+    stain_reference: Optional[dict] = key(None, "set by train.py: the fitted stain_norm reference")
+
+    def __post_init__(self) -> None:
+        hints = typing.get_type_hints(type(self))
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, list):  # JSON arrays become tuples: the config stays immutable
+                value = tuple(value)
+                object.__setattr__(self, f.name, value)
+            if isinstance(value, int) and not isinstance(value, bool) and hints[f.name] in (float, Optional[float]):
+                object.__setattr__(self, f.name, float(value))
+            _check_type(f.name, value, hints[f.name])
+
+    def check(self) -> "TrainConfig":
+        """Refuse values and combinations that cannot train; return self."""
+        for name, allowed in CHOICES.items():
+            if getattr(self, name) not in allowed:
+                raise ConfigError(f"config {name}={getattr(self, name)!r}: expected one of {', '.join(allowed)}")
+        for name in ("image_size", "patch_size", "crop_size", "epochs", "batch_size", "grid", "workers"):
+            if getattr(self, name) < (0 if name == "workers" else 1):
+                raise ConfigError(f"config {name}={getattr(self, name)!r}: expected a positive integer")
+        if not math.isfinite(self.lr) or self.lr <= 0:
+            raise ConfigError(f"config lr={self.lr!r}: expected a positive number")
+        if not 0 <= self.hed_jitter < 1:
+            raise ConfigError(f"config hed_jitter={self.hed_jitter!r}: expected a number in [0, 1)")
+        self._check_mode()
+        return self
+
+    def _check_mode(self) -> None:
+        if self.mode == "classify":
+            if not self.data_path_train:
+                raise ConfigError("classify mode needs data_path_train (a folder of class sub-folders)")
+            if self.grid != 1:
+                raise ConfigError("classify mode has no CRF: set grid to 1")
+            return
+        cells = self.image_size // self.patch_size
+        if self.image_size % self.patch_size or self.grid not in (1, cells):
+            raise ConfigError(f"image_size {self.image_size} / patch_size {self.patch_size} must be "
+                              f"a whole grid, and grid ({self.grid}) that number or 1")
+        if self.crop_size > self.patch_size:
+            raise ConfigError("crop_size must not exceed patch_size")
+        if not (self.data_path_tumor_train and self.data_path_normal_train) and not self.data_path_train:
+            raise ConfigError("grid mode needs data_path_tumor_train + data_path_normal_train "
+                              "(or data_path_train) and json_path_train")
+        if not self.json_path_train:
+            raise ConfigError("grid mode needs json_path_train (annotation JSONs)")
+
+    def to_dict(self) -> dict:
+        """Plain JSON-able values (tuples as lists), for config.json and checkpoints."""
+        return json.loads(json.dumps(asdict(self)))
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainConfig":
+        """A config stored by a checkpoint (keys of older versions that are gone are ignored)."""
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+    def replace(self, **changes: Any) -> "TrainConfig":
+        return replace(self, **changes)
+
+
+INTERNAL = ("classes", "num_classes", "stain_reference")
+
+
+def _check_type(name: str, value: Any, hint: Any) -> None:
+    """Refuse a value whose JSON type does not fit the field's annotation (bools are not numbers)."""
+    if not _fits(value, hint):
+        shown = getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
+        raise ConfigError(f"config {name}={value!r}: expected {shown}")
+
+
+def _fits(value: Any, hint: Any) -> bool:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(_fits(value, a) for a in args)
+    if hint is type(None):
+        return value is None
+    if isinstance(value, bool):
+        return hint is bool
+    if hint is float:
+        return isinstance(value, (int, float))
+    if origin is tuple:
+        return isinstance(value, tuple) and all(_fits(v, args[0]) for v in value)
+    return isinstance(value, origin or hint)
+
+
+def parse_value(text: str) -> Any:
+    """A `--set` value: JSON when it parses (numbers, null, lists), else the plain string."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def load_config(path: str | Path | None, overrides: typing.Sequence[str] = ()) -> TrainConfig:
+    """Defaults <- config JSON <- `key=value` overrides; unknown keys are refused by name."""
+    given: dict = _read_json(Path(path)) if path is not None else {}
+    for item in overrides:
+        name, sep, value = item.partition("=")
+        if not sep:
+            raise ConfigError(f"--set {item!r}: expected key=value")
+        given[name] = parse_value(value)
+    given.pop("crfcore_version", None)  # written by older versions into config.json
+    known = [f.name for f in fields(TrainConfig)]
+    unknown = sorted(set(given) - set(known))
+    if unknown:
+        raise ConfigError(f"unknown config key(s) {unknown}; known keys: "
+                          f"{', '.join(k for k in known if k not in INTERNAL)}")
+    return TrainConfig(**given).check()
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such config file") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{path}: is a directory, not a config file") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not a text file") from None
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"{path}: malformed JSON at line {err.lineno}: {err.msg}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a JSON object of config keys")
+    return data
+
+
+def markdown_table() -> str:
+    """The README's table of config keys, defaults and meanings."""
+    rows = ["| key | default | meaning |", "|---|---|---|"]
+    for f in fields(TrainConfig):
+        if f.name not in INTERNAL:
+            default = json.dumps(list(f.default) if isinstance(f.default, tuple) else f.default)
+            rows.append(f"| `{f.name}` | `{default}` | {f.metadata['help']} |")
+    return "\n".join(rows)

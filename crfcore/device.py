@@ -1,0 +1,83 @@
+"""Where and how the model runs: the device, the precision (autocast), and the torchrun
+rank/world environment that training and multi-slide inference share."""
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+
+from .errors import CrfError
+
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+
+
+class DeviceError(CrfError):
+    """A device or precision that this machine cannot give."""
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    """This process's place in a torchrun job (rank 0 of 1 when run alone)."""
+
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @classmethod
+    def from_env(cls) -> "DistEnv":
+        try:
+            return cls(int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)),
+                       int(os.environ.get("LOCAL_RANK", 0)))
+        except ValueError:
+            raise DeviceError("RANK, WORLD_SIZE and LOCAL_RANK must be integers (set by torchrun)") from None
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def resolve_device(name: str, local_rank: int = 0) -> torch.device:
+    """`auto` (CUDA when present), `cpu` or `cuda` (the process's GPU under torchrun)."""
+    if name == "cuda" and not torch.cuda.is_available():
+        raise DeviceError("device cuda asked for, but CUDA is not available on this machine")
+    if name in ("cuda", "auto") and torch.cuda.is_available():
+        if local_rank >= torch.cuda.device_count():
+            raise DeviceError(f"process {local_rank} has no GPU: {torch.cuda.device_count()} GPU(s) here; "
+                              "start at most that many processes per node, or use device cpu")
+        return torch.device("cuda", local_rank)
+    return torch.device("cpu")
+
+
+@lru_cache(maxsize=1)
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU computes bf16 natively (AVX-512 BF16 or AMX), read at run time."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return any(f in flags.split() for f in ("avx512_bf16", "amx_bf16"))
+
+
+def resolve_precision(device: torch.device, precision: str) -> str:
+    """The precision `auto` stands for: on CUDA bf16 mixed precision (fp16 where bf16 is
+    missing); on the CPU fp32 (see the README for the bf16 measurements)."""
+    if precision not in PRECISIONS:
+        raise DeviceError(f"unknown precision {precision!r} (expected one of {', '.join(PRECISIONS)})")
+    if precision == "auto":
+        if device.type == "cuda":
+            return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        return "fp32"
+    if precision == "fp16" and device.type != "cuda":
+        raise DeviceError("precision fp16 needs CUDA; use bf16 on the CPU")
+    return precision
+
+
+def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
+    """The autocast context for a resolved precision (a no-op for fp32)."""
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)

@@ -1,0 +1,57 @@
+"""A training run's per-epoch log (log.csv) and its curves (curves.png)."""
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import numpy as np
+
+from .io import atomic_path
+
+
+def read_log(path: Path) -> list[dict]:
+    """The rows of log.csv (none when it does not exist)."""
+    if not path.exists():
+        return []
+    with path.open(newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+def append_log(path: Path, row: dict) -> None:
+    """Add `row` to log.csv, rewriting it atomically (new columns extend the header); a
+    row of an epoch already logged (a resumed run redoing it) replaces it and those after."""
+    rows = [r for r in read_log(path) if int(r["epoch"]) < row["epoch"]] + [row]
+    keys = list(dict.fromkeys(k for r in rows for k in r))
+    with atomic_path(path) as tmp, tmp.open("w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=keys)
+        w.writeheader()
+        w.writerows(rows)
+
+
+def plot_curves(log_csv: Path, png: Path) -> None:
+    """Loss and validation metrics per epoch."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = read_log(log_csv)
+    ep = [int(r["epoch"]) for r in rows]
+
+    def col(k):
+        return [float(r[k]) if r.get(k) not in (None, "") else np.nan for r in rows]
+
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
+    for k in ("train_loss", "valid_loss"):
+        if k in rows[0]:
+            a.plot(ep, col(k), marker="o", label=k)
+    for k in ("train_acc", "valid_acc", "valid_balanced_acc", "valid_auc"):
+        if k in rows[0]:
+            b.plot(ep, col(k), marker="o", label=k)
+    a.set(xlabel="epoch", title="loss")
+    b.set(xlabel="epoch", title="metrics", ylim=(0, 1.02))
+    a.legend(), b.legend(loc="lower right")
+    fig.tight_layout()
+    with atomic_path(png) as tmp:
+        fig.savefig(tmp, dpi=90)
+    plt.close(fig)
