@@ -21,11 +21,13 @@ from tqdm import tqdm
 
 from . import slide as sl
 from .crf import mean_field
-from .datasets import SlideDataset, cut_grid, normalise_batch, to_tensor
+from .datasets import Normaliser, SlideDataset, cut_grid, normalise_batch, to_tensor
+from .device import autocast
 from .model import CRFNet
 
 # The 8 dihedral transforms of a square image `(H, W, ...)`: (quarter turns, flip first).
 DIHEDRAL = [(k, f) for f in (False, True) for k in range(4)]
+REGION_BLOCK = (8, 16)  # lattice rows x columns of crops read as one slide region
 CRF_CHUNK = 1024  # tissue points x transforms per CRF step (9 x 1024 x 1280 floats: 47 MB, a few copies)
 
 
@@ -47,9 +49,9 @@ class Geometry:
         return self.grid // 2
 
     def integer_stride(self) -> int | None:
-        """The stride as an integer (within 1 %, equal on both axes), else None."""
+        """The stride as an integer (within the pyramid tolerance, equal on both axes), else None."""
         sx, sy = (round(v) for v in self.stride)
-        ok = sx == sy and sx > 0 and all(abs(v - round(v)) <= 0.01 * v for v in self.stride)
+        ok = sx == sy and sx > 0 and all(sl.same_downsample(v, round(v)) for v in self.stride)
         return sx if ok else None
 
     def lattice_step(self) -> int | None:
@@ -85,8 +87,10 @@ class LatticePatches(SlideDataset):
     """Items: one region of the slide, read once, sliced into the crops of its lattice
     points: `(indices [n], uint8 patches [n, crop, crop, 3])`. Slides open once per worker."""
 
-    def __init__(self, slide_path: Path, origins: np.ndarray, crop: int, groups: list[np.ndarray]) -> None:
+    def __init__(self, slide_path: Path, origins: np.ndarray, crop: int, groups: list[np.ndarray],
+                 normalise: Normaliser | None = None) -> None:
         self.slide_path, self.origins, self.crop, self.groups = slide_path, origins, crop, groups
+        self.normalise = normalise
 
     def __len__(self) -> int:
         return len(self.groups)
@@ -98,16 +102,20 @@ class LatticePatches(SlideDataset):
         x1, y1 = o.max(0) + self.crop
         region = sl.read_rgb(self.slide, (int(x0), int(y0)), 0, (int(x1 - x0), int(y1 - y0)))
         c = self.crop
-        patches = np.stack([region[y - y0:y - y0 + c, x - x0:x - x0 + c] for x, y in o])
+        patches = np.stack([self._crop(region[y - y0:y - y0 + c, x - x0:x - x0 + c]) for x, y in o])
         return torch.from_numpy(idx), torch.from_numpy(patches)
+
+    def _crop(self, crop: np.ndarray) -> np.ndarray:
+        return crop if self.normalise is None else self.normalise(crop)
 
 
 class NaiveGrids(SlideDataset):
     """Items: NCRF's grid image around one tissue point, cut into cells and cropped:
     `(index, patches [g*g, 3, crop, crop])`."""
 
-    def __init__(self, slide_path: Path, centres: np.ndarray, geom: Geometry) -> None:
-        self.slide_path, self.centres, self.geom = slide_path, centres, geom
+    def __init__(self, slide_path: Path, centres: np.ndarray, geom: Geometry,
+                 normalise: Normaliser | None = None) -> None:
+        self.slide_path, self.centres, self.geom, self.normalise = slide_path, centres, geom, normalise
 
     def __len__(self) -> int:
         return len(self.centres)
@@ -117,10 +125,13 @@ class NaiveGrids(SlideDataset):
         size = g.grid * g.patch
         x, y = self.centres[i] - size // 2
         img = sl.read_rgb(self.slide, (int(x), int(y)), 0, (size, size))
-        return i, torch.stack([to_tensor(c) for c in cut_grid(img, g.patch, g.crop)])
+        crops = cut_grid(img, g.patch, g.crop)
+        if self.normalise is not None:
+            crops = [self.normalise(c) for c in crops]
+        return i, torch.stack([to_tensor(c) for c in crops])
 
 
-def region_groups(rows: np.ndarray, cols: np.ndarray, block: tuple[int, int] = (8, 16)) -> list[np.ndarray]:
+def region_groups(rows: np.ndarray, cols: np.ndarray, block: tuple[int, int] = REGION_BLOCK) -> list[np.ndarray]:
     """Indices of lattice points (sorted row-major) grouped into blocks of `block` (rows,
     cols), block row by block row: one region read serves a block, and blocks are small
     enough that a few in flight stay cheap (8 x 16 crops of 224 px are 19 MB of uint8)."""
@@ -134,19 +145,16 @@ def region_groups(rows: np.ndarray, cols: np.ndarray, block: tuple[int, int] = (
 # ----------------------------------------------------------------------------- CNN
 
 
-def _autocast(device: torch.device, precision: str):
-    from .training import autocast_for
-    return autocast_for(device, precision)[0]
-
-
 @torch.no_grad()
-def _embed(model: CRFNet, x: torch.Tensor, tta: int, device, precision) -> tuple[torch.Tensor, torch.Tensor]:
-    """Logits `[n, T]` and features `[n, T, D]` of patches `[n, 3, c, c]` under T transforms."""
+def embed_patches(model: CRFNet, x: torch.Tensor, tta: int, device: torch.device,
+                  precision: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits `[n, T]` and features `[n, T, D]` (on the CPU, float32) of normalised patches
+    `[n, 3, c, c]` under the first T dihedral transforms."""
     logits, feats = [], []
     for k, flip in DIHEDRAL[:tta]:
         xt = torch.flip(x, dims=[3]) if flip else x
         xt = torch.rot90(xt, k, dims=(2, 3))
-        with _autocast(device, precision):
+        with autocast(device, precision):
             lo, fe = model.embed(xt.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last))
         logits.append(lo.float().cpu())
         feats.append(fe.float().cpu())
@@ -183,7 +191,8 @@ class Options:
     precision: str = "fp32"
     tta: int = 1
     quiet: bool = False
-    band_rows: int = 16  # a multiple of 8 (the region block height); the cache holds ~band_rows + 2k rows
+    band_rows: int = 16  # a multiple of REGION_BLOCK[0]; the cache holds ~band_rows + 2k rows
+    normaliser: Normaliser | None = None  # stain normalisation of every crop (the model's, if it has one)
 
 
 def _loader(ds: Dataset, opts: Options, batch: int | None) -> DataLoader:
@@ -196,7 +205,7 @@ def naive_map(model: CRFNet, slide_path: Path, mask: np.ndarray, geom: Geometry,
     """NCRF's reference computation; `points` (rows, cols) limits it to a subset."""
     rows, cols = points if points is not None else np.nonzero(mask)
     out = np.zeros(mask.shape, np.float32)
-    ds = NaiveGrids(slide_path, geom.centres(rows, cols), geom)
+    ds = NaiveGrids(slide_path, geom.centres(rows, cols), geom, opts.normaliser)
     n = geom.grid ** 2
     with tqdm(total=len(ds), desc=f"naive {slide_path.name}", disable=opts.quiet) as bar:
         for idx, x in _loader(ds, opts, max(1, opts.batch_size // n)):
@@ -217,7 +226,7 @@ def _naive_centre(model: CRFNet, x: torch.Tensor, opts: Options) -> torch.Tensor
         xt = x[:, lay]
         xt = torch.flip(xt, dims=[4]) if flip else xt
         xt = torch.rot90(xt, k, dims=(3, 4))
-        lo, fe = _embed(model, xt.flatten(0, 1), 1, opts.device, opts.precision)
+        lo, fe = embed_patches(model, xt.flatten(0, 1), 1, opts.device, opts.precision)
         lo, fe = lo.reshape(b, n), fe.reshape(b, n, -1)
         if model.crf is not None:
             lo = mean_field(lo, fe, model.crf.W.detach().float().cpu(), model.crf.iters)
@@ -237,98 +246,130 @@ def needed_points(mask: np.ndarray, offs: np.ndarray) -> np.ndarray:
     return np.stack(np.nonzero(need), 1) - reach
 
 
-def lattice_map(model: CRFNet, slide_path: Path, mask: np.ndarray, geom: Geometry, opts: Options) -> np.ndarray:
-    """The lattice method: each needed lattice patch through the CNN once. Needed points
-    are read in row bands by one DataLoader; a band's logits and features join a rolling
-    cache, and tissue rows whose grid neighbours are all cached get their CRF."""
-    offs = geom.node_offsets()
-    assert offs is not None
-    trows, tcols = np.nonzero(mask)
-    out = np.zeros(mask.shape, np.float32)
-    if not trows.size:
-        return out
-    reach = int(offs.max())  # half * k: how far a grid node lies from its centre
-    need = needed_points(mask, offs)
-    span = mask.shape[1] + 2 * reach + 1
+class BandCache:
+    """Logits and features of computed lattice points, kept sorted by a row-major key.
+    Points may lie up to `reach` rows or columns outside a `(H, W)` lattice."""
 
-    def key(r, c):  # row-major, so keys of `need` (and of the cache) are sorted
-        return (r + reach) * span + (c + reach)
-
-    band = (need[:, 0] - need[0, 0]) // opts.band_rows
-    starts = np.searchsorted(band, np.arange(band[-1] + 2))  # band b is need[starts[b]:starts[b+1]]
-    assert opts.band_rows % 8 == 0  # region blocks must not straddle bands
-    groups = region_groups(need[:, 0], need[:, 1])
-    origins = geom.crop_origin(geom.centres(need[:, 0], need[:, 1]))
-    loader = _loader(LatticePatches(slide_path, origins, geom.crop, groups), opts, None)
-    cache = _Cache(opts.tta, model.feature_dim)
-    state = {"done": trows.min() - reach - 1}
-
-    def finish(b: int, lo: torch.Tensor, fe: torch.Tensor) -> None:
-        cache.add(key(*need[starts[b]:starts[b + 1]].T), lo, fe)
-        ready = min(need[starts[b + 1] - 1, 0] - reach, trows.max()) if b < band[-1] else trows.max()
-        lo_i, hi_i = np.searchsorted(trows, [state["done"] + 1, ready + 1])  # trows is sorted
-        step = max(1, CRF_CHUNK // opts.tta)  # in chunks: the neighbours' features are 9x a band
-        for s in range(lo_i, hi_i, step):
-            r, c = trows[s:min(hi_i, s + step)], tcols[s:min(hi_i, s + step)]
-            lo_n, fe_n = cache.get(key(r[:, None] + offs[:, 0], c[:, None] + offs[:, 1]))
-            out[r, c] = crf_centre(model, lo_n, fe_n, opts.tta).numpy()
-        state["done"] = max(state["done"], ready)
-        cache.drop_below(key(state["done"] + 1 - reach, -reach))
-
-    current, lo_b, fe_b = 0, None, None
-    pending: list[tuple[torch.Tensor, torch.Tensor]] = []
-    with tqdm(total=len(need), desc=f"lattice {slide_path.name}", disable=opts.quiet) as bar:
-        for idx, x in loader:
-            b = int(band[idx[0]])
-            if b != current or lo_b is None:
-                if lo_b is not None:
-                    _run(model, pending, lo_b, fe_b, starts[current], opts, bar)
-                    pending = []
-                    finish(current, lo_b, fe_b)
-                current, n = b, starts[b + 1] - starts[b]
-                lo_b, fe_b = torch.zeros(n, opts.tta), torch.zeros(n, opts.tta, model.feature_dim)
-            pending.append((idx, x))
-            if sum(len(i) for i, _ in pending) >= opts.batch_size:
-                _run(model, pending, lo_b, fe_b, starts[current], opts, bar)
-                pending = []
-        _run(model, pending, lo_b, fe_b, starts[current], opts, bar)
-        finish(current, lo_b, fe_b)
-    return out
-
-
-class _Cache:
-    """Logits and features of computed lattice points, kept sorted by key."""
-
-    def __init__(self, tta: int, dim: int) -> None:
+    def __init__(self, shape: tuple[int, int], reach: int, tta: int, dim: int) -> None:
+        self.reach, self.span = reach, shape[1] + 2 * reach + 1
         self.keys = np.zeros(0, np.int64)
         self.lo, self.fe = torch.zeros(0, tta), torch.zeros(0, tta, dim)
 
-    def add(self, keys: np.ndarray, lo: torch.Tensor, fe: torch.Tensor) -> None:
-        self.keys = np.concatenate([self.keys, keys])
+    def key(self, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+        """Row-major keys, so sorted points have sorted keys."""
+        return (rows + self.reach) * self.span + (cols + self.reach)
+
+    def add(self, points: np.ndarray, lo: torch.Tensor, fe: torch.Tensor) -> None:
+        """Append points `(n, 2)` (row, col) that sort after every cached one."""
+        self.keys = np.concatenate([self.keys, self.key(points[:, 0], points[:, 1])])
         self.lo, self.fe = torch.cat([self.lo, lo]), torch.cat([self.fe, fe])
 
-    def get(self, keys: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-        i = torch.from_numpy(np.searchsorted(self.keys, keys))
+    def get(self, rows: np.ndarray, cols: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        i = torch.from_numpy(np.searchsorted(self.keys, self.key(rows, cols)))
         return self.lo[i], self.fe[i]
 
-    def drop_below(self, key: int) -> None:
-        cut = int(np.searchsorted(self.keys, key))
+    def drop_rows_below(self, row: int) -> None:
+        cut = int(np.searchsorted(self.keys, self.key(np.int64(row), np.int64(-self.reach))))
         # copies: a slice would keep the whole old buffer alive until the next add
         self.keys, self.lo, self.fe = self.keys[cut:].copy(), self.lo[cut:].clone(), self.fe[cut:].clone()
 
 
-def _run(model, pending, lo_b, fe_b, offset: int, opts: Options, bar) -> None:
-    """CNN over the pending regions' patches; results into the band buffers."""
-    if not pending:
-        return
-    idx = torch.cat([i for i, _ in pending]) - int(offset)
-    x = torch.cat([x for _, x in pending])
-    for s in range(0, len(idx), opts.batch_size):
-        batch = normalise_batch(x[s:s + opts.batch_size].to(opts.device, non_blocking=True))
-        lo, fe = _embed(model, batch, opts.tta, opts.device, opts.precision)
-        lo_b[idx[s:s + opts.batch_size]] = lo
-        fe_b[idx[s:s + opts.batch_size]] = fe
-    bar.update(len(idx))
+class Band:
+    """The CNN outputs of one band of needed points, filled batch by batch."""
+
+    def __init__(self, index: int, start: int, n: int, tta: int, dim: int) -> None:
+        self.index, self.start = index, start
+        self.lo, self.fe = torch.zeros(n, tta), torch.zeros(n, tta, dim)
+        self.pending: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def queue(self, idx: torch.Tensor, patches: torch.Tensor) -> int:
+        """Queue a region's patches; return how many are queued now."""
+        self.pending.append((idx, patches))
+        return sum(len(i) for i, _ in self.pending)
+
+    def compute(self, model: CRFNet, opts: Options) -> int:
+        """Run the CNN over the queued patches into the band's buffers; return how many."""
+        if not self.pending:
+            return 0
+        idx = torch.cat([i for i, _ in self.pending]) - self.start
+        x = torch.cat([x for _, x in self.pending])
+        self.pending = []
+        for s in range(0, len(idx), opts.batch_size):
+            batch = normalise_batch(x[s:s + opts.batch_size].to(opts.device, non_blocking=True))
+            self.lo[idx[s:s + opts.batch_size]], self.fe[idx[s:s + opts.batch_size]] = embed_patches(
+                model, batch, opts.tta, opts.device, opts.precision)
+        return len(idx)
+
+
+class LatticeJob:
+    """One slide's lattice map. The needed points (tissue points and their grid
+    neighbours) are split into bands of `band_rows` rows and read by one DataLoader; a
+    finished band joins the rolling cache, and every tissue row whose grid neighbours are
+    all cached gets its CRF, in chunks."""
+
+    def __init__(self, model: CRFNet, slide_path: Path, mask: np.ndarray, geom: Geometry, opts: Options) -> None:
+        if opts.band_rows % REGION_BLOCK[0]:
+            raise ValueError(f"band_rows must be a multiple of {REGION_BLOCK[0]} (region blocks must not "
+                             f"straddle bands), got {opts.band_rows}")
+        self.model, self.slide_path, self.geom, self.opts = model, slide_path, geom, opts
+        self.offs = geom.node_offsets()
+        self.reach = int(self.offs.max())  # half * k: how far a grid node lies from its centre
+        self.trows, self.tcols = np.nonzero(mask)
+        self.out = np.zeros(mask.shape, np.float32)
+        self.need = needed_points(mask, self.offs)
+        self.band_of = (self.need[:, 0] - self.need[0, 0]) // opts.band_rows
+        self.starts = np.searchsorted(self.band_of, np.arange(self.band_of[-1] + 2))  # band b: need[starts[b]:starts[b+1]]
+        self.cache = BandCache(mask.shape, self.reach, opts.tta, model.feature_dim)
+        self.done_row = self.trows.min() - self.reach - 1  # tissue rows up to here have their CRF
+
+    def run(self) -> np.ndarray:
+        origins = self.geom.crop_origin(self.geom.centres(self.need[:, 0], self.need[:, 1]))
+        groups = region_groups(self.need[:, 0], self.need[:, 1])
+        loader = _loader(LatticePatches(self.slide_path, origins, self.geom.crop, groups, self.opts.normaliser),
+                         self.opts, None)
+        band = None
+        with tqdm(total=len(self.need), desc=f"lattice {self.slide_path.name}", disable=self.opts.quiet) as bar:
+            for idx, x in loader:
+                b = int(self.band_of[idx[0]])
+                if band is None or b != band.index:
+                    if band is not None:
+                        bar.update(band.compute(self.model, self.opts))
+                        self.finish(band)
+                    band = self.new_band(b)
+                if band.queue(idx, x) >= self.opts.batch_size:
+                    bar.update(band.compute(self.model, self.opts))
+            bar.update(band.compute(self.model, self.opts))
+            self.finish(band)
+        return self.out
+
+    def new_band(self, b: int) -> Band:
+        start = int(self.starts[b])
+        return Band(b, start, int(self.starts[b + 1]) - start, self.opts.tta, self.model.feature_dim)
+
+    def finish(self, band: Band) -> None:
+        """Cache a computed band, then run the CRF of every tissue row now complete."""
+        b = band.index
+        self.cache.add(self.need[self.starts[b]:self.starts[b + 1]], band.lo, band.fe)
+        last_band = b == self.band_of[-1]
+        ready = self.trows.max() if last_band else min(self.need[self.starts[b + 1] - 1, 0] - self.reach,
+                                                       self.trows.max())
+        lo_i, hi_i = np.searchsorted(self.trows, [self.done_row + 1, ready + 1])  # trows is sorted
+        step = max(1, CRF_CHUNK // self.opts.tta)  # in chunks: the neighbours' features are 9x a band
+        for s in range(lo_i, hi_i, step):
+            r, c = self.trows[s:min(hi_i, s + step)], self.tcols[s:min(hi_i, s + step)]
+            lo_n, fe_n = self.cache.get(r[:, None] + self.offs[:, 0], c[:, None] + self.offs[:, 1])
+            self.out[r, c] = crf_centre(self.model, lo_n, fe_n, self.opts.tta).numpy()
+        self.done_row = max(self.done_row, ready)
+        self.cache.drop_rows_below(self.done_row + 1 - self.reach)
+
+
+def lattice_map(model: CRFNet, slide_path: Path, mask: np.ndarray, geom: Geometry, opts: Options) -> np.ndarray:
+    """The lattice method: each needed lattice patch through the CNN once (see LatticeJob)."""
+    if geom.node_offsets() is None:
+        raise ValueError("the lattice method needs a patch size that is a multiple of the lattice stride")
+    if not mask.any():
+        return np.zeros(mask.shape, np.float32)
+    return LatticeJob(model, slide_path, mask, geom, opts).run()
 
 
 def probability_map(model: CRFNet, slide_path: str | Path, mask: np.ndarray, downsample: tuple[float, float],

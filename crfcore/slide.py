@@ -15,6 +15,15 @@ import openslide
 from .errors import CrfError
 
 
+# Pyramids round level sizes, so a "64" level often measures 63.99 or 64.02: two
+# downsamples this close (relative) are the same, everywhere in crfcore.
+DOWNSAMPLE_TOLERANCE = 0.01
+
+
+def same_downsample(a: float, b: float) -> bool:
+    return abs(a / b - 1) <= DOWNSAMPLE_TOLERANCE
+
+
 class SlideError(CrfError):
     """A slide that does not exist, is not a slide, or that OpenSlide cannot read."""
 
@@ -55,7 +64,7 @@ def level_for_downsample(slide: openslide.OpenSlide, downsample: float) -> int:
     """The coarsest level whose downsample is at or below `downsample` (1 % slack)."""
     best = 0
     for level, (dx, dy) in enumerate(level_downsamples(slide)):
-        if max(dx, dy) <= downsample * 1.01:
+        if max(dx, dy) <= downsample * (1 + DOWNSAMPLE_TOLERANCE):
             best = level
     return best
 
@@ -97,7 +106,7 @@ def thumbnail_shape(slide: openslide.OpenSlide, downsample: float) -> tuple[int,
     """`(H, W)` of a picture of the slide at `downsample`: the level's own size when a
     level is within 1 % of it, else the level-0 size divided and rounded up."""
     for (w, h), (dx, dy) in zip(slide.level_dimensions, level_downsamples(slide)):
-        if abs(dx / downsample - 1) < 0.01 and abs(dy / downsample - 1) < 0.01:
+        if same_downsample(dx, downsample) and same_downsample(dy, downsample):
             return h, w
     w0, h0 = slide.dimensions
     return math.ceil(h0 / downsample), math.ceil(w0 / downsample)
