@@ -5,12 +5,15 @@
                      [--to csv|xml|geojson]
   python evaluate.py froc LESIONS_DIR TRUTH_DIR [--level 5] [--slides DIR] [--plot froc.png]
   python evaluate.py slides PROBS_DIR LABELS.csv [--plot roc.png]
-  python evaluate.py pixels PROB.npy TUMOUR_MASK.npy [--threshold 0.5]
+  python evaluate.py pixels PROB.npy TUMOUR_MASK.npy [--threshold 0.5] [--tissue TISSUE.npy]
   python evaluate.py patches CKPT DATASET_DIR [--json JSON_DIR]
+  python evaluate.py negatives PROBS_DIR TRUTH_DIR -o COORDS.txt [--threshold 0.5] [--per-slide N]
+
+Files are paired with slides by the slide's exact stem: lesions `<stem>.csv`, maps
+`<stem>_prob.npy`, truth `<stem>.json|.xml|.geojson` or a mask `<stem>_mask.tif`.
 """
 from __future__ import annotations
 
-import argparse
 import csv
 import json
 from pathlib import Path
@@ -18,11 +21,15 @@ from pathlib import Path
 import numpy as np
 
 from crfcore import evaluation as ev
+from crfcore import masks
 from crfcore import slide as sl
 from crfcore.annotations import load_annotation
-from crfcore.cli import UserError, run
+from crfcore.cli import UserError, parser, run
 from crfcore.heatmap import load_probability_map
-from crfcore.io import atomic_path, atomic_write_text
+from crfcore.io import atomic_path, atomic_write_text, companion, companion_stem, visible_files
+from crfcore.tiling import format_coords
+
+MAX_TRUTH_PIXELS = 2**26  # an evaluation raster larger than this is a mistake (a bad coordinate)
 
 
 def cmd_lesions(args) -> None:
@@ -39,47 +46,65 @@ def cmd_lesions(args) -> None:
           + (f" and {out.with_suffix('.' + args.to)}" if args.to != "csv" else ""))
 
 
-def truth_labels(stem: str, truth_dir: Path, level: int, mpp: float):
-    """Labelled evaluation mask of a slide from `<stem>.json|.xml` or `<stem>*.tif` (a
-    Camelyon16 mask), or None for a normal slide (no truth file, or no polygons)."""
+def find_slide(slides_dir: Path | None, stem: str) -> Path | None:
+    if slides_dir is None:
+        return None
+    return next((p for p in sl.find_slides(slides_dir) if p.stem == stem), None)
+
+
+def truth_lattice(slide_path: Path | None, level: int, bounds) -> masks.Lattice:
+    """Where the truth is rasterised: the slide's level `level` (its real downsample), or a
+    lattice of that downsample over the slide when the pyramid is shallower; without a
+    slide, a nominal `2**level` lattice over the annotation's extent."""
+    if slide_path is not None:
+        with sl.open_slide(slide_path) as s:
+            if level < s.level_count:
+                return masks.Lattice.for_slide(s, level=level)
+            return masks.Lattice.for_slide(s, downsample=2.0 ** level)
     ds = 2.0 ** level
-    for ext in (".json", ".xml"):
-        path = truth_dir / f"{stem}{ext}"
-        if path.exists():
-            ann = load_annotation(path)
-            if not ann.positive:
-                return None
-            x1, y1 = ann.bounds()[2:]
-            shape = (int(y1 / ds) + 2, int(x1 / ds) + 2)
-            tumour = ann.rasterise((np.arange(shape[1]) + 0.5) * ds, (np.arange(shape[0]) + 0.5) * ds)
-            return ev.evaluation_mask(tumour, ds, mpp)
-    masks = sorted(truth_dir.glob(f"{stem}*.tif"))
-    if masks:
-        with sl.open_slide(masks[0]) as m:
-            lvl = min(level, m.level_count - 1)
+    return masks.Lattice((int(bounds[3] / ds) + 2, int(bounds[2] / ds) + 2), (ds, ds), level)
+
+
+def truth_labels(stem: str, truth_dir: Path, level: int, mpp: float,
+                 slide_path: Path | None) -> tuple[np.ndarray | None, tuple[float, float]]:
+    """Labelled evaluation mask of a slide and its per-axis downsample, from its
+    annotation or a Camelyon16 mask TIFF; None for a normal slide (no truth, no polygons)."""
+    path = companion(truth_dir, stem, "annotation")
+    if path is not None:
+        ann = load_annotation(path)
+        if not ann.positive:
+            return None, (1.0, 1.0)
+        lat = truth_lattice(slide_path, level, ann.bounds())
+        if lat.shape[0] * lat.shape[1] > MAX_TRUTH_PIXELS:
+            raise UserError(f"{path}: reaches ({ann.bounds()[2]:.0f}, {ann.bounds()[3]:.0f}): too large an "
+                            "evaluation raster; a coordinate is wrong, or give --slides to bound it by the slide")
+        return ev.evaluation_mask(masks.annotation_mask(ann, lat), lat.downsample[0], mpp), lat.downsample
+    tif = companion(truth_dir, stem, "truth_mask")
+    if tif is not None:
+        with sl.open_slide(tif) as m:
+            lvl = min(level, m.level_count - 1)  # a shallow mask pyramid: its deepest level, real downsample
+            ds = sl.level_downsamples(m)[lvl]
             tumour = sl.read_level(m, lvl)[..., 0] > 0
-            return ev.evaluation_mask(tumour, sl.level_downsamples(m)[lvl][0], mpp)
-    return None
+        return ev.evaluation_mask(tumour, ds[0], mpp), ds
+    return None, (1.0, 1.0)
 
 
 def cmd_froc(args) -> None:
-    files = sorted(args.lesions_dir.glob("*.csv"))
+    files = visible_files(args.lesions_dir, (".csv",))
     if not files:
         raise UserError(f"{args.lesions_dir}: no lesion CSV files (make them with `evaluate.py lesions`)")
     fps, tps, normal = [], [], []
-    ds = 2.0 ** args.level
     for f in files:
-        stem = f.stem.removesuffix("_prob").removesuffix("_lesions")
+        stem = companion_stem(f, "lesions")
+        slide_path = find_slide(args.slides, stem)
         mpp = args.mpp
-        if args.slides is not None:
-            found = [p for p in sl.find_slides(args.slides) if p.stem == stem]
-            if found:
-                with sl.open_slide(found[0]) as s:
-                    mpp = (sl.slide_mpp(s) or (mpp,))[0]
-        labels = truth_labels(stem, args.truth_dir, args.level, mpp)
+        if slide_path is not None:
+            with sl.open_slide(slide_path) as s:
+                mpp = (sl.slide_mpp(s) or (mpp,))[0]
+        labels, ds = truth_labels(stem, args.truth_dir, args.level, mpp, slide_path)
         if labels is None:
             normal.append(stem)
-        itc = ev.isolated_tumour_cells(labels, ds, mpp) if labels is not None else set()
+        itc = ev.isolated_tumour_cells(labels, ds[0], mpp) if labels is not None else set()
         fp, tp, _ = ev.slide_hits(ev.read_lesions(f), labels, itc, ds)
         fps.append(fp)
         tps.append(tp)
@@ -98,21 +123,25 @@ def cmd_froc(args) -> None:
 
 def read_labels(path: Path) -> dict[str, int]:
     out = {}
-    with path.open() as fh:
-        for row in csv.reader(fh):
-            if not row or row[0].strip().lower() in ("slide", "image", "name"):
-                continue
-            if len(row) < 2:
-                raise UserError(f"{path}: expected 'slide,label' lines, got {row}")
-            lab = row[1].strip().lower()
-            out[Path(row[0].strip()).stem] = 1 if lab in ("1", "tumor", "tumour", "true") else 0
+    try:
+        with path.open(newline="") as fh:
+            rows = list(csv.reader(fh))
+    except UnicodeDecodeError:
+        raise UserError(f"{path}: not a text CSV file") from None
+    for row in rows:
+        if not row or row[0].strip().lower() in ("slide", "image", "name"):
+            continue
+        if len(row) < 2:
+            raise UserError(f"{path}: expected 'slide,label' lines, got {row}")
+        lab = row[1].strip().lower()
+        out[Path(row[0].strip()).stem] = 1 if lab in ("1", "tumor", "tumour", "true") else 0
     return out
 
 
 def cmd_slides(args) -> None:
     labels = read_labels(args.labels)
     names, y, score = [], [], []
-    for f in sorted(args.probs_dir.glob("*.npy")):
+    for f in visible_files(args.probs_dir, ("_prob.npy",)):
         prob, meta = load_probability_map(f)
         stem = Path(meta["slide"]).stem
         if stem not in labels:
@@ -132,22 +161,56 @@ def cmd_slides(args) -> None:
         plot(args.plot, r["fpr"], r["tpr"], "1 - specificity", "sensitivity", f"ROC AUC {r['auc']:.3f}")
 
 
-def cmd_pixels(args) -> None:
-    from crfcore.masks import load_mask
+def tissue_for(args, prob: np.ndarray, meta: dict) -> tuple[np.ndarray, str]:
+    """The tissue the AUC is taken over: --tissue, else the mask prob_map.py used, else
+    the map's non-zero cells."""
+    path = args.tissue or (Path(meta["mask"]) if meta.get("mask") and Path(meta["mask"]).exists() else None)
+    if path is None:
+        return prob > 0, "map > 0"
+    tissue, _ = masks.load_mask(path, slide=meta["slide"])
+    if tissue.shape != prob.shape:
+        raise UserError(f"{path}: shape {tissue.shape} differs from the map's {prob.shape}")
+    return tissue, str(path)
 
+
+def cmd_pixels(args) -> None:
     prob, meta = load_probability_map(args.prob)
-    truth, _ = load_mask(args.mask, slide=meta["slide"])
+    truth, _ = masks.load_mask(args.mask, slide=meta["slide"])
     if truth.shape != prob.shape:
         raise UserError(f"{args.mask}: shape {truth.shape} differs from the map's {prob.shape}")
-    pred = prob >= args.threshold
-    inter, union = (pred & truth).sum(), (pred | truth).sum()
-    dice = 2 * inter / max(pred.sum() + truth.sum(), 1)
-    print(f"{meta['slide']}: IoU={inter / max(union, 1):.4f} Dice={dice:.4f} at threshold {args.threshold}")
+    tissue, where = tissue_for(args, prob, meta)
+    r = ev.pixel_scores(prob, truth, tissue, args.threshold)
+    auc = f"AUC={r['auc']:.4f}" if np.isfinite(r["auc"]) else \
+        f"AUC=nan (the truth has only one class over the {r['tissue_pixels']} tissue pixels)"
+    print(f"{meta['slide']}: IoU={r['iou']:.4f} Dice={r['dice']:.4f} at threshold {args.threshold}; "
+          f"{auc} over tissue ({where})")
 
 
 def cmd_patches(args) -> None:
     from crfcore.training import evaluate_folder
-    print(evaluate_folder(args.ckpt, args.data, json_dir=args.json, quiet=args.quiet))
+    print(evaluate_folder(args.ckpt, args.data, json_dir=args.json, quiet=args.quiet, workers=args.workers))
+
+
+def cmd_negatives(args) -> None:
+    maps = visible_files(args.probs_dir, ("_prob.npy",))
+    if not maps:
+        raise UserError(f"{args.probs_dir}: no probability maps (<slide>_prob.npy)")
+    rng = np.random.default_rng(args.seed)
+    lines, total = [], 0
+    for f in maps:
+        prob, meta = load_probability_map(f)
+        stem, ds = Path(meta["slide"]).stem, tuple(meta["downsample"])
+        lat = masks.Lattice(prob.shape, ds, meta.get("level"))
+        ann_path = companion(args.truth_dir, stem, "annotation")
+        tumour = masks.annotation_mask(load_annotation(ann_path), lat) if ann_path else np.zeros(prob.shape, bool)
+        mpp = (meta.get("mpp") or [args.mpp])[0]
+        points = ev.hard_negatives(prob, tumour, ds, args.threshold, args.per_slide,
+                                   args.margin_um / (mpp * ds[0]), args.sample, rng)
+        lines.append(format_coords(stem, points))
+        total += len(points)
+        print(f"{stem}: {len(points)} false-positive points" + ("" if ann_path else " (no truth: a normal slide)"))
+    atomic_write_text(args.output, "".join(lines))
+    print(f"{total} hard-negative points from {len(maps)} slides -> {args.output}")
 
 
 def plot(path: Path, x, y, xlabel: str, ylabel: str, title: str, logx: bool = False) -> None:
@@ -169,43 +232,64 @@ def plot(path: Path, x, y, xlabel: str, ylabel: str, title: str, logx: bool = Fa
     plt.close(fig)
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = p.add_subparsers(dest="cmd", required=True)
-    q = sub.add_parser("lesions", help="NMS lesion points from a probability map")
-    q.add_argument("prob", type=Path)
-    q.add_argument("-o", "--output", type=Path, required=True)
-    q.add_argument("--threshold", type=float, default=0.5)
+def add_commands(p) -> None:
+    sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
+    q = sub.add_parser("lesions", help="NMS lesion points from a probability map", formatter_class=p.formatter_class)
+    q.add_argument("prob", type=Path, help="probability map .npy (prob_map.py)")
+    q.add_argument("-o", "--output", type=Path, required=True, help="LESIONS.csv (prob,x,y per line)")
+    q.add_argument("--threshold", type=float, default=0.5, help="keep maxima above this probability")
     q.add_argument("--radius", type=int, default=12, help="suppression half-side, map pixels")
-    q.add_argument("--sigma", type=float, default=0.0, help="Gaussian smoothing of the map first")
+    q.add_argument("--sigma", type=float, default=0.0, help="Gaussian smoothing of the map first, map pixels")
     q.add_argument("--to", choices=("csv", "xml", "geojson"), default="csv",
                    help="also write ASAP XML points or GeoJSON points")
-    q = sub.add_parser("froc", help="Camelyon16 FROC over a folder of lesion CSVs")
-    q.add_argument("lesions_dir", type=Path)
-    q.add_argument("truth_dir", type=Path, help="annotation JSON/XML or mask TIFF per tumour slide")
-    q.add_argument("--level", type=int, default=5, help="evaluation level (downsample 2**level)")
+    q = sub.add_parser("froc", help="Camelyon16 FROC over a folder of lesion CSVs", formatter_class=p.formatter_class)
+    q.add_argument("lesions_dir", type=Path, help="folder of <slide>.csv lesion files")
+    q.add_argument("truth_dir", type=Path, help="annotation JSON/XML/GeoJSON or mask TIFF per tumour slide")
+    q.add_argument("--level", type=int, default=5, help="evaluation level (the slide's, or downsample 2**level)")
     q.add_argument("--mpp", type=float, default=ev.CAMELYON_MPP, help="um/pixel when a slide has none")
-    q.add_argument("--slides", type=Path, help="slide folder to read each slide's mpp from")
-    q.add_argument("--plot", type=Path)
-    q = sub.add_parser("slides", help="slide-level ROC from map maxima")
-    q.add_argument("probs_dir", type=Path)
+    q.add_argument("--slides", type=Path, help="slide folder: each slide's mpp, levels and size")
+    q.add_argument("--plot", type=Path, help="FROC curve PNG")
+    q = sub.add_parser("slides", help="slide-level ROC from map maxima", formatter_class=p.formatter_class)
+    q.add_argument("probs_dir", type=Path, help="folder of <slide>_prob.npy maps")
     q.add_argument("labels", type=Path, help="CSV: slide,label (tumor/normal or 1/0)")
-    q.add_argument("--plot", type=Path)
-    q = sub.add_parser("pixels", help="IoU and Dice of the thresholded map against a tumour mask")
-    q.add_argument("prob", type=Path)
+    q.add_argument("--plot", type=Path, help="ROC curve PNG")
+    q = sub.add_parser("pixels", help="IoU, Dice and pixel AUC of a map against a tumour mask",
+                       formatter_class=p.formatter_class)
+    q.add_argument("prob", type=Path, help="probability map .npy")
     q.add_argument("mask", type=Path, help="tumour mask .npy on the same lattice (Mask_gen.py)")
-    q.add_argument("--threshold", type=float, default=0.5)
-    q = sub.add_parser("patches", help="classification report of a checkpoint on a data folder")
-    q.add_argument("ckpt", type=Path)
-    q.add_argument("data", type=Path)
+    q.add_argument("--threshold", type=float, default=0.5, help="decision threshold for IoU and Dice")
+    q.add_argument("--tissue", type=Path, help="tissue mask the AUC is taken over (default: the map's own)")
+    q = sub.add_parser("patches", help="classification report of a checkpoint on a data folder",
+                       formatter_class=p.formatter_class)
+    q.add_argument("ckpt", type=Path, help="checkpoint from train.py")
+    q.add_argument("data", type=Path, help="class sub-folders (classify) or a list.txt folder (grid)")
     q.add_argument("--json", type=Path, help="grid models: annotation JSON folder")
-    q.add_argument("--quiet", action="store_true")
+    q.add_argument("--workers", type=int, default=2,
+                   help="DataLoader worker processes reading images or slides (0: in the main process)")
+    q.add_argument("--quiet", action="store_true", help="no progress bar")
+    q = sub.add_parser("negatives", help="hard-negative points: false positives of maps with known truth",
+                       formatter_class=p.formatter_class)
+    q.add_argument("probs_dir", type=Path, help="folder of <slide>_prob.npy maps")
+    q.add_argument("truth_dir", type=Path, help="annotations per tumour slide (no file: a normal slide)")
+    q.add_argument("-o", "--output", type=Path, required=True, help="NCRF coords list slide_id,x,y")
+    q.add_argument("--threshold", type=float, default=0.5, help="false positive: probability above this")
+    q.add_argument("--per-slide", type=int, default=200, help="at most this many points per slide")
+    q.add_argument("--margin-um", type=float, default=0.0, help="keep this far from any tumour, micrometres")
+    q.add_argument("--mpp", type=float, default=ev.CAMELYON_MPP, help="um/pixel when a map's slide has none")
+    q.add_argument("--sample", choices=("prob", "top"), default="prob",
+                   help="prob: drawn with weight = probability; top: the highest")
+    q.add_argument("--seed", type=int, default=0, help="random seed of --sample prob")
+
+
+def main(argv=None) -> int:
+    p = parser(__doc__)
+    add_commands(p)
     args = p.parse_args(argv)
-    for name in ("lesions_dir", "truth_dir", "probs_dir"):
+    for name in ("lesions_dir", "truth_dir", "probs_dir", "slides"):
         if getattr(args, name, None) is not None and not getattr(args, name).is_dir():
             raise UserError(f"{getattr(args, name)}: not a directory")
     {"lesions": cmd_lesions, "froc": cmd_froc, "slides": cmd_slides, "pixels": cmd_pixels,
-     "patches": cmd_patches}[args.cmd](args)
+     "patches": cmd_patches, "negatives": cmd_negatives}[args.cmd](args)
     return 0
 
 

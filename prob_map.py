@@ -1,41 +1,108 @@
 #!/usr/bin/env python3
-"""Whole-slide tumour probability map on a mask's lattice: float32 OUT.npy (0 outside
-the mask) + sidecar. `lattice` (default) runs each needed patch through the CNN once and
-equals NCRF's `naive` computation. SLIDE, MASK and OUT may be directories (one map per
-slide, finished maps skipped; under torchrun the slides are shared out between ranks)."""
+"""Whole-slide tumour probability map on a tissue mask's lattice: float32 OUT.npy (0
+outside the mask) + a sidecar recording the slide, the checkpoint (SHA-256) and the
+settings. `lattice` (default) runs each needed patch through the CNN once and equals
+NCRF's `naive` computation.
+
+SLIDE, MASK and OUT may be directories: each slide `<stem>.*` takes the tissue mask
+`<stem>_tissue.npy` and writes `<stem>_prob.npy`. A map whose sidecar matches the
+checkpoint and settings is skipped (a batch run resumes); a stale one (another
+checkpoint or settings) stops the slide unless --overwrite. Under torchrun the slides
+are shared out between ranks.
+
+  python prob_map.py SLIDE CKPT MASK.npy -o OUT.npy
+  python prob_map.py SLIDE_DIR CKPT MASK_DIR -o OUT_DIR
+"""
 from __future__ import annotations
 
-import os
+import json
 import time
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
-
 
 from crfcore import inference, masks
 from crfcore import slide as sl
-from crfcore.cli import UserError, parser, run
+from crfcore.cli import UserError, add_workers, for_each, parser, run
+from crfcore.device import PRECISIONS, DistEnv, resolve_device, resolve_precision
 from crfcore.heatmap import save_probability_map
-from crfcore.io import sidecar_path
-from crfcore.model import CheckpointError, model_from_checkpoint
-from crfcore.training import autocast_for, resolve_device
+from crfcore.io import check_fits_slide, companion, ensure_free_space, file_sha256, sidecar_path
+from crfcore.model import model_from_checkpoint
+from crfcore.stain import MacenkoNormaliser
 
 
-def jobs(slide: Path, mask: Path, out: Path) -> list[tuple[Path, Path, Path]]:
+@dataclass(frozen=True)
+class Job:
+    slide: Path
+    mask: Path
+    out: Path
+
+
+def jobs(slide: Path, mask: Path, out: Path) -> list[Job]:
+    """One job per slide; directories are paired by the slide's exact stem."""
     if not slide.is_dir():
         if out.is_dir() or out.suffix != ".npy":
             out = out / f"{slide.stem}_prob.npy"
-        return [(slide, mask, out)]
+        return [Job(slide, mask, out)]
     if not mask.is_dir():
         raise UserError(f"SLIDE is a directory, so MASK must be one too: {mask}")
     todo = []
     for s in sl.find_slides(slide):
-        found = sorted(mask.glob(f"{s.stem}*tissue*.npy")) or sorted(mask.glob(f"{s.stem}*.npy"))
-        if not found:
-            raise UserError(f"no mask {s.stem}*.npy in {mask} for slide {s.name}")
-        todo.append((s, found[0], out / f"{s.stem}_prob.npy"))
+        found = companion(mask, s.stem, "tissue")
+        if found is None:
+            raise UserError(f"no tissue mask {s.stem}_tissue.npy in {mask} for slide {s.name}")
+        todo.append(Job(s, found, out / f"{s.stem}_prob.npy"))
     if not todo:
         raise UserError(f"{slide}: no slide files in this directory")
     return todo
+
+
+def settings(args, ckpt_sha: str, precision: str) -> dict:
+    """What decides a map's numbers: a map whose sidecar has the same is up to date."""
+    return {"checkpoint_sha256": ckpt_sha, "method_asked": args.method, "tta": args.tta, "precision": precision}
+
+
+def up_to_date(out: Path, wanted: dict, overwrite: bool) -> bool:
+    """True when `out` exists with these settings; a stale map is an error unless --overwrite."""
+    if not (out.exists() and sidecar_path(out).exists()):
+        return False
+    try:
+        meta = json.loads(sidecar_path(out).read_text())
+    except ValueError:
+        meta = {}
+    stale = [k for k, v in wanted.items() if meta.get(k) != v]
+    if not stale:
+        return True
+    if not overwrite:
+        raise UserError(f"{out}: exists but is stale (its {', '.join(stale)} differ); use --overwrite to recompute")
+    return False
+
+
+def map_slide(job: Job, model, ckpt: dict, args, opts: inference.Options, wanted: dict) -> None:
+    if up_to_date(job.out, wanted, args.overwrite):
+        print(f"{job.out}: up to date, skipped")
+        return
+    cfg = ckpt["config"]
+    mask, meta = masks.load_mask(job.mask, slide=job.slide, kind="tissue")
+    with sl.open_slide(job.slide) as s:
+        check_fits_slide(job.mask, mask.shape, meta["downsample"], s.dimensions)
+        size, mpp = s.dimensions, sl.slide_mpp(s)
+    ensure_free_space(job.out, mask.size * 4 + 4096, "probability map")
+    if not mask.any():
+        warnings.warn(f"{job.mask}: the mask is empty; writing an all-zero map")
+    t = time.perf_counter()
+    prob, method = inference.probability_map(model, job.slide, mask, tuple(meta["downsample"]),
+                                             cfg["patch_size"], cfg["crop_size"], args.method, opts)
+    seconds = round(time.perf_counter() - t, 2)
+    save_probability_map(job.out, prob, {
+        "slide": job.slide.name, "slide_path": str(job.slide), "slide_dimensions": list(size),
+        "mpp": list(mpp) if mpp else None, "level": meta["level"], "downsample": meta["downsample"],
+        "mask": str(job.mask), "checkpoint": str(args.ckpt), **wanted, "grid": cfg["grid"],
+        "patch_size": cfg["patch_size"], "crop_size": cfg["crop_size"], "method": method,
+        "stain_normalised": bool(cfg.get("stain_reference")), "seconds": seconds, "device": str(opts.device)})
+    n = int(mask.sum())
+    print(f"{job.slide.name}: {n} tissue points in {seconds:.1f} s ({method}), "
+          f"max probability {float(prob.max()) if n else 0:.3f} -> {job.out}")
 
 
 def main(argv=None) -> int:
@@ -43,46 +110,34 @@ def main(argv=None) -> int:
     p.add_argument("slide", type=Path, help="slide, or a directory of slides")
     p.add_argument("ckpt", type=Path, help="checkpoint from train.py (grid mode)")
     p.add_argument("mask", type=Path, help="tissue mask .npy (Mask_gen.py), or a directory")
-    p.add_argument("out", type=Path, help="OUT.npy, or a directory")
-    p.add_argument("--method", choices=("lattice", "naive"), default="lattice")
+    p.add_argument("out", type=Path, nargs="?", help="OUT.npy or a directory (or give -o)")
+    p.add_argument("-o", "--output", type=Path, help="OUT.npy, or a directory")
+    p.add_argument("--method", choices=("lattice", "naive"), default="lattice",
+                   help="lattice: each patch through the CNN once; naive: NCRF's loop (reference)")
     p.add_argument("--tta", type=int, choices=(1, 8), default=1, help="mean over the 8 flips/rotations")
     p.add_argument("--batch-size", type=int, default=64, help="patches per CNN batch")
-    p.add_argument("--workers", type=int, default=2, help="DataLoader processes reading the slide")
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    p.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto",
+    add_workers(p)
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                   help="auto: CUDA when present")
+    p.add_argument("--precision", choices=PRECISIONS, default="auto",
                    help="auto: mixed precision on CUDA, fp32 on the CPU")
-    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--overwrite", action="store_true", help="recompute maps that are stale")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
     args = p.parse_args(argv)
-    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    device = resolve_device(args.device, int(os.environ.get("LOCAL_RANK", 0)))
-    _, precision = autocast_for(device, args.precision)
-    try:
-        model, ckpt = model_from_checkpoint(args.ckpt, expect={"mode": "grid"})
-    except CheckpointError as err:
-        raise UserError(str(err)) from None
-    cfg = ckpt["config"]
-    opts = inference.Options(batch_size=args.batch_size, workers=args.workers, device=device,
-                             precision=precision, tta=args.tta, quiet=args.quiet)
-    for slide_path, mask_path, out in jobs(args.slide, args.mask, args.out)[rank::world]:
-        if out.exists() and sidecar_path(out).exists():
-            print(f"{out}: exists, skipped")
-            continue
-        mask, meta = masks.load_mask(mask_path, slide=slide_path)
-        if not mask.any():
-            warnings.warn(f"{mask_path}: the mask is empty; writing an all-zero map")
-        t = time.perf_counter()
-        prob, method = inference.probability_map(model, slide_path, mask, tuple(meta["downsample"]),
-                                                 cfg["patch_size"], cfg["crop_size"], args.method, opts)
-        seconds = round(time.perf_counter() - t, 2)
-        save_probability_map(out, prob, {
-            "slide": slide_path.name, "level": meta["level"], "downsample": meta["downsample"],
-            "mask": str(mask_path), "checkpoint": str(args.ckpt), "grid": cfg["grid"], "method": method,
-            "tta": args.tta, "seconds": seconds, "device": str(device), "precision": precision})
-        n = int(mask.sum())
-        print(f"{slide_path.name}: {n} tissue points in {seconds:.1f} s ({method}), "
-              f"max probability {float(prob.max()) if n else 0:.3f} -> {out}")
+    if (args.out is None) == (args.output is None):
+        p.error("give the output once: OUT as the 4th argument or -o OUT")
+    out = args.output or args.out
+    env = DistEnv.from_env()
+    device = resolve_device(args.device, env.local_rank)
+    precision = resolve_precision(device, args.precision)
+    model, ckpt = model_from_checkpoint(args.ckpt, expect={"mode": "grid"})
+    ref = ckpt["config"].get("stain_reference")
+    opts = inference.Options(batch_size=args.batch_size, workers=args.workers, device=device, precision=precision,
+                             tta=args.tta, quiet=args.quiet, normaliser=MacenkoNormaliser.from_dict(ref) if ref else None)
+    wanted = settings(args, file_sha256(args.ckpt), precision)
+    todo = jobs(args.slide, args.mask, out)[env.rank::env.world]
+    for_each(todo, lambda j: j.slide.name, lambda j: map_slide(j, model, ckpt, args, opts, wanted))
     return 0
-
 
 
 if __name__ == "__main__":

@@ -70,7 +70,7 @@ def main() -> int:
             tumour, _ = masks.load_mask(out / "masks" / f"{name}_tumor.npy")
             lab = evaluation_mask(tumour, 32.0, 1.0) if tumours else None
             itc = isolated_tumour_cells(lab, 32.0, 1.0) if tumours else set()
-            fp, tp, _ = slide_hits(find_lesions(prob, tuple(meta["downsample"])), lab, itc, 32.0)
+            fp, tp, _ = slide_hits(find_lesions(prob, tuple(meta["downsample"])), lab, itc, (32.0, 32.0))
             fps.append(fp), tps.append(tp), scores.append(float(prob.max()))
             if tumours:
                 pred = prob >= 0.5

@@ -53,9 +53,43 @@ def run(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[str] 
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """Defaults shown once (argparse adds them; help texts never repeat them), and
-    descriptions kept as written (usage examples)."""
+    """Defaults shown once (argparse adds them; help texts never repeat them), left out
+    where there is none (None, False); descriptions kept as written (usage examples)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        if action.default in (None, False) or action.default is argparse.SUPPRESS:
+            return action.help or ""
+        return super()._get_help_string(action)
 
 
 def parser(description: str) -> argparse.ArgumentParser:
     return argparse.ArgumentParser(description=description, formatter_class=HelpFormatter)
+
+
+DEFAULT_WORKERS = 2
+
+
+def add_workers(p: argparse.ArgumentParser) -> None:
+    """`--workers`: the same option, default and meaning in every script."""
+    p.add_argument("--workers", type=int, default=DEFAULT_WORKERS,
+                   help="DataLoader worker processes reading images or slides (0: in the main process)")
+
+
+def for_each(jobs: Sequence, name: Callable[[object], str], work: Callable[[object], None],
+             quiet: bool = True) -> None:
+    """Run `work` on every job (a progress bar over several unless `quiet`); a job that
+    fails with a user error is reported on its own line and the batch goes on; at the end
+    the failures are named (exit status 2)."""
+    from tqdm import tqdm
+
+    failed = []
+    for job in tqdm(jobs, desc="slides", disable=quiet or len(jobs) < 2):
+        try:
+            work(job)
+        except (CrfError, OSError) as err:
+            if len(jobs) == 1:
+                raise
+            print(f"error: {one_line(err)}", file=sys.stderr)
+            failed.append(name(job))
+    if failed:
+        raise UserError(f"{len(failed)} of {len(jobs)} failed: {', '.join(failed)}")

@@ -1,10 +1,18 @@
-"""Measuring predictions: patch-level metrics and reports (more in the evaluate issue)."""
+"""Measuring predictions: patch-level metrics and reports, NMS lesions, the Camelyon16
+FROC, slide-level ROC, pixel-level scores and hard-negative points."""
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import numpy as np
 from sklearn import metrics as skm
+
+from .errors import CrfError
+
+
+class EvaluationError(CrfError):
+    """Inputs that cannot be evaluated (a malformed lesion file, one class only)."""
 
 
 def patch_metrics(y_true: np.ndarray, prob: np.ndarray) -> dict[str, float]:
@@ -91,14 +99,21 @@ def lesions_csv(lesions: np.ndarray) -> str:
 
 
 def read_lesions(path: str | Path) -> np.ndarray:
-    """A `prob,x,y` CSV (NCRF's, no header) as `(n, 3)`."""
+    """A `prob,x,y` CSV (NCRF's, no header) as `(n, 3)`; non-finite values are refused."""
     rows = []
-    for lineno, line in enumerate(Path(path).read_text().splitlines(), 1):
+    try:
+        lines = Path(path).read_text().splitlines()
+    except (OSError, UnicodeDecodeError) as err:
+        raise EvaluationError(f"{path}: cannot read ({getattr(err, 'strerror', None) or err})") from None
+    for lineno, line in enumerate(lines, 1):
         if line.strip():
             try:
-                rows.append([float(v) for v in line.split(",")[:3]])
+                row = [float(v) for v in line.split(",")]
             except ValueError:
-                raise ValueError(f"{path}:{lineno}: expected 'prob,x,y', got {line.strip()!r}") from None
+                row = []
+            if len(row) != 3 or not all(math.isfinite(v) for v in row):
+                raise EvaluationError(f"{path}:{lineno}: expected 'prob,x,y' (finite numbers), got {line.strip()!r}")
+            rows.append(row)
     return np.array(rows, float).reshape(-1, 3)
 
 
@@ -146,16 +161,17 @@ def isolated_tumour_cells(labels: np.ndarray, level_downsample: float, mpp: floa
 
 
 def slide_hits(lesions: np.ndarray, labels: np.ndarray | None, itc: set[int],
-               level_downsample: float) -> tuple[list[float], np.ndarray, int]:
+               downsample: tuple[float, float]) -> tuple[list[float], np.ndarray, int]:
     """(false-positive probabilities, best probability per tumour region (0 = missed),
-    number of countable tumours) of one slide, as Camelyon16's evaluation code does."""
+    number of countable tumours) of one slide, as Camelyon16's evaluation code does.
+    `labels` is on a lattice of per-axis `downsample` (level-0 pixels per label pixel)."""
     if labels is None or labels.max() == 0:
         return [float(p) for p in lesions[:, 0]], np.zeros(0), 0
     n = int(labels.max())
     tp = np.zeros(n)
     fp = []
     for p, x, y in lesions:
-        r, c = int(y / level_downsample), int(x / level_downsample)
+        r, c = int(y / downsample[1]), int(x / downsample[0])
         hit = labels[r, c] if 0 <= r < labels.shape[0] and 0 <= c < labels.shape[1] else 0
         if hit == 0:
             fp.append(float(p))
@@ -198,7 +214,7 @@ def slide_roc(labels: np.ndarray, scores: np.ndarray, n_boot: int = 2000, seed: 
     (the share of normal slides that could be skipped missing at most 1 - sensitivity)."""
     labels, scores = np.asarray(labels, int), np.asarray(scores, float)
     if len(np.unique(labels)) < 2:
-        raise ValueError("slide-level ROC needs both tumour and normal slides")
+        raise EvaluationError("slide-level ROC needs both tumour and normal slides")
     auc = skm.roc_auc_score(labels, scores)
     rng = np.random.default_rng(seed)
     boots = []
@@ -213,3 +229,45 @@ def slide_roc(labels: np.ndarray, scores: np.ndarray, n_boot: int = 2000, seed: 
     return {"auc": float(auc), "auc_low": float(lo), "auc_high": float(hi),
             "specificity": float(1 - fpr[j]), "threshold": float(thr[j]), "sensitivity": float(tpr[j]),
             "fpr": fpr, "tpr": tpr}
+
+
+# ----------------------------------------------------------------------------- pixel level
+
+
+def pixel_scores(prob: np.ndarray, truth: np.ndarray, tissue: np.ndarray, threshold: float) -> dict:
+    """IoU and Dice of `prob >= threshold` against `truth` over the whole map, and the
+    threshold-free ROC AUC of `prob` for `truth` over the `tissue` pixels (NaN when the
+    truth has one class there)."""
+    pred = prob >= threshold
+    inter, union = int((pred & truth).sum()), int((pred | truth).sum())
+    t, p = truth[tissue], prob[tissue]
+    auc = float(skm.roc_auc_score(t, p)) if 0 < t.sum() < t.size else float("nan")
+    return {"iou": inter / max(union, 1), "dice": 2 * inter / max(int(pred.sum() + truth.sum()), 1),
+            "auc": auc, "tumour_pixels": int(t.sum()), "tissue_pixels": int(t.size)}
+
+
+# ----------------------------------------------------------------------------- hard negatives
+
+
+def hard_negatives(prob: np.ndarray, tumour: np.ndarray, downsample: tuple[float, float], threshold: float,
+                   n: int, margin_px: float = 0.0, sample: str = "prob",
+                   rng: np.random.Generator | None = None) -> np.ndarray:
+    """Up to `n` level-0 points `(x, y)` (map-pixel centres) where the map says tumour
+    (`prob > threshold`) but the truth does not, farther than `margin_px` map pixels from
+    any tumour: false positives to add to the normal training set, as NCRF mined them.
+    `sample` "top" takes the highest probabilities, "prob" draws with weight = probability."""
+    from scipy import ndimage as nd
+
+    far = ~tumour if margin_px <= 0 else nd.distance_transform_edt(~tumour) > margin_px
+    rows, cols = np.nonzero((prob > threshold) & far)
+    p = prob[rows, cols].astype(float)
+    if len(p) > n:
+        if sample == "top":
+            pick = np.argsort(-p, kind="stable")[:n]
+        else:
+            pick = (rng or np.random.default_rng(0)).choice(len(p), n, replace=False, p=p / p.sum())
+        rows, cols = rows[pick], cols[pick]
+    order = np.lexsort((cols, rows))
+    xs = ((cols[order] + 0.5) * downsample[0]).astype(int)
+    ys = ((rows[order] + 0.5) * downsample[1]).astype(int)
+    return np.stack([xs, ys], 1).reshape(-1, 2)

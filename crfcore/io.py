@@ -229,6 +229,7 @@ COMPANIONS: dict[str, tuple[str, ...]] = {
     "prob": ("_prob.npy",),
     "lesions": (".csv", "_lesions.csv", "_prob.csv"),
     "annotation": (".json", ".xml", ".geojson", ".txt"),
+    "truth_mask": ("_mask.tif", ".tif", "_mask.tiff", ".tiff"),  # Camelyon16's Tumor_001_Mask.tif
 }
 
 
@@ -267,3 +268,14 @@ def companion_stem(path: str | Path, kind: str) -> str:
         if name.lower().endswith(suffix.lower()):
             return name[:-len(suffix)]
     return Path(path).stem
+
+
+def file_sha256(path: str | Path) -> str:
+    """The SHA-256 of a file's bytes, in hex (checkpoints are recorded by content, not path)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()

@@ -5,6 +5,7 @@ A mask is a bool array `[row, col]`; pixel `[r, c]` covers the level-0 point
 """
 from __future__ import annotations
 
+import math
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +18,7 @@ from skimage.filters import threshold_otsu
 
 from . import slide as sl
 from .annotations import Annotation
+from .errors import CrfError
 from .io import load_array, save_array
 
 KINDS = ("tissue", "tumor", "normal")
@@ -25,6 +27,10 @@ DEFAULT_DOWNSAMPLE = 64.0  # NCRF's level 6
 
 class MaskWarning(UserWarning):
     """An empty mask, or annotation vertices outside the slide."""
+
+
+class MaskError(CrfError):
+    """A mask that cannot be made as asked (unknown kind, missing annotation, bad level)."""
 
 
 @dataclass(frozen=True)
@@ -43,7 +49,7 @@ class Lattice:
         w0, h0 = slide.dimensions
         if level is not None:
             if not 0 <= level < slide.level_count:
-                raise ValueError(f"level {level} out of range: the slide has {slide.level_count} levels")
+                raise MaskError(f"level {level} out of range: the slide has {slide.level_count} levels")
             w, h = slide.level_dimensions[level]
             return cls((h, w), (w0 / w, h0 / h), level)
         d = DEFAULT_DOWNSAMPLE if downsample is None else float(downsample)
@@ -85,7 +91,7 @@ def tissue_mask_histolab(rgb: np.ndarray) -> np.ndarray:
         from histolab.filters.compositions import FiltersComposition
         from histolab.slide import Slide
     except ImportError:
-        raise ModuleNotFoundError("--method histolab needs histolab (install it with Install/install.sh)") from None
+        raise MaskError("--method histolab needs histolab (install it with Install/install.sh)") from None
     from PIL import Image
 
     filters = FiltersComposition(Slide).tissue_mask_filters
@@ -112,28 +118,29 @@ def make_mask(slide_path: str | Path, kind: str, annotation: Annotation | None =
               method: str = "otsu") -> tuple[np.ndarray, dict]:
     """Compute a `tissue`, `tumor` or `normal` mask and its sidecar metadata."""
     if kind not in KINDS:
-        raise ValueError(f"unknown mask kind {kind!r} (expected one of {', '.join(KINDS)})")
+        raise MaskError(f"unknown mask kind {kind!r} (expected one of {', '.join(KINDS)})")
     if kind != "tissue" and annotation is None:
-        raise ValueError(f"a {kind} mask needs --annotation")
-    slide = sl.open_slide(slide_path)
-    lattice = Lattice.for_slide(slide, level, downsample)
-    if annotation is not None and (n := count_outside(annotation, slide)):
-        warnings.warn(f"{slide_path}: {n} annotation vertices lie outside the slide "
-                      f"{slide.dimensions}; clipped", MaskWarning, stacklevel=2)
-    if kind == "tumor":
-        mask = annotation_mask(annotation, lattice)
-    else:
-        rgb = lattice.image(slide)
-        mask = tissue_mask_histolab(rgb) if method == "histolab" else tissue_mask_otsu(rgb)
-        if kind == "normal":
-            mask &= ~annotation_mask(annotation, lattice)
+        raise MaskError(f"a {kind} mask needs --annotation")
+    if downsample is not None and not (math.isfinite(downsample) and downsample >= 1):
+        raise MaskError(f"--downsample {downsample}: expected a number >= 1")
+    with sl.open_slide(slide_path) as slide:
+        lattice = Lattice.for_slide(slide, level, downsample)
+        if annotation is not None and (n := count_outside(annotation, slide)):
+            warnings.warn(f"{slide_path}: {n} annotation vertices lie outside the slide "
+                          f"{slide.dimensions}; clipped", MaskWarning, stacklevel=2)
+        if kind == "tumor":
+            mask = annotation_mask(annotation, lattice)
+        else:
+            rgb = lattice.image(slide)
+            mask = tissue_mask_histolab(rgb) if method == "histolab" else tissue_mask_otsu(rgb)
+            if kind == "normal":
+                mask &= ~annotation_mask(annotation, lattice)
+        dimensions = list(slide.dimensions)
     if not mask.any():
         warnings.warn(f"{slide_path}: the {kind} mask is empty", MaskWarning, stacklevel=2)
-    meta = {"slide": Path(slide_path).name, "level": lattice.level,
+    meta = {"slide": Path(slide_path).name, "slide_path": str(slide_path), "level": lattice.level,
             "downsample": list(lattice.downsample), "kind": kind,
-            "method": "polygons" if kind == "tumor" else method,
-            "slide_dimensions": list(slide.dimensions)}
-    slide.close()
+            "method": "polygons" if kind == "tumor" else method, "slide_dimensions": dimensions}
     return mask, meta
 
 

@@ -6,11 +6,19 @@ A training sample is an `image_size` square centred on a level-0 point, cut into
 """
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from .errors import CrfError
+from .io import visible_files
+
+class TilingError(CrfError):
+    """A patch geometry or coords list that is invalid; the message names it."""
+
 
 TILE_NAME = re.compile(r"^(?P<prefix>.*?)tile_(?P<index>\d+)_level(?P<level>\d+)_"
                        r"(?P<x0>-?\d+)-(?P<y0>-?\d+)-(?P<x1>-?\d+)-(?P<y1>-?\d+)\.png$")
@@ -27,9 +35,9 @@ class GridGeometry:
 
     def __post_init__(self) -> None:
         if self.image_size % self.patch_size:
-            raise ValueError(f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}")
+            raise TilingError(f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}")
         if not 0 < self.crop_size <= self.patch_size:
-            raise ValueError(f"crop_size {self.crop_size} must be in 1..patch_size {self.patch_size}")
+            raise TilingError(f"crop_size {self.crop_size} must be in 1..patch_size {self.patch_size}")
 
     @property
     def grid(self) -> int:
@@ -42,12 +50,6 @@ class GridGeometry:
         idx = (np.arange(g) - (g - 1) / 2) * p
         gy, gx = np.meshgrid(idx, idx, indexing="ij")
         return np.stack([gx.ravel(), gy.ravel()], axis=1)
-
-
-def square_box(centre: tuple[float, float], size: float) -> tuple[int, int, int, int]:
-    """Level-0 box `(x0, y0, x1, y1)` (x1, y1 exclusive) of a `size` square on `centre`."""
-    x0, y0 = int(centre[0] - size / 2), int(centre[1] - size / 2)
-    return x0, y0, x0 + int(size), y0 + int(size)
 
 
 def _integral(mask: np.ndarray) -> np.ndarray:
@@ -106,18 +108,28 @@ def random_centres(mask: np.ndarray, downsample: tuple[float, float], n: int,
     return np.stack([xs, ys], 1).astype(int)
 
 
+MAX_COORD = 2**31  # no slide is larger; a bigger coordinate is a corrupt line
+
+
 def read_coords(path: str | Path) -> list[tuple[str, int, int]]:
     """An NCRF coords list: `slide_id,x,y` per line (level-0 centre), no header."""
     out = []
-    for lineno, line in enumerate(Path(path).read_text().splitlines(), 1):
+    try:
+        lines = Path(path).read_text().splitlines()
+    except (OSError, UnicodeDecodeError) as err:
+        raise TilingError(f"{path}: cannot read the coords list ({getattr(err, 'strerror', None) or err})") from None
+    for lineno, line in enumerate(lines, 1):
         if not line.strip():
             continue
         parts = [p.strip() for p in line.split(",")]
         try:
             sid, x, y = parts
-            out.append((sid, int(round(float(x))), int(round(float(y)))))
+            xy = float(x), float(y)
         except ValueError:
-            raise ValueError(f"{path}:{lineno}: expected 'slide_id,x,y', got {line.strip()!r}") from None
+            raise TilingError(f"{path}:{lineno}: expected 'slide_id,x,y', got {line.strip()!r}") from None
+        if not all(math.isfinite(v) and abs(v) < MAX_COORD for v in xy):
+            raise TilingError(f"{path}:{lineno}: coordinates {x}, {y} are not finite pixel positions")
+        out.append((sid, int(round(xy[0])), int(round(xy[1]))))
     return out
 
 
@@ -192,10 +204,10 @@ def collect_tiles(patch_dir: Path) -> tuple[dict[str, list[TileInfo]], list[Path
     histolab tiler folder (tiles directly inside: the folder's name is the slide id),
     sorted by tile index; also the PNG files whose names do not parse."""
     patch_dir = Path(patch_dir)
-    direct = sorted(patch_dir.glob("*.png"))
+    direct = visible_files(patch_dir, (".png",))
     folders = {patch_dir.name: direct} if any(TILE_NAME.match(p.name) for p in direct) else {}
-    for sub in sorted(p for p in patch_dir.iterdir() if p.is_dir()):
-        folders[sub.name] = sorted(sub.glob("*.png"))
+    for sub in sorted(p for p in patch_dir.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        folders[sub.name] = visible_files(sub, (".png",))
     tiles: dict[str, list[TileInfo]] = {}
     bad: list[Path] = []
     for sid, files in folders.items():

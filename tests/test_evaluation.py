@@ -44,14 +44,14 @@ def test_froc_hand_computed(truth, tmp_path):
     lesions = np.array([[0.9, 4800, 4800],      # on big1
                         [0.8, 9000, 16000],     # normal tissue: a false positive
                         [0.7, 3360, 12960]])    # on the ITC: neither hit nor miss
-    fp, tp, n = ev.slide_hits(lesions, labels, itc, ds)
+    fp, tp, n = ev.slide_hits(lesions, labels, itc, (ds, ds))
     assert fp == [0.8] and sorted(tp.tolist()) == [0.0, pytest.approx(0.9)] and n == 2
     avg_fp, sens = ev.froc([fp], [tp])
     score, at = ev.froc_score(avg_fp, sens)
     assert at.tolist() == [0.5] * 6 and score == pytest.approx(0.5)
     # a perfect detector: every tumour found, nothing else
     perfect = np.array([[0.9, 4800, 4800], [0.95, 14400, 4800]])
-    fp, tp, _ = ev.slide_hits(perfect, labels, itc, ds)
+    fp, tp, _ = ev.slide_hits(perfect, labels, itc, (ds, ds))
     assert ev.froc_score(*ev.froc([fp, []], [tp, np.zeros(0)]))[0] == pytest.approx(1.0)
 
 

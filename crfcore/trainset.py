@@ -1,0 +1,145 @@
+"""NCRF's training-set folder: `list.txt` (one `slide_id,x,y` per image) and the images
+`0.png, 1.png, ...` in the same order, gathered from Patch_gen folders.
+
+Crash safety: images are hard-linked, copied through a temporary file, or moved (a
+rename); list.txt is written last, atomically. A move first writes a journal
+(`.move-journal.json`) naming every move and the list.txt it leads to; a later run that
+finds the journal completes nothing by guesswork: if list.txt is the promised one it
+drops the journal, otherwise it moves the images back, so a kill at any moment leaves
+either the old state or the new one.
+"""
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import os
+import shutil
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import CrfError
+from .io import atomic_copy, atomic_path, atomic_write_json, atomic_write_text
+from .tiling import TileInfo, collect_tiles, read_coords
+
+JOURNAL = ".move-journal.json"
+
+
+class TrainSetError(CrfError):
+    """A patch folder or training-set folder that is incomplete or inconsistent."""
+
+
+@dataclass(frozen=True)
+class Entry:
+    line: str     # `slide_id,x,y`
+    source: Path  # the tile image
+
+
+def gather(patch_dir: Path) -> tuple[dict[str, list[TileInfo]], list[Path]]:
+    """Tiles per slide of a patch folder, each slide checked against its completion marker
+    `<slide_id>.txt` (Patch_gen writes it last); also the unparsable PNG names."""
+    if not patch_dir.is_dir():
+        raise TrainSetError(f"{patch_dir}: not a directory")
+    tiles, bad = collect_tiles(patch_dir)
+    for sid, infos in tiles.items():
+        flat = infos[0].path.parent == patch_dir  # a histolab tiler folder: no marker to check
+        marker = patch_dir / f"{sid}.txt"
+        if flat:
+            warnings.warn(f"{patch_dir}: tiles without a {marker.name} (histolab layout); completeness not checked")
+        elif not marker.exists():
+            raise TrainSetError(f"{patch_dir / sid}: no {marker.name}: Patch_gen.py did not finish this slide "
+                                "(run it again)")
+        else:
+            listed = sorted((x, y) for s, x, y in read_coords(marker) if s == sid)
+            if listed != sorted(t.centre for t in infos):
+                raise TrainSetError(f"{patch_dir / sid}: {len(infos)} tiles do not match the {len(listed)} "
+                                    f"centres of {marker.name} (stale tiles? run Patch_gen.py --overwrite)")
+    return tiles, bad
+
+
+def existing_lines(out: Path, append: bool, overwrite: bool) -> list[str]:
+    """The lines of DATASET_DIR to keep (--append) or none; a non-empty folder needs one of
+    the two. Images beyond list.txt (an interrupted earlier run) are removed."""
+    out.mkdir(parents=True, exist_ok=True)
+    lines = listed(out)
+    numbered = sorted((int(p.stem), p) for p in out.glob("*.png") if p.stem.isdigit())
+    if (lines or numbered) and not (append or overwrite):
+        raise TrainSetError(f"{out} is not empty; use --append to add to it or --overwrite to replace it")
+    if overwrite:
+        (out / "list.txt").unlink(missing_ok=True)  # first: the folder is then plainly incomplete
+        for _, p in numbered:
+            p.unlink()
+        return []
+    have = {i for i, _ in numbered}
+    missing = [i for i in range(len(lines)) if i not in have]
+    if missing:
+        raise TrainSetError(f"{out}: list.txt names {len(lines)} images but {len(missing)} are missing "
+                            f"(first: {missing[0]}.png)")
+    extra = [p for i, p in numbered if i >= len(lines)]
+    if extra:
+        warnings.warn(f"{out}: removing {len(extra)} images beyond list.txt left by an interrupted run")
+        for p in extra:
+            p.unlink()
+    return lines
+
+
+def listed(out: Path) -> list[str]:
+    """The lines of DATASET_DIR/list.txt (none when there is none)."""
+    return (out / "list.txt").read_text().splitlines() if (out / "list.txt").exists() else []
+
+
+def place(src: Path, dst: Path, how: str) -> None:
+    """Hard-link (copy across devices), copy or move `src` to `dst`; never a partial `dst`."""
+    if how == "link":
+        try:
+            with atomic_path(dst) as tmp:
+                tmp.unlink()
+                os.link(src, tmp)
+            return
+        except OSError as err:
+            if err.errno not in (errno.EXDEV, errno.EPERM, errno.EMLINK):
+                raise
+        how = "copy"
+    if how == "copy":
+        atomic_copy(src, dst)
+    else:
+        shutil.move(src, dst)  # a rename on one file system; copy + delete across them
+
+
+def write(out: Path, keep: list[str], new: list[Entry], how: str) -> list[str]:
+    """Add `new` after the `keep` lines; return all lines. list.txt is written last."""
+    lines = keep + [e.line for e in new]
+    text = "".join(f"{ln}\n" for ln in lines)
+    moves = [(str(e.source), str(out / f"{i}.png")) for i, e in enumerate(new, len(keep))]
+    if how == "move":
+        atomic_write_json(out / JOURNAL, {"moves": moves, "list_sha256": _sha(text)})
+    for src, dst in moves:
+        place(Path(src), Path(dst), how)
+    atomic_write_text(out / "list.txt", text)
+    (out / JOURNAL).unlink(missing_ok=True)
+    return lines
+
+
+def recover_moves(out: Path) -> None:
+    """Finish the business of an interrupted --move (see the module docstring)."""
+    journal = out / JOURNAL
+    if not journal.is_file():
+        return
+    state = json.loads(journal.read_text())
+    lst = out / "list.txt"
+    if lst.exists() and _sha(lst.read_text()) == state["list_sha256"]:
+        journal.unlink()  # the move had finished; only the journal was left
+        return
+    back = 0
+    for src, dst in state["moves"]:
+        if Path(dst).exists() and not Path(src).exists():
+            Path(src).parent.mkdir(parents=True, exist_ok=True)
+            shutil.move(dst, src)
+            back += 1
+    journal.unlink()
+    warnings.warn(f"{out}: an earlier --move was interrupted; moved {back} images back to their patch folders")
+
+
+def _sha(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
