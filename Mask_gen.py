@@ -11,6 +11,7 @@ that fails is reported and the others go on.
 """
 from __future__ import annotations
 
+import argparse
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -68,7 +69,7 @@ def mask_slide(job: Job, args) -> None:
           f"{meta['downsample'][0]:.2f}, {mask.mean():.1%} set -> {job.out}")
 
 
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     p = parser(__doc__)
     p.add_argument("slide", help="slide file, or a directory of slides")
     p.add_argument("-o", "--output", required=True, help="OUT.npy, or a directory")
@@ -83,6 +84,11 @@ def main(argv=None) -> int:
     p.add_argument("--method", choices=("otsu", "histolab"), default="otsu",
                    help="tissue detector (tissue and normal masks)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    return p
+
+
+def main(argv=None) -> int:
+    p = build_parser()
     args = p.parse_args(argv)
     for_each(jobs(args), lambda j: j.slide.name, lambda j: mask_slide(j, args), args.quiet)
     return 0

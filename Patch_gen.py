@@ -14,6 +14,7 @@ SLIDE and --mask may be directories: each slide `<stem>.*` takes `<stem>_<kind>.
 """
 from __future__ import annotations
 
+import argparse
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -111,7 +112,7 @@ def cut_slide(args, job: Job, rng) -> None:
     print(f"{job.slide.name}: {n} patches -> {out / sid}" + (f"; {skipped} squares off the slide skipped" if skipped else ""))
 
 
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     p = parser(__doc__)
     p.add_argument("slide", type=Path, help="slide file, or a directory of slides")
     p.add_argument("--mask", type=Path, required=True, help="mask .npy (Mask_gen.py), or a directory")
@@ -129,6 +130,11 @@ def main(argv=None) -> int:
     p.add_argument("--overwrite", action="store_true", help="cut again slides that already have patches")
     add_workers(p)
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    return p
+
+
+def main(argv=None) -> int:
+    p = build_parser()
     args = p.parse_args(argv)
     if args.mode == "random" and not args.num:
         raise UserError("--mode random needs --num N")

@@ -10,6 +10,7 @@ are taken. list.txt is written last; an interrupted --move is undone on the next
 """
 from __future__ import annotations
 
+import argparse
 import warnings
 from pathlib import Path
 
@@ -43,23 +44,27 @@ def entries(patch_dirs: list[Path], keep: list[str]) -> tuple[list[trainset.Entr
     return new, len(found)
 
 
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     p = parser(__doc__)
     p.add_argument("patch_dirs", nargs="+", type=Path, metavar="PATCH_DIR", help="Patch_gen.py output folders")
     p.add_argument("-o", "--output", type=Path, required=True, metavar="DATASET_DIR", help="training-set folder")
     how = p.add_mutually_exclusive_group()
-    for mode, text in (("link", "hard-link the images (copy across devices; default)"),
+    for mode, text in (("link", "hard-link the images, copying across devices (the default)"),
                        ("copy", "copy the images"), ("move", "move the images (journaled: a kill is undone)")):
         how.add_argument(f"--{mode}", dest="how", action="store_const", const=mode, help=text)
     again = p.add_mutually_exclusive_group()
     again.add_argument("--append", action="store_true", help="add to an existing DATASET_DIR")
     again.add_argument("--overwrite", action="store_true", help="replace an existing DATASET_DIR")
-    p.set_defaults(how="link")
+    return p
+
+
+def main(argv=None) -> int:
+    p = build_parser()
     args = p.parse_args(argv)
     trainset.recover_moves(args.output)  # first: it may put images back into the patch folders
     new, slides = entries(args.patch_dirs, trainset.listed(args.output) if args.append else [])
     keep = trainset.existing_lines(args.output, args.append, args.overwrite)
-    lines = trainset.write(args.output, keep, new, args.how)
+    lines = trainset.write(args.output, keep, new, args.how or "link")
     print(f"{len(new)} patches from {slides} slide(s) -> {args.output} ({len(lines)} in all)")
     return 0
 

@@ -14,6 +14,7 @@ Files are paired with slides by the slide's exact stem: lesions `<stem>.csv`, ma
 """
 from __future__ import annotations
 
+import argparse
 import csv
 import json
 from pathlib import Path
@@ -281,10 +282,14 @@ def add_commands(p) -> None:
     q.add_argument("--seed", type=int, default=0, help="random seed of --sample prob")
 
 
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     p = parser(__doc__)
     add_commands(p)
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
     for name in ("lesions_dir", "truth_dir", "probs_dir", "slides"):
         if getattr(args, name, None) is not None and not getattr(args, name).is_dir():
             raise UserError(f"{getattr(args, name)}: not a directory")

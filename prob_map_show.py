@@ -1,9 +1,15 @@
 #!/usr/bin/env python3
 """Render a probability map: a PNG with a colour bar; with --slide, the map over the
-slide thumbnail (aligned pixel for pixel); with --tiff, a pyramidal TIFF of the coloured
-map at the slide's level-0 size and mpp, to overlay in QuPath or ASAP."""
+slide thumbnail (aligned pixel for pixel); with --tiff, a pyramidal TIFF of the map at
+the slide's level-0 size and mpp, to overlay in other tools: the probability itself
+(single channel, `uint8` 0-255 or `float32` 0-1, for thresholds and colour maps of
+your own) or `colour` (the colour map as RGB).
+
+  python prob_map_show.py PROB.npy -o OUT.png --slide SLIDE --tiff OUT.tif --tiff-values uint8
+"""
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 
 from crfcore import heatmap
@@ -11,29 +17,38 @@ from crfcore import slide as sl
 from crfcore.cli import UserError, parser, run
 
 
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     p = parser(__doc__)
     p.add_argument("prob", type=Path, help="probability map .npy (prob_map.py)")
     p.add_argument("-o", "--output", type=Path, required=True, help="OUT.png")
     p.add_argument("--slide", type=Path, help="draw over this slide's thumbnail")
     p.add_argument("--alpha", type=float, default=0.5, help="overlay opacity")
     p.add_argument("--cmap", default="jet", help="matplotlib colour map")
-    p.add_argument("--vmin", type=float, default=0.0)
-    p.add_argument("--vmax", type=float, default=1.0)
-    p.add_argument("--tiff", type=Path, help="also write a pyramidal TIFF (needs --slide)")
+    p.add_argument("--vmin", type=float, default=0.0, help="probability at the bottom of the colour map")
+    p.add_argument("--vmax", type=float, default=1.0, help="probability at the top of the colour map")
+    p.add_argument("--tiff", type=Path, help="also write a pyramidal TIFF at the slide's size (needs --slide)")
+    p.add_argument("--tiff-values", choices=heatmap.TIFF_VALUES, default="uint8",
+                   help="what the TIFF holds: probability x 255, the probability, or colours")
+    return p
+
+
+def main(argv=None) -> int:
+    p = build_parser()
     args = p.parse_args(argv)
     import matplotlib
 
     if args.cmap not in matplotlib.colormaps:
         raise UserError(f"unknown colour map {args.cmap!r}")
+    if not args.vmin < args.vmax:
+        raise UserError(f"--vmin {args.vmin} must be below --vmax {args.vmax}")
+    if args.tiff and args.slide is None:
+        raise UserError("--tiff needs --slide (the TIFF takes the slide's size and mpp)")
     prob, meta = heatmap.load_probability_map(args.prob, slide=args.slide)
     dx, dy = meta["downsample"]
     h, w = prob.shape
     extent = (0, w * dx, h * dy, 0)
     title = f"{meta['slide']}: tumour probability ({meta.get('method', '')}, grid {meta.get('grid', '?')})"
     if args.slide is None:
-        if args.tiff:
-            raise UserError("--tiff needs --slide (the TIFF takes the slide's size and mpp)")
         heatmap.figure(prob, args.output, args.cmap, args.vmin, args.vmax, title, extent)
         print(f"{args.prob} -> {args.output}")
         return 0
@@ -45,8 +60,8 @@ def main(argv=None) -> int:
         if args.tiff:
             mpp = sl.slide_mpp(s)
             heatmap.write_map_tiff(args.tiff, prob, s.dimensions, mpp[0] if mpp else None,
-                                   args.cmap, args.vmin, args.vmax)
-            print(f"pyramidal TIFF {s.dimensions[0]}x{s.dimensions[1]} -> {args.tiff}")
+                                   args.tiff_values, args.cmap, args.vmin, args.vmax)
+            print(f"pyramidal TIFF ({args.tiff_values}) {s.dimensions[0]}x{s.dimensions[1]} -> {args.tiff}")
     return 0
 
 

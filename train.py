@@ -8,6 +8,7 @@
 """
 from __future__ import annotations
 
+import argparse
 import sys
 from pathlib import Path
 
@@ -16,7 +17,7 @@ from crfcore.cli import UserError, parser, run
 from crfcore.config import load_config
 
 
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     p = parser(__doc__)
     p.add_argument("config", nargs="?", type=Path, help="config JSON (keys: see README)")
     p.add_argument("save_dir", nargs="?", type=Path, help="output folder")
@@ -29,6 +30,11 @@ def main(argv=None) -> int:
                    help="report a checkpoint on a data folder and exit")
     p.add_argument("--json", type=Path, help="--evaluate of a grid model: annotation JSON folder")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    return p
+
+
+def main(argv=None) -> int:
+    p = build_parser()
     args = p.parse_args(argv)
     if args.evaluate:
         ckpt, data = args.evaluate

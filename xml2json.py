@@ -11,6 +11,7 @@ they are) unless --rename-groups is given; NCRF JSON has no groups.
 """
 from __future__ import annotations
 
+import argparse
 import warnings
 from pathlib import Path
 
@@ -63,7 +64,7 @@ def rename_groups(option: str | None, to: str) -> tuple[str, str] | None:
     return names[0].strip(), names[1].strip()
 
 
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     p = parser(__doc__)
     p.add_argument("inputs", nargs="+", metavar="INPUT", help="annotation files or directories")
     p.add_argument("-o", "--output", required=True, type=Path,
@@ -78,6 +79,11 @@ def main(argv=None) -> int:
                         "every negative one into NEGATIVE (default: keep the input's groups)")
     p.add_argument("--txt-group", choices=("positive", "negative"), default="positive",
                    help="which part a vertex-list .txt polygon belongs to")
+    return p
+
+
+def main(argv=None) -> int:
+    p = build_parser()
     args = p.parse_args(argv)
     pos = [g for g in args.positive_groups.split(",") if g]
     neg = [g for g in args.negative_groups.split(",") if g]

@@ -51,6 +51,7 @@ from typing import Iterable, Iterator, NamedTuple, Sequence
 
 import numpy as np
 import shapely
+from defusedxml import DefusedXmlException
 from defusedxml import ElementTree as SafeET
 
 from .errors import CrfError
@@ -279,8 +280,12 @@ def read_asap_xml(path: str | Path, positive_groups: Sequence[str] = POSITIVE_GR
         root = SafeET.parse(str(path)).getroot()
     except ET.ParseError as err:
         raise AnnotationError(f"{path}: malformed XML at line {err.position[0]}: {err.msg}") from None
-    except OSError as err:
-        raise AnnotationError(f"{path}: cannot read ({err.strerror})") from None
+    except DefusedXmlException as err:  # entities, external references: refused, never expanded
+        raise AnnotationError(f"{path}: refused: the XML declares {type(err).__name__.replace('Forbidden', '').lower()} "
+                              f"({getattr(err, 'name', '') or getattr(err, 'sysid', '') or 'unsafe construct'}), "
+                              "which annotations never need") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise AnnotationError(f"{path}: cannot read ({getattr(err, 'strerror', None) or err})") from None
     annos = root.findall("./Annotations/Annotation")
     ann = Annotation()
     for g in root.findall("./AnnotationGroups/Group"):

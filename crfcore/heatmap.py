@@ -81,13 +81,17 @@ def pyramid_sizes(width: int, height: int, min_size: int = 512) -> list[tuple[in
 
 def write_pyramid(path: str | Path, sizes: list[tuple[int, int]],
                   tiles: Callable[[int, int, int], Iterator[np.ndarray]], mpp: float | None,
-                  compression: str = "jpeg", quality: int = 90) -> None:
-    """A tiled pyramidal RGB TIFF, one page per level (OpenSlide's generic tiled TIFF,
-    which QuPath and ASAP open). `tiles(level, w, h)` yields the level's `TILE x TILE`
-    tiles row by row. `mpp` sets the resolution tags (microns per level-0 pixel)."""
+                  compression: str = "jpeg", quality: int = 90, channels: int = 3,
+                  dtype: type = np.uint8, description: str | None = None) -> None:
+    """A tiled pyramidal TIFF, one page per level (OpenSlide's generic tiled TIFF).
+    `tiles(level, w, h)` yields the level's `TILE x TILE` tiles row by row, each
+    `(TILE, TILE, channels)` (or `(TILE, TILE)` for one channel). `mpp` sets the
+    resolution tags (microns per level-0 pixel)."""
     w0, h0 = sizes[0]
+    shape = (channels,) if channels > 1 else ()
+    big = w0 * h0 * channels * np.dtype(dtype).itemsize > 2**31
     with atomic_path(path) as tmp:
-        with tifffile.TiffWriter(tmp, bigtiff=w0 * h0 * 3 > 2**31) as tw:
+        with tifffile.TiffWriter(tmp, bigtiff=big) as tw:
             for k, (lw, lh) in enumerate(sizes):
                 kw = {}
                 if mpp:
@@ -95,16 +99,36 @@ def write_pyramid(path: str | Path, sizes: list[tuple[int, int]],
                 comp = dict(compression=compression)
                 if compression == "jpeg":
                     comp["compressionargs"] = {"level": quality}
-                tw.write(tiles(k, lw, lh), shape=(lh, lw, 3), dtype=np.uint8, tile=(TILE, TILE),
-                         photometric="rgb", subfiletype=0 if k == 0 else 1, metadata=None, **comp, **kw)
+                if k == 0 and description:
+                    kw["description"] = description
+                tw.write(tiles(k, lw, lh), shape=(lh, lw, *shape), dtype=dtype, tile=(TILE, TILE),
+                         photometric="rgb" if channels == 3 else "minisblack", subfiletype=0 if k == 0 else 1,
+                         metadata=None, **comp, **kw)
+
+
+TIFF_VALUES = ("uint8", "float32", "colour")
+
+
+def map_values(prob: np.ndarray, values: str, cmap: str = "jet", vmin: float = 0.0,
+               vmax: float = 1.0) -> np.ndarray:
+    """What a map TIFF stores per map pixel: `uint8` probability x 255 (0 outside the
+    map's tissue too), `float32` the probability itself, `colour` the colour map as RGB
+    (white outside tissue)."""
+    if values == "uint8":
+        return np.round(np.clip(prob, 0, 1) * 255).astype(np.uint8)
+    if values == "float32":
+        return prob.astype(np.float32)
+    colours = colourise(prob, cmap, vmin, vmax)
+    colours[prob <= 0] = 255
+    return colours
 
 
 def write_map_tiff(path: str | Path, prob: np.ndarray, slide_size: tuple[int, int], mpp: float | None,
-                   cmap: str = "jet", vmin: float = 0.0, vmax: float = 1.0) -> None:
-    """The coloured map as a pyramidal TIFF at the slide's level-0 size (nearest-neighbour,
-    outside tissue white), so it overlays the slide exactly in QuPath or ASAP."""
-    colours = colourise(prob, cmap, vmin, vmax)
-    colours[prob <= 0] = 255
+                   values: str = "uint8", cmap: str = "jet", vmin: float = 0.0, vmax: float = 1.0) -> None:
+    """The map as a pyramidal TIFF at the slide's level-0 size (each map pixel a block:
+    nearest neighbour), so it overlays the slide exactly: single-channel probabilities
+    (`uint8` 0-255 or `float32` 0-1) for tools to threshold and colour, or `colour` RGB."""
+    data = map_values(prob, values, cmap, vmin, vmax)
     h, w = prob.shape
     w0, h0 = slide_size
 
@@ -112,9 +136,12 @@ def write_map_tiff(path: str | Path, prob: np.ndarray, slide_size: tuple[int, in
         fx, fy = w / lw, h / lh  # map pixels per level pixel
         for y in range(0, lh, TILE):
             rows = np.minimum(((np.arange(y, y + TILE) + 0.5) * fy).astype(int), h - 1)
-            band = colours[rows]
+            band = data[rows]
             for x in range(0, lw, TILE):
                 cols = np.minimum(((np.arange(x, x + TILE) + 0.5) * fx).astype(int), w - 1)
                 yield band[:, cols]
 
-    write_pyramid(path, pyramid_sizes(w0, h0), tiles, mpp, compression="zlib")
+    note = {"uint8": "tumour probability x 255", "float32": "tumour probability", "colour": f"{cmap} colours"}
+    write_pyramid(path, pyramid_sizes(w0, h0), tiles, mpp, compression="zlib",
+                  channels=3 if values == "colour" else 1, dtype=np.float32 if values == "float32" else np.uint8,
+                  description=f"crfcore probability map: {note[values]}")

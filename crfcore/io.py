@@ -89,7 +89,7 @@ def atomic_path(path: str | Path, suffix: str = "") -> Iterator[Path]:
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; honour the umask like open()
         os.replace(tmp, path)
     except OSError as err:
-        if err.filename in (None, name, str(path)) or getattr(err, "filename2", None) == str(path):
+        if err.filename in (None, name, str(path)) or getattr(err, "filename2", None) in (name, str(path)):
             raise OutputError(f"{path}: cannot write ({err.strerror or err})") from None
         raise
     finally:

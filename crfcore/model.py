@@ -16,7 +16,7 @@ from torch import nn
 
 from . import __version__
 from .crf import CRF
-from .errors import CrfError
+from .errors import CrfError, OutputError
 from .io import atomic_path
 
 GRIDS = (1, 3, 5, 7)
@@ -35,11 +35,11 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         if self.grid not in GRIDS:
-            raise ValueError(f"grid must be one of {GRIDS}, got {self.grid}")
+            raise CheckpointError(f"grid must be one of {GRIDS}, got {self.grid}")
         if self.num_classes > 1 and self.grid != 1:
-            raise ValueError("a multi-class classifier has no CRF: use grid 1")
+            raise CheckpointError("a multi-class classifier has no CRF: use grid 1")
         if self.num_classes < 1 or self.crf_iters < 0 or self.width_mult <= 0:
-            raise ValueError(f"bad model config {self}")
+            raise CheckpointError(f"bad model config {self}")
 
     @classmethod
     def from_dict(cls, d: dict) -> "ModelConfig":
@@ -78,12 +78,9 @@ class CRFNet(nn.Module):
 def load_pretrained_backbone(model: CRFNet, path: str | Path) -> None:
     """Load ImageNet weights from a local torchvision MobileNetV2 state dict (the
     `features.*` entries; the classifier is ignored: the head is always new)."""
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except (OSError, RuntimeError) as err:
-        raise CheckpointError(f"{path}: cannot read pretrained weights ({err})") from None
-    state = state.get("state_dict", state)
-    feats = {k[len("features."):]: v for k, v in state.items() if k.startswith("features.")}
+    state = load_weights_file(path, "pretrained weights file")
+    state = state.get("state_dict", state) if isinstance(state, dict) else {}
+    feats = {k[len("features."):]: v for k, v in state.items() if isinstance(k, str) and k.startswith("features.")}
     if not feats:
         raise CheckpointError(f"{path}: no 'features.*' weights: not a torchvision MobileNetV2 state dict")
     try:
@@ -93,18 +90,27 @@ def load_pretrained_backbone(model: CRFNet, path: str | Path) -> None:
                               f"{model.cfg.width_mult}?): {str(err).splitlines()[0]}") from None
 
 
+def load_weights_file(path: str | Path, what: str = "checkpoint", map_location: str | torch.device = "cpu"):
+    """What a `torch.save` file holds, loaded safely (`weights_only`); every way it can be
+    wrong is a `CheckpointError` naming the file."""
+    if not Path(path).is_file():
+        raise CheckpointError(f"{path}: no such {what}")
+    if not zipfile.is_zipfile(path):  # torch.save writes a zip archive, directory at the end
+        with open(path, "rb") as fh:
+            truncated = fh.read(4) == b"PK\x03\x04"
+        raise CheckpointError(f"{path}: truncated or corrupt {what} (an interrupted copy?)" if truncated
+                              else f"{path}: not a {what} (not a file written by torch.save)")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError:
+        raise CheckpointError(f"{path}: not a {what} of crfcore (it holds objects other than weights)") from None
+    except Exception as err:  # torch raises many types for corrupt files
+        raise CheckpointError(f"{path}: not a readable {what} ({str(err).splitlines()[0]})") from None
+
+
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
     """Read a checkpoint dict (safe `weights_only` loading)."""
-    if not Path(path).is_file():
-        raise CheckpointError(f"{path}: no such checkpoint")
-    if not zipfile.is_zipfile(path):  # torch.save writes a zip archive
-        raise CheckpointError(f"{path}: not a checkpoint (not a file written by torch.save)")
-    try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError:
-        raise CheckpointError(f"{path}: not a crfcore checkpoint (it holds objects other than weights)") from None
-    except Exception as err:  # torch raises many types for corrupt files
-        raise CheckpointError(f"{path}: not a readable checkpoint ({str(err).splitlines()[0]})") from None
+    ckpt = load_weights_file(path, "checkpoint", map_location)
     if not isinstance(ckpt, dict) or "state_dict" not in ckpt or "config" not in ckpt:
         raise CheckpointError(f"{path}: not a crfcore checkpoint (no state_dict/config)")
     return ckpt
@@ -143,7 +149,10 @@ def save_checkpoint(path: str | Path, model: nn.Module, config: dict, **extra) -
     """Atomically write `{state_dict, config, crfcore_version, **extra}`."""
     net = model.module if hasattr(model, "module") else model
     with atomic_path(path, ".ckpt") as tmp:
-        torch.save({"state_dict": net.state_dict(), "config": config,
-                    "crfcore_version": __version__, **extra}, tmp)
+        try:
+            torch.save({"state_dict": net.state_dict(), "config": config,
+                        "crfcore_version": __version__, **extra}, tmp)
+        except RuntimeError as err:  # torch's zip writer reports a full disk this way
+            raise OutputError(f"{path}: cannot write the checkpoint ({str(err).splitlines()[0]})") from None
 
 

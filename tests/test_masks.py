@@ -6,7 +6,7 @@ import pytest
 from crfcore import masks
 from crfcore import slide as sl
 from crfcore.io import load_array
-from conftest import run_script, shared
+from conftest import call, shared
 
 
 def iou(a, b):
@@ -40,12 +40,12 @@ def test_tumour_mask_sits_on_the_planted_texture(syn_slide):
 
 def test_tissue_and_normal_masks(syn_slide, tmp_path):
     ann = tmp_path / "syn_tumor.json"
-    run_script("xml2json.py", syn_slide.path.with_suffix(".xml"), "-o", ann)
-    run_script("Mask_gen.py", syn_slide.path, "-o", tmp_path / "tissue.npy", "--kind", "tissue",
+    call("xml2json.py", syn_slide.path.with_suffix(".xml"), "-o", ann)
+    call("Mask_gen.py", syn_slide.path, "-o", tmp_path / "tissue.npy", "--kind", "tissue",
                "--downsample", "16")
-    run_script("Mask_gen.py", syn_slide.path, "-o", tmp_path / "normal.npy", "--kind", "normal",
+    call("Mask_gen.py", syn_slide.path, "-o", tmp_path / "normal.npy", "--kind", "normal",
                "--annotation", ann, "--downsample", "16")
-    run_script("Mask_gen.py", syn_slide.path, "-o", tmp_path / "tumor.npy", "--kind", "tumor",
+    call("Mask_gen.py", syn_slide.path, "-o", tmp_path / "tumor.npy", "--kind", "tumor",
                "--annotation", ann, "--downsample", "16")
     tissue, meta = load_array(tmp_path / "tissue.npy")
     normal, _ = load_array(tmp_path / "normal.npy")
@@ -60,7 +60,7 @@ def test_tissue_and_normal_masks(syn_slide, tmp_path):
 
 def test_real_slide_tissue_mask_and_resize_fallback(tmp_path):
     path = shared("slides", "CMU-1-Small-Region.svs")
-    run_script("Mask_gen.py", path, "-o", tmp_path / "m.npy", "--kind", "tissue")
+    call("Mask_gen.py", path, "-o", tmp_path / "m.npy", "--kind", "tissue")
     mask, meta = load_array(tmp_path / "m.npy")
     # one level only: read level 0 and resize to 1/64
     assert mask.shape == (47, 35) and meta["level"] is None
@@ -84,16 +84,16 @@ def test_real_annotation_mask_on_tumor_001_geometry():
 
 
 def test_mask_errors(syn_slide, tmp_path):
-    proc = run_script("Mask_gen.py", syn_slide.path, "-o", tmp_path / "t.npy", "--kind", "tumor",
+    proc = call("Mask_gen.py", syn_slide.path, "-o", tmp_path / "t.npy", "--kind", "tumor",
                       check=False)
     assert proc.returncode == 2 and "--annotation" in proc.stderr
-    proc = run_script("Mask_gen.py", shared("bad-slides", "broken.svs"), "-o", tmp_path / "t.npy",
+    proc = call("Mask_gen.py", shared("bad-slides", "broken.svs"), "-o", tmp_path / "t.npy",
                       "--kind", "tissue", check=False)
     assert proc.returncode == 2 and "broken.svs" in proc.stderr and "Traceback" not in proc.stderr
     far = tmp_path / "far.json"
     far.write_text(json.dumps({"positive": [{"name": "x", "vertices": [[0, 0], [99999, 0], [0, 500]]}],
                                "negative": []}))
-    proc = run_script("Mask_gen.py", syn_slide.path, "-o", tmp_path / "far.npy", "--kind", "tumor",
+    proc = call("Mask_gen.py", syn_slide.path, "-o", tmp_path / "far.npy", "--kind", "tumor",
                       "--annotation", far)
     assert "outside the slide" in proc.stderr and "far.json" in proc.stderr
 
@@ -110,9 +110,9 @@ def test_directory_mode(syn_slide, tmp_path):
     slides, anns = tmp_path / "slides", tmp_path / "anns"
     slides.mkdir(), anns.mkdir()
     (slides / syn_slide.path.name).symlink_to(syn_slide.path)
-    proc = run_script("Mask_gen.py", slides, "-o", tmp_path / "out", "--kind", "tumor",
+    proc = call("Mask_gen.py", slides, "-o", tmp_path / "out", "--kind", "tumor",
                       "--annotation", anns, check=False)
     assert proc.returncode == 2 and syn_slide.path.name in proc.stderr
-    run_script("xml2json.py", syn_slide.path.with_suffix(".xml"), "-o", anns / "syn_tumor.json")
-    run_script("Mask_gen.py", slides, "-o", tmp_path / "out", "--kind", "tumor", "--annotation", anns)
+    call("xml2json.py", syn_slide.path.with_suffix(".xml"), "-o", anns / "syn_tumor.json")
+    call("Mask_gen.py", slides, "-o", tmp_path / "out", "--kind", "tumor", "--annotation", anns)
     assert (tmp_path / "out" / "syn_tumor_tumor.npy").exists()
