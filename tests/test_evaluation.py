@@ -6,7 +6,7 @@ import pytest
 from crfcore import evaluation as ev
 from crfcore.annotations import Annotation, write_annotation
 from crfcore.heatmap import save_probability_map
-from conftest import run_script
+from conftest import call
 
 
 def square(x0, y0, side):
@@ -82,17 +82,116 @@ def test_evaluate_cli_end_to_end(truth, tmp_path):
     (tmp_path / "truth").mkdir()
     write_annotation(truth, tmp_path / "truth" / "t1.json")
     les = tmp_path / "les"
-    run_script("evaluate.py", "lesions", tmp_path / "maps" / "t1_prob.npy", "-o", les / "t1.csv", "--to", "xml")
-    run_script("evaluate.py", "lesions", tmp_path / "maps" / "n1_prob.npy", "-o", les / "n1.csv",
+    call("evaluate.py", "lesions", tmp_path / "maps" / "t1_prob.npy", "-o", les / "t1.csv", "--to", "xml")
+    call("evaluate.py", "lesions", tmp_path / "maps" / "n1_prob.npy", "-o", les / "n1.csv",
                "--to", "geojson", "--threshold", "0.3")
     assert (les / "t1.csv").read_text().splitlines() == ["0.90000,4816,4816", "0.80000,8976,16016"]
     assert "Dot" in (les / "t1.xml").read_text()
     assert json.loads((les / "n1.geojson").read_text())["features"][0]["geometry"]["type"] == "Point"
-    proc = run_script("evaluate.py", "froc", les, tmp_path / "truth", "--plot", tmp_path / "froc.png")
+    proc = call("evaluate.py", "froc", les, tmp_path / "truth", "--plot", tmp_path / "froc.png")
     assert "FROC=0.5000" in proc.stdout and "n1" in proc.stdout and (tmp_path / "froc.png").exists()
     (tmp_path / "labels.csv").write_text("slide,label\nt1.tif,tumor\nn1.tif,normal\n")
-    proc = run_script("evaluate.py", "slides", tmp_path / "maps", tmp_path / "labels.csv", "--plot",
+    proc = call("evaluate.py", "slides", tmp_path / "maps", tmp_path / "labels.csv", "--plot",
                       tmp_path / "roc.png")
     assert "AUC=1.0000" in proc.stdout and "specificity" in proc.stdout
-    proc = run_script("evaluate.py", "froc", tmp_path / "nothing", tmp_path / "truth", check=False)
+    proc = call("evaluate.py", "froc", tmp_path / "nothing", tmp_path / "truth", check=False)
     assert proc.returncode == 2 and "not a directory" in proc.stderr
+
+
+def lesion_setup(tmp_path, truth):
+    les, tdir = tmp_path / "les", tmp_path / "truth"
+    les.mkdir(), tdir.mkdir()
+    write_annotation(truth, tdir / "t1.json")
+    (les / "t1.csv").write_text("0.9,4800,4800\n0.8,9000,16000\n")
+    return les, tdir
+
+
+def test_froc_ignores_hidden_files_and_pairs_by_exact_stem(truth, tmp_path):
+    les, tdir = lesion_setup(tmp_path, truth)
+    (les / ".t1.csv.4242.abc.csv").write_text("0.99,1,1\n")  # a killed writer's temporary file
+    (les / "t10.csv").write_text("0.7,4800,4800\n")          # t10 is not t1: a normal slide
+    res = call("evaluate.py", "froc", les, tdir)
+    assert "2 slides" in res.stdout and "normal slides (no tumour in" in res.stdout and "t10" in res.stdout
+
+
+def test_froc_refuses_an_absurd_truth_raster(tmp_path):
+    ann = Annotation()
+    ann.add("positive", "far", square(1e9, 1e9, 1000))
+    les, tdir = lesion_setup(tmp_path, ann)
+    res = call("evaluate.py", "froc", les, tdir, check=False)
+    assert res.returncode == 2 and "too large an evaluation raster" in res.stderr and "t1.json" in res.stderr
+
+
+def test_froc_uses_the_real_downsample_of_a_shallow_mask_pyramid(tmp_path):
+    """A Camelyon16-style mask TIFF with levels 0 and 1 only, evaluated at --level 5: the
+    truth comes from level 1 and the lesions are looked up at its real downsample."""
+    from crfcore.heatmap import pyramid_sizes, write_pyramid
+    w, h = 2048, 1536
+    tumour = np.zeros((h, w), np.uint8)
+    tumour[600:1000, 1200:1700] = 255                    # 97 x 122 um at 0.243 um/px: an ITC? no:
+    sizes = pyramid_sizes(w, h, min_size=1024)[:2]       # 2048 and 1024: a shallow pyramid
+    assert len(sizes) == 2
+
+    def tiles(level, lw, lh):
+        img = tumour[::2 ** level, ::2 ** level]
+        for y in range(0, lh, 256):
+            for x in range(0, lw, 256):
+                t = np.zeros((256, 256, 3), np.uint8)
+                part = img[y:y + 256, x:x + 256]
+                t[:part.shape[0], :part.shape[1]] = part[..., None]
+                yield t
+    (tmp_path / "truth").mkdir(), (tmp_path / "les").mkdir()
+    write_pyramid(tmp_path / "truth" / "s1_mask.tif", sizes, tiles, 0.243, compression="zlib")
+    (tmp_path / "les" / "s1.csv").write_text("0.9,1450,800\n")  # in the tumour
+    res = call("evaluate.py", "froc", tmp_path / "les", tmp_path / "truth", "--level", "5", "--mpp", "2.0")
+    assert "FROC=1.0000" in res.stdout and "1 tumours" in res.stdout
+
+
+def test_pixel_scores_auc_over_tissue(tmp_path):
+    truth = np.zeros((10, 10), bool)
+    truth[2:5, 2:5] = True
+    tissue = np.zeros((10, 10), bool)
+    tissue[1:8, 1:8] = True
+    prob = np.where(truth, 0.8, np.where(tissue, 0.3, 0)).astype(np.float32)
+    prob[6, 6] = 0.9  # one normal tissue pixel scores above every tumour pixel
+    r = ev.pixel_scores(prob, truth, tissue, 0.5)
+    assert r["auc"] == pytest.approx(1 - 9 / (9 * 40)) and r["tissue_pixels"] == 49
+    assert r["dice"] == pytest.approx(2 * 9 / (10 + 9))
+    assert np.isnan(ev.pixel_scores(prob, np.zeros_like(truth), tissue, 0.5)["auc"])
+    meta = {"slide": "s.tif", "level": 0, "downsample": [16, 16]}
+    save_probability_map(tmp_path / "s_prob.npy", prob, meta)
+    from crfcore.masks import save_mask
+    save_mask(tmp_path / "s_tumor.npy", truth, {**meta, "kind": "tumor"})
+    save_mask(tmp_path / "s_tissue.npy", tissue, {**meta, "kind": "tissue"})
+    res = call("evaluate.py", "pixels", tmp_path / "s_prob.npy", tmp_path / "s_tumor.npy", "--tissue",
+               tmp_path / "s_tissue.npy")
+    assert "AUC=0.9750" in res.stdout and "Dice=0.9474" in res.stdout
+    save_mask(tmp_path / "s_none.npy", np.zeros_like(truth), {**meta, "kind": "tumor"})
+    res = call("evaluate.py", "pixels", tmp_path / "s_prob.npy", tmp_path / "s_none.npy")
+    assert "AUC=nan (the truth has only one class" in res.stdout
+
+
+def test_hard_negatives_are_false_positives_beyond_the_margin(truth, tmp_path):
+    ds = 32.0
+    prob = np.zeros((600, 600), np.float32)
+    prob[100:200, 100:200] = 0.95  # on big1 (3200..6400 level-0 = 100..200 map pixels): true positives
+    prob[300:310, 300:310] = 0.8   # normal tissue: false positives
+    prob[98:100, 120:130] = 0.9    # just outside big1: within a 100 um margin
+    meta = {"slide": "t1.tif", "level": 5, "downsample": [ds, ds], "mpp": [0.243, 0.243]}
+    (tmp_path / "maps").mkdir(), (tmp_path / "truth").mkdir()
+    save_probability_map(tmp_path / "maps" / "t1_prob.npy", prob, meta)
+    save_probability_map(tmp_path / "maps" / "n1_prob.npy", prob, {**meta, "slide": "n1.tif"})
+    write_annotation(truth, tmp_path / "truth" / "t1.json")
+    call("evaluate.py", "negatives", tmp_path / "maps", tmp_path / "truth", "-o", tmp_path / "neg.txt",
+         "--margin-um", "100", "--per-slide", "1000")
+    lines = [ln.split(",") for ln in (tmp_path / "neg.txt").read_text().split()]
+    t1 = np.array([[int(x), int(y)] for s, x, y in lines if s == "t1"])
+    n1 = [ln for ln in lines if ln[0] == "n1"]
+    assert len(t1) == 100 and not truth.contains(t1).any()
+    assert ((t1 // ds >= 300) & (t1 // ds < 310)).all()  # the margin kept the edge pixels out
+    assert len(n1) == 1000  # a normal slide: 10,120 pixels above the threshold, capped
+    assert all(prob[int(y) // 32, int(x) // 32] > 0.5 for _, x, y in n1)
+    call("evaluate.py", "negatives", tmp_path / "maps", tmp_path / "truth", "-o", tmp_path / "top.txt",
+         "--per-slide", "5", "--sample", "top")
+    top = [ln.split(",") for ln in (tmp_path / "top.txt").read_text().split() if ln.startswith("n1")]
+    assert len(top) == 5 and all(prob[int(y) // 32, int(x) // 32] == pytest.approx(0.95) for _, x, y in top)

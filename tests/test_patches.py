@@ -4,7 +4,7 @@ import pytest
 
 from crfcore import masks, tiling
 from crfcore import slide as sl
-from conftest import run_script, shared
+from conftest import call, shared
 
 
 @pytest.fixture(scope="module")
@@ -21,7 +21,7 @@ def read_png(path):
 
 
 def test_random_centres_lie_inside_the_mask(syn_slide, syn_masks, tmp_path):
-    run_script("Patch_gen.py", syn_slide.path, "--mask", syn_masks / "syn_tumor_tumor.npy", "-o", tmp_path,
+    call("Patch_gen.py", syn_slide.path, "--mask", syn_masks / "syn_tumor_tumor.npy", "-o", tmp_path,
                "--mode", "random", "--num", "40", "--image-size", "128", "--workers", "0", "--quiet")
     mask, meta = masks.load_mask(syn_masks / "syn_tumor_tumor.npy")
     centres = np.array([l.split(",")[1:] for l in (tmp_path / "syn_tumor.txt").read_text().split()], int)
@@ -34,7 +34,7 @@ def test_random_centres_lie_inside_the_mask(syn_slide, syn_masks, tmp_path):
 
 @pytest.mark.parametrize("level", [0, 1])
 def test_grid_squares_pass_the_fraction_rule_and_match_read_rgb(syn_slide, syn_masks, tmp_path, level):
-    run_script("Patch_gen.py", syn_slide.path, "--mask", syn_masks / "syn_tumor_tissue.npy", "-o", tmp_path,
+    call("Patch_gen.py", syn_slide.path, "--mask", syn_masks / "syn_tumor_tissue.npy", "-o", tmp_path,
                "--image-size", "256", "--level", level, "--min-mask-fraction", "0.5", "--workers", "2",
                "--quiet")
     mask, meta = masks.load_mask(syn_masks / "syn_tumor_tissue.npy")
@@ -55,9 +55,9 @@ def test_grid_squares_pass_the_fraction_rule_and_match_read_rgb(syn_slide, syn_m
 def test_coords_mode_and_dataset_folder(syn_slide, syn_masks, tmp_path):
     coords = tmp_path / "hard.txt"
     coords.write_text("syn_tumor,1000,800\nother_slide,5,5\nsyn_tumor,1100,700\nsyn_tumor,10,10\n")
-    run_script("Patch_gen.py", syn_slide.path, "--mask", syn_masks / "syn_tumor_tissue.npy", "-o",
+    call("Patch_gen.py", syn_slide.path, "--mask", syn_masks / "syn_tumor_tissue.npy", "-o",
                tmp_path / "p", "--mode", "coords", "--coords", coords, "--workers", "0", "--quiet")
-    proc = run_script("coord_list_gen.py", tmp_path / "p", "-o", tmp_path / "ds")
+    proc = call("coord_list_gen.py", tmp_path / "p", "-o", tmp_path / "ds")
     lines = (tmp_path / "ds" / "list.txt").read_text().split()
     assert lines == ["syn_tumor,1000,800", "syn_tumor,1100,700"]  # (10, 10) runs off the slide
     s = sl.open_slide(syn_slide.path)
@@ -70,8 +70,8 @@ def test_coords_mode_and_dataset_folder(syn_slide, syn_masks, tmp_path):
 
 def test_real_slide_grid_only_on_tissue(tmp_path):
     path = shared("slides", "CMU-1-Small-Region.svs")
-    run_script("Mask_gen.py", path, "-o", tmp_path / "m.npy", "--kind", "tissue", "--downsample", "16")
-    run_script("Patch_gen.py", path, "--mask", tmp_path / "m.npy", "-o", tmp_path / "p",
+    call("Mask_gen.py", path, "-o", tmp_path / "m.npy", "--kind", "tissue", "--downsample", "16")
+    call("Patch_gen.py", path, "--mask", tmp_path / "m.npy", "-o", tmp_path / "p",
                "--image-size", "256", "--workers", "0", "--quiet")
     mask, meta = masks.load_mask(tmp_path / "m.npy")
     tiles, _ = tiling.collect_tiles(tmp_path / "p")
@@ -85,17 +85,17 @@ def test_real_slide_grid_only_on_tissue(tmp_path):
 
 
 def test_coord_list_gen_refusals_and_append(syn_slide, syn_masks, tmp_path):
-    run_script("Patch_gen.py", syn_slide.path, "--mask", syn_masks / "syn_tumor_tumor.npy", "-o",
+    call("Patch_gen.py", syn_slide.path, "--mask", syn_masks / "syn_tumor_tumor.npy", "-o",
                tmp_path / "p", "--mode", "random", "--num", "5", "--image-size", "64", "--workers", "0",
                "--quiet")
     (tmp_path / "p" / "syn_tumor" / "notes.png").write_bytes(b"x")
-    proc = run_script("coord_list_gen.py", tmp_path / "p", "-o", tmp_path / "ds", "--copy")
+    proc = call("coord_list_gen.py", tmp_path / "p", "-o", tmp_path / "ds", "--copy")
     assert "notes.png" in proc.stderr and len((tmp_path / "ds" / "list.txt").read_text().split()) == 5
-    proc = run_script("coord_list_gen.py", tmp_path / "p", "-o", tmp_path / "ds", check=False)
+    proc = call("coord_list_gen.py", tmp_path / "p", "-o", tmp_path / "ds", check=False)
     assert proc.returncode == 2 and "--append" in proc.stderr
-    proc = run_script("coord_list_gen.py", tmp_path / "p", "-o", tmp_path / "ds", "--append", check=False)
+    proc = call("coord_list_gen.py", tmp_path / "p", "-o", tmp_path / "ds", "--append", check=False)
     assert proc.returncode == 2 and "duplicate" in proc.stderr
-    run_script("coord_list_gen.py", tmp_path / "p", "-o", tmp_path / "ds", "--overwrite")
+    call("coord_list_gen.py", tmp_path / "p", "-o", tmp_path / "ds", "--overwrite")
     assert sorted(p.name for p in (tmp_path / "ds").iterdir()) == ["0.png", "1.png", "2.png", "3.png",
                                                                    "4.png", "list.txt"]
 
@@ -104,7 +104,7 @@ def test_patch_gen_refuses_mask_of_another_slide(syn_slide, syn_masks, tmp_path)
     other = tmp_path / "other.npy"
     mask, meta = masks.load_mask(syn_masks / "syn_tumor_tissue.npy")
     masks.save_mask(other, mask, {**meta, "slide": "someone_else.tif"})
-    proc = run_script("Patch_gen.py", syn_slide.path, "--mask", other, "-o", tmp_path / "p", check=False)
+    proc = call("Patch_gen.py", syn_slide.path, "--mask", other, "-o", tmp_path / "p", check=False)
     assert proc.returncode == 2 and "someone_else.tif" in proc.stderr
 
 
@@ -118,3 +118,75 @@ def test_group_boxes_covers_every_box_once():
     for (x0, y0, x1, y1), members in groups:
         b = boxes[members]
         assert (b[:, 0] >= x0).all() and (b[:, 3] <= y1).all()
+
+
+def tiles_of(folder):
+    return sorted(p.name for p in (folder / "syn_tumor").glob("tile_*.png"))
+
+
+def test_an_unfinished_patch_folder_is_refused_and_its_tiles_cleared(syn_slide, syn_masks, tmp_path):
+    args = [syn_slide.path, "--mask", syn_masks / "syn_tumor_tumor.npy", "-o", tmp_path / "p", "--mode", "random",
+            "--image-size", "64", "--workers", "0", "--quiet"]
+    call("Patch_gen.py", *args, "--num", "20")
+    (tmp_path / "p" / "syn_tumor.txt").unlink()  # what a kill before the marker leaves
+    res = call("coord_list_gen.py", tmp_path / "p", "-o", tmp_path / "ds", check=False)
+    assert res.returncode == 2 and "did not finish" in res.stderr and not (tmp_path / "ds" / "list.txt").exists()
+    res = call("Patch_gen.py", *args, "--num", "5", "--seed", "3")
+    assert "removing 20 tiles of an unfinished" in res.stderr and len(tiles_of(tmp_path / "p")) == 5
+    res = call("Patch_gen.py", *args, "--num", "7", check=False)  # a finished slide is not mixed into
+    assert res.returncode == 2 and "--overwrite" in res.stderr and len(tiles_of(tmp_path / "p")) == 5
+    call("Patch_gen.py", *args, "--num", "7", "--overwrite")
+    assert len(tiles_of(tmp_path / "p")) == 7
+    call("coord_list_gen.py", tmp_path / "p", "-o", tmp_path / "ds")
+    assert len((tmp_path / "ds" / "list.txt").read_text().split()) == 7
+
+
+def test_tiles_that_do_not_match_the_marker_are_refused(syn_slide, syn_masks, tmp_path):
+    call("Patch_gen.py", syn_slide.path, "--mask", syn_masks / "syn_tumor_tumor.npy", "-o", tmp_path / "p",
+         "--mode", "random", "--num", "4", "--image-size", "64", "--workers", "0", "--quiet")
+    extra = tmp_path / "p" / "syn_tumor" / "tile_9_level0_0-0-64-64.png"
+    extra.write_bytes((tmp_path / "p" / "syn_tumor").glob("tile_0_*.png").__next__().read_bytes())
+    res = call("coord_list_gen.py", tmp_path / "p", "-o", tmp_path / "ds", check=False)
+    assert res.returncode == 2 and "5 tiles do not match the 4 centres" in res.stderr
+
+
+def test_an_interrupted_move_is_undone_and_nothing_is_lost(syn_slide, syn_masks, tmp_path, monkeypatch):
+    from crfcore import trainset
+    call("Patch_gen.py", syn_slide.path, "--mask", syn_masks / "syn_tumor_tumor.npy", "-o", tmp_path / "p",
+         "--mode", "random", "--num", "6", "--image-size", "64", "--workers", "0", "--quiet")
+    before = {p.name: p.read_bytes() for p in (tmp_path / "p" / "syn_tumor").iterdir()}
+    real, moved = trainset.place, []
+
+    def dies_after_three(src, dst, how):
+        if len(moved) == 3:
+            raise KeyboardInterrupt  # killed in the middle of the moves
+        real(src, dst, how)
+        moved.append(dst)
+    monkeypatch.setattr(trainset, "place", dies_after_three)
+    assert call("coord_list_gen.py", tmp_path / "p", "-o", tmp_path / "ds", "--move", check=False).returncode == 130
+    monkeypatch.undo()
+    assert len(list((tmp_path / "p" / "syn_tumor").iterdir())) == 3  # three are in the data set folder now
+    res = call("coord_list_gen.py", tmp_path / "p", "-o", tmp_path / "ds", "--overwrite", "--copy")
+    assert "moved 3 images back" in res.stderr
+    assert {p.name: p.read_bytes() for p in (tmp_path / "p" / "syn_tumor").iterdir()} == before
+    assert len((tmp_path / "ds" / "list.txt").read_text().split()) == 6
+    call("coord_list_gen.py", tmp_path / "p", "-o", tmp_path / "ds2", "--move")
+    assert not list((tmp_path / "p" / "syn_tumor").iterdir())
+    assert sorted(p.name for p in (tmp_path / "ds2").iterdir()) == [f"{i}.png" for i in range(6)] + ["list.txt"]
+
+
+def test_directory_mode_pairs_masks_by_exact_stem(syn_slide, syn_masks, tmp_path):
+    slides, mdir = tmp_path / "slides", tmp_path / "masks"
+    slides.mkdir(), mdir.mkdir()
+    (slides / "syn_tumor.tif").symlink_to(syn_slide.path)
+    mask, meta = masks.load_mask(syn_masks / "syn_tumor_tumor.npy")
+    masks.save_mask(mdir / "syn_tumor2_tumor.npy", mask, {**meta, "slide": "syn_tumor2.tif"})
+    res = call("Patch_gen.py", slides, "--mask", mdir, "-o", tmp_path / "p", "--workers", "0", check=False)
+    assert res.returncode == 2 and "no mask syn_tumor_<kind>.npy" in res.stderr  # never syn_tumor2's
+    masks.save_mask(mdir / "syn_tumor_tumor.npy", mask, meta)
+    masks.save_mask(mdir / "syn_tumor_tissue.npy", mask, {**meta, "kind": "tissue"})
+    res = call("Patch_gen.py", slides, "--mask", mdir, "-o", tmp_path / "p", "--workers", "0", check=False)
+    assert res.returncode == 2 and "--mask-kind" in res.stderr
+    call("Patch_gen.py", slides, "--mask", mdir, "--mask-kind", "tumor", "-o", tmp_path / "p", "--image-size",
+         "64", "--workers", "0", "--quiet")
+    assert (tmp_path / "p" / "syn_tumor.txt").exists()

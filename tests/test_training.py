@@ -9,7 +9,7 @@ import torch
 
 from crfcore import training
 from crfcore.model import CRFNet, ModelConfig, init_from_checkpoint, load_checkpoint, save_checkpoint
-from conftest import ROOT, run_script, shared
+from conftest import ROOT, call, load_script, run_script, shared
 
 TINY = {"image_size": 96, "patch_size": 32, "crop_size": 32, "width_mult": 0.25, "batch_size": 8,
         "workers": 0, "optimizer": "adamw", "lr": 0.002, "epochs": 1}
@@ -19,13 +19,13 @@ TINY = {"image_size": 96, "patch_size": 32, "crop_size": 32, "width_mult": 0.25,
 def grid_data(syn_slide, tmp_path_factory):
     """The reduced chain: xml2json -> Mask_gen -> Patch_gen -> coord_list_gen."""
     d = tmp_path_factory.mktemp("grid")
-    run_script("xml2json.py", syn_slide.path.with_suffix(".xml"), "-o", d / "json" / "syn_tumor.json")
+    call("xml2json.py", syn_slide.path.with_suffix(".xml"), "-o", d / "json" / "syn_tumor.json")
     for kind in ("tumor", "normal"):
-        run_script("Mask_gen.py", syn_slide.path, "-o", d / f"{kind}.npy", "--kind", kind,
+        call("Mask_gen.py", syn_slide.path, "-o", d / f"{kind}.npy", "--kind", kind,
                    "--annotation", d / "json" / "syn_tumor.json", "--downsample", "16")
-        run_script("Patch_gen.py", syn_slide.path, "--mask", d / f"{kind}.npy", "-o", d / f"p_{kind}",
+        call("Patch_gen.py", syn_slide.path, "--mask", d / f"{kind}.npy", "-o", d / f"p_{kind}",
                    "--mode", "random", "--num", "12", "--image-size", "96", "--workers", "0", "--quiet")
-        run_script("coord_list_gen.py", d / f"p_{kind}", "-o", d / kind)
+        call("coord_list_gen.py", d / f"p_{kind}", "-o", d / kind)
     cfg = {"mode": "grid", "data_path_tumor_train": str(d / "tumor"), "data_path_normal_train": str(d / "normal"),
            "json_path_train": str(d / "json"), "data_path_tumor_valid": str(d / "tumor"),
            "data_path_normal_valid": str(d / "normal"), **TINY}
@@ -57,7 +57,7 @@ def test_augmentation_keeps_labels_on_their_cells():
 
 
 def test_train_one_epoch_writes_everything(grid_data, tmp_path):
-    run_script("train.py", grid_data / "cfg.json", tmp_path / "run", "--quiet")
+    call("train.py", grid_data / "cfg.json", tmp_path / "run", "--quiet")
     for name in ("train.ckpt", "best.ckpt", "log.csv", "curves.png", "config.json"):
         assert (tmp_path / "run" / name).exists(), name
     ckpt = load_checkpoint(tmp_path / "run" / "best.ckpt")
@@ -67,32 +67,32 @@ def test_train_one_epoch_writes_everything(grid_data, tmp_path):
 
 
 def test_resume_continues_exactly(grid_data, tmp_path):
-    run_script("train.py", grid_data / "cfg.json", tmp_path / "a", "--set", "epochs=2", "--quiet")
-    run_script("train.py", grid_data / "cfg.json", tmp_path / "b", "--set", "epochs=1", "--quiet")
-    run_script("train.py", grid_data / "cfg.json", tmp_path / "b", "--set", "epochs=2", "--resume", "--quiet")
+    call("train.py", grid_data / "cfg.json", tmp_path / "a", "--set", "epochs=2", "--quiet")
+    call("train.py", grid_data / "cfg.json", tmp_path / "b", "--set", "epochs=1", "--quiet")
+    call("train.py", grid_data / "cfg.json", tmp_path / "b", "--set", "epochs=2", "--resume", "--quiet")
     a = load_checkpoint(tmp_path / "a" / "train.ckpt")
     b = load_checkpoint(tmp_path / "b" / "train.ckpt")
     assert a["step"] == b["step"] and a["epoch"] == b["epoch"] == 2
     for k, v in a["state_dict"].items():
         assert torch.allclose(v.float(), b["state_dict"][k].float(), atol=1e-5), k
-    proc = run_script("train.py", grid_data / "cfg.json", tmp_path / "a", check=False)
+    proc = call("train.py", grid_data / "cfg.json", tmp_path / "a", check=False)
     assert proc.returncode == 2 and "--resume" in proc.stderr
 
 
 def test_config_errors_are_one_line(grid_data, tmp_path):
-    proc = run_script("train.py", grid_data / "cfg.json", tmp_path / "x", "--set", "lernrate=1", check=False)
+    proc = call("train.py", grid_data / "cfg.json", tmp_path / "x", "--set", "lernrate=1", check=False)
     assert proc.returncode == 2 and "lernrate" in proc.stderr and "Traceback" not in proc.stderr
     cfg = json.loads((grid_data / "cfg.json").read_text())
     cfg["json_path_train"] = str(tmp_path)  # no JSON for the slide
     (tmp_path / "c.json").write_text(json.dumps(cfg))
-    proc = run_script("train.py", tmp_path / "c.json", tmp_path / "y", check=False)
+    proc = call("train.py", tmp_path / "c.json", tmp_path / "y", check=False)
     assert proc.returncode == 2 and "syn_tumor" in proc.stderr and "Traceback" not in proc.stderr
 
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(grid_data, tmp_path):
-    run_script("train.py", grid_data / "cfg.json", tmp_path / "r", "--quiet")
+    call("train.py", grid_data / "cfg.json", tmp_path / "r", "--quiet")
     before = (tmp_path / "r" / "train.ckpt").read_bytes()
-    proc = run_script("train.py", grid_data / "cfg.json", tmp_path / "r", "--resume", "--set", "epochs=2",
+    proc = call("train.py", grid_data / "cfg.json", tmp_path / "r", "--resume", "--set", "epochs=2",
                       "--set", "lr=1e30", "--quiet", check=False)
     assert proc.returncode == 2 and "loss is nan" in proc.stderr.lower()
     assert (tmp_path / "r" / "train.ckpt").read_bytes() == before
@@ -121,10 +121,10 @@ def test_classify_mode_on_idc_with_report(tmp_path):
            "patch_size": 48, "width_mult": 0.25, "batch_size": 16, "workers": 0, "epochs": 1,
            "optimizer": "adamw"}
     (tmp_path / "cfg.json").write_text(json.dumps(cfg))
-    proc = run_script("train.py", tmp_path / "cfg.json", tmp_path / "run", "--quiet")
+    proc = call("train.py", tmp_path / "cfg.json", tmp_path / "run", "--quiet")
     assert "precision" in proc.stdout and "balanced_accuracy=" in proc.stdout
     assert (tmp_path / "run" / "confusion_matrix.png").exists()
-    proc = run_script("train.py", "--evaluate", tmp_path / "run" / "best.ckpt", valid, "--quiet")
+    proc = call("train.py", "--evaluate", tmp_path / "run" / "best.ckpt", valid, "--quiet")
     last = proc.stdout.strip().splitlines()[-1]
     assert last.startswith("balanced_accuracy=") and " auc=" in last
 
@@ -172,3 +172,62 @@ def test_reduced_pipeline_chain(grid_data, syn_slide, tmp_path):
     proc = run_script("evaluate.py", "pixels", tmp_path / "maps" / "syn_tumor_prob.npy", tmp_path / "tumour.npy")
     assert "IoU=" in proc.stdout
     assert (tmp_path / "o.png").stat().st_size > 1000
+
+
+@pytest.mark.parametrize("crash_before", ["log.csv", "curves.png", "train.ckpt"])
+def test_a_kill_between_an_epochs_writes_resumes_consistently(grid_data, tmp_path, monkeypatch, crash_before):
+    """Epoch 2 dies just before one of its outputs is written (as a kill -9 would leave
+    it); --resume then ends with best.ckpt, log.csv and train.ckpt of epoch 2, equal to
+    an uninterrupted run."""
+    call("train.py", grid_data / "cfg.json", tmp_path / "ref", "--set", "epochs=2", "--set", "best_metric=loss",
+         "--quiet")
+    call("train.py", grid_data / "cfg.json", tmp_path / "r", "--set", "epochs=1", "--set", "best_metric=loss",
+         "--quiet")
+    real_ckpt, real_log, real_plot = training.save_checkpoint, training.append_log, training.plot_curves
+
+    def killed_at(name, real):
+        def write(path, *args, **kw):
+            if path.name == crash_before:
+                raise KeyboardInterrupt  # the process dies here
+            return real(path, *args, **kw)
+        return write
+    monkeypatch.setattr(training, "save_checkpoint", killed_at("train.ckpt", real_ckpt))
+    monkeypatch.setattr(training, "append_log", killed_at("log.csv", real_log))
+    monkeypatch.setattr(training, "plot_curves", lambda log, png: killed_at("curves.png", real_plot)(png, log)
+                        if png.name == crash_before else real_plot(log, png))
+    with pytest.raises(SystemExit) as died:
+        from crfcore.cli import run
+        run(load_script("train.py").main, [str(grid_data / "cfg.json"), str(tmp_path / "r"), "--resume", "--set",
+                                           "epochs=2", "--set", "best_metric=loss", "--quiet"])
+    assert died.value.code == 130
+    monkeypatch.undo()
+    assert load_checkpoint(tmp_path / "r" / "train.ckpt")["epoch"] == 1  # the epoch was not committed
+    res = call("train.py", grid_data / "cfg.json", tmp_path / "r", "--resume", "--set", "epochs=2", "--set",
+               "best_metric=loss", "--quiet")
+    assert "best.ckpt" in res.stdout
+    for name in ("train.ckpt", "best.ckpt"):
+        a, b = load_checkpoint(tmp_path / "ref" / name), load_checkpoint(tmp_path / "r" / name)
+        assert a["epoch"] == b["epoch"] and a.get("best_epoch") == b.get("best_epoch"), name
+        for k, v in a["state_dict"].items():
+            assert torch.allclose(v.float(), b["state_dict"][k].float(), atol=1e-5), (name, k)
+    assert [r.split(",")[0] for r in (tmp_path / "r" / "log.csv").read_text().splitlines()[1:]] == ["1", "2"]
+
+
+def test_resume_refuses_outputs_that_do_not_match(grid_data, tmp_path):
+    call("train.py", grid_data / "cfg.json", tmp_path / "r", "--set", "epochs=1", "--quiet")
+    (tmp_path / "r" / "best.ckpt").unlink()
+    res = call("train.py", grid_data / "cfg.json", tmp_path / "r", "--resume", "--set", "epochs=2", check=False)
+    assert res.returncode == 2 and "best.ckpt is missing" in res.stderr
+
+
+def test_config_is_typed_and_the_readme_table_is_generated_from_it():
+    from crfcore.config import ConfigError, TrainConfig, markdown_table
+    readme = (ROOT / "README.md").read_text()
+    assert markdown_table() in readme, "README's config table differs from crfcore.config.markdown_table()"
+    cfg = TrainConfig(color_jitter=[0.1, 0.2, 0.3, 0.0], lr=1)
+    assert cfg.color_jitter == (0.1, 0.2, 0.3, 0.0) and isinstance(cfg.lr, float)
+    with pytest.raises(Exception):
+        cfg.lr = 0.5  # frozen
+    for bad in ({"epochs": "3"}, {"flip": 1}, {"batch_size": True}, {"class_weights": ["a", "b"]}):
+        with pytest.raises(ConfigError, match=next(iter(bad))):
+            TrainConfig(**bad)

@@ -1,0 +1,112 @@
+"""crfcore.io: atomic writes, sidecar checks and the slide-pairing rule."""
+import json
+import os
+import stat
+
+import numpy as np
+import pytest
+
+from crfcore import io
+from crfcore.errors import OutputError
+from conftest import file_size_limit
+
+
+def test_atomic_writes_honour_the_umask(tmp_path):
+    old = os.umask(0o022)
+    try:
+        io.atomic_write_text(tmp_path / "a.txt", "x")
+        io.save_array(tmp_path / "m.npy", np.zeros((2, 2), bool), {"slide": "s.tif", "downsample": [1, 1]})
+    finally:
+        os.umask(old)
+    for name in ("a.txt", "m.npy", "m.json"):
+        assert stat.S_IMODE((tmp_path / name).stat().st_mode) == 0o644, name
+
+
+def test_special_files_are_refused_not_replaced(tmp_path):
+    fifo = tmp_path / "out.npy"
+    os.mkfifo(fifo)
+    with pytest.raises(OutputError, match="special file"):
+        io.save_array(fifo, np.zeros((2, 2)), {"slide": "s.tif", "downsample": [1, 1]})
+    assert stat.S_ISFIFO(fifo.stat().st_mode)
+    with pytest.raises(OutputError, match="special file"):
+        io.check_output_path("/dev/null")
+    with pytest.raises(OutputError, match="directory"):
+        io.atomic_write_text(tmp_path, "x")
+
+
+def test_temp_files_of_killed_writers_are_cleaned(tmp_path):
+    dead = tmp_path / ".map.npy.999999999.abc.npy"  # no such process
+    live = tmp_path / f".map.npy.{os.getpid()}.def.npy"
+    dead.write_text("half"), live.write_text("half")
+    with pytest.warns(UserWarning, match="removed 1 temporary"):
+        io.atomic_write_text(tmp_path / "map.npy", "done")
+    assert not dead.exists() and live.exists() and (tmp_path / "map.npy").read_text() == "done"
+
+
+def test_a_failed_write_names_the_output_and_leaves_no_file(tmp_path):
+    with file_size_limit(1000), pytest.raises(OutputError, match=r"big\.txt: cannot write"):
+        io.atomic_write_text(tmp_path / "big.txt", "x" * 5000)
+    assert list(tmp_path.iterdir()) == []
+    with file_size_limit(2000), pytest.raises(OutputError, match=r"pic\.png: cannot write"):
+        io.write_image(tmp_path / "pic.png", np.random.default_rng(0).integers(0, 255, (200, 200, 3), np.uint8))
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_atomic_copy_never_leaves_a_truncated_file(tmp_path):
+    src = tmp_path / "src.bin"
+    src.write_bytes(os.urandom(20000))
+    with file_size_limit(10000), pytest.raises(OutputError):
+        io.atomic_copy(src, tmp_path / "dst.bin")
+    assert not (tmp_path / "dst.bin").exists()
+
+
+def test_the_pairing_rule_takes_the_exact_stem_only(tmp_path):
+    for name in ("s10_tissue.npy", "s1_tissue.npy", "c10.csv", ".c1.csv.123.x.csv", "C2.CSV"):
+        (tmp_path / name).write_text("")
+    assert io.companion(tmp_path, "s1", "tissue").name == "s1_tissue.npy"
+    assert io.companion(tmp_path, "s10", "tissue").name == "s10_tissue.npy"
+    assert io.companion(tmp_path, "s", "tissue") is None
+    assert io.companion(tmp_path, "c1", "lesions") is None  # never c10.csv, never a hidden temp file
+    assert io.companion(tmp_path, "c2", "lesions").name == "C2.CSV"  # case-insensitive when unique
+    assert [p.name for p in io.visible_files(tmp_path, (".csv",))] == ["C2.CSV", "c10.csv"]
+    assert io.companion_stem("t1_prob.csv", "lesions") == "t1" and io.companion_stem("t1.csv", "lesions") == "t1"
+
+
+def sidecar(path, **meta):
+    base = {"slide": "s.tif", "kind": "probability", "downsample": [16, 16], "shape": [4, 5]}
+    path.with_suffix(".json").write_text(json.dumps({**base, **meta}))
+
+
+@pytest.mark.parametrize("meta, array, message", [
+    ({"downsample": "abc"}, np.zeros((4, 5), np.float32), "'downsample' must be two positive numbers"),
+    ({"downsample": [0, 16]}, np.zeros((4, 5), np.float32), "'downsample' must be two positive numbers"),
+    ({"downsample": [True, 16]}, np.zeros((4, 5), np.float32), "'downsample' must be two positive numbers"),
+    ({"shape": [4, 5, 3]}, np.zeros((4, 5, 3), np.float32), "3-D array"),
+    ({}, np.full((4, 5), np.nan, np.float32), "20 cell\\(s\\) are NaN or infinite"),
+    ({}, np.array([[np.inf] * 5] * 4, np.float32), "NaN or infinite"),
+    ({"shape": [5, 4]}, np.zeros((4, 5), np.float32), "does not match its sidecar"),
+])
+def test_bad_arrays_and_sidecars_are_refused(tmp_path, meta, array, message):
+    np.save(tmp_path / "p.npy", array)
+    sidecar(tmp_path / "p.npy", **meta)
+    with pytest.raises(io.ArrayFileError, match=message):
+        io.load_array(tmp_path / "p.npy", kind="probability")
+
+
+def test_missing_sidecar_names_the_right_script(tmp_path):
+    np.save(tmp_path / "p.npy", np.zeros((4, 5), np.float32))
+    with pytest.raises(io.ArrayFileError, match="prob_map.py"):
+        io.load_array(tmp_path / "p.npy", kind="probability")
+    with pytest.raises(io.ArrayFileError, match="Mask_gen.py"):
+        io.load_array(tmp_path / "p.npy", kind="tissue")
+    np.save(tmp_path / "obj.npy", np.array([{"a": 1}], dtype=object), allow_pickle=True)
+    sidecar(tmp_path / "obj.npy", shape=[1])
+    with pytest.raises(io.ArrayFileError, match="cannot read"):
+        io.load_array(tmp_path / "obj.npy")
+
+
+def test_a_lattice_that_does_not_cover_the_slide_is_refused():
+    io.check_fits_slide("m.npy", (96, 128), (16.0, 16.0), (2048, 1536))
+    io.check_fits_slide("m.npy", (96, 128), (16.0, 16.0), (2040, 1530))  # rounded up by a pyramid
+    with pytest.raises(io.ArrayFileError, match="the slide is 4096x1536"):
+        io.check_fits_slide("m.npy", (96, 128), (16.0, 16.0), (4096, 1536))
