@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.crfcore-installed
 
-.PHONY: install test demo bench clean
+.PHONY: install test demo clean
 
 install: $(STAMP)
 

@@ -16,7 +16,8 @@ import warnings
 from pathlib import Path
 
 from crfcore import annotations as an
-from crfcore.cli import UserError, parser, run
+from crfcore.cli import UserError, for_each, parser, run
+from crfcore.io import visible_files
 
 SUFFIXES = (".xml", ".json", ".geojson", ".txt")
 OUT_SUFFIX = {"json": ".json", "xml": ".xml", "geojson": ".geojson"}
@@ -28,8 +29,7 @@ def collect(inputs: list[str], to: str) -> list[Path]:
     files: list[Path] = []
     for item in map(Path, inputs):
         if item.is_dir():
-            files += sorted(p for p in item.iterdir()
-                            if p.suffix.lower() in SUFFIXES and p.suffix.lower() != OUT_SUFFIX[to])
+            files += [p for p in visible_files(item, SUFFIXES) if p.suffix.lower() != OUT_SUFFIX[to]]
         elif item.exists():
             files.append(item)
         else:
@@ -90,12 +90,15 @@ def main(argv=None) -> int:
     rename = rename_groups(args.rename_groups, args.to)
     files = collect(args.inputs, args.to)
     many = len(files) > 1 or any(Path(i).is_dir() for i in args.inputs)
-    for src, dst in zip(files, outputs(files, args.output, args.to, many)):
+    def convert(job: tuple[Path, Path]) -> None:
+        src, dst = job
         ann = an.load_annotation(src, pos, neg, txt_part=args.txt_group)
         if not len(ann):
             warnings.warn(f"{src}: no polygons found; writing an empty annotation")
         an.write_annotation(ann.renamed(*rename) if rename else ann, dst, to=args.to)
         print(f"{src} -> {dst}: {len(ann.positive)} positive, {len(ann.negative)} negative polygons")
+
+    for_each(list(zip(files, outputs(files, args.output, args.to, many))), lambda job: job[0].name, convert)
     return 0
 
 

@@ -8,12 +8,14 @@ from typing import Callable, Sequence
 import cv2
 import numpy as np
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
 
 from . import slide as sl
 from .errors import CrfError
+from .annotations import load_annotation
 from .io import companion, write_image
-from .tiling import group_boxes
+from .tiling import GridGeometry, group_boxes, read_coords
 
 
 class SlideDataset(Dataset):
@@ -60,9 +62,6 @@ def extract_patches(slide_path: str | Path, boxes: np.ndarray, level: int, size:
                     quiet: bool = False, batched: bool = True) -> int:
     """Cut and write every patch; regions are read in `workers` DataLoader processes
     (`batched=False` reads each patch on its own, for benchmarks)."""
-    from torch.utils.data import DataLoader
-    from tqdm import tqdm
-
     Path(out_dir).mkdir(parents=True, exist_ok=True)
     cutter = PatchCutter(slide_path, boxes, level, size, out_dir, names, batched)
     loader = DataLoader(cutter, batch_size=None, num_workers=workers)
@@ -155,9 +154,6 @@ class GridDataset(Dataset):
     def __init__(self, data_dir: str | Path, json_dir: str | Path, image_size: int,
                  patch_size: int, crop_size: int, augment: Augment | None = None,
                  normalise: Normaliser | None = None) -> None:
-        from .annotations import load_annotation
-        from .tiling import GridGeometry, read_coords
-
         self.dir = Path(data_dir)
         if not (self.dir / "list.txt").exists():
             raise DataError(f"{self.dir}: no list.txt (make it with coord_list_gen.py)")

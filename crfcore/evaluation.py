@@ -9,6 +9,7 @@ import numpy as np
 from sklearn import metrics as skm
 
 from .errors import CrfError
+from .io import atomic_path
 
 
 class EvaluationError(CrfError):
@@ -53,8 +54,6 @@ def patch_report(y_true: np.ndarray, prob: np.ndarray, class_names: list[str],
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
-
-        from .io import atomic_path
 
         cm = skm.confusion_matrix(y_true, pred, labels=labels)
         fig, ax = plt.subplots(figsize=(1.2 * len(labels) + 3, 1.2 * len(labels) + 2.5))

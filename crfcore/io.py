@@ -7,6 +7,7 @@ would give (the umask), and a path that is a device or other special file is ref
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -17,6 +18,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator, Sequence
 
+import cv2
 import numpy as np
 
 from . import __version__
@@ -108,8 +110,6 @@ def atomic_write_json(path: str | Path, obj: object) -> None:
 def write_image(path: str | Path, rgb: np.ndarray) -> None:
     """Write an RGB uint8 array as an image (format from the suffix), atomically; a
     failed encode or write (a full disk) is an `OutputError`, never a silent success."""
-    import cv2
-
     with atomic_path(path) as tmp:
         try:
             ok = cv2.imwrite(str(tmp), np.ascontiguousarray(rgb[..., ::-1]))
@@ -272,8 +272,6 @@ def companion_stem(path: str | Path, kind: str) -> str:
 
 def file_sha256(path: str | Path) -> str:
     """The SHA-256 of a file's bytes, in hex (checkpoints are recorded by content, not path)."""
-    import hashlib
-
     h = hashlib.sha256()
     with open(path, "rb") as fh:
         for block in iter(lambda: fh.read(1 << 20), b""):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+import cv2
 import numpy as np
 import openslide
 
@@ -117,8 +118,6 @@ def thumbnail(slide: openslide.OpenSlide, downsample: float) -> np.ndarray:
 
     Reads the best level at or below `downsample` and resizes by area averaging.
     """
-    import cv2
-
     h, w = thumbnail_shape(slide, downsample)
     img = read_level(slide, level_for_downsample(slide, downsample))
     if img.shape[:2] != (h, w):
@@ -130,8 +129,6 @@ def lattice_picture(slide: openslide.OpenSlide, shape: tuple[int, int], downsamp
                     min_side: int = 512) -> tuple[np.ndarray, int]:
     """The slide pictured on an `(H, W)` array lattice of `downsample`, scaled up by an
     integer factor `f` until its long side is at least `min_side`: `(f*H, f*W, 3)`, `f`."""
-    import cv2
-
     h, w = shape
     f = max(1, math.ceil(min_side / max(h, w)))
     img = cv2.resize(thumbnail(slide, min(downsample) / f), (w * f, h * f), interpolation=cv2.INTER_AREA)

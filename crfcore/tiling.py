@@ -11,6 +11,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+import cv2
 import numpy as np
 
 from .errors import CrfError
@@ -189,8 +190,6 @@ def group_boxes(boxes: np.ndarray, block: int = 4096,
 def preview_boxes(thumb: np.ndarray, boxes: np.ndarray, downsample: tuple[float, float],
                   colour: tuple[int, int, int] = (0, 160, 0)) -> np.ndarray:
     """The thumbnail (at `downsample`) with each level-0 box outlined."""
-    import cv2
-
     img = np.ascontiguousarray(thumb.copy())
     for x0, y0, x1, y1 in boxes:
         p0 = (int(x0 / downsample[0]), int(y0 / downsample[1]))

@@ -224,3 +224,20 @@ def test_a_full_disk_is_an_error_and_leaves_no_partial_output(world, tmp_path, s
     assert not any(p.name.startswith(".") for p in (tmp_path / "out").rglob("*")), "temporary files left"
     done = [p for p in (tmp_path / "out").rglob(product)]
     assert not done or all(p.stat().st_size > 0 for p in done)
+
+
+def test_directory_mode_goes_on_past_a_bad_file_and_names_it(world, tmp_path):
+    w, slide = world
+    anns, slides = tmp_path / "anns", tmp_path / "slides"
+    anns.mkdir(), slides.mkdir()
+    (anns / "a_bad.xml").write_text("<ASAP_Annotations><oops")
+    (anns / "b_good.xml").write_text(slide.with_suffix(".xml").read_text())
+    res = call("xml2json.py", anns, "-o", tmp_path / "json", check=False)
+    assert res.returncode == 2 and (tmp_path / "json" / "b_good.json").exists()
+    assert "a_bad.xml: malformed XML" in res.stderr and res.stderr.strip().endswith("1 of 2 failed: a_bad.xml")
+    (slides / "a_broken.svs").write_text("not a slide")
+    (slides / "syn_tumor.tif").symlink_to(slide)
+    res = call("Mask_gen.py", slides, "-o", tmp_path / "masks", "--kind", "tissue", "--downsample", "32",
+               "--quiet", check=False)
+    assert res.returncode == 2 and (tmp_path / "masks" / "syn_tumor_tissue.npy").exists()
+    assert "1 of 2 failed: a_broken.svs" in res.stderr and "Traceback" not in res.stderr
