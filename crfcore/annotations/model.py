@@ -54,8 +54,8 @@ import shapely
 from defusedxml import DefusedXmlException
 from defusedxml import ElementTree as SafeET
 
-from .errors import CrfError
-from .io import atomic_write_text
+from ..errors import CrfError
+from ..io import atomic_write_text
 
 POSITIVE_GROUPS = ("Tumor", "_0", "_1", "metastases")
 NEGATIVE_GROUPS = ("_2", "Exclusion")
