@@ -1,7 +1,70 @@
-"""Lesion annotations (see `model` for the model and its readers and writers)."""
-from .model import (
-    DEFAULT_COLOUR, DEFAULT_GROUP, LESION_CLASS, LESION_COLOUR, MAX_COORDINATE, NEGATIVE_GROUPS,
-    POSITIVE_GROUPS, Annotation, AnnotationError, AnnotationWarning, Polygon, asap_xml,
-    geojson_feature, load_annotation, read_asap_xml, read_geojson, read_json, read_txt,
-    to_asap_xml, to_geojson, to_json_dict, write_annotation,
-)
+"""Lesion annotations: polygons split into positive (tumour) and negative (non-tumour
+islands inside tumour) parts, read from ASAP XML, NCRF JSON, GeoJSON (QuPath) or
+vertex-list txt and written as NCRF JSON, ASAP XML or GeoJSON. All vertices are level-0
+`(x, y)`.
+
+The package, one module per concern (other code imports every name from
+`crfcore.annotations`, never from the modules):
+
+    model.py    Annotation (named positive / negative polygons, `contains`, `rasterise`),
+                Polygon, the group / colour / coordinate constants, AnnotationError and
+                AnnotationWarning, checked vertices and the checks the readers share
+    asap.py     ASAP XML: read_asap_xml, asap_xml, to_asap_xml
+    ncrf.py     NCRF JSON and vertex txt: read_json, read_txt, to_json_dict
+    geojson.py  GeoJSON (QuPath): read_geojson, geojson_feature, to_geojson
+    __init__    the public API re-exported; load_annotation / write_annotation choose the
+                format by extension / name
+
+Imports point one way: asap and geojson import model; ncrf imports model and geojson (a
+`.json` may hold GeoJSON); this __init__ imports them all.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Sequence
+
+from ..io import atomic_write_text
+from .asap import asap_xml, read_asap_xml, to_asap_xml
+from .geojson import geojson_feature, read_geojson, to_geojson
+from .model import (DEFAULT_COLOUR, DEFAULT_GROUP, LESION_CLASS, LESION_COLOUR, MAX_COORDINATE,
+                    NEGATIVE_GROUPS, POSITIVE_GROUPS, Annotation, AnnotationError, AnnotationWarning,
+                    Polygon)
+from .ncrf import read_json, read_txt, to_json_dict
+
+__all__ = [
+    "DEFAULT_COLOUR", "DEFAULT_GROUP", "LESION_CLASS", "LESION_COLOUR", "MAX_COORDINATE",
+    "NEGATIVE_GROUPS", "POSITIVE_GROUPS", "Annotation", "AnnotationError", "AnnotationWarning",
+    "Polygon", "asap_xml", "geojson_feature", "load_annotation", "read_asap_xml", "read_geojson",
+    "read_json", "read_txt", "to_asap_xml", "to_geojson", "to_json_dict", "write_annotation",
+]
+
+
+def load_annotation(path: str | Path, positive_groups: Sequence[str] = POSITIVE_GROUPS,
+                    negative_groups: Sequence[str] = NEGATIVE_GROUPS,
+                    txt_part: str = "positive") -> Annotation:
+    """Read an annotation by extension: `.xml` (ASAP), `.json` (NCRF, or GeoJSON by
+    content), `.geojson` (QuPath), `.txt` (vertices)."""
+    suffix = Path(path).suffix.lower()
+    if suffix == ".xml":
+        return read_asap_xml(path, positive_groups, negative_groups)
+    if suffix == ".json":
+        return read_json(path, positive_groups, negative_groups)
+    if suffix == ".geojson":
+        return read_geojson(path, positive_groups, negative_groups)
+    if suffix == ".txt":
+        return read_txt(path, txt_part)
+    raise AnnotationError(f"{path}: unknown annotation type (expected .xml, .json, .geojson or .txt)")
+
+
+def write_annotation(ann: Annotation, path: str | Path, to: str = "json") -> None:
+    """Write `ann` atomically as `json` (NCRF), `xml` (ASAP) or `geojson` (QuPath)."""
+    if to == "json":
+        text = json.dumps(to_json_dict(ann), indent=1)
+    elif to == "xml":
+        text = to_asap_xml(ann)
+    elif to == "geojson":
+        text = json.dumps(to_geojson(ann))
+    else:
+        raise ValueError(f"unknown annotation format {to!r}")
+    atomic_write_text(path, text)

@@ -1,0 +1,76 @@
+"""ASAP / Camelyon XML annotations: read (entities and external references refused, never
+expanded) and written with an AnnotationGroups list of group colours."""
+from __future__ import annotations
+
+import xml.etree.ElementTree as ET
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+from defusedxml import DefusedXmlException
+from defusedxml import ElementTree as SafeET
+
+from .model import (NEGATIVE_GROUPS, POSITIVE_GROUPS, Annotation, AnnotationError, _check_polygon,
+                    _remember_colour, _vertices, _warn_unknown)
+
+
+def read_asap_xml(path: str | Path, positive_groups: Sequence[str] = POSITIVE_GROUPS,
+                  negative_groups: Sequence[str] = NEGATIVE_GROUPS) -> Annotation:
+    """ASAP/Camelyon XML. Like NCRF, polygons are taken group by group in the order of
+    `positive_groups` (then `negative_groups`), document order within a group."""
+    path = Path(path)
+    try:
+        root = SafeET.parse(str(path)).getroot()
+    except ET.ParseError as err:
+        raise AnnotationError(f"{path}: malformed XML at line {err.position[0]}: {err.msg}") from None
+    except DefusedXmlException as err:  # entities, external references: refused, never expanded
+        raise AnnotationError(f"{path}: refused: the XML declares {type(err).__name__.replace('Forbidden', '').lower()} "
+                              f"({getattr(err, 'name', '') or getattr(err, 'sysid', '') or 'unsafe construct'}), "
+                              "which annotations never need") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise AnnotationError(f"{path}: cannot read ({getattr(err, 'strerror', None) or err})") from None
+    annos = root.findall("./Annotations/Annotation")
+    ann = Annotation()
+    for g in root.findall("./AnnotationGroups/Group"):
+        _remember_colour(ann, g.get("Name"), g.get("Color"))
+    for part, groups in (("positive", positive_groups), ("negative", negative_groups)):
+        for group in groups:
+            for anno in annos:
+                if anno.get("PartOfGroup") != group:
+                    continue
+                name = anno.get("Name", "")
+                pairs = [(c.get("X"), c.get("Y")) for c in anno.findall("./Coordinates/Coordinate")]
+                verts = _vertices(str(path), name, pairs, text=True)
+                if _check_polygon(str(path), name, verts):
+                    ann.add(part, name, verts, group)
+                    _remember_colour(ann, group, anno.get("Color"))  # when AnnotationGroups lacks it
+    _warn_unknown(str(path), "group(s)", (a.get("PartOfGroup") for a in annos),
+                  (*positive_groups, *negative_groups))
+    return ann
+
+
+def asap_xml(items: Iterable[tuple[str, str, str, np.ndarray]], colours: dict[str, str]) -> str:
+    """An ASAP XML document of `(name, type, group, vertices)` annotations; its
+    AnnotationGroups lists `colours` (group -> "#RRGGBB"), which must hold every group."""
+    root = ET.Element("ASAP_Annotations")
+    annos = ET.SubElement(root, "Annotations")
+    for name, kind, group, verts in items:
+        el = ET.SubElement(annos, "Annotation", Name=name, Type=kind, PartOfGroup=group, Color=colours[group])
+        coords = ET.SubElement(el, "Coordinates")
+        for i, (x, y) in enumerate(verts):
+            ET.SubElement(coords, "Coordinate", Order=str(i), X=_num(x), Y=_num(y))
+    groups = ET.SubElement(root, "AnnotationGroups")
+    for group, colour in colours.items():
+        ET.SubElement(ET.SubElement(groups, "Group", Name=group, PartOfGroup="None", Color=colour), "Attributes")
+    ET.indent(root, space="\t")
+    return '<?xml version="1.0"?>\n' + ET.tostring(root, encoding="unicode") + "\n"
+
+
+def to_asap_xml(ann: Annotation) -> str:
+    """ASAP XML keeping each polygon's group; AnnotationGroups lists the groups used."""
+    colours = {p.group: ann.colour(p.group, p.part) for p in ann.parts()}
+    return asap_xml(((p.name, "Polygon", p.group, p.vertices) for p in ann.parts()), colours)
+
+
+def _num(v: float) -> str:
+    return str(int(v)) if float(v).is_integer() else repr(float(v))

@@ -1,0 +1,66 @@
+"""NCRF's annotation JSON (`{"positive": [{"name", "vertices"}], "negative": [...]}`, integer
+vertices) and the original repository's vertex-list txt. A `.json` holding GeoJSON is read
+as GeoJSON."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from .geojson import _from_geojson, _is_geojson
+from .model import (NEGATIVE_GROUPS, POSITIVE_GROUPS, Annotation, AnnotationError, _check_polygon,
+                    _load_json, _vertices)
+
+
+def read_json(path: str | Path, positive_groups: Sequence[str] = POSITIVE_GROUPS,
+              negative_groups: Sequence[str] = NEGATIVE_GROUPS) -> Annotation:
+    """NCRF JSON (`{"positive": [{"name", "vertices"}], "negative": [...]}`), or GeoJSON
+    when the content is GeoJSON (see `read_geojson`)."""
+    path = Path(path)
+    data = _load_json(path)
+    if _is_geojson(data):
+        return _from_geojson(path, data, positive_groups, negative_groups)
+    if not isinstance(data, dict) or not set(data) <= {"positive", "negative"}:
+        raise AnnotationError(f"{path}: neither an NCRF annotation (keys 'positive'/'negative') nor GeoJSON")
+    ann = Annotation()
+    for part in ("positive", "negative"):
+        polys = data.get(part, [])
+        for i, poly in enumerate(polys if isinstance(polys, list) else [None]):
+            if not isinstance(poly, dict) or not isinstance(poly.get("vertices"), list):
+                raise AnnotationError(f"{path}: {part}[{i}] has no valid 'vertices'")
+            name = str(poly.get("name", f"{part}{i}"))
+            verts = _vertices(str(path), name, poly["vertices"], text=False)
+            if _check_polygon(str(path), name, verts):
+                ann.add(part, name, verts)
+    return ann
+
+
+def read_txt(path: str | Path, part: str = "positive") -> Annotation:
+    """The original repository's vertex list: one `x y` pair per line, any whitespace."""
+    path = Path(path)
+    pairs, lines = [], []
+    try:
+        text = path.read_text().splitlines()
+    except (OSError, UnicodeDecodeError) as err:
+        raise AnnotationError(f"{path}: cannot read ({err})") from None
+    for lineno, line in enumerate(text, 1):
+        fields = line.replace(",", " ").split()
+        if not fields:
+            continue
+        if len(fields) != 2:
+            raise AnnotationError(f"{path}:{lineno}: expected 'x y', got {line.strip()!r}")
+        pairs.append(fields)
+        lines.append(lineno)
+    ann = Annotation()
+    verts = _vertices(str(path), path.stem, pairs, text=True, lines=lines).reshape(-1, 2)
+    if _check_polygon(str(path), path.stem, verts):
+        ann.add(part, path.stem, verts)
+    return ann
+
+
+def to_json_dict(ann: Annotation) -> dict:
+    """NCRF's JSON object: integer vertices rounded as `numpy.round` does."""
+    return {part: [{"name": n, "vertices": np.round(v).astype(int).tolist()}
+                   for n, v in zip(getattr(ann, f"{part}_names"), getattr(ann, part))]
+            for part in ("positive", "negative")}
