@@ -1,174 +1,386 @@
 #!/usr/bin/env python3
-"""DeepZoom web viewer of the slides under SLIDE_DIR, with probability-map overlays and
-lesion points from MAPS_DIR (prob_map.py / evaluate.py output). URL scheme of
-OpenSlide's multi-slide DeepZoom server: `/` index, `/<path>` viewer, `/<path>.dzi`,
-`/<path>_files/<level>/<col>_<row>.jpeg`; plus `/<path>.overlay.dzi` (+ tiles) and
-`/<path>.lesions.json`."""
+"""DeepZoom web viewer of the slides under SLIDE_DIR, for reviewing probability maps.
+
+Slides use the URL scheme of OpenSlide's multi-slide DeepZoom server: `/` index,
+`/<path>` viewer, `/<path>.dzi`, `/<path>_files/<level>/<col>_<row>.jpeg`. Beside them:
+thumbnails, probability maps (`MAPS_DIR/<stem>_prob.npy` and `MAPS_DIR/<name>/<stem>_prob.npy`)
+as switchable, thresholded overlays with the value under the cursor, lesion points of
+`evaluate.py lesions` (`<stem>.csv` in the same folders) and the truth outlines
+(`<stem>.json/.xml/.geojson/.txt` in the slide's folder, MAPS_DIR or its sub-folders).
+Binds to 127.0.0.1 unless told otherwise; paths outside SLIDE_DIR are refused.
+"""
 from __future__ import annotations
 
+import math
+import threading
 from collections import OrderedDict
+from dataclasses import dataclass, field
 from io import BytesIO
 from pathlib import Path
+from typing import Callable, Hashable, TypeVar
 
 import numpy as np
-from flask import Flask, abort, jsonify, render_template_string, send_from_directory
-from openslide import ImageSlide
+import openslide
+from flask import Flask, abort, jsonify, render_template, request, send_from_directory, url_for
 from openslide.deepzoom import DeepZoomGenerator
 from PIL import Image
 
 from crfcore import slide as sl
-from crfcore.cli import UserError, parser, run
+from crfcore.annotations import load_annotation
+from crfcore.cli import UserError, one_line, parser, run
+from crfcore.errors import CrfError
+from crfcore.evaluation import read_lesions
+from crfcore.heatmap import colourise, load_probability_map
+from crfcore.io import check_fits_slide, companion
 
 ROOT = Path(__file__).resolve().parent
 OSD = ROOT / "node_modules" / "openseadragon" / "build" / "openseadragon"
 TILE, OVERLAP = 254, 1
-
-INDEX = """<!doctype html><title>slides</title><h1>Slides in {{ root }}</h1><ul>
-{% for rel, err in items %}<li>{% if err %}{{ rel }}: <em>cannot be opened ({{ err }})</em>
-{% else %}<a href="/{{ rel }}">{{ rel }}</a>{% endif %}</li>{% endfor %}</ul>"""
-
-PAGE = """<!doctype html><title>{{ rel }}</title>
-<style>body{margin:0;font-family:sans-serif}#view{width:100%;height:88vh;background:#000}
-#bar{padding:6px}#scale{position:fixed;left:12px;bottom:14vh;border-bottom:3px solid #fff;
-color:#fff;font-size:12px;text-shadow:0 0 2px #000;z-index:9}</style>
-<div id="bar"><b>{{ rel }}</b> {{ props }}
-{% if overlay %}<label><input type="checkbox" id="ov" checked> heat map</label>
-<input type="range" id="op" min="0" max="1" step="0.05" value="0.5"> opacity{% endif %}
-{% if lesions %}<label><input type="checkbox" id="le" checked> lesions</label>{% endif %}</div>
-<div id="view"></div>{% if mpp %}<div id="scale"></div>{% endif %}
-{% if osd %}<script src="/_osd/openseadragon.min.js"></script><script>
-const v = OpenSeadragon({id: "view", prefixUrl: "/_osd/images/", tileSources: "/{{ rel }}.dzi",
-  showNavigator: true,
-  animationTime: new URLSearchParams(location.search).get("animation") === "0" ? 0 : 1.2});
-{% if mpp %}const sb = document.getElementById("scale");
-v.addHandler("animation", () => {  // a 1-2-5 scale bar about 120 screen pixels long
-  const umPerPx = {{ mpp }} / v.viewport.viewportToImageZoom(v.viewport.getZoom(true));
-  const raw = 120 * umPerPx, p = Math.pow(10, Math.floor(Math.log10(raw)));
-  const nice = [1, 2, 5, 10].map(k => k * p).filter(x => x <= raw).pop();
-  sb.style.width = (nice / umPerPx) + "px";
-  sb.textContent = nice >= 1000 ? (nice / 1000) + " mm" : nice + " \u00b5m"; });{% endif %}
-{% if overlay %}v.addTiledImage({tileSource: "/{{ rel }}.overlay.dzi", x: 0, y: 0, width: 1, opacity: 0.5,
-  success: e => { const it = e.item;
-    document.getElementById("ov").onchange = ev => it.setOpacity(ev.target.checked ? +document.getElementById("op").value : 0);
-    document.getElementById("op").oninput = ev => it.setOpacity(+ev.target.value); }});{% endif %}
-{% if lesions %}fetch("/{{ rel }}.lesions.json").then(r => r.json()).then(ls => { const els = [];
-  const add = () => { const slide = v.world.getItemAt(0);
-    for (const [p, x, y] of ls) { const d = document.createElement("div");
-      d.style = "width:12px;height:12px;border:2px solid #0f0;border-radius:50%;margin:-8px"; d.title = p;
-      v.addOverlay({element: d, location: slide.imageToViewportCoordinates(x, y)}); els.push(d); } };
-  if (v.world.getItemCount()) add(); else v.addOnceHandler("open", add);
-  document.getElementById("le").onchange = ev => els.forEach(d => d.style.display = ev.target.checked ? "" : "none");
-});{% endif %}
-</script>{% else %}<p>OpenSeadragon is missing: run <code>npm install</code> in {{ root_dir }}
-(Install/install.sh does it when npm is present).</p>{% endif %}"""
+TOP = "_"  # URL name of the map directly in MAPS_DIR (sub-folder maps go by the folder's name)
+CMAP = "jet"
+V = TypeVar("V")
 
 
-def overlay_image(prob: np.ndarray) -> Image.Image:
-    """The map as an RGBA image: jet colours on tissue, transparent elsewhere."""
-    from crfcore.heatmap import colourise
+class ViewerError(CrfError):
+    """A slide tile OpenSlide cannot read; one line naming the slide."""
 
-    rgba = np.dstack([colourise(prob), np.where(prob > 0, 255, 0).astype(np.uint8)])
-    return Image.fromarray(rgba, "RGBA")
+
+class LRUCache:
+    """A bounded least-recently-used cache, safe under Flask's threaded server. Values are
+    made outside the lock (a slow map load does not stall other slides' tiles); when two
+    threads make the same key at once, both get the first value stored. Evicted slides
+    are not closed: a thread may still be reading them, and OpenSlide closes on collection."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self._items: OrderedDict[Hashable, object] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key: Hashable, make: Callable[[], V]) -> V:
+        with self._lock:
+            if key in self._items:
+                self._items.move_to_end(key)
+                return self._items[key]  # type: ignore[return-value]
+        value = make()
+        with self._lock:
+            value = self._items.setdefault(key, value)  # type: ignore[assignment]
+            self._items.move_to_end(key)
+            while len(self._items) > self.size:
+                self._items.popitem(last=False)
+        return value
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+
+@dataclass
+class OpenSlideView:
+    """An open slide and its DeepZoom tiler (our own handle: never the tiler's private one)."""
+
+    osr: openslide.OpenSlide
+    dz: DeepZoomGenerator
+
+
+@dataclass
+class SlideInfo:
+    """What the index shows of one slide file (or DICOM series)."""
+
+    path: Path
+    rel: str
+    error: str | None = None
+    size: tuple[int, int] = (0, 0)
+    mpp: float | None = None
+    vendor: str = "?"
+    series: str | None = None  # DICOM SeriesInstanceUID: files of one series are one slide
+    members: list[str] = field(default_factory=list)
+
+    def summary(self) -> str:
+        """`W x H px, mpp, vendor`."""
+        mpp = f"{self.mpp:.3f} um/px" if self.mpp else "no mpp"
+        return f"{self.size[0]} x {self.size[1]} px, {mpp}, {self.vendor}"
+
+
+class MapTiles:
+    """DeepZoom tiles of a probability map laid over its slide: the slide's own tile
+    geometry (from its DeepZoomGenerator), each lattice cell a sharp block of its colour
+    (nearest cell per pixel, never smoothed), RGBA, fully transparent outside tissue
+    (map 0) and below the threshold."""
+
+    def __init__(self, prob: np.ndarray, downsample: tuple[float, float], dz: DeepZoomGenerator) -> None:
+        self.prob, self.ds, self.dz = prob, downsample, dz
+        self.colours = colourise(prob, CMAP)
+
+    def dzi(self) -> str:
+        return self.dz.get_dzi("png")
+
+    def _lattice(self, v: np.ndarray, axis: int) -> np.ndarray:
+        """Map column (axis 0, from level-0 x) or row (axis 1, from y) of each coordinate:
+        pixel [r, c] covers ((c + .5) dx, (r + .5) dy), so cell c spans [c dx, (c + 1) dx)."""
+        n = self.prob.shape[1 - axis]
+        return np.clip(np.floor(np.asarray(v, float) / self.ds[axis]).astype(int), 0, n - 1)
+
+    def tile(self, level: int, col: int, row: int, threshold: float) -> np.ndarray:
+        """`(h, w, 4)` uint8 RGBA; raises ValueError for an address outside the pyramid."""
+        (x0, y0), _, _ = self.dz.get_tile_coordinates(level, (col, row))
+        tw, th = self.dz.get_tile_dimensions(level, (col, row))
+        scale = 2.0 ** (self.dz.level_count - 1 - level)  # level-0 pixels per tile pixel
+        cells = np.ix_(self._lattice(y0 + (np.arange(th) + 0.5) * scale, 1),
+                       self._lattice(x0 + (np.arange(tw) + 0.5) * scale, 0))
+        values = self.prob[cells]
+        shown = ((values > 0) & (values >= threshold))[..., None]
+        rgba = np.dstack([self.colours[cells], np.full(values.shape, 255, np.uint8)])
+        # hidden pixels are (0, 0, 0, 0): OpenSeadragon's WebGL drawer blends as if alpha were
+        # premultiplied, so a colour left under alpha 0 would be added onto the slide
+        return np.where(shown, rgba, 0).astype(np.uint8)
+
+    def value(self, x: float, y: float) -> float | None:
+        """The map's value at level-0 `(x, y)`, None off the slide."""
+        w0, h0 = self.dz.level_dimensions[-1]
+        if not (0 <= x < w0 and 0 <= y < h0):
+            return None
+        return float(self.prob[self._lattice(y, 1), self._lattice(x, 0)])
+
+
+def truth_polygons(path: Path) -> dict:
+    """An annotation's outlines as `{"file", "positive": [[[x, y], ...]], "negative": [...]}`."""
+    ann = load_annotation(path)
+    return {"file": path.name, **{part: [v.tolist() for v in getattr(ann, part)] for part in ("positive", "negative")}}
+
+
+def legend_gradient(cmap: str = CMAP, stops: int = 11) -> str:
+    """A CSS linear-gradient of the colour map from 0 (left) to 1 (right)."""
+    cols = colourise(np.linspace(0, 1, stops)[None, :], cmap)[0]
+    return "linear-gradient(to right, " + ", ".join(
+        f"rgb({r},{g},{b}) {100 * i / (stops - 1):g}%" for i, (r, g, b) in enumerate(cols)) + ")"
+
+
+class Library:
+    """The slides under `slide_dir` and their companion files in `maps_dir`."""
+
+    def __init__(self, slide_dir: Path, maps_dir: Path | None) -> None:
+        self.slide_dir, self.maps_dir = slide_dir, maps_dir
+        self._info: dict[Path, tuple[int, SlideInfo]] = {}
+        self._lock = threading.Lock()
+
+    def resolve(self, rel: str) -> Path:
+        """The slide file `rel` names under slide_dir; 404 for anything else (traversal)."""
+        path = (self.slide_dir / rel).resolve()
+        if self.slide_dir not in path.parents or not path.is_file():
+            abort(404)
+        return path
+
+    def rel(self, path: Path) -> str:
+        return path.relative_to(self.slide_dir).as_posix()
+
+    def files(self) -> list[Path]:
+        """Slide files under slide_dir, hidden files and folders left out, sorted."""
+        return sorted(p for p in self.slide_dir.rglob("*")
+                      if p.suffix.lower() in sl.SLIDE_EXTENSIONS and p.is_file()
+                      and not any(part.startswith(".") for part in p.relative_to(self.slide_dir).parts))
+
+    def info(self, path: Path) -> SlideInfo:
+        """Size, mpp, vendor and DICOM series of `path`, cached while the file is unchanged."""
+        stamp = path.stat().st_mtime_ns
+        with self._lock:
+            hit = self._info.get(path)
+        if hit and hit[0] == stamp:
+            return hit[1]
+        info = SlideInfo(path, self.rel(path))
+        try:
+            osr = sl.open_slide(path)
+        except sl.SlideError as err:
+            info.error = str(err).split(": ", 1)[-1]
+        else:
+            mpp = sl.slide_mpp(osr)
+            info.size, info.mpp = osr.dimensions, mpp[0] if mpp else None
+            info.vendor = osr.properties.get(openslide.PROPERTY_NAME_VENDOR, "?")
+            info.series = osr.properties.get("dicom.SeriesInstanceUID") if info.vendor == "dicom" else None
+            osr.close()
+        with self._lock:
+            self._info[path] = (stamp, info)
+        return info
+
+    def slides(self) -> list[SlideInfo]:
+        """One entry per slide: the files of a DICOM series (one folder, one series UID)
+        collapse into their first file, which lists the others as `members`."""
+        out: list[SlideInfo] = []
+        first: dict[tuple[Path, str], SlideInfo] = {}
+        for path in self.files():
+            info = self.info(path)
+            key = (path.parent, info.series or "")
+            if info.series and key in first:
+                first[key].members.append(path.name)
+                continue
+            info.members = [path.name]
+            first[key] = info
+            out.append(info)
+        return out
+
+    def map_folders(self) -> list[tuple[str, Path]]:
+        """`(name, folder)` where maps and lesions are looked for: MAPS_DIR, then its sub-folders."""
+        if self.maps_dir is None or not self.maps_dir.is_dir():
+            return []
+        subs = sorted(p for p in self.maps_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
+        return [(TOP, self.maps_dir)] + [(p.name, p) for p in subs]
+
+    def companions(self, path: Path, kind: str) -> dict[str, Path]:
+        """`{name: file}` of the slide's `kind` ("prob" or "lesions") files, by the pairing rule."""
+        found = ((name, companion(folder, path.stem, kind)) for name, folder in self.map_folders())
+        return {name: f for name, f in found if f is not None}
+
+    def truth(self, path: Path) -> Path | None:
+        """The slide's annotation: in its own folder, else MAPS_DIR, else a sub-folder of it."""
+        for folder in [path.parent] + [f for _, f in self.map_folders()]:
+            found = companion(folder, path.stem, "annotation")
+            if found is not None:
+                return found
+        return None
+
+    def label(self, name: str) -> str:
+        return self.maps_dir.name if name == TOP and self.maps_dir else name
 
 
 def create_app(slide_dir: str | Path, maps_dir: str | Path | None = None, cache_size: int = 8) -> Flask:
-    slide_dir = Path(slide_dir).resolve()
-    maps_dir = Path(maps_dir).resolve() if maps_dir else None
-    app = Flask(__name__)
-    open_slides: OrderedDict[Path, DeepZoomGenerator] = OrderedDict()
+    """The viewer as a Flask app; `cache_size` open slides and `cache_size` maps are kept."""
+    lib = Library(Path(slide_dir).resolve(), Path(maps_dir).resolve() if maps_dir else None)
+    app = Flask(__name__, template_folder=str(ROOT / "templates"), static_folder=str(ROOT / "static"),
+                static_url_path="/_static")
+    slides, overlays = LRUCache(cache_size), LRUCache(cache_size)
+    gradient = legend_gradient()
 
-    def resolve(rel: str) -> Path:
-        path = (slide_dir / rel).resolve()
-        if slide_dir not in path.parents or not path.is_file():
-            abort(404)  # path traversal, or no such slide
-        return path
+    def view(path: Path) -> OpenSlideView:
+        def make() -> OpenSlideView:
+            osr = sl.open_slide(path)
+            return OpenSlideView(osr, DeepZoomGenerator(osr, TILE, OVERLAP, limit_bounds=False))
+        return slides.get((path, path.stat().st_mtime_ns), make)
 
-    def deepzoom(path: Path) -> DeepZoomGenerator:
-        if path not in open_slides:
-            try:
-                open_slides[path] = DeepZoomGenerator(sl.open_slide(path), TILE, OVERLAP, limit_bounds=False)
-            except sl.SlideError:
-                abort(404)
-            if len(open_slides) > cache_size:
-                open_slides.popitem(last=False)
-        open_slides.move_to_end(path)
-        return open_slides[path]
-
-    def map_for(path: Path, kind: str) -> Path | None:
-        if maps_dir is None:
-            return None
-        found = sorted(maps_dir.rglob(f"{path.stem}*{kind}"))
-        return found[0] if found else None
-
-    def overlay_dz(path: Path) -> DeepZoomGenerator:
-        key = path.with_suffix(".overlay")
-        if key not in open_slides:
-            npy = map_for(path, "_prob.npy")
-            if npy is None:
-                abort(404)
-            from crfcore.heatmap import load_probability_map
-            prob, _ = load_probability_map(npy, slide=path)
-            open_slides[key] = DeepZoomGenerator(ImageSlide(overlay_image(prob)), TILE, OVERLAP)
-        return open_slides[key]
-
-    def tile(dz: DeepZoomGenerator, level: int, col: int, row: int, fmt: str):
-        try:
-            img = dz.get_tile(level, (col, row))
-        except ValueError:
+    def map_tiles(rel: str, name: str) -> MapTiles:
+        path = lib.resolve(rel)
+        npy = lib.companions(path, "prob").get(name)
+        if npy is None:
             abort(404)
+
+        def make() -> MapTiles:
+            prob, meta = load_probability_map(npy, slide=path)
+            v = view(path)
+            check_fits_slide(npy, prob.shape, meta["downsample"], v.osr.dimensions)
+            return MapTiles(prob, tuple(meta["downsample"]), v.dz)
+        return overlays.get((npy, npy.stat().st_mtime_ns, path), make)
+
+    def image_response(img: Image.Image, fmt: str):
         buf = BytesIO()
-        img.save(buf, "png" if fmt == "png" else "jpeg", quality=85)
+        img.save(buf, fmt, **({"quality": 85} if fmt == "jpeg" else {"compress_level": 3}))
         return app.response_class(buf.getvalue(), mimetype=f"image/{fmt}")
+
+    def query_float(name: str, default: float | None = None, lo: float = -math.inf, hi: float = math.inf) -> float:
+        raw = request.args.get(name)
+        try:
+            value = default if raw is None else float(raw)
+        except ValueError:
+            value = None
+        if value is None or not math.isfinite(value) or not lo <= value <= hi:
+            abort(400, f"query parameter {name!r} must be a number in [{lo:g}, {hi:g}]")
+        return value
+
+    @app.errorhandler(CrfError)
+    def bad_file(err: CrfError):
+        """A bad slide, map, lesion or annotation file: its one-line message, never a 500."""
+        return app.response_class(one_line(err) + "\n", status=422, mimetype="text/plain")
 
     @app.route("/")
     def index():
-        items = []
-        for p in sorted(slide_dir.rglob("*")):
-            if p.is_file() and p.suffix.lower() in sl.SLIDE_EXTENSIONS:
-                try:
-                    sl.open_slide(p).close()
-                    items.append((p.relative_to(slide_dir).as_posix(), None))
-                except sl.SlideError as err:
-                    items.append((p.relative_to(slide_dir).as_posix(), str(err).split(": ", 1)[-1]))
-        return render_template_string(INDEX, root=slide_dir, items=items)
+        entries = [(s, lib.companions(s.path, "prob"), lib.companions(s.path, "lesions"), lib.truth(s.path))
+                   for s in lib.slides()]
+        return render_template("index.html", root=lib.slide_dir, maps_dir=lib.maps_dir, entries=entries,
+                               label=lib.label)
 
     @app.route("/_osd/<path:name>")
-    def osd(name):
+    def osd(name: str):
         return send_from_directory(OSD, name)
 
+    @app.route("/_thumb/<path:rel>")
+    def thumbnail(rel: str):
+        osr = sl.open_slide(lib.resolve(rel))  # not cached: an index of many slides would flush the cache
+        try:
+            return image_response(osr.get_thumbnail((200, 200)).convert("RGB"), "jpeg")
+        finally:
+            osr.close()
+
     @app.route("/<path:rel>.dzi")
-    def dzi(rel):
-        if rel.endswith(".overlay"):
-            return app.response_class(overlay_dz(resolve(rel[:-8])).get_dzi("png"), mimetype="application/xml")
-        return app.response_class(deepzoom(resolve(rel)).get_dzi("jpeg"), mimetype="application/xml")
+    def dzi(rel: str):
+        return app.response_class(view(lib.resolve(rel)).dz.get_dzi("jpeg"), mimetype="application/xml")
 
     @app.route("/<path:rel>_files/<int:level>/<int:col>_<int:row>.<fmt>")
-    def tiles(rel, level, col, row, fmt):
+    def tile(rel: str, level: int, col: int, row: int, fmt: str):
+        path = lib.resolve(rel)
         if fmt not in ("jpeg", "png"):
             abort(404)
-        if rel.endswith(".overlay"):
-            return tile(overlay_dz(resolve(rel[:-8])), level, col, row, "png")
-        return tile(deepzoom(resolve(rel)), level, col, row, fmt)
+        try:
+            img = view(path).dz.get_tile(level, (col, row))
+        except ValueError:
+            abort(404)  # no such level or tile
+        except openslide.OpenSlideError as err:
+            raise ViewerError(f"{path}: OpenSlide cannot read this tile ({err})") from None
+        return image_response(img, fmt)
 
-    @app.route("/<path:rel>.lesions.json")
-    def lesions(rel):
-        csv = map_for(resolve(rel), ".csv")
+    @app.route("/_map/<name>/<path:rel>.dzi")
+    def map_dzi(name: str, rel: str):
+        return app.response_class(map_tiles(rel, name).dzi(), mimetype="application/xml")
+
+    @app.route("/_map/<name>/<path:rel>_files/<int:level>/<int:col>_<int:row>.png")
+    def map_tile(name: str, rel: str, level: int, col: int, row: int):
+        tiles, t = map_tiles(rel, name), query_float("t", 0.0, 0.0, 1.0)
+        try:
+            rgba = tiles.tile(level, col, row, t)
+        except ValueError:
+            abort(404)
+        return image_response(Image.fromarray(rgba, "RGBA"), "png")
+
+    @app.route("/_value/<name>/<path:rel>")
+    def map_value(name: str, rel: str):
+        value = map_tiles(rel, name).value(query_float("x"), query_float("y"))
+        return jsonify(value=value)
+
+    @app.route("/_lesions/<name>/<path:rel>")
+    def lesions(name: str, rel: str):
+        csv = lib.companions(lib.resolve(rel), "lesions").get(name)
         if csv is None:
             abort(404)
-        from crfcore.evaluation import read_lesions
         return jsonify(read_lesions(csv).tolist())
 
+    @app.route("/_truth/<path:rel>")
+    def truth(rel: str):
+        found = lib.truth(lib.resolve(rel))
+        if found is None:
+            abort(404)
+        return jsonify(truth_polygons(found))
+
     @app.route("/<path:rel>")
-    def page(rel):
-        path = resolve(rel)
-        s = deepzoom(path)._osr
-        mpp = sl.slide_mpp(s)
-        props = (f"{s.dimensions[0]} x {s.dimensions[1]} px, "
-                 f"{'%.3f um/px' % mpp[0] if mpp else 'no mpp'}, {s.properties.get('openslide.vendor', '?')}")
-        return render_template_string(PAGE, rel=rel, props=props, mpp=mpp[0] if mpp else None,
-                                      overlay=map_for(path, "_prob.npy") is not None,
-                                      lesions=map_for(path, ".csv") is not None,
-                                      osd=(OSD / "openseadragon.min.js").exists(), root_dir=ROOT)
+    def page(rel: str):
+        path = lib.resolve(rel)
+        view(path)  # a slide OpenSlide cannot open answers 422 with its reason
+        info = lib.info(path)
+        return render_template("slide.html", rel=rel, summary=info.summary(), root_dir=ROOT, gradient=gradient,
+                               osd=(OSD / "openseadragon.min.js").exists(), config=page_config(rel, path, info))
+
+    def page_config(rel: str, path: Path, info: SlideInfo) -> dict:
+        """Everything the page's script needs: URLs, maps, lesion sets, neighbours."""
+        order = [s for s in lib.slides() if s.error is None]
+        here = next((i for i, s in enumerate(order) if s.path.parent == path.parent and path.name in s.members), None)
+        prev = order[here - 1] if here else None
+        nxt = order[here + 1] if here is not None and here + 1 < len(order) else None
+        return {
+            "rel": rel, "width": info.size[0], "height": info.size[1], "mpp": info.mpp,
+            "dzi": url_for("dzi", rel=rel),
+            "maps": [{"name": n, "label": lib.label(n), "dzi": url_for("map_dzi", name=n, rel=rel),
+                      "value": url_for("map_value", name=n, rel=rel)} for n in lib.companions(path, "prob")],
+            "lesions": [{"name": lib.label(n), "url": url_for("lesions", name=n, rel=rel)}
+                        for n in lib.companions(path, "lesions")],
+            "truth": url_for("truth", rel=rel) if lib.truth(path) else None,
+            "prev": url_for("page", rel=prev.rel) if prev else None,
+            "next": url_for("page", rel=nxt.rel) if nxt else None,
+            "index": url_for("index"), "osd_images": url_for("osd", name="images/"),
+        }
 
     return app
 
@@ -176,17 +388,18 @@ def create_app(slide_dir: str | Path, maps_dir: str | Path | None = None, cache_
 def main(argv=None) -> int:
     p = parser(__doc__)
     p.add_argument("slide_dir", type=Path)
-    p.add_argument("--maps", type=Path, help="folder of *_prob.npy maps and lesion CSVs")
-    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--maps", type=Path, help="folder of <stem>_prob.npy maps and lesion CSVs (and sub-folders of them)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind; 0.0.0.0 exposes the slides to the network")
     p.add_argument("--port", type=int, default=5000)
     args = p.parse_args(argv)
     if not args.slide_dir.is_dir():
         raise UserError(f"{args.slide_dir}: not a directory")
+    if args.maps is not None and not args.maps.is_dir():
+        raise UserError(f"{args.maps}: not a directory")
     if not (OSD / "openseadragon.min.js").exists():
         print("note: OpenSeadragon is missing; run `npm install` here (pages will say so)")
     create_app(args.slide_dir, args.maps).run(host=args.host, port=args.port, threaded=True)
     return 0
-
 
 
 if __name__ == "__main__":

@@ -1,133 +1,279 @@
+"""viewer.py through Flask's test client: every route, the pairing of maps, lesions and
+annotations with slides, and the faults that must answer 4xx with one line, never 500.
+The headless-browser test is tests/test_viewer_browser.py."""
+from __future__ import annotations
+
 import importlib.util
+import io
+import json
+import shutil
+import sys
+import threading
 from pathlib import Path
+
 import numpy as np
 import pytest
+from PIL import Image
 
+from conftest import ROOT, shared
 from crfcore import masks, synthetic
-from crfcore.heatmap import save_probability_map
-from conftest import ROOT
+from crfcore.annotations import write_annotation
+from crfcore.heatmap import colourise, save_probability_map
+from crfcore.io import save_array
+
+LOW_BOX = (256, 160, 448, 320)  # level-0 (x0, y0, x1, y1) of v's low-valued (0.3) map block
+HIGH, LOW = 0.9, 0.3
+
+
+def load_viewer():
+    """viewer.py as a module (it is a script, not part of the package)."""
+    spec = importlib.util.spec_from_file_location("viewer", ROOT / "viewer.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["viewer"] = module  # dataclasses look their module up while classes are made
+    spec.loader.exec_module(module)
+    return module
+
+
+def write_viewer_data(d: Path) -> synthetic.SyntheticSlide:
+    """slides/sub/v.tif with its truth v.xml; maps/v_prob.npy: HIGH on the planted tumour,
+    LOW on LOW_BOX, 0 elsewhere (16-pixel lattice); maps/v.csv: one lesion at (500, 400)."""
+    s = synthetic.write_slide(d / "slides" / "sub" / "v.tif", 1024, 768, tumours=1, seed=2,
+                              xml=d / "slides" / "sub" / "v.xml")
+    tumour, meta = masks.make_mask(s.path, "tumor", s.annotation, downsample=16)
+    prob = np.where(tumour, HIGH, 0).astype(np.float32)
+    x0, y0, x1, y1 = (v // 16 for v in LOW_BOX)
+    assert not tumour[y0:y1, x0:x1].any(), "the low block must stay clear of the tumour"
+    prob[y0:y1, x0:x1] = LOW
+    save_probability_map(d / "maps" / "v_prob.npy", prob, meta)
+    (d / "maps" / "v.csv").write_text("0.9,500,400\n")
+    return s
+
+
+def write_faults(d: Path, s: synthetic.SyntheticSlide) -> None:
+    """Bad companions: for v, maps in sub-folders that are pickled, without sidecar, of
+    another slide, with NaN (and a good second map `crf`); slides/w.tif (a copy of v) with
+    a malformed annotation, a malformed lesion CSV and a map on the wrong lattice; g.tif
+    (another copy) with GeoJSON truth; a broken slide; a prefix trap."""
+    good = d / "maps" / "v_prob.npy"
+    meta = json.loads(good.with_suffix(".json").read_text())
+    prob = np.load(good)
+    for name in ("pickled", "nosidecar", "other", "nan", "crf"):
+        (d / "maps" / name).mkdir()
+    np.save(d / "maps" / "pickled" / "v_prob.npy", np.array([{"a": 1}], dtype=object), allow_pickle=True)
+    shutil.copy(good.with_suffix(".json"), d / "maps" / "pickled" / "v_prob.json")
+    np.save(d / "maps" / "nosidecar" / "v_prob.npy", prob)
+    save_array(d / "maps" / "other" / "v_prob.npy", prob, {**meta, "slide": "w.tif"})
+    save_array(d / "maps" / "nan" / "v_prob.npy", np.where(prob > 0, np.nan, 0).astype(np.float32), meta)
+    save_probability_map(d / "maps" / "crf" / "v_prob.npy", prob[::-1], meta)  # a second, good map
+    (d / "maps" / "crf" / "v.csv").write_text("0.8,100,100\n0.7,200,200\n")
+    (d / "maps" / "v10_prob.npy").write_text("not v's: the pairing rule never takes a bare prefix")
+    shutil.copy(s.path, d / "slides" / "g.tif")  # truth as GeoJSON in MAPS_DIR
+    write_annotation(s.annotation, d / "maps" / "g.geojson", to="geojson")
+    shutil.copy(s.path, d / "slides" / "w.tif")
+    (d / "slides" / "w.xml").write_text("<ASAP_Annotations><Annotations>\n<Annotation")
+    (d / "maps" / "w.csv").write_text("0.9,500,400\n0.8,oops,3\n")
+    save_probability_map(d / "maps" / "w_prob.npy", prob[:20], {**meta, "slide": "w.tif"})
+    (d / "slides" / "broken.svs").write_text("not a slide")
+    (d / "secret.txt").write_text("outside")
 
 
 @pytest.fixture(scope="module")
-def client(tmp_path_factory):
-    spec = importlib.util.spec_from_file_location("viewer", ROOT / "viewer.py")
-    viewer = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(viewer)
+def env(tmp_path_factory):
+    viewer = load_viewer()
     d = tmp_path_factory.mktemp("view")
-    (d / "slides" / "sub").mkdir(parents=True)
-    s = synthetic.write_slide(d / "slides" / "sub" / "v.tif", 1024, 768, tumours=1, seed=2)
-    (d / "slides" / "broken.svs").write_text("not a slide")
-    (d / "secret.txt").write_text("outside")
-    tumour, meta = masks.make_mask(s.path, "tumor", s.annotation, downsample=16)
-    save_probability_map(d / "maps" / "v_prob.npy", tumour.astype(np.float32), meta)
-    (d / "maps" / "v.csv").write_text("0.9,500,400\n")
+    s = write_viewer_data(d)
+    write_faults(d, s)
     app = viewer.create_app(d / "slides", d / "maps")
     app.testing = True
-    return app.test_client(), s
+    return viewer, app.test_client(), s, d
 
 
-def test_index_lists_slides_and_broken_ones(client):
-    c, _ = client
+def config(c, url: str) -> dict:
+    """The JSON the slide page hands its script."""
+    html = c.get(url).get_data(as_text=True)
+    return json.loads(html.split('<script id="config" type="application/json">', 1)[1].split("</script>", 1)[0])
+
+
+def png(resp) -> np.ndarray:
+    assert resp.status_code == 200 and resp.mimetype == "image/png", resp.get_data(as_text=True)[:200]
+    return np.asarray(Image.open(io.BytesIO(resp.data)))
+
+
+# ----------------------------------------------------------------------------- index and slides
+
+
+def test_index_lists_slides_thumbnails_maps_and_broken_ones(env):
+    _, c, _, _ = env
     html = c.get("/").get_data(as_text=True)
-    assert 'href="/sub/v.tif"' in html and "broken.svs" in html and "cannot be opened" in html
+    assert 'href="/sub/v.tif"' in html and 'src="/_thumb/sub/v.tif"' in html and 'href="/w.tif"' in html
+    assert "1024 x 768 px, 0.250 um/px, generic-tiff" in html
+    row = html.split('href="/sub/v.tif"', 1)[1].split("</tr>", 1)[0]
+    assert all(f'<span class="tag">{m}</span>' in row for m in ("maps", "crf", "nan", "other"))
+    assert "v10" not in html and "v.xml" in row  # the map of another stem is never paired with v
+    assert "broken.svs" in html and "cannot be opened" in html
 
 
-def test_dzi_and_tiles(client):
-    c, _ = client
+def test_thumbnail_dzi_and_tiles(env):
+    _, c, _, _ = env
+    thumb = c.get("/_thumb/sub/v.tif")
+    assert thumb.mimetype == "image/jpeg" and max(Image.open(io.BytesIO(thumb.data)).size) == 200
     dzi = c.get("/sub/v.tif.dzi")
     assert dzi.status_code == 200 and 'Width="1024"' in dzi.get_data(as_text=True)
     tile = c.get("/sub/v.tif_files/10/0_0.jpeg")  # 1024 px wide: levels 0..10
     assert tile.status_code == 200 and tile.mimetype == "image/jpeg" and tile.data[:2] == b"\xff\xd8"
     assert c.get("/sub/v.tif_files/99/0_0.jpeg").status_code == 404
+    assert c.get("/sub/v.tif_files/10/0_0.gif").status_code == 404
 
 
-def test_overlay_and_lesions(client):
-    c, _ = client
-    dzi = c.get("/sub/v.tif.overlay.dzi")
-    assert dzi.status_code == 200 and 'Width="64"' in dzi.get_data(as_text=True)
-    tile = c.get("/sub/v.tif.overlay_files/6/0_0.png")
-    assert tile.status_code == 200 and tile.data[:4] == b"\x89PNG"
-    assert c.get("/sub/v.tif.lesions.json").get_json() == [[0.9, 500.0, 400.0]]
-    page = c.get("/sub/v.tif").get_data(as_text=True)
-    assert "1024 x 768 px" in page and "0.250 um/px" in page and "heat map" in page and "lesions" in page
+def test_page_has_the_review_controls_and_neighbours(env):
+    _, c, _, _ = env
+    html = c.get("/sub/v.tif").get_data(as_text=True)
+    assert "1024 x 768 px, 0.250 um/px" in html
+    for control in ('id="heat"', 'id="map"', 'id="threshold"', 'id="opacity"', 'id="truth"', 'class="lesion-set"',
+                    'id="legend"', 'id="help"', "next / previous slide", "/_static/viewer.js"):
+        assert control in html, control
+    cfg = config(c, "/sub/v.tif")
+    assert [m["name"] for m in cfg["maps"]] == ["_", "crf", "nan", "nosidecar", "other", "pickled"]
+    assert [s["name"] for s in cfg["lesions"]] == ["maps", "crf"] and cfg["truth"] == "/_truth/sub/v.tif"
+    assert (cfg["prev"], cfg["next"]) == ("/g.tif", "/w.tif")  # sorted by path; broken.svs is skipped
+    assert (config(c, "/w.tif")["prev"], config(c, "/w.tif")["next"]) == ("/sub/v.tif", None)
+    assert c.get("/_static/viewer.js").status_code == 200 and c.get("/_static/viewer.css").status_code == 200
 
 
-def test_path_traversal_is_refused(client):
-    c, _ = client
-    assert c.get("/../secret.txt").status_code == 404
-    assert c.get("/%2e%2e/secret.txt.dzi").status_code == 404
-    assert c.get("/nothing.tif.dzi").status_code == 404
+# ----------------------------------------------------------------------------- map overlays
 
 
-CHROMIUM = next((p for p in ("/usr/bin/chromium", "/usr/bin/chromium-browser") if Path(p).exists()), None)
-
-
-@pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium (apt-get install chromium)")
-@pytest.mark.skipif(not (ROOT / "node_modules" / "openseadragon").exists(),
-                    reason="needs OpenSeadragon (npm install, run by Install/install.sh)")
-def slide_box(img: np.ndarray) -> tuple[int, int, int, int] | None:
-    """(top, bottom, left, right) of the slide's bright glass inside the black viewer."""
-    bright = img.sum(axis=2) > 600
-    viewer_rows = np.flatnonzero(img[:, 2].sum(axis=1) < 30)  # rows where the viewer's left edge is black
-    if not viewer_rows.size:
-        return None
-    mid_r, mid_c = int(viewer_rows.mean()), img.shape[1] // 2
-    cols, rows = np.flatnonzero(bright[mid_r]), viewer_rows[bright[viewer_rows, mid_c]]
-    return (rows.min(), rows.max() + 1, cols.min(), cols.max() + 1) if cols.size and rows.size else None
-
-
-def overlay_errors(img: np.ndarray, s) -> list[str]:
-    """What is wrong with a screenshot: the overlay's red must sit on the planted tumour
-    (3 % of the slide's extent) and the lesion marker of v.csv at (500, 400) (2 %).
-    Positions are fractions of the slide's box on screen, so a canvas that headless
-    Chromium shows stretched to a stale size still measures right; the marker (an HTML
-    element, not stretched with the canvas) is only checked when the box has the slide's
-    aspect ratio."""
-    box = slide_box(img)
-    if box is None:
-        return ["no slide visible"]
-    top, bottom, left, right = box
-    r, g, b = img[..., 0], img[..., 1], img[..., 2]
-    ry, rx = np.nonzero(((r > 1.8 * g) & (r > 1.4 * b) & (r > 80))[top:bottom, left:right])
-    gy, gx = np.nonzero(((g > 180) & (r < 120) & (b < 120))[top:bottom, left:right])
-    if len(rx) < 200 or len(gx) < 20:
-        return [f"overlay pixels {len(rx)}, lesion-marker pixels {len(gx)}"]
+def test_overlay_has_the_slides_geometry_and_sharp_rgba_cells(env):
+    _, c, s, _ = env
+    dzi = c.get("/_map/_/sub/v.tif.dzi").get_data(as_text=True)
+    assert 'Width="1024"' in dzi and 'Height="768"' in dzi and 'Format="png"' in dzi
+    whole = png(c.get("/_map/_/sub/v.tif_files/7/0_0.png"))  # level 7: 128 x 96, 8 level-0 px per pixel
+    assert whole.shape == (96, 128, 4)
+    assert whole[2, 2].tolist() == [0, 0, 0, 0]  # glass, outside tissue: transparent, not veiled
     x0, y0, x1, y1 = s.annotation.bounds()
-    want = {"overlay": (((x0 + x1) / 2 / s.width, (y0 + y1) / 2 / s.height), 0.03),
-            "lesion": ((500 / s.width, 400 / s.height), 0.02)}
-    got = {"overlay": (rx.mean() / (right - left), ry.mean() / (bottom - top)),
-           "lesion": (gx.mean() / (right - left), gy.mean() / (bottom - top))}
-    if abs((right - left) / (bottom - top) / (s.width / s.height) - 1) > 0.02:
-        del want["lesion"]
-    return [f"{k} at {got[k]}, expected {w}" for k, (w, tol) in want.items()
-            if max(abs(got[k][0] - w[0]), abs(got[k][1] - w[1])) > tol]
+    tumour = whole[int((y0 + y1) / 16), int((x0 + x1) / 16)]
+    low = whole[(LOW_BOX[1] + LOW_BOX[3]) // 16, (LOW_BOX[0] + LOW_BOX[2]) // 16]
+    hi_rgb, lo_rgb = colourise(np.array([HIGH, LOW])).tolist()
+    assert tumour.tolist() == [*hi_rgb, 255] and low.tolist() == [*lo_rgb, 255]
+    # blocks, never smoothed: every pixel is a cell's exact colour, fully opaque or transparent
+    shown = whole[whole[..., 3] > 0][:, :3]
+    assert set(np.unique(whole[..., 3])) == {0, 255}
+    assert {tuple(p) for p in shown} == {tuple(hi_rgb), tuple(lo_rgb)}
 
 
-def test_browser_shows_the_heat_map_on_the_tumour(client, tmp_path):
-    """Headless Chromium opens the viewer page: the overlay's red is on the planted tumour
-    and the lesion marker where v.csv puts it. A screenshot taken before the tiles arrived
-    is retried with more (virtual) time."""
-    import subprocess
-    import threading
+def test_threshold_hides_cells_below_it(env):
+    _, c, _, _ = env
+    at = lambda t: png(c.get(f"/_map/_/sub/v.tif_files/7/0_0.png?t={t}"))[..., 3] > 0  # noqa: E731
+    r, col = (LOW_BOX[1] + LOW_BOX[3]) // 16, (LOW_BOX[0] + LOW_BOX[2]) // 16
+    assert at(0)[r, col] and not at(0.5)[r, col] and at(0.3)[r, col]
+    hidden = png(c.get("/_map/_/sub/v.tif_files/7/0_0.png?t=0.5"))
+    assert hidden[r, col].tolist() == [0, 0, 0, 0]
+    assert at(0.5).sum() == at(0.9).sum() > 0 and not at(0.95).any()
+    for bad in ("2", "nan", "x"):
+        assert c.get(f"/_map/_/sub/v.tif_files/7/0_0.png?t={bad}").status_code == 400
+    assert c.get("/_map/_/sub/v.tif_files/99/0_0.png").status_code == 404
+    assert c.get("/_map/nothing/sub/v.tif.dzi").status_code == 404
 
-    import cv2
-    from werkzeug.serving import make_server
 
-    c, s = client
-    server = make_server("127.0.0.1", 0, c.application, threaded=True)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        for attempt, budget in enumerate((4000, 16000)):
-            shot = tmp_path / f"shot{attempt}.png"
-            subprocess.run([CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
-                            "--no-first-run", "--disable-background-networking", "--disable-component-update",
-                            "--disable-sync", f"--user-data-dir={tmp_path / f'profile{attempt}'}",
-                            "--window-size=1000,800", f"--virtual-time-budget={budget}", f"--screenshot={shot}",
-                            f"http://127.0.0.1:{server.server_port}/sub/v.tif?animation=0"],
-                           check=True, capture_output=True, timeout=180)
-            errors = overlay_errors(cv2.imread(str(shot))[..., ::-1].astype(int), s)
-            if not errors:
-                break
-    finally:
-        server.shutdown()
-    assert not errors, f"{'; '.join(errors)} (see {shot})"
+def test_value_under_the_cursor(env):
+    _, c, s, _ = env
+    x0, y0, x1, y1 = s.annotation.bounds()
+    value = lambda x, y: c.get(f"/_value/_/sub/v.tif?x={x}&y={y}").get_json()["value"]  # noqa: E731
+    assert value((x0 + x1) / 2, (y0 + y1) / 2) == pytest.approx(HIGH)
+    assert value(LOW_BOX[0] + 1, LOW_BOX[1] + 1) == pytest.approx(LOW)
+    assert value(LOW_BOX[0] - 1, LOW_BOX[1] + 1) == 0  # the next cell to the left
+    assert value(5000, 10) is None
+    assert c.get("/_value/_/sub/v.tif?x=3").status_code == 400
+
+
+def test_lesions_and_truth(env):
+    _, c, s, _ = env
+    assert c.get("/_lesions/_/sub/v.tif").get_json() == [[0.9, 500.0, 400.0]]
+    assert c.get("/_lesions/crf/sub/v.tif").get_json() == [[0.8, 100.0, 100.0], [0.7, 200.0, 200.0]]
+    truth = c.get("/_truth/sub/v.tif").get_json()
+    assert truth["file"] == "v.xml" and truth["negative"] == []
+    np.testing.assert_allclose(truth["positive"][0], s.annotation.positive[0])
+    geo = c.get("/_truth/g.tif").get_json()
+    assert geo["file"] == "g.geojson" and len(geo["positive"]) == 1
+    assert set(map(tuple, geo["positive"][0])) == set(map(tuple, s.annotation.positive[0].tolist()))
+
+
+# ----------------------------------------------------------------------------- faults: 4xx, one line
+
+
+@pytest.mark.parametrize("url, words", [
+    ("/_map/pickled/sub/v.tif.dzi", "cannot read array"),
+    ("/_map/nosidecar/sub/v.tif.dzi", "sidecar v_prob.json is missing"),
+    ("/_map/other/sub/v.tif.dzi", "belongs to slide 'w.tif'"),
+    ("/_map/nan/sub/v.tif.dzi", "NaN or infinite"),
+    ("/_map/nan/sub/v.tif_files/7/0_0.png", "NaN or infinite"),
+    ("/_value/nan/sub/v.tif?x=1&y=1", "NaN or infinite"),
+    ("/_map/_/w.tif.dzi", "but the slide is 1024x768"),
+    ("/_lesions/_/w.tif", "w.csv:2: expected 'prob,x,y'"),
+    ("/_truth/w.tif", "w.xml: malformed XML"),
+    ("/broken.svs", "broken.svs: not a slide format"),
+    ("/broken.svs.dzi", "broken.svs: not a slide format"),
+])
+def test_bad_files_answer_4xx_with_one_line(env, url, words):
+    _, c, _, _ = env
+    resp = c.get(url)
+    text = resp.get_data(as_text=True)
+    assert 400 <= resp.status_code < 500 and resp.mimetype == "text/plain", (resp.status_code, text)
+    assert words in text and text.count("\n") == 1, text
+
+
+def test_path_traversal_is_refused(env):
+    _, c, _, _ = env
+    for url in ("/../secret.txt", "/%2e%2e/secret.txt.dzi", "/nothing.tif.dzi", "/_thumb/%2e%2e/secret.txt",
+                "/_map/_/%2e%2e/secret.txt.dzi", "/_truth/%2e%2e/secret.txt", "/_lesions/_/%2e%2e/secret.txt"):
+        assert c.get(url).status_code == 404, url
+
+
+# ----------------------------------------------------------------------------- caches, DICOM, CLI
+
+
+def test_cache_is_bounded_lru_and_makes_one_value_per_key(env):
+    viewer, _, _, _ = env
+    cache = viewer.LRUCache(2)
+    cache.get("a", lambda: 1), cache.get("b", lambda: 2), cache.get("a", lambda: 0), cache.get("c", lambda: 3)
+    assert len(cache) == 2 and cache.get("a", lambda: -1) == 1 and cache.get("b", lambda: -2) == -2  # b was evicted
+    got, gate = [], threading.Barrier(8)
+
+    def racer():
+        gate.wait()
+        got.append(cache.get("shared", object))
+
+    threads = [threading.Thread(target=racer) for _ in range(8)]
+    [t.start() for t in threads], [t.join() for t in threads]
+    assert len({id(v) for v in got}) == 1  # every thread sees the one stored value
+
+
+def test_threaded_requests_with_a_tiny_cache(env):
+    viewer, _, _, d = env
+    client = viewer.create_app(d / "slides", d / "maps", cache_size=1).test_client()
+    urls = ["/sub/v.tif_files/9/1_1.jpeg", "/w.tif_files/9/0_1.jpeg", "/_map/_/sub/v.tif_files/8/1_0.png",
+            "/_map/crf/sub/v.tif_files/8/0_0.png"] * 4
+    codes = []
+    threads = [threading.Thread(target=lambda u=u: codes.append(client.get(u).status_code)) for u in urls]
+    [t.start() for t in threads], [t.join() for t in threads]
+    assert codes == [200] * len(urls)
+
+
+def test_dicom_series_is_one_slide(tmp_path):
+    viewer = load_viewer()
+    for name in ("boxes_0.dcm", "boxes_1.dcm", "small.svs"):
+        shutil.copy(shared("slides", name), tmp_path / name)
+    c = viewer.create_app(tmp_path).test_client()
+    html = c.get("/").get_data(as_text=True)
+    assert 'href="/boxes_0.dcm"' in html and 'href="/boxes_1.dcm"' not in html and 'href="/small.svs"' in html
+    assert "DICOM series of 2 files: boxes_0.dcm, boxes_1.dcm" in html
+    assert config(c, "/boxes_1.dcm")["next"] == "/small.svs"  # a member navigates as its series
+    assert c.get("/boxes_1.dcm.dzi").status_code == 200
+
+
+def test_main_refuses_a_missing_folder(env, tmp_path):
+    viewer, _, _, _ = env
+    with pytest.raises(viewer.UserError, match="not a directory"):
+        viewer.main([str(tmp_path / "none")])
+    with pytest.raises(viewer.UserError, match="not a directory"):
+        viewer.main([str(tmp_path), "--maps", str(tmp_path / "none")])

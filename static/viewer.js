@@ -1,0 +1,223 @@
+// viewer.py's slide page: OpenSeadragon with the slide, a switchable, thresholded
+// probability-map overlay, the value under the cursor, truth outlines (SVG), lesion points,
+// a scale bar and keyboard navigation. The server passes its URLs in #config.
+"use strict";
+
+const C = JSON.parse(document.getElementById("config").textContent);
+const params = new URLSearchParams(location.search);
+const $ = id => document.getElementById(id);
+const say = text => { $("message").textContent = text; };
+
+const viewer = OpenSeadragon({
+  id: "view", prefixUrl: C.osd_images, tileSources: C.dzi, showNavigator: true,
+  animationTime: params.get("animation") === "0" ? 0 : 1.2,
+  drawer: params.get("drawer") || "canvas",  // 2-D canvas: as fast as WebGL for tiles, and fast without a GPU
+});
+const slideItem = () => viewer.world.getItemAt(0);
+const whenOpen = fn => { if (viewer.world.getItemCount()) fn(); else viewer.addOnceHandler("open", fn); };
+
+// Problems with a map, lesion or annotation file come back as 4xx with a one-line reason.
+async function fetchOk(url) {
+  const r = await fetch(url);
+  if (!r.ok) throw new Error((await r.text()).trim() || `${url}: HTTP ${r.status}`);
+  return r;
+}
+
+/* ------------------------------------------------------------------ heat map */
+const heat = {
+  index: Math.max(0, C.maps.findIndex(m => m.name === params.get("map"))),
+  threshold: Math.min(1, Math.max(0, +(params.get("t") || 0))),
+  opacity: params.has("opacity") ? +params.get("opacity") : 0.5,
+  on: params.get("heat") !== "0",
+  item: null,
+};
+
+function heatOpacity() { return heat.on ? heat.opacity : 0; }
+
+// Show map `heat.index` at `heat.threshold`. The new layer is added on top and the old one
+// removed once the new one has all its tiles, so switching never flashes the bare slide.
+async function showMap() {
+  if (!C.maps.length) return;
+  const m = C.maps[heat.index], t = heat.threshold;
+  $("legend-name").textContent = `${m.label}: tumour probability`;
+  try { await fetchOk(m.dzi); } catch (err) { say(err.message); return; }
+  say("");
+  const old = heat.item;
+  viewer.addTiledImage({
+    tileSource: `${m.dzi}?t=${t}`, x: 0, y: 0, width: 1, opacity: heatOpacity(),
+    success: e => {
+      heat.item = e.item;
+      if (!old) return;
+      let done = false;
+      const drop = () => { if (!done) { done = true; viewer.world.removeItem(old); } };
+      if (e.item.getFullyLoaded()) drop();
+      else e.item.addOnceHandler("fully-loaded-change", drop);
+      setTimeout(drop, 3000);
+    },
+    error: e => say(`${m.label}: ${e.message}`),
+  });
+}
+
+function setThreshold(t) {
+  heat.threshold = Math.round(Math.min(1, Math.max(0, t)) * 100) / 100;
+  $("threshold").value = heat.threshold;
+  showThreshold();
+  showMap();
+}
+
+function showThreshold() {
+  $("threshold-value").textContent = heat.threshold.toFixed(2);
+  $("legend-threshold").style.width = `${heat.threshold * 100}%`;
+}
+
+function setHeat(on) {
+  heat.on = on;
+  $("heat").checked = on;
+  $("legend").hidden = !on;
+  if (heat.item) heat.item.setOpacity(heatOpacity());
+}
+
+if (C.maps.length) {
+  $("map").value = heat.index;
+  $("threshold").value = heat.threshold;
+  $("opacity").value = heat.opacity;
+  showThreshold();
+  $("map").onchange = e => { heat.index = +e.target.value; showMap(); };
+  $("threshold").oninput = e => { heat.threshold = +e.target.value; showThreshold(); };
+  $("threshold").onchange = e => setThreshold(+e.target.value);
+  $("opacity").oninput = e => { heat.opacity = +e.target.value; setHeat(true); };
+  $("heat").onchange = e => setHeat(e.target.checked);
+  setHeat(heat.on);
+  whenOpen(showMap);
+}
+
+/* ------------------------------------------------------------- value readout */
+// One request at a time; the latest cursor position wins.
+let pending = null, busy = false;
+async function readValue() {
+  if (busy || !pending || !C.maps.length) return;
+  const { x, y } = pending, m = C.maps[heat.index];
+  pending = null; busy = true;
+  try {
+    const v = (await (await fetchOk(`${m.value}?x=${x}&y=${y}`)).json()).value;
+    $("readout").textContent = v === null ? "" :
+      `x ${Math.round(x)}, y ${Math.round(y)}: ${m.label} ${v.toFixed(3)}`;
+  } catch (err) { $("readout").textContent = ""; }
+  busy = false;
+  readValue();
+}
+new OpenSeadragon.MouseTracker({
+  element: viewer.element,
+  moveHandler: e => {
+    const item = slideItem();
+    if (!item) return;
+    pending = item.viewerElementToImageCoordinates(e.position);
+    readValue();
+  },
+});
+
+/* --------------------------------------------------------------- scale bar */
+if (C.mpp) {
+  viewer.addHandler("update-viewport", () => {  // a 1-2-5 bar about 120 screen pixels long
+    const item = slideItem();
+    if (!item) return;
+    const umPerPx = C.mpp / item.viewportToImageZoom(viewer.viewport.getZoom(true));
+    const raw = 120 * umPerPx, p = Math.pow(10, Math.floor(Math.log10(raw)));
+    const nice = [1, 2, 5, 10].map(k => k * p).filter(x => x <= raw).pop();
+    $("scale").style.width = `${nice / umPerPx}px`;
+    $("scale").textContent = nice >= 1000 ? `${nice / 1000} mm` : `${nice} \u00b5m`;
+  });
+}
+
+/* ------------------------------------------------------------ truth outline */
+// Polygons in level-0 pixels inside one SVG group; the group's transform follows the view.
+const SVG = "http://www.w3.org/2000/svg";
+const shapes = $("outline-shapes");
+function placeOutline() {
+  const item = slideItem();
+  if (!item) return;
+  const a = item.imageToViewerElementCoordinates(new OpenSeadragon.Point(0, 0));
+  const b = item.imageToViewerElementCoordinates(new OpenSeadragon.Point(C.width, C.height));
+  shapes.setAttribute("transform", `translate(${a.x} ${a.y}) scale(${(b.x - a.x) / C.width} ${(b.y - a.y) / C.height})`);
+}
+function setTruth(on) {
+  $("outline").style.display = on ? "" : "none";
+  if ($("truth")) $("truth").checked = on;
+}
+if (C.truth) {
+  fetchOk(C.truth).then(r => r.json()).then(t => {
+    for (const part of ["positive", "negative"]) {
+      for (const poly of t[part]) {
+        const p = document.createElementNS(SVG, "path");
+        p.setAttribute("class", part);
+        p.setAttribute("d", "M" + poly.map(([x, y]) => `${x} ${y}`).join("L") + "Z");
+        shapes.appendChild(p);
+      }
+    }
+    viewer.addHandler("update-viewport", placeOutline);
+    whenOpen(placeOutline);
+  }).catch(err => say(err.message));
+  $("truth").onchange = e => setTruth(e.target.checked);
+  setTruth(params.get("truth") !== "0");
+}
+
+/* ------------------------------------------------------------ lesion points */
+const COLOURS = ["#00ff00", "#ff00ff", "#00ffff", "#ffffff"];
+const lesionMarks = C.lesions.map(() => []);
+function setLesions(i, on) {
+  lesionMarks[i].forEach(d => { d.style.display = on ? "" : "none"; });
+  document.querySelector(`.lesion-set[data-index="${i}"]`).checked = on;
+}
+C.lesions.forEach((set, i) => {
+  fetchOk(set.url).then(r => r.json()).then(points => whenOpen(() => {
+    for (const [p, x, y] of points) {
+      const d = document.createElement("div");
+      d.className = "lesion";
+      d.style.borderColor = COLOURS[i % COLOURS.length];
+      d.title = `${set.name}: p = ${p.toFixed(3)} at (${Math.round(x)}, ${Math.round(y)})`;
+      viewer.addOverlay({ element: d, location: slideItem().imageToViewportCoordinates(x, y) });
+      lesionMarks[i].push(d);
+    }
+    setLesions(i, params.get("lesions") !== "0");
+  })).catch(err => say(err.message));
+  document.querySelector(`.lesion-set[data-index="${i}"]`).onchange = e => setLesions(i, e.target.checked);
+});
+
+/* -------------------------------------------------------------- navigation */
+// Links to other slides keep the current map, threshold and layers.
+function carry(url) {
+  if (!url) return null;
+  const q = new URLSearchParams();
+  for (const k of ["animation"]) if (params.has(k)) q.set(k, params.get(k));
+  if (C.maps.length) {
+    q.set("map", C.maps[heat.index].name);
+    if (heat.threshold) q.set("t", heat.threshold);
+    if (!heat.on) q.set("heat", "0");
+  }
+  if ($("truth") && !$("truth").checked) q.set("truth", "0");
+  const s = q.toString();
+  return s ? `${url}?${s}` : url;
+}
+const go = url => { if (url) location.href = carry(url); };
+for (const [id, url] of [["prev", C.prev], ["next", C.next]]) {
+  if (url) $(id).onclick = e => { e.preventDefault(); go(url); };
+}
+
+const help = $("help");
+$("help-button").onclick = () => { help.hidden = !help.hidden; };
+const KEYS = {
+  n: () => go(C.next), p: () => go(C.prev), i: () => { location.href = C.index; },
+  h: () => C.maps.length && setHeat(!heat.on),
+  m: () => { if (C.maps.length > 1) { heat.index = (heat.index + 1) % C.maps.length; $("map").value = heat.index; showMap(); } },
+  "[": () => C.maps.length && setThreshold(heat.threshold - 0.05),
+  "]": () => C.maps.length && setThreshold(heat.threshold + 0.05),
+  t: () => C.truth && setTruth(!$("truth").checked),
+  l: () => { const on = !lesionMarks.some(ms => ms.some(d => d.style.display !== "none")); C.lesions.forEach((_, i) => setLesions(i, on)); },
+  "?": () => { help.hidden = !help.hidden; },
+  Escape: () => { help.hidden = true; },
+};
+document.addEventListener("keydown", e => {
+  if (e.ctrlKey || e.metaKey || e.altKey || e.target.matches("input, select, textarea")) return;
+  const act = KEYS[e.key];
+  if (act) { e.preventDefault(); act(); }
+});
