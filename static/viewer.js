@@ -34,25 +34,30 @@ const heat = {
 
 function heatOpacity() { return heat.on ? heat.opacity : 0; }
 
-// Show map `heat.index` at `heat.threshold`. The new layer is added on top and the old one
-// removed once the new one has all its tiles, so switching never flashes the bare slide.
+// Show map `heat.index` at `heat.threshold`. The new layer is added on top and the older
+// ones removed once it has all its tiles, so switching never flashes the bare slide; a
+// layer whose request has been overtaken by a newer one (keys held down) is dropped.
+let generation = 0;
+const mapLayers = new Set();
 async function showMap() {
   if (!C.maps.length) return;
-  const m = C.maps[heat.index], t = heat.threshold;
+  const gen = ++generation, m = C.maps[heat.index];
   $("legend-name").textContent = `${m.label}: tumour probability`;
   try { await fetchOk(m.dzi); } catch (err) { say(err.message); return; }
+  if (gen !== generation) return;
   say("");
-  const old = heat.item;
   viewer.addTiledImage({
-    tileSource: `${m.dzi}?t=${t}`, x: 0, y: 0, width: 1, opacity: heatOpacity(),
+    tileSource: `${m.dzi}?t=${heat.threshold}`, x: 0, y: 0, width: 1, opacity: heatOpacity(),
     success: e => {
+      if (gen !== generation) { viewer.world.removeItem(e.item); return; }
       heat.item = e.item;
-      if (!old) return;
-      let done = false;
-      const drop = () => { if (!done) { done = true; viewer.world.removeItem(old); } };
+      mapLayers.add(e.item);
+      const drop = () => {
+        if (gen !== generation) return;
+        for (const it of mapLayers) if (it !== e.item) { viewer.world.removeItem(it); mapLayers.delete(it); }
+      };
       if (e.item.getFullyLoaded()) drop();
-      else e.item.addOnceHandler("fully-loaded-change", drop);
-      setTimeout(drop, 3000);
+      else { e.item.addOnceHandler("fully-loaded-change", drop); setTimeout(drop, 3000); }
     },
     error: e => say(`${m.label}: ${e.message}`),
   });
@@ -70,6 +75,12 @@ function showThreshold() {
   $("legend-threshold").style.width = `${heat.threshold * 100}%`;
 }
 
+function switchMap(index) {
+  heat.index = index;
+  $("map").value = index;
+  showMap();
+}
+
 function setHeat(on) {
   heat.on = on;
   $("heat").checked = on;
@@ -82,7 +93,7 @@ if (C.maps.length) {
   $("threshold").value = heat.threshold;
   $("opacity").value = heat.opacity;
   showThreshold();
-  $("map").onchange = e => { heat.index = +e.target.value; showMap(); };
+  $("map").onchange = e => switchMap(+e.target.value);
   $("threshold").oninput = e => { heat.threshold = +e.target.value; showThreshold(); };
   $("threshold").onchange = e => setThreshold(+e.target.value);
   $("opacity").oninput = e => { heat.opacity = +e.target.value; setHeat(true); };
@@ -138,7 +149,8 @@ function placeOutline() {
   if (!item) return;
   const a = item.imageToViewerElementCoordinates(new OpenSeadragon.Point(0, 0));
   const b = item.imageToViewerElementCoordinates(new OpenSeadragon.Point(C.width, C.height));
-  shapes.setAttribute("transform", `translate(${a.x} ${a.y}) scale(${(b.x - a.x) / C.width} ${(b.y - a.y) / C.height})`);
+  const sx = (b.x - a.x) / C.width, sy = (b.y - a.y) / C.height;
+  shapes.setAttribute("transform", `translate(${a.x} ${a.y}) scale(${sx} ${sy})`);
 }
 function setTruth(on) {
   $("outline").style.display = on ? "" : "none";
@@ -164,8 +176,8 @@ if (C.truth) {
 /* ------------------------------------------------------------ lesion points */
 const COLOURS = ["#00ff00", "#ff00ff", "#00ffff", "#ffffff"];
 const lesionMarks = C.lesions.map(() => []);
-function setLesions(i, on) {
-  lesionMarks[i].forEach(d => { d.style.display = on ? "" : "none"; });
+function setLesions(i, on) {  // a class, not style.display: OpenSeadragon sets that on every frame
+  lesionMarks[i].forEach(d => d.classList.toggle("off", !on));
   document.querySelector(`.lesion-set[data-index="${i}"]`).checked = on;
 }
 C.lesions.forEach((set, i) => {
@@ -208,16 +220,19 @@ $("help-button").onclick = () => { help.hidden = !help.hidden; };
 const KEYS = {
   n: () => go(C.next), p: () => go(C.prev), i: () => { location.href = C.index; },
   h: () => C.maps.length && setHeat(!heat.on),
-  m: () => { if (C.maps.length > 1) { heat.index = (heat.index + 1) % C.maps.length; $("map").value = heat.index; showMap(); } },
+  m: () => C.maps.length > 1 && switchMap((heat.index + 1) % C.maps.length),
   "[": () => C.maps.length && setThreshold(heat.threshold - 0.05),
   "]": () => C.maps.length && setThreshold(heat.threshold + 0.05),
   t: () => C.truth && setTruth(!$("truth").checked),
-  l: () => { const on = !lesionMarks.some(ms => ms.some(d => d.style.display !== "none")); C.lesions.forEach((_, i) => setLesions(i, on)); },
+  l: () => {
+    const on = !lesionMarks.some(marks => marks.some(d => !d.classList.contains("off")));
+    C.lesions.forEach((_, i) => setLesions(i, on));
+  },
   "?": () => { help.hidden = !help.hidden; },
   Escape: () => { help.hidden = true; },
 };
 document.addEventListener("keydown", e => {
-  if (e.ctrlKey || e.metaKey || e.altKey || e.target.matches("input, select, textarea")) return;
+  if (e.ctrlKey || e.metaKey || e.altKey || e.target.closest?.("input, select, textarea")) return;
   const act = KEYS[e.key];
   if (act) { e.preventDefault(); act(); }
 });

@@ -59,19 +59,22 @@ def served(tmp_path_factory):
     server.shutdown()
 
 
-def screenshot(base: str, path: str, folder: Path, budget: int) -> np.ndarray:
-    """RGB screenshot of the viewer page `path` (in its fixed-size frame)."""
+def screenshot(base: str, path: str, folder: Path, budget: int) -> tuple[np.ndarray, list[str]]:
+    """RGB screenshot of the viewer page `path` (in its fixed-size frame), and the
+    uncaught script errors Chromium logged while showing it."""
     import cv2
 
     folder.mkdir(parents=True, exist_ok=True)
     shot = folder / "shot.png"
-    subprocess.run([CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
-                    "--no-first-run", "--disable-background-networking", "--disable-component-update",
-                    "--disable-sync", f"--user-data-dir={folder / 'profile'}", f"--window-size={WIDTH},{HEIGHT}",
-                    f"--virtual-time-budget={budget}", f"--screenshot={shot}",
-                    f"{base}/_frame?{urlencode({'src': path})}"],
-                   check=True, capture_output=True, timeout=120)
-    return cv2.imread(str(shot))[..., ::-1].astype(int)
+    run = subprocess.run([CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
+                          "--no-first-run", "--disable-background-networking", "--disable-component-update",
+                          "--disable-sync", f"--user-data-dir={folder / 'profile'}", f"--window-size={WIDTH},{HEIGHT}",
+                          f"--virtual-time-budget={budget}", "--enable-logging=stderr", "--v=0",
+                          f"--screenshot={shot}", f"{base}/_frame?{urlencode({'src': path})}"],
+                         check=True, capture_output=True, text=True, timeout=120)
+    errors = [line.split("CONSOLE", 1)[1] for line in run.stderr.splitlines()
+              if "CONSOLE" in line and "Uncaught" in line]
+    return cv2.imread(str(shot))[..., ::-1].astype(int), errors
 
 
 def slide_box(img: np.ndarray) -> tuple[int, int, int, int] | None:
@@ -122,7 +125,8 @@ def problems(img: np.ndarray, s, threshold: float) -> list[str]:
     errors = []
     near = lambda name, at, tol: (len(found[name][0]) and  # noqa: E731
                                   max(abs(found[name][0].mean() - at[0]), abs(found[name][1].mean() - at[1])) <= tol)
-    if len(found["heat high"][0]) < 200 or not near("heat high", ((x0 + x1) / 2 / s.width, (y0 + y1) / 2 / s.height), 0.03):
+    tumour = ((x0 + x1) / 2 / s.width, (y0 + y1) / 2 / s.height)
+    if len(found["heat high"][0]) < 200 or not near("heat high", tumour, 0.03):
         errors.append(f"heat-map red: {len(found['heat high'][0])} pixels, not centred on the tumour")
     low = ((LOW_BOX[0] + LOW_BOX[2]) / 2 / s.width, (LOW_BOX[1] + LOW_BOX[3]) / 2 / s.height)
     low_n = len(found["heat low"][0])
@@ -144,8 +148,9 @@ def check(served, tmp_path, threshold: float) -> None:
     more (virtual) time."""
     base, s, _ = served
     for attempt, budget in enumerate((4000, 16000)):
-        img = screenshot(base, f"/sub/v.tif?animation=0&t={threshold}", tmp_path / f"try{attempt}", budget)
-        errors = problems(img, s, threshold)
+        page = f"/sub/v.tif?animation=0&t={threshold}"
+        img, script_errors = screenshot(base, page, tmp_path / f"try{attempt}", budget)
+        errors = script_errors + problems(img, s, threshold)
         if not errors:
             return
     pytest.fail(f"{'; '.join(errors)} (see {tmp_path / f'try{attempt}' / 'shot.png'})")
