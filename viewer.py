@@ -12,6 +12,7 @@ Binds to 127.0.0.1 unless told otherwise; paths outside SLIDE_DIR are refused.
 from __future__ import annotations
 
 import math
+import os
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -163,8 +164,10 @@ class Library:
         self._lock = threading.Lock()
 
     def resolve(self, rel: str) -> Path:
-        """The slide file `rel` names under slide_dir; 404 for anything else (traversal)."""
-        path = (self.slide_dir / rel).resolve()
+        """The slide file `rel` names under slide_dir; 404 for anything else. `..` is
+        resolved by name, so a URL cannot climb out, yet a slide that the user linked into
+        SLIDE_DIR (a symbolic link to elsewhere) is served like the index lists it."""
+        path = Path(os.path.normpath(self.slide_dir / rel))
         if self.slide_dir not in path.parents or not path.is_file():
             abort(404)
         return path

@@ -73,6 +73,8 @@ def write_faults(d: Path, s: synthetic.SyntheticSlide) -> None:
     (d / "slides" / "w.xml").write_text("<ASAP_Annotations><Annotations>\n<Annotation")
     (d / "maps" / "w.csv").write_text("0.9,500,400\n0.8,oops,3\n")
     save_probability_map(d / "maps" / "w_prob.npy", prob[:20], {**meta, "slide": "w.tif"})
+    shutil.copy(s.path, d / "elsewhere.tif")  # a slide linked into SLIDE_DIR is served
+    (d / "slides" / "linked.tif").symlink_to(d / "elsewhere.tif")
     (d / "slides" / "broken.svs").write_text("not a slide")
     (d / "secret.txt").write_text("outside")
 
@@ -123,6 +125,7 @@ def test_thumbnail_dzi_and_tiles(env):
     assert tile.status_code == 200 and tile.mimetype == "image/jpeg" and tile.data[:2] == b"\xff\xd8"
     assert c.get("/sub/v.tif_files/99/0_0.jpeg").status_code == 404
     assert c.get("/sub/v.tif_files/10/0_0.gif").status_code == 404
+    assert c.get("/linked.tif.dzi").status_code == 200 and c.get("/linked.tif").status_code == 200
 
 
 def test_page_has_the_review_controls_and_neighbours(env):
@@ -135,7 +138,7 @@ def test_page_has_the_review_controls_and_neighbours(env):
     cfg = config(c, "/sub/v.tif")
     assert [m["name"] for m in cfg["maps"]] == ["_", "crf", "nan", "nosidecar", "other", "pickled"]
     assert [s["name"] for s in cfg["lesions"]] == ["maps", "crf"] and cfg["truth"] == "/_truth/sub/v.tif"
-    assert (cfg["prev"], cfg["next"]) == ("/g.tif", "/w.tif")  # sorted by path; broken.svs is skipped
+    assert (cfg["prev"], cfg["next"]) == ("/linked.tif", "/w.tif")  # sorted by path; broken.svs is skipped
     assert (config(c, "/w.tif")["prev"], config(c, "/w.tif")["next"]) == ("/sub/v.tif", None)
     assert c.get("/_static/viewer.js").status_code == 200 and c.get("/_static/viewer.css").status_code == 200
 
