@@ -6,7 +6,11 @@
 const C = JSON.parse(document.getElementById("config").textContent);
 const params = new URLSearchParams(location.search);
 const $ = id => document.getElementById(id);
-const say = text => { $("message").textContent = text; };
+const problems = new Map();  // what could not be shown, by layer: one line each
+function say(layer, text) {
+  if (text) problems.set(layer, text); else problems.delete(layer);
+  $("message").textContent = [...problems.values()].join("\n");
+}
 
 const viewer = OpenSeadragon({
   id: "view", prefixUrl: C.osd_images, tileSources: C.dzi, showNavigator: true,
@@ -43,9 +47,9 @@ async function showMap() {
   if (!C.maps.length) return;
   const gen = ++generation, m = C.maps[heat.index];
   $("legend-name").textContent = `${m.label}: tumour probability`;
-  try { await fetchOk(m.dzi); } catch (err) { say(err.message); return; }
+  try { await fetchOk(m.dzi); } catch (err) { say("map", err.message); return; }
   if (gen !== generation) return;
-  say("");
+  say("map", "");
   viewer.addTiledImage({
     tileSource: `${m.dzi}?t=${heat.threshold}`, x: 0, y: 0, width: 1, opacity: heatOpacity(),
     success: e => {
@@ -59,7 +63,7 @@ async function showMap() {
       if (e.item.getFullyLoaded()) drop();
       else { e.item.addOnceHandler("fully-loaded-change", drop); setTimeout(drop, 3000); }
     },
-    error: e => say(`${m.label}: ${e.message}`),
+    error: e => say("map", `${m.label}: ${e.message}`),
   });
 }
 
@@ -168,7 +172,7 @@ if (C.truth) {
     }
     viewer.addHandler("update-viewport", placeOutline);
     whenOpen(placeOutline);
-  }).catch(err => say(err.message));
+  }).catch(err => say("truth", err.message));
   $("truth").onchange = e => setTruth(e.target.checked);
   setTruth(params.get("truth") !== "0");
 }
@@ -191,7 +195,7 @@ C.lesions.forEach((set, i) => {
       lesionMarks[i].push(d);
     }
     setLesions(i, params.get("lesions") !== "0");
-  })).catch(err => say(err.message));
+  })).catch(err => say(`lesions ${i}`, err.message));
   document.querySelector(`.lesion-set[data-index="${i}"]`).onchange = e => setLesions(i, e.target.checked);
 });
 
