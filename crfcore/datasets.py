@@ -12,8 +12,8 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from . import slide as sl
-from .errors import CrfError
 from .annotations import load_annotation
+from .errors import CrfError
 from .io import companion, write_image
 from .tiling import GridGeometry, group_boxes, read_coords
 

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 from sklearn import metrics as skm
 
+from .annotations import LESION_CLASS, LESION_COLOUR, asap_xml, geojson_feature
 from .errors import CrfError
 from .io import atomic_path
 
@@ -119,8 +120,6 @@ def read_lesions(path: str | Path) -> np.ndarray:
 def lesions_asap_xml(lesions: np.ndarray) -> str:
     """Lesions as ASAP Dot annotations (name with the probability to 4 decimals) in a
     group of their own, "Predicted lesion", never the truth's."""
-    from .annotations import LESION_CLASS, LESION_COLOUR, asap_xml
-
     return asap_xml(((f"lesion {i} p={p:.4f}", "Dot", LESION_CLASS, [(x, y)])
                      for i, (p, x, y) in enumerate(lesions)), {LESION_CLASS: LESION_COLOUR})
 
@@ -128,8 +127,6 @@ def lesions_asap_xml(lesions: np.ndarray) -> str:
 def lesions_geojson(lesions: np.ndarray) -> dict:
     """Lesions as GeoJSON Points for QuPath in a class of their own, "Predicted lesion",
     with the probability (4 decimals) as a measurement."""
-    from .annotations import LESION_CLASS, LESION_COLOUR, geojson_feature
-
     return {"type": "FeatureCollection", "features": [
         geojson_feature({"type": "Point", "coordinates": [int(x), int(y)]}, f"lesion {i} p={p:.4f}",
                         LESION_CLASS, LESION_COLOUR, measurements={"probability": round(float(p), 4)})
