@@ -143,6 +143,16 @@ def test_page_has_the_review_controls_and_neighbours(env):
     assert c.get("/_static/viewer.js").status_code == 200 and c.get("/_static/viewer.css").status_code == 200
 
 
+def test_openseadragon_is_served_from_node_modules_or_the_page_says_how_to_get_it(env, monkeypatch):
+    viewer, c, _, d = env
+    if (viewer.OSD / "openseadragon.min.js").exists():
+        assert c.get("/_osd/openseadragon.min.js").status_code == 200
+    assert c.get("/_osd/%2e%2e/package.json").status_code == 404
+    monkeypatch.setattr(viewer, "OSD", d / "no-such-folder")
+    html = c.get("/sub/v.tif").get_data(as_text=True)
+    assert "OpenSeadragon is missing: run <code>npm install</code>" in html and "viewer.js" not in html
+
+
 # ----------------------------------------------------------------------------- map overlays
 
 
