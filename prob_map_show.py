@@ -26,7 +26,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cmap", default="jet", help="matplotlib colour map")
     p.add_argument("--vmin", type=float, default=0.0, help="probability at the bottom of the colour map")
     p.add_argument("--vmax", type=float, default=1.0, help="probability at the top of the colour map")
-    p.add_argument("--tiff", type=Path, help="also write a pyramidal TIFF at the slide's size (needs --slide)")
+    p.add_argument("--tiff", type=Path, help="also write a pyramidal TIFF at the slide's size and levels (needs "
+                                              "--slide); a name ending .ome.tif writes an OME-TIFF for QuPath")
     p.add_argument("--tiff-values", choices=heatmap.TIFF_VALUES, default="uint8",
                    help="what the TIFF holds: probability x 255, the probability, or colours")
     return p
@@ -59,8 +60,8 @@ def main(argv=None) -> int:
         print(f"{args.prob} over {args.slide.name} -> {args.output}")
         if args.tiff:
             mpp = sl.slide_mpp(s)
-            heatmap.write_map_tiff(args.tiff, prob, s.dimensions, mpp[0] if mpp else None,
-                                   args.tiff_values, args.cmap, args.vmin, args.vmax)
+            heatmap.write_map_tiff(args.tiff, prob, s.dimensions, mpp[0] if mpp else None, args.tiff_values,
+                                   args.cmap, args.vmin, args.vmax, slide_levels=s.level_dimensions)
             print(f"pyramidal TIFF ({args.tiff_values}) {s.dimensions[0]}x{s.dimensions[1]} -> {args.tiff}")
     return 0
 

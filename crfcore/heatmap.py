@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import tifffile
@@ -83,27 +83,44 @@ def write_pyramid(path: str | Path, sizes: list[tuple[int, int]],
                   tiles: Callable[[int, int, int], Iterator[np.ndarray]], mpp: float | None,
                   compression: str = "jpeg", quality: int = 90, channels: int = 3,
                   dtype: type = np.uint8, description: str | None = None) -> None:
-    """A tiled pyramidal TIFF, one page per level (OpenSlide's generic tiled TIFF).
-    `tiles(level, w, h)` yields the level's `TILE x TILE` tiles row by row, each
-    `(TILE, TILE, channels)` (or `(TILE, TILE)` for one channel). `mpp` sets the
-    resolution tags (microns per level-0 pixel)."""
+    """A tiled pyramidal TIFF, one page per level (OpenSlide's generic tiled TIFF), or an
+    OME-TIFF with the levels as SubIFDs when `path` ends in `.ome.tif(f)` (the pyramid
+    Bio-Formats, and so QuPath, recognises). `tiles(level, w, h)` yields the level's
+    `TILE x TILE` tiles row by row, each `(TILE, TILE, channels)` (or `(TILE, TILE)` for
+    one channel). `mpp` sets the resolution (microns per level-0 pixel)."""
     w0, h0 = sizes[0]
+    ome = str(path).lower().endswith((".ome.tif", ".ome.tiff"))
     shape = (channels,) if channels > 1 else ()
     big = w0 * h0 * channels * np.dtype(dtype).itemsize > 2**31
+    comp: dict = dict(compression=compression)
+    if compression == "jpeg":
+        comp["compressionargs"] = {"level": quality}
     with atomic_path(path) as tmp:
-        with tifffile.TiffWriter(tmp, bigtiff=big) as tw:
+        with tifffile.TiffWriter(tmp, bigtiff=big, ome=ome) as tw:
             for k, (lw, lh) in enumerate(sizes):
-                kw = {}
+                kw: dict = dict(metadata=None)
                 if mpp:
-                    kw = dict(resolution=(1e4 / (mpp * w0 / lw), 1e4 / (mpp * h0 / lh)), resolutionunit="CENTIMETER")
-                comp = dict(compression=compression)
-                if compression == "jpeg":
-                    comp["compressionargs"] = {"level": quality}
-                if k == 0 and description:
+                    kw.update(resolution=(1e4 / (mpp * w0 / lw), 1e4 / (mpp * h0 / lh)), resolutionunit="CENTIMETER")
+                if ome and k == 0:
+                    kw.update(subifds=len(sizes) - 1, metadata={"axes": "YXS" if shape else "YX", **(
+                        {"PhysicalSizeX": mpp, "PhysicalSizeXUnit": "µm", "PhysicalSizeY": mpp,
+                         "PhysicalSizeYUnit": "µm"} if mpp else {})})
+                elif k == 0 and description:
                     kw["description"] = description
                 tw.write(tiles(k, lw, lh), shape=(lh, lw, *shape), dtype=dtype, tile=(TILE, TILE),
                          photometric="rgb" if channels == 3 else "minisblack", subfiletype=0 if k == 0 else 1,
-                         metadata=None, **comp, **kw)
+                         **comp, **kw)
+
+
+def overlay_sizes(slide_levels: Sequence[tuple[int, int]], min_size: int = 512) -> list[tuple[int, int]]:
+    """Level sizes of a map TIFF meant to lie over a slide: the slide's own levels (ASAP
+    draws overlay level i over slide level i), then halvings down to `min_size`."""
+    sizes = [tuple(s) for s in slide_levels]
+    w, h = sizes[-1]
+    while max(w, h) / 2 >= min_size:
+        w, h = math.ceil(w / 2), math.ceil(h / 2)
+        sizes.append((w, h))
+    return sizes
 
 
 TIFF_VALUES = ("uint8", "float32", "colour")
@@ -124,10 +141,13 @@ def map_values(prob: np.ndarray, values: str, cmap: str = "jet", vmin: float = 0
 
 
 def write_map_tiff(path: str | Path, prob: np.ndarray, slide_size: tuple[int, int], mpp: float | None,
-                   values: str = "uint8", cmap: str = "jet", vmin: float = 0.0, vmax: float = 1.0) -> None:
+                   values: str = "uint8", cmap: str = "jet", vmin: float = 0.0, vmax: float = 1.0,
+                   slide_levels: Sequence[tuple[int, int]] | None = None) -> None:
     """The map as a pyramidal TIFF at the slide's level-0 size (each map pixel a block:
     nearest neighbour), so it overlays the slide exactly: single-channel probabilities
-    (`uint8` 0-255 or `float32` 0-1) for tools to threshold and colour, or `colour` RGB."""
+    (`uint8` 0-255 or `float32` 0-1) for tools to threshold and colour, or `colour` RGB.
+    With `slide_levels` its levels are the slide's (what ASAP's overlay needs); deflate
+    compression (TIFF code 32946), which ASAP, OpenSlide and Bio-Formats all read."""
     data = map_values(prob, values, cmap, vmin, vmax)
     h, w = prob.shape
     w0, h0 = slide_size
@@ -142,6 +162,7 @@ def write_map_tiff(path: str | Path, prob: np.ndarray, slide_size: tuple[int, in
                 yield band[:, cols]
 
     note = {"uint8": "tumour probability x 255", "float32": "tumour probability", "colour": f"{cmap} colours"}
-    write_pyramid(path, pyramid_sizes(w0, h0), tiles, mpp, compression="zlib",
-                  channels=3 if values == "colour" else 1, dtype=np.float32 if values == "float32" else np.uint8,
+    sizes = overlay_sizes(slide_levels) if slide_levels else pyramid_sizes(w0, h0)
+    write_pyramid(path, sizes, tiles, mpp, compression="deflate", channels=3 if values == "colour" else 1,
+                  dtype=np.float32 if values == "float32" else np.uint8,
                   description=f"crfcore probability map: {note[values]}")

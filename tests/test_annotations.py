@@ -376,3 +376,13 @@ def test_directory_of_inputs(tmp_path):
     names = sorted(p.name for p in (tmp_path / "out").iterdir())
     assert names == ["Annotation0.json", "tumor_001.json"]  # tumor_001.json itself is skipped
     assert json.loads((tmp_path / "out" / "tumor_001.json").read_text())["positive"][0]["name"] == "_0"
+
+
+def test_qupath_derived_classes_are_read_by_their_full_name(tmp_path):
+    square = [[0, 0], [100, 0], [100, 100], [0, 100], [0, 0]]
+    feats = [{"type": "Feature", "geometry": {"type": "Polygon", "coordinates": [square]},
+              "properties": {"objectType": "annotation", "classification": {"names": ["Tumor", "Positive"],
+                                                                             "color": [200, 0, 0]}}}]
+    (tmp_path / "d.geojson").write_text(json.dumps(feats))
+    ann = an.load_annotation(tmp_path / "d.geojson", positive_groups=["Tumor: Positive"])
+    assert len(ann.positive) == 1 and ann.contains(np.array([[50, 50]])).all()

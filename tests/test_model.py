@@ -73,7 +73,7 @@ def test_bad_checkpoints_get_one_line_errors(tmp_path):
     (tmp_path / "cut.ckpt").write_bytes(good.read_bytes()[:1000])
     cases = {"missing.ckpt": "no such checkpoint", "mask.npy": "not a file written by torch.save",
              "object.ckpt": "objects other than weights", "plain.ckpt": "no state_dict/config",
-             "cut.ckpt": "not a"}
+             "cut.ckpt": "truncated or corrupt checkpoint"}
     for name, msg in cases.items():
         with pytest.raises(CheckpointError, match=msg) as err:
             model_from_checkpoint(tmp_path / name)

@@ -151,8 +151,14 @@ def _ordered(rings: list[_Ring]) -> list[_Ring]:
 
 
 def _class_name(props: dict) -> str | None:
+    """The feature's class: `classification.name`, or a QuPath 0.4+ derived class written
+    as `classification.names` (["Tumor", "Positive"] is "Tumor: Positive", QuPath's own
+    spelling), or a bare string."""
     cls = props.get("classification")
-    cls = cls.get("name") if isinstance(cls, dict) else cls
+    if isinstance(cls, dict):
+        names = cls.get("names")
+        cls = cls.get("name") or (": ".join(names) if isinstance(names, list)
+                                  and names and all(isinstance(n, str) for n in names) else None)
     return cls if isinstance(cls, str) and cls else None
 
 

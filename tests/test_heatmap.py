@@ -1,0 +1,58 @@
+"""Map TIFFs for other tools: values, levels, compression and OME layout."""
+import numpy as np
+import pytest
+import tifffile
+
+from crfcore import heatmap
+from crfcore import slide as sl
+from conftest import call
+
+
+@pytest.fixture(scope="module")
+def prob():
+    p = np.zeros((48, 64), np.float32)
+    p[10:20, 20:30] = 0.8
+    p[30, 40] = 0.25
+    return p
+
+
+@pytest.mark.parametrize("values", heatmap.TIFF_VALUES)
+def test_map_tiff_values_levels_and_compression(prob, tmp_path, values):
+    levels = [(2048, 1536), (1024, 768), (512, 384)]  # a slide's own pyramid
+    path = tmp_path / "m.tif"
+    heatmap.write_map_tiff(path, prob, levels[0], 0.5, values, slide_levels=levels)
+    with tifffile.TiffFile(path) as t:
+        assert [p.shape[:2][::-1] for p in t.pages] == levels  # over slide level i lies map level i
+        assert {p.compression for p in t.pages} == {32946}  # deflate: ASAP, OpenSlide, Bio-Formats
+        level0 = t.pages[0].asarray()
+        assert t.pages[0].tags["XResolution"].value == (20000, 1)  # 0.5 um/px in pixels per cm
+    block = level0[15 * 32 + 5, 25 * 32 + 5]
+    want = {"uint8": 204, "float32": np.float32(0.8), "colour": [255, 104, 0]}[values]
+    assert np.array_equal(block, want)
+    assert np.array_equal(level0[30 * 32 + 16, 40 * 32 + 16], {"uint8": 64, "float32": np.float32(0.25),
+                                                              "colour": heatmap.colourise(np.float32([[0.25]]))[0, 0]}[values])
+    assert np.array_equal(level0[0, 0], {"uint8": 0, "float32": 0.0, "colour": [255, 255, 255]}[values])
+    if values != "float32":  # OpenSlide reads 8-bit samples only
+        s = sl.open_slide(path)
+        assert s.dimensions == (2048, 1536) and sl.slide_mpp(s) == pytest.approx((0.5, 0.5))
+
+
+def test_ome_tiff_for_qupath_has_subifd_levels(prob, tmp_path):
+    path = tmp_path / "m.ome.tif"
+    heatmap.write_map_tiff(path, prob, (2048, 1536), 0.5, "uint8", slide_levels=[(2048, 1536), (1024, 768)])
+    with tifffile.TiffFile(path) as t:
+        assert t.is_ome and len(t.series[0].levels) == 3
+        assert [lv.shape for lv in t.series[0].levels] == [(1536, 2048), (768, 1024), (384, 512)]
+        assert 'PhysicalSizeX="0.5"' in t.ome_metadata
+
+
+def test_prob_map_show_writes_the_slides_pyramid(syn_slide, prob, tmp_path):
+    s = sl.open_slide(syn_slide.path)
+    h, w = s.dimensions[1] // 32, s.dimensions[0] // 32
+    heatmap.save_probability_map(tmp_path / "syn_tumor_prob.npy", np.pad(prob, ((0, h - 48), (0, w - 64))),
+                                 {"slide": syn_slide.path.name, "downsample": [32.0, 32.0], "level": 5})
+    call("prob_map_show.py", tmp_path / "syn_tumor_prob.npy", "-o", tmp_path / "o.png", "--slide", syn_slide.path,
+         "--tiff", tmp_path / "o.tif", "--tiff-values", "float32")
+    with tifffile.TiffFile(tmp_path / "o.tif") as t:
+        sizes = [p.shape[::-1] for p in t.pages]
+    assert sizes[:s.level_count] == list(s.level_dimensions) and t.pages is not None
