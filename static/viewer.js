@@ -15,7 +15,7 @@ function say(layer, text) {
 const viewer = OpenSeadragon({
   id: "view", prefixUrl: C.osd_images, tileSources: C.dzi, showNavigator: true,
   animationTime: params.get("animation") === "0" ? 0 : 1.2,
-  drawer: params.get("drawer") || "canvas",  // 2-D canvas: as fast as WebGL for tiles, and fast without a GPU
+  drawer: params.get("drawer") || "canvas",  // 2-D canvas: WebGL without a GPU is several times slower
 });
 const slideItem = () => viewer.world.getItemAt(0);
 const whenOpen = fn => { if (viewer.world.getItemCount()) fn(); else viewer.addOnceHandler("open", fn); };
@@ -28,10 +28,14 @@ async function fetchOk(url) {
 }
 
 /* ------------------------------------------------------------------ heat map */
+const unit = (name, fallback) => {  // a URL parameter in [0, 1]
+  const v = parseFloat(params.get(name));
+  return Number.isFinite(v) ? Math.min(1, Math.max(0, v)) : fallback;
+};
 const heat = {
   index: Math.max(0, C.maps.findIndex(m => m.name === params.get("map"))),
-  threshold: Math.min(1, Math.max(0, +(params.get("t") || 0))),
-  opacity: params.has("opacity") ? +params.get("opacity") : 0.5,
+  threshold: unit("t", 0),
+  opacity: unit("opacity", 0.5),
   on: params.get("heat") !== "0",
   item: null,
 };
