@@ -11,6 +11,7 @@ Binds to 127.0.0.1 unless told otherwise; paths outside SLIDE_DIR are refused.
 """
 from __future__ import annotations
 
+import argparse
 import math
 import os
 import threading
@@ -388,13 +389,17 @@ def create_app(slide_dir: str | Path, maps_dir: str | Path | None = None, cache_
     return app
 
 
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     p = parser(__doc__)
-    p.add_argument("slide_dir", type=Path)
+    p.add_argument("slide_dir", type=Path, help="folder of slides (sub-folders too)")
     p.add_argument("--maps", type=Path, help="folder of <stem>_prob.npy maps and lesion CSVs (and sub-folders of them)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind; 0.0.0.0 exposes the slides to the network")
-    p.add_argument("--port", type=int, default=5000)
-    args = p.parse_args(argv)
+    p.add_argument("--port", type=int, default=5000, help="port to serve on")
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
     if not args.slide_dir.is_dir():
         raise UserError(f"{args.slide_dir}: not a directory")
     if args.maps is not None and not args.maps.is_dir():
