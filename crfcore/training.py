@@ -1,9 +1,9 @@
-"""Training and validation of the MobileNetV2-CRF model: data loaders with balanced
-batches, loss, the resumable `Run` (checkpoints, exact resume, DistributedDataParallel
-under torchrun) and reports of a checkpoint on a data folder.
+"""Training and validation of the MobileNetV2-CRF model: loss, prediction, random state,
+the resumable `Run` (checkpoints, exact resume, DistributedDataParallel under torchrun)
+and reports of a checkpoint on a data folder.
 
-The config is `crfcore.config.TrainConfig`; devices and precision come from
-`crfcore.device`; the log and curves from `crfcore.runlog`.
+The config is `crfcore.config.TrainConfig`, the data `crfcore.loaders`, devices and
+precision `crfcore.device`, the log and curves `crfcore.runlog`.
 """
 from __future__ import annotations
 
@@ -16,114 +16,23 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import ConcatDataset, DataLoader, Sampler
+from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from .config import MODEL_KEYS, ConfigError, TrainConfig
-from .datasets import Augment, FolderDataset, GridDataset
+from .datasets import FolderDataset, GridDataset
 from .device import DistEnv, autocast, resolve_device, resolve_precision
 from .errors import CrfError
 from .evaluation import patch_metrics, patch_report
 from .io import atomic_write_json, atomic_write_text
 from .model import CRFNet, ModelConfig, init_from_checkpoint, load_checkpoint, load_pretrained_backbone
 from .model import model_from_checkpoint, save_checkpoint
+from .loaders import build_loaders, collate, stain_normaliser
 from .runlog import append_log, plot_curves, read_log
-from .stain import HEDJitter, MacenkoNormaliser
 
 
 class TrainingError(CrfError):
     """Training cannot go on (a NaN loss); the last good checkpoint is kept."""
-
-
-# ----------------------------------------------------------------------------- data
-
-
-def augment_for(cfg: TrainConfig) -> Augment:
-    return Augment(cfg.color_jitter, cfg.flip, cfg.rotate, HEDJitter(cfg.hed_jitter) if cfg.hed_jitter else None)
-
-
-def stain_normaliser(cfg: TrainConfig) -> MacenkoNormaliser | None:
-    """The Macenko normaliser of a config: the stored reference, else fitted on `stain_norm`."""
-    if cfg.stain_reference:
-        return MacenkoNormaliser.from_dict(cfg.stain_reference)
-    return MacenkoNormaliser.fit(cfg.stain_norm) if cfg.stain_norm else None
-
-
-def grid_sets(cfg: TrainConfig, split: str, augment: Augment | None,
-              normalise: MacenkoNormaliser | None) -> list[GridDataset]:
-    """The tumour and normal sets (or the single set) of `split`."""
-    js = getattr(cfg, f"json_path_{split}") or cfg.json_path_train
-    paths = [getattr(cfg, f"data_path_tumor_{split}"), getattr(cfg, f"data_path_normal_{split}")]
-    paths = [p for p in paths if p] or [getattr(cfg, f"data_path_{split}")]
-    return [GridDataset(p, js, cfg.image_size, cfg.patch_size, cfg.crop_size, augment, normalise)
-            for p in paths if p]
-
-
-class BalancedBatches(Sampler):
-    """Batches of half tumour, half normal indices into `ConcatDataset([tumour, normal])`
-    (or plain shuffled batches of one set). An epoch covers the larger set once; the
-    order depends only on (seed, epoch), and rank r of `world` takes every world-th batch
-    (the batch count is cut to a multiple of `world`)."""
-
-    def __init__(self, sizes: list[int], batch: int, seed: int, rank: int = 0, world: int = 1,
-                 max_steps: int | None = None) -> None:
-        self.sizes, self.batch, self.seed, self.rank, self.world = sizes, batch, seed, rank, world
-        self.max_steps, self.epoch = max_steps, 0
-
-    def _all(self) -> list[list[int]]:
-        rng = np.random.default_rng([self.seed, self.epoch])
-        if len(self.sizes) == 1:
-            order = rng.permutation(self.sizes[0])
-            return [order[i:i + self.batch].tolist() for i in range(0, len(order), self.batch)]
-        half = max(1, self.batch // 2)
-        steps = math.ceil(max(self.sizes) / half)
-        streams = []
-        for k, n in enumerate(self.sizes):
-            reps = math.ceil(steps * half / n)
-            streams.append(np.concatenate([rng.permutation(n) for _ in range(reps)])[:steps * half]
-                           + sum(self.sizes[:k]))
-        return [np.concatenate([s[i * half:(i + 1) * half] for s in streams]).tolist() for i in range(steps)]
-
-    def _mine(self) -> list[list[int]]:
-        batches = self._all()
-        # every rank must take the same number of steps, or DDP's all-reduce waits forever
-        batches = batches[:len(batches) // self.world * self.world][self.rank::self.world]
-        return batches[:self.max_steps] if self.max_steps else batches
-
-    def __iter__(self):
-        return iter(self._mine())
-
-    def __len__(self) -> int:
-        return len(self._mine())
-
-
-def collate(items):
-    xs, ys = zip(*items)
-    return torch.stack(xs), torch.as_tensor(np.stack([np.asarray(y) for y in ys]))
-
-
-def build_loaders(cfg: TrainConfig, env: DistEnv = DistEnv(), norm: MacenkoNormaliser | None = None):
-    """Training loader (balanced batches), validation loader (None without a valid set)
-    and the class names; `norm` stain-normalises every image."""
-    if cfg.mode == "grid":
-        train_sets = grid_sets(cfg, "train", augment_for(cfg), norm)
-        has_valid = cfg.data_path_tumor_valid or cfg.data_path_normal_valid or cfg.data_path_valid
-        valid_sets = grid_sets(cfg, "valid", None, norm) if has_valid else []
-        classes = ["normal", "tumor"]
-    else:
-        train = FolderDataset(cfg.data_path_train, cfg.patch_size, augment_for(cfg), cfg.classes, norm)
-        classes = train.classes
-        train_sets = [train]
-        valid_sets = ([FolderDataset(cfg.data_path_valid, cfg.patch_size, None, classes, norm)]
-                      if cfg.data_path_valid else [])
-    sampler = BalancedBatches([len(s) for s in train_sets], cfg.batch_size, cfg.seed, env.rank,
-                              env.world, cfg.max_steps)
-    kw = dict(num_workers=cfg.workers, collate_fn=collate, persistent_workers=False,
-              pin_memory=torch.cuda.is_available())
-    train_loader = DataLoader(ConcatDataset(train_sets), batch_sampler=sampler, **kw)
-    valid_loader = (DataLoader(ConcatDataset(valid_sets), batch_size=cfg.batch_size, shuffle=False, **kw)
-                    if valid_sets else None)
-    return train_loader, valid_loader, classes
 
 
 # ----------------------------------------------------------------------------- steps

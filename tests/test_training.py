@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from crfcore import training
+from crfcore import loaders, training
 from crfcore.model import CRFNet, ModelConfig, init_from_checkpoint, load_checkpoint, save_checkpoint
 from conftest import ROOT, call, load_script, run_script, shared
 
@@ -138,7 +138,7 @@ def test_torchrun_two_processes_on_cpu(grid_data, tmp_path):
                           cwd=ROOT, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     ckpt = load_checkpoint(tmp_path / "ddp" / "train.ckpt")
-    single = training.BalancedBatches([12, 12], 8, 0)
+    single = loaders.BalancedBatches([12, 12], 8, 0)
     assert ckpt["step"] == len(single) // 2  # each rank took half the batches
     assert (tmp_path / "ddp" / "log.csv").read_text().count("\n") == 2
 
@@ -151,7 +151,7 @@ def test_torchrun_nccl_on_gpu(grid_data, tmp_path):
                           timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     ckpt = load_checkpoint(tmp_path / "ddp" / "train.ckpt")
-    assert ckpt["step"] == len(training.BalancedBatches([12, 12], 8, 0))
+    assert ckpt["step"] == len(loaders.BalancedBatches([12, 12], 8, 0))
 
 
 def test_reduced_pipeline_chain(grid_data, syn_slide, tmp_path):

@@ -1,0 +1,103 @@
+"""Training data for train.py: the data sets a config names, with augmentation and stain
+normalisation, and loaders whose batches are half tumour, half normal (NCRF's sampling)
+and shared out between torchrun ranks."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+from torch.utils.data import ConcatDataset, DataLoader, Sampler
+
+from .config import TrainConfig
+from .datasets import Augment, FolderDataset, GridDataset
+from .device import DistEnv
+from .stain import HEDJitter, MacenkoNormaliser
+
+
+def augment_for(cfg: TrainConfig) -> Augment:
+    return Augment(cfg.color_jitter, cfg.flip, cfg.rotate, HEDJitter(cfg.hed_jitter) if cfg.hed_jitter else None)
+
+
+def stain_normaliser(cfg: TrainConfig) -> MacenkoNormaliser | None:
+    """The Macenko normaliser of a config: the stored reference, else fitted on `stain_norm`."""
+    if cfg.stain_reference:
+        return MacenkoNormaliser.from_dict(cfg.stain_reference)
+    return MacenkoNormaliser.fit(cfg.stain_norm) if cfg.stain_norm else None
+
+
+def grid_sets(cfg: TrainConfig, split: str, augment: Augment | None,
+              normalise: MacenkoNormaliser | None) -> list[GridDataset]:
+    """The tumour and normal sets (or the single set) of `split`."""
+    js = getattr(cfg, f"json_path_{split}") or cfg.json_path_train
+    paths = [getattr(cfg, f"data_path_tumor_{split}"), getattr(cfg, f"data_path_normal_{split}")]
+    paths = [p for p in paths if p] or [getattr(cfg, f"data_path_{split}")]
+    return [GridDataset(p, js, cfg.image_size, cfg.patch_size, cfg.crop_size, augment, normalise)
+            for p in paths if p]
+
+
+class BalancedBatches(Sampler):
+    """Batches of half tumour, half normal indices into `ConcatDataset([tumour, normal])`
+    (or plain shuffled batches of one set). An epoch covers the larger set once; the
+    order depends only on (seed, epoch), and rank r of `world` takes every world-th batch
+    (the batch count is cut to a multiple of `world`)."""
+
+    def __init__(self, sizes: list[int], batch: int, seed: int, rank: int = 0, world: int = 1,
+                 max_steps: int | None = None) -> None:
+        self.sizes, self.batch, self.seed, self.rank, self.world = sizes, batch, seed, rank, world
+        self.max_steps, self.epoch = max_steps, 0
+
+    def _all(self) -> list[list[int]]:
+        rng = np.random.default_rng([self.seed, self.epoch])
+        if len(self.sizes) == 1:
+            order = rng.permutation(self.sizes[0])
+            return [order[i:i + self.batch].tolist() for i in range(0, len(order), self.batch)]
+        half = max(1, self.batch // 2)
+        steps = math.ceil(max(self.sizes) / half)
+        streams = []
+        for k, n in enumerate(self.sizes):
+            reps = math.ceil(steps * half / n)
+            streams.append(np.concatenate([rng.permutation(n) for _ in range(reps)])[:steps * half]
+                           + sum(self.sizes[:k]))
+        return [np.concatenate([s[i * half:(i + 1) * half] for s in streams]).tolist() for i in range(steps)]
+
+    def _mine(self) -> list[list[int]]:
+        batches = self._all()
+        # every rank must take the same number of steps, or DDP's all-reduce waits forever
+        batches = batches[:len(batches) // self.world * self.world][self.rank::self.world]
+        return batches[:self.max_steps] if self.max_steps else batches
+
+    def __iter__(self):
+        return iter(self._mine())
+
+    def __len__(self) -> int:
+        return len(self._mine())
+
+
+def collate(items):
+    xs, ys = zip(*items)
+    return torch.stack(xs), torch.as_tensor(np.stack([np.asarray(y) for y in ys]))
+
+
+def build_loaders(cfg: TrainConfig, env: DistEnv = DistEnv(), norm: MacenkoNormaliser | None = None):
+    """Training loader (balanced batches), validation loader (None without a valid set)
+    and the class names; `norm` stain-normalises every image."""
+    if cfg.mode == "grid":
+        train_sets = grid_sets(cfg, "train", augment_for(cfg), norm)
+        has_valid = cfg.data_path_tumor_valid or cfg.data_path_normal_valid or cfg.data_path_valid
+        valid_sets = grid_sets(cfg, "valid", None, norm) if has_valid else []
+        classes = ["normal", "tumor"]
+    else:
+        train = FolderDataset(cfg.data_path_train, cfg.patch_size, augment_for(cfg), cfg.classes, norm)
+        classes = train.classes
+        train_sets = [train]
+        valid_sets = ([FolderDataset(cfg.data_path_valid, cfg.patch_size, None, classes, norm)]
+                      if cfg.data_path_valid else [])
+    sampler = BalancedBatches([len(s) for s in train_sets], cfg.batch_size, cfg.seed, env.rank,
+                              env.world, cfg.max_steps)
+    kw = dict(num_workers=cfg.workers, collate_fn=collate, persistent_workers=False,
+              pin_memory=torch.cuda.is_available())
+    train_loader = DataLoader(ConcatDataset(train_sets), batch_sampler=sampler, **kw)
+    valid_loader = (DataLoader(ConcatDataset(valid_sets), batch_size=cfg.batch_size, shuffle=False, **kw)
+                    if valid_sets else None)
+    return train_loader, valid_loader, classes
