@@ -13,7 +13,10 @@ than 50 x 50: the slide ends there). Placed so, neighbours abut with neither ove
 nor gap: on patient 8863 the colour step across a seam (mean |difference| 17.7
 across columns, 18.5 across rows) equals the step between adjacent pixels inside a patch
 (17.5-18.8), where a one-pixel overlap would give identical lines and a one-pixel gap
-the step of pixels two apart (23-25). The slide spans `(0, 0)` to the largest `x1, y1`.
+the step of pixels two apart (23-25). The slide spans `(0, 0)` to the largest `x1, y1`,
+rounded up to a whole number of 50-pixel cells with glass: so a mask or map lattice
+whose downsample divides 50 (`Mask_gen.py --downsample 50`) lies exactly on the cells,
+with no drift from a rounded-up last column.
 
 A patient is *complete* when its patches hold both classes (as for 8863-8865 in
 ../shared/data/idc, whose every tissue patch is there) and *partial* otherwise (only its
@@ -55,6 +58,7 @@ PATCH_NAME = re.compile(r"(?P<patient>\d+)_idx5_x(?P<x>[1-9]\d*)_y(?P<y>[1-9]\d*
 # around each patch, as pure white would draw.
 BACKGROUND = GLASS.astype(np.uint8)
 CELLS_HEADER = "x0,y0,x1,y1,label"
+CELL = 50  # the patch step: slides are padded to whole cells
 
 
 class MosaicError(CrfError):
@@ -171,7 +175,7 @@ def build(patient: str, patches: list[PatchFile]) -> Mosaic:
     pixels = [read_patch(p.path) for p in patches]
     cells = np.array([(p.x, p.y, p.x + a.shape[1], p.y + a.shape[0], p.label) for p, a in zip(patches, pixels)],
                      np.int64).reshape(-1, 5)
-    w, h = (int(cells[:, 2].max()), int(cells[:, 3].max())) if len(cells) else (0, 0)
+    w, h = (-(-int(cells[:, k].max()) // CELL) * CELL for k in (2, 3)) if len(cells) else (0, 0)
     image = np.empty((h, w, 3), np.uint8)
     image[:] = BACKGROUND
     owner = np.full((h, w), -1, np.int32)  # which patch covers each pixel, to find overlaps
@@ -275,3 +279,81 @@ def write_outputs(mosaic: Mosaic, out_dir: str | Path, mpp: float | None) -> dic
     lines = [CELLS_HEADER] + [",".join(map(str, row)) for row in mosaic.cells.tolist()]
     atomic_write_text(paths["csv"], "\n".join(lines) + "\n")
     return paths
+
+
+# ----------------------------------------------------------------------------- cells as truth
+
+
+def read_cells(path: str | Path) -> np.ndarray:
+    """A `<patient>_cells.csv` as `(N, 5)` int rows `x0, y0, x1, y1, label`."""
+    path = Path(path)
+    try:
+        lines = path.read_text().splitlines()
+    except (OSError, UnicodeDecodeError) as err:
+        raise MosaicError(f"{path}: cannot read the cells CSV ({getattr(err, 'strerror', None) or err})") from None
+    if not lines or lines[0].strip() != CELLS_HEADER:
+        raise MosaicError(f"{path}: not a cells CSV (expected the header {CELLS_HEADER})")
+    try:
+        cells = np.array([[int(v) for v in ln.split(",")] for ln in lines[1:] if ln.strip()], np.int64)
+    except ValueError:
+        raise MosaicError(f"{path}: expected five integers per line") from None
+    cells = cells.reshape(-1, 5) if cells.size else np.zeros((0, 5), np.int64)
+    if cells.shape[1] != 5 or not np.isin(cells[:, 4], (0, 1)).all():
+        raise MosaicError(f"{path}: expected x0,y0,x1,y1,label lines with label 0 or 1")
+    return cells
+
+
+def lattice_centres(cells: np.ndarray, stride: int, image: int, complete: bool,
+                    per_cell: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Level-0 centres `(n, 2)` of training images of side `image`, centred on the points of
+    a map lattice of `stride` (pixel `c` centred at `floor((c + 0.5) * stride)`, as
+    prob_map.py places them) that lie in a cell, split by that cell's class: `(IDC, other)`.
+    So the CNN learns on exactly the patch positions the map later asks about. `per_cell`
+    keeps only the first few points of each cell (row-major).
+
+    On a complete slide every cell's points are kept (a cell without a patch is background,
+    truly not IDC). On a partial slide a missing cell is unknown tissue shown as glass: a
+    point is kept only when every cell its image touches has a patch, so no label is a
+    guess and no pixel is made-up glass."""
+    offsets = np.floor((np.arange(-(-CELL // stride) * 2) + 0.5) * stride).astype(np.int64)
+    inside = offsets[offsets < CELL]  # lattice centres within one cell (stride divides CELL)
+    dy, dx = (a.ravel() for a in np.meshgrid(inside, inside, indexing="ij"))
+    if per_cell is not None:
+        dx, dy = dx[:per_cell], dy[:per_cell]
+    x0, y0 = cells[:, 0] // CELL * CELL, cells[:, 1] // CELL * CELL
+    centres = np.stack([(x0[:, None] + dx).ravel(), (y0[:, None] + dy).ravel()], 1)
+    label = np.repeat(cells[:, 4], len(dx))
+    keep = np.ones(len(centres), bool)
+    if not complete:
+        have = {(int(x) // CELL, int(y) // CELL) for x, y in cells[:, :2]}
+        half = image // 2
+        keep = np.array([all((i, j) in have for i in range((x - half) // CELL, (x + image - half - 1) // CELL + 1)
+                             for j in range((y - half) // CELL, (y + image - half - 1) // CELL + 1))
+                         for x, y in centres.tolist()], bool)
+    return centres[keep & (label == 1)], centres[keep & (label == 0)]
+
+
+def cell_scores(prob: np.ndarray, downsample: tuple[float, float], cells: np.ndarray,
+                tissue: np.ndarray | None = None) -> np.ndarray:
+    """The map's mean over each cell's level-0 box, each map pixel (the square
+    `[c*dx, (c+1)*dx) x [r*dy, (r+1)*dy)`) weighted by its overlap with the box. With a
+    `tissue` mask on the same lattice, the mean over the cell's tissue pixels only (the
+    map is not computed elsewhere), 0 for a cell without any."""
+    dx, dy = downsample
+    h, w = prob.shape
+    weight = np.ones(prob.shape) if tissue is None else tissue.astype(float)
+    out = np.zeros(len(cells))
+    for i, (x0, y0, x1, y1, _) in enumerate(cells):
+        (c0, wx), (r0, wy) = _overlaps(x0, x1, dx, w), _overlaps(y0, y1, dy, h)
+        rows, cols = slice(r0, r0 + len(wy)), slice(c0, c0 + len(wx))
+        area = float(wy @ weight[rows, cols] @ wx)
+        out[i] = float(wy @ (prob[rows, cols] * weight[rows, cols]) @ wx) / area if area > 0 else 0.0
+    return out
+
+
+def _overlaps(a: float, b: float, step: float, n: int) -> tuple[int, np.ndarray]:
+    """First map pixel touching `[a, b)` and each pixel's overlap with it (pixels of `step`)."""
+    first = max(0, int(a // step))
+    last = min(n, int(np.ceil(b / step)))
+    edges = np.arange(first, last + 1) * step
+    return first, np.clip(np.minimum(edges[1:], b) - np.maximum(edges[:-1], a), 0, None)

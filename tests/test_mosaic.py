@@ -111,7 +111,7 @@ def test_nested_islands_and_holes_are_exact(nested):
 
 def test_cells_csv_and_size(nested):
     m, paths, _, labels = nested
-    assert m.size == (sum(WIDTHS), sum(HEIGHTS)) and m.complete
+    assert m.size == (550, 700) and m.complete  # 530 x 670 of patches, padded to whole 50-pixel cells
     lines = paths["csv"].read_text().splitlines()
     assert lines[0] == "x0,y0,x1,y1,label" and len(lines) == 1 + (labels >= 0).sum()
     rows = np.array([list(map(int, ln.split(","))) for ln in lines[1:]])
@@ -122,13 +122,14 @@ def test_cells_csv_and_size(nested):
 def test_tiff_opens_with_size_mpp_and_pixels(nested):
     m, paths, pixels, labels = nested
     slide = open_slide(paths["tif"])
-    assert slide.dimensions == (530, 670)
+    assert slide.dimensions == (550, 700)
     assert slide_mpp(slide) == pytest.approx((4.0, 4.0))
     img = read_level(slide, 0)
     for (x0, y0), rgb in pixels.items():
         h, w = rgb.shape[:2]
         np.testing.assert_array_equal(img[y0:y0 + h, x0:x0 + w], rgb)
     assert (img[600:650, 0:50] == mosaic.BACKGROUND).all()  # no patch there: glass
+    assert (img[:, 530:] == mosaic.BACKGROUND).all() and (img[670:] == mosaic.BACKGROUND).all()  # the padding
     slide.close()
 
 
@@ -224,7 +225,7 @@ def test_script_reports_each_patient(tmp_path, script, capsys):
     write_patches(tmp_path / "in", "2", grid("11"), [50, 50], [50])
     assert script.main([str(tmp_path / "in"), "-o", str(tmp_path / "out"), "--quiet"]) == 0
     out = capsys.readouterr().out
-    assert "1: 90 x 100 px, 4 cells, 2 IDC, complete" in out
+    assert "1: 100 x 100 px, 4 cells, 2 IDC, complete" in out  # 90 wide, padded to whole cells
     assert "2: 100 x 50 px, 2 cells, 2 IDC, partial (class 1 only)" in out
     assert "(1 complete, 1 partial)" in out and "approximate" in out
     assert {p.name for p in (tmp_path / "out").iterdir()} == {f"{p}{s}" for p in "12"
@@ -281,7 +282,7 @@ def test_script_bad_input_is_one_line_exit_2(tmp_path, script, capsys, args, mes
 def test_real_patient_8863_is_exact(tmp_path):
     found = mosaic.scan(shared("idc"))
     m = mosaic.build("8863", found.patients["8863"])
-    assert m.size == (2791, 2335) and m.complete
+    assert m.size == (2800, 2350) and m.complete  # 2791 x 2335 of patches, padded to whole cells
     assert (len(m.cells), m.idc_cells) == (979, 207)
     write_annotation(mosaic.idc_annotation(m.cells), tmp_path / "8863.xml", to="xml")
     assert_exact(tmp_path / "8863.xml", m.cells)
@@ -289,3 +290,60 @@ def test_real_patient_8863_is_exact(tmp_path):
 
 def test_mosaic_errors_are_crf_errors():
     assert issubclass(mosaic.PatchConflict, mosaic.MosaicError) and issubclass(mosaic.MosaicError, CrfError)
+
+
+# ----------------------------------------------------------------------------- cells as truth
+
+def test_read_cells_round_trip_and_errors(nested, tmp_path):
+    m, paths, _, _ = nested
+    np.testing.assert_array_equal(mosaic.read_cells(paths["csv"]), m.cells)
+    (tmp_path / "bad.csv").write_text("a,b\n1,2\n")
+    with pytest.raises(mosaic.MosaicError, match="bad.csv: not a cells CSV"):
+        mosaic.read_cells(tmp_path / "bad.csv")
+    (tmp_path / "label.csv").write_text("x0,y0,x1,y1,label\n0,0,50,50,2\n")
+    with pytest.raises(mosaic.MosaicError, match="label 0 or 1"):
+        mosaic.read_cells(tmp_path / "label.csv")
+
+
+@pytest.mark.parametrize("stride", [10, 25, 50])
+def test_lattice_centres_are_the_maps_own_points(stride):
+    from crfcore.inference import Geometry
+
+    cells = cells_of(grid("01\n10"), [50, 50], [50, 50])
+    idc, other = mosaic.lattice_centres(cells, stride, 150, complete=True)
+    per_cell = (50 // stride) ** 2
+    assert len(idc) == len(other) == 2 * per_cell
+    n = 100 // stride  # the lattice prob_map.py lays over these 2 x 2 cells
+    rows, cols = (a.ravel() for a in np.meshgrid(np.arange(n), np.arange(n), indexing="ij"))
+    points = Geometry(3, 50, 50, (stride, stride)).centres(rows, cols)
+    assert {tuple(p) for p in np.concatenate([idc, other])} == {tuple(p) for p in points}
+    # each point is labelled by the cell it lies in
+    assert all((x // 50 + y // 50) % 2 == 1 for x, y in idc) and all((x // 50 + y // 50) % 2 == 0 for x, y in other)
+    assert len(mosaic.lattice_centres(cells, stride, 150, True, per_cell=1)[0]) == 2
+
+
+def test_lattice_centres_on_a_partial_slide_need_every_touched_cell():
+    # 4 x 4 cells all present except the top-right one; IDC everywhere (a partial slide)
+    labels = grid("1110\n1111\n1111\n1111")
+    labels[0, 3] = -1
+    cells = cells_of(labels, [50] * 4, [50] * 4)
+    idc, other = mosaic.lattice_centres(cells, 50, 150, complete=False)
+    # 150-pixel images centred on a cell need its 3 x 3 neighbours: only cells (1, 1) and (1, 2)
+    # are inner, and (2, 1) [col 2, row 1] touches the missing (3, 0)
+    assert {(x // 50, y // 50) for x, y in idc} == {(1, 1), (1, 2), (2, 2)} and not len(other)
+    assert len(mosaic.lattice_centres(cells, 50, 150, complete=True)[0]) == 15
+
+
+def test_cell_scores_weigh_overlaps_and_skip_non_tissue():
+    cells = np.array([[0, 0, 50, 50, 1], [50, 0, 100, 50, 0], [0, 50, 30, 100, 0]])
+    prob = np.arange(16, dtype=float).reshape(4, 4)  # downsample 25: 2 x 2 pixels per cell
+    # the 30-pixel wide cell covers 25 pixels of column 0 and 5 of column 1
+    third = (prob[2:, 0].sum() * 25 + prob[2:, 1].sum() * 5) / 60
+    np.testing.assert_allclose(mosaic.cell_scores(prob, (25.0, 25.0), cells),
+                               [prob[:2, :2].mean(), prob[:2, 2:].mean(), third])
+    tissue = np.zeros((4, 4), bool)
+    tissue[0, 0] = tissue[1, 3] = True
+    np.testing.assert_allclose(mosaic.cell_scores(prob, (25.0, 25.0), cells, tissue), [prob[0, 0], prob[1, 3], 0])
+    # downsample 50: a cell is one map pixel
+    p50 = np.array([[0.2, 0.9], [0.4, 0.0]])
+    np.testing.assert_allclose(mosaic.cell_scores(p50, (50.0, 50.0), cells), [0.2, 0.9, 0.4])
