@@ -2,7 +2,8 @@
 """Whole-slide tumour probability map on a tissue mask's lattice: float32 OUT.npy (0
 outside the mask) + a sidecar recording the slide, the checkpoint (SHA-256) and the
 settings. `lattice` (default) runs each needed patch through the CNN once and equals
-NCRF's `naive` computation.
+NCRF's `naive` computation; `dense` runs the backbone over whole slide tiles, each pixel
+once, and pools each crop's window: several times faster, an approximation (see README).
 
 SLIDE, MASK and OUT may be directories: each slide `<stem>.*` takes the tissue mask
 `<stem>_tissue.npy` and writes `<stem>_prob.npy`. A map whose sidecar matches the
@@ -15,6 +16,7 @@ are shared out between ranks.
 """
 from __future__ import annotations
 
+import argparse
 import json
 import time
 import warnings
@@ -105,17 +107,18 @@ def map_slide(job: Job, model, ckpt: dict, args, opts: inference.Options, wanted
           f"max probability {float(prob.max()) if n else 0:.3f} -> {job.out}")
 
 
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     p = parser(__doc__)
     p.add_argument("slide", type=Path, help="slide, or a directory of slides")
     p.add_argument("ckpt", type=Path, help="checkpoint from train.py (grid mode)")
     p.add_argument("mask", type=Path, help="tissue mask .npy (Mask_gen.py), or a directory")
     p.add_argument("out", type=Path, nargs="?", help="OUT.npy or a directory (or give -o)")
     p.add_argument("-o", "--output", type=Path, help="OUT.npy, or a directory")
-    p.add_argument("--method", choices=("lattice", "naive"), default="lattice",
-                   help="lattice: each patch through the CNN once; naive: NCRF's loop (reference)")
+    p.add_argument("--method", choices=("lattice", "dense", "naive"), default="lattice",
+                   help="lattice: each patch through the CNN once (exact); dense: each pixel through the "
+                        "backbone once, crop windows pooled (approximate); naive: NCRF's loop (reference)")
     p.add_argument("--tta", type=int, choices=(1, 8), default=1, help="mean over the 8 flips/rotations")
-    p.add_argument("--batch-size", type=int, default=64, help="patches per CNN batch")
+    p.add_argument("--batch-size", type=int, default=64, help="patches per CNN batch (lattice, naive; dense runs whole tiles)")
     add_workers(p)
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                    help="auto: CUDA when present")
@@ -123,6 +126,11 @@ def main(argv=None) -> int:
                    help="auto: mixed precision on CUDA, fp32 on the CPU")
     p.add_argument("--overwrite", action="store_true", help="recompute maps that are stale")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    return p
+
+
+def main(argv=None) -> int:
+    p = build_parser()
     args = p.parse_args(argv)
     if (args.out is None) == (args.output is None):
         p.error("give the output once: OUT as the 4th argument or -o OUT")

@@ -35,6 +35,11 @@ def dihedral(a: np.ndarray, k: int, flip: bool) -> np.ndarray:
     return np.rot90(a[:, ::-1] if flip else a, k, axes=(0, 1))
 
 
+def dihedral_images(x: torch.Tensor, k: int, flip: bool) -> torch.Tensor:
+    """`dihedral` on the last two axes (H, W) of an image tensor."""
+    return torch.rot90(torch.flip(x, dims=[-1]) if flip else x, k, dims=(-2, -1))
+
+
 @dataclass(frozen=True)
 class Geometry:
     """Patch geometry of a model and the mask lattice it runs on."""
@@ -152,8 +157,7 @@ def embed_patches(model: CRFNet, x: torch.Tensor, tta: int, device: torch.device
     `[n, 3, c, c]` under the first T dihedral transforms."""
     logits, feats = [], []
     for k, flip in DIHEDRAL[:tta]:
-        xt = torch.flip(x, dims=[3]) if flip else x
-        xt = torch.rot90(xt, k, dims=(2, 3))
+        xt = dihedral_images(x, k, flip)
         with autocast(device, precision):
             lo, fe = model.embed(xt.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last))
         logits.append(lo.float().cpu())
@@ -223,9 +227,7 @@ def _naive_centre(model: CRFNet, x: torch.Tensor, opts: Options) -> torch.Tensor
     probs = []
     for k, flip in DIHEDRAL[:opts.tta]:
         lay = torch.from_numpy(node_layout(g, k, flip))
-        xt = x[:, lay]
-        xt = torch.flip(xt, dims=[4]) if flip else xt
-        xt = torch.rot90(xt, k, dims=(3, 4))
+        xt = dihedral_images(x[:, lay], k, flip)
         lo, fe = embed_patches(model, xt.flatten(0, 1), 1, opts.device, opts.precision)
         lo, fe = lo.reshape(b, n), fe.reshape(b, n, -1)
         if model.crf is not None:
@@ -308,9 +310,6 @@ class LatticeJob:
     all cached gets its CRF, in chunks."""
 
     def __init__(self, model: CRFNet, slide_path: Path, mask: np.ndarray, geom: Geometry, opts: Options) -> None:
-        if opts.band_rows % REGION_BLOCK[0]:
-            raise ValueError(f"band_rows must be a multiple of {REGION_BLOCK[0]} (region blocks must not "
-                             f"straddle bands), got {opts.band_rows}")
         self.model, self.slide_path, self.geom, self.opts = model, slide_path, geom, opts
         self.offs = geom.node_offsets()
         self.reach = int(self.offs.max())  # half * k: how far a grid node lies from its centre
@@ -323,6 +322,9 @@ class LatticeJob:
         self.done_row = self.trows.min() - self.reach - 1  # tissue rows up to here have their CRF
 
     def run(self) -> np.ndarray:
+        if self.opts.band_rows % REGION_BLOCK[0]:
+            raise ValueError(f"band_rows must be a multiple of {REGION_BLOCK[0]} (region blocks must not "
+                             f"straddle bands), got {self.opts.band_rows}")
         origins = self.geom.crop_origin(self.geom.centres(self.need[:, 0], self.need[:, 1]))
         groups = region_groups(self.need[:, 0], self.need[:, 1])
         loader = _loader(LatticePatches(self.slide_path, origins, self.geom.crop, groups, self.opts.normaliser),
@@ -374,16 +376,20 @@ def lattice_map(model: CRFNet, slide_path: Path, mask: np.ndarray, geom: Geometr
 
 def probability_map(model: CRFNet, slide_path: str | Path, mask: np.ndarray, downsample: tuple[float, float],
                     patch: int, crop: int, method: str = "lattice", opts: Options | None = None) -> tuple[np.ndarray, str]:
-    """The map and the method actually used (lattice falls back to naive, with a warning,
-    when the patch size is not a multiple of the lattice stride)."""
+    """The map and the method actually used: `lattice` and `dense` fall back to `naive`,
+    with a warning, when the patch size is not a multiple of the lattice stride, and
+    `dense` to `lattice` when the stride does not suit it (`crfcore.dense.dense_applies`)."""
+    from . import dense  # dense builds on this module's lattice job
+
     opts = opts or Options()
     model = model.eval().to(opts.device, memory_format=torch.channels_last)
     geom = Geometry(model.cfg.grid, patch, crop, tuple(downsample))
-    if method == "lattice" and geom.lattice_step() is None:
+    if method in ("lattice", "dense") and geom.lattice_step() is None:
         warnings.warn(f"patch size {patch} is not a multiple of the lattice stride {downsample[0]:.2f}; "
                       "using the naive method (about 9x slower)")
         method = "naive"
-    fn = lattice_map if method == "lattice" else naive_map
+    if method == "dense" and (why := dense.dense_applies(geom, dense.feature_stride(model))):
+        warnings.warn(f"{why}; using the lattice method")
+        method = "lattice"
+    fn = {"naive": naive_map, "lattice": lattice_map, "dense": dense.dense_map}[method]
     return fn(model, Path(slide_path), mask, geom, opts), method
-
-

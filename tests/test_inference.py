@@ -1,12 +1,14 @@
+import json
+
 import numpy as np
 import pytest
 import torch
 
 from crfcore import heatmap, inference, masks, synthetic
 from crfcore import slide as sl
-from crfcore.datasets import to_tensor
 from crfcore.model import CRFNet, ModelConfig, save_checkpoint
-from conftest import run_script
+from crfcore.testing import varied_model
+from conftest import call
 
 PATCH, CROP = 32, 28
 
@@ -23,31 +25,15 @@ def border_slide(tmp_path_factory):
     return s, mask, meta
 
 
-def varied_model(grid: int, slide_path) -> CRFNet:
-    """A small random model whose outputs vary with the input: batch-norm statistics taken
-    from real patches of the slide, a non-zero CRF W."""
-    torch.manual_seed(grid)
-    model = CRFNet(ModelConfig(grid=grid, width_mult=0.25))
-    s = sl.open_slide(slide_path)
-    xy = np.random.default_rng(0).uniform(0, 600, (64, 2)).astype(int)
-    x = torch.stack([to_tensor(sl.read_rgb(s, tuple(p), 0, (CROP, CROP))) for p in xy])
-    for m in model.modules():
-        if isinstance(m, torch.nn.BatchNorm2d):
-            m.momentum = None
-    model.train()
-    with torch.no_grad():
-        model.embed(x)
-        model.fc.weight.mul_(20)
-        if model.crf is not None:
-            model.crf.W.normal_(0, 0.3)
-    return model.eval()
+def small_model(grid: int, slide_path) -> CRFNet:
+    return varied_model(slide_path, CROP, grid, width=0.25, head_scale=20, crf_std=0.3, seed=grid)
 
 
 @pytest.mark.parametrize("grid", [1, 3])
 def test_lattice_equals_naive_including_the_slide_border(border_slide, grid, monkeypatch):
     s, mask, meta = border_slide
     monkeypatch.setattr(inference, "CRF_CHUNK", 50)  # many CRF chunks per band
-    model = varied_model(grid, s.path)
+    model = small_model(grid, s.path)
     opts = inference.Options(batch_size=48, workers=0, quiet=True, band_rows=8)
     lat, m1 = inference.probability_map(model, s.path, mask, meta["downsample"], PATCH, CROP, "lattice", opts)
     ref, m2 = inference.probability_map(model, s.path, mask, meta["downsample"], PATCH, CROP, "naive", opts)
@@ -60,7 +46,7 @@ def test_lattice_equals_naive_including_the_slide_border(border_slide, grid, mon
 def test_tta8_lattice_equals_naive_on_a_subset(border_slide, monkeypatch):
     s, mask, meta = border_slide
     monkeypatch.setattr(inference, "CRF_CHUNK", 50)
-    model = varied_model(3, s.path)
+    model = small_model(3, s.path)
     sub = np.zeros_like(mask)
     rows, cols = np.nonzero(mask)
     pick = np.random.default_rng(1).choice(len(rows), 25, replace=False)
@@ -75,42 +61,92 @@ def test_tta8_lattice_equals_naive_on_a_subset(border_slide, monkeypatch):
     assert np.abs(one - lat)[sub].max() > 1e-4  # TTA is really applied
 
 
-def test_patch_not_multiple_of_stride_falls_back_to_naive(border_slide):
+@pytest.mark.parametrize("method", ["lattice", "dense"])
+def test_patch_not_multiple_of_stride_falls_back_to_naive(border_slide, method):
     s, mask, meta = border_slide
     sub = np.zeros_like(mask)
     sub[np.nonzero(mask)[0][:3], np.nonzero(mask)[1][:3]] = True
-    model = varied_model(3, s.path)
+    model = small_model(3, s.path)
     with pytest.warns(UserWarning, match="not a multiple"):
-        _, method = inference.probability_map(model, s.path, sub, meta["downsample"], 40, 28, "lattice",
-                                              inference.Options(workers=0, quiet=True))
-    assert method == "naive"
+        _, used = inference.probability_map(model, s.path, sub, meta["downsample"], 40, 28, method,
+                                            inference.Options(workers=0, quiet=True))
+    assert used == "naive"
 
 
 @pytest.fixture(scope="module")
 def grid_ckpt(border_slide, tmp_path_factory):
     s, _, _ = border_slide
     path = tmp_path_factory.mktemp("ckpt") / "m.ckpt"
-    cfg = {"mode": "grid", "grid": 3, "crf_iters": 10, "width_mult": 0.25, "num_classes": 1,
-           "image_size": 3 * PATCH, "patch_size": PATCH, "crop_size": CROP}
-    save_checkpoint(path, varied_model(3, s.path), cfg)
+    save_checkpoint(path, small_model(3, s.path), ckpt_config())
+    return path
+
+
+def ckpt_config() -> dict:
+    return {"mode": "grid", "grid": 3, "crf_iters": 10, "width_mult": 0.25, "num_classes": 1,
+            "image_size": 3 * PATCH, "patch_size": PATCH, "crop_size": CROP}
+
+
+def mask_path(s) -> str:
+    return s.path.parent / "edge_tissue.npy"
+
+
+@pytest.fixture(scope="module")
+def few_points(border_slide):
+    """A tissue mask of the border slide with 30 points: enough for a varied map, quick."""
+    s, mask, meta = border_slide
+    sub = np.zeros_like(mask)
+    rows, cols = np.nonzero(mask)
+    pick = np.random.default_rng(2).choice(len(rows), 30, replace=False)
+    sub[rows[pick], cols[pick]] = True
+    path = s.path.parent / "few" / "edge_tissue.npy"
+    path.parent.mkdir()
+    masks.save_mask(path, sub, meta)
     return path
 
 
 def test_prob_map_cli_and_rendering(border_slide, grid_ckpt, tmp_path):
     s, mask, meta = border_slide
-    mask_path = s.path.parent / "edge_tissue.npy"
-    proc = run_script("prob_map.py", s.path, grid_ckpt, mask_path, tmp_path / "p.npy", "--workers", "2",
-                      "--quiet")
-    assert "lattice" in proc.stdout
+    res = call("prob_map.py", s.path, grid_ckpt, mask_path(s), tmp_path / "p.npy", "--workers", "2", "--quiet")
+    assert "lattice" in res.stdout
     prob, side = heatmap.load_probability_map(tmp_path / "p.npy", slide=s.path)
     assert prob.dtype == np.float32 and prob.shape == mask.shape and side["kind"] == "probability"
     assert side["method"] == "lattice" and side["grid"] == 3 and side["tta"] == 1 and "seconds" in side
-    run_script("prob_map_show.py", tmp_path / "p.npy", "-o", tmp_path / "p.png")
-    run_script("prob_map_show.py", tmp_path / "p.npy", "-o", tmp_path / "o.png", "--slide", s.path,
-               "--tiff", tmp_path / "p.tif")
+    call("prob_map_show.py", tmp_path / "p.npy", "-o", tmp_path / "p.png")
+    call("prob_map_show.py", tmp_path / "p.npy", "-o", tmp_path / "o.png", "--slide", s.path,
+         "--tiff", tmp_path / "p.tif")
     t = sl.open_slide(tmp_path / "p.tif")
     assert t.dimensions == (768, 640)
     assert sl.slide_mpp(t) == pytest.approx((0.25, 0.25))
+
+
+def test_dash_o_is_the_positional_out(border_slide, grid_ckpt, few_points, tmp_path):
+    s, _, _ = border_slide
+    call("prob_map.py", s.path, grid_ckpt, few_points, tmp_path / "a.npy", "--workers", "0", "--quiet")
+    call("prob_map.py", s.path, grid_ckpt, few_points, "-o", tmp_path / "b.npy", "--workers", "0", "--quiet")
+    a, b = heatmap.load_probability_map(tmp_path / "a.npy")[0], heatmap.load_probability_map(tmp_path / "b.npy")[0]
+    assert a.any() and np.array_equal(a, b)
+    both = call("prob_map.py", s.path, grid_ckpt, few_points, tmp_path / "a.npy", "-o", tmp_path / "b.npy",
+                check=False)
+    assert both.returncode == 2 and "once" in both.stderr
+
+
+def test_a_map_of_another_checkpoint_is_not_kept(border_slide, grid_ckpt, few_points, tmp_path):
+    """A map made by another checkpoint is stale: refused (the map untouched) unless
+    --overwrite, which recomputes it with the new checkpoint."""
+    s, _, _ = border_slide
+    out = tmp_path / "p.npy"
+    call("prob_map.py", s.path, grid_ckpt, few_points, out, "--workers", "0", "--quiet")
+    first, meta = heatmap.load_probability_map(out)
+    other = tmp_path / "other.ckpt"
+    save_checkpoint(other, varied_model(s.path, CROP, 3, width=0.25, head_scale=20, seed=7), ckpt_config())
+    res = call("prob_map.py", s.path, other, few_points, out, "--workers", "0", "--quiet", check=False)
+    assert res.returncode == 2 and "stale" in res.stderr and "checkpoint_sha256" in res.stderr
+    assert np.array_equal(heatmap.load_probability_map(out)[0], first)
+    call("prob_map.py", s.path, other, few_points, out, "--workers", "0", "--quiet", "--overwrite")
+    second, meta2 = heatmap.load_probability_map(out)
+    assert meta2["checkpoint_sha256"] != meta["checkpoint_sha256"] and np.abs(second - first).max() > 1e-3
+    again = call("prob_map.py", s.path, other, few_points, out, "--workers", "0", "--quiet")
+    assert "up to date, skipped" in again.stdout
 
 
 def test_overlay_puts_the_map_where_the_tumour_is(syn_slide, tmp_path):
@@ -123,7 +159,7 @@ def test_overlay_puts_the_map_where_the_tumour_is(syn_slide, tmp_path):
     red = (img[..., 0] > 100) & (img[..., 2] < 60)
     assert (red == tumour).mean() > 0.99
     tif = tmp_path / "m.tif"
-    heatmap.write_map_tiff(tif, prob, (2048, 1536), 0.25)
+    heatmap.write_map_tiff(tif, prob, (2048, 1536), 0.25, values="colour")
     full = sl.read_rgb(sl.open_slide(tif), (0, 0), 0, (2048, 1536))
     xy = np.array([[x, y] for x in range(8, 2048, 97) for y in range(8, 1536, 89)])
     is_red = (full[xy[:, 1], xy[:, 0], 0] > 100) & (full[xy[:, 1], xy[:, 0], 2] < 60)
@@ -131,24 +167,28 @@ def test_overlay_puts_the_map_where_the_tumour_is(syn_slide, tmp_path):
     assert (is_red == inside).mean() > 0.97
 
 
-def test_prob_map_errors(border_slide, grid_ckpt, syn_slide, tmp_path):
+def test_a_mask_of_another_slide_is_refused(border_slide, grid_ckpt, syn_slide, tmp_path):
+    s, _, _ = border_slide
+    res = call("prob_map.py", syn_slide.path, grid_ckpt, mask_path(s), tmp_path / "x.npy", check=False)
+    assert res.returncode == 2 and "belongs to slide" in res.stderr and "Traceback" not in res.stderr
+    assert not (tmp_path / "x.npy").exists()
+
+
+def test_prob_map_errors(border_slide, grid_ckpt, tmp_path):
     s, mask, meta = border_slide
-    mask_path = s.path.parent / "edge_tissue.npy"
-    proc = run_script("prob_map.py", syn_slide.path, grid_ckpt, mask_path, tmp_path / "x.npy", check=False)
-    assert proc.returncode == 2 and "belongs to slide" in proc.stderr and "Traceback" not in proc.stderr
     cls = tmp_path / "cls.ckpt"
     save_checkpoint(cls, CRFNet(ModelConfig(grid=1, num_classes=2, width_mult=0.25)),
                     {"mode": "classify", "grid": 1, "num_classes": 2, "width_mult": 0.25})
-    proc = run_script("prob_map.py", s.path, cls, mask_path, tmp_path / "x.npy", check=False)
-    assert proc.returncode == 2 and "mode" in proc.stderr
+    res = call("prob_map.py", s.path, cls, mask_path(s), tmp_path / "x.npy", check=False)
+    assert res.returncode == 2 and "mode" in res.stderr
     if not torch.cuda.is_available():
-        proc = run_script("prob_map.py", s.path, grid_ckpt, mask_path, tmp_path / "x.npy", "--device", "cuda",
-                          check=False)
-        assert proc.returncode == 2 and "CUDA" in proc.stderr
+        res = call("prob_map.py", s.path, grid_ckpt, mask_path(s), tmp_path / "x.npy", "--device", "cuda",
+                   check=False)
+        assert res.returncode == 2 and "CUDA" in res.stderr
     empty = tmp_path / "edge_empty.npy"
     masks.save_mask(empty, np.zeros_like(mask), meta)
-    proc = run_script("prob_map.py", s.path, grid_ckpt, empty, tmp_path / "e.npy", "--quiet")
-    assert "empty" in proc.stderr
+    res = call("prob_map.py", s.path, grid_ckpt, empty, tmp_path / "e.npy", "--quiet")
+    assert "empty" in res.stderr
     assert not heatmap.load_probability_map(tmp_path / "e.npy")[0].any()
 
 
@@ -160,7 +200,8 @@ def test_directory_mode_skips_finished_maps(border_slide, grid_ckpt, tmp_path):
     sub = np.zeros_like(mask)
     sub[np.nonzero(mask)[0][:5], np.nonzero(mask)[1][:5]] = True
     masks.save_mask(mdir / "edge_tissue.npy", sub, meta)
-    run_script("prob_map.py", slides, grid_ckpt, mdir, out, "--workers", "0", "--quiet")
+    call("prob_map.py", slides, grid_ckpt, mdir, out, "--workers", "0", "--quiet")
     assert (out / "edge_prob.npy").exists()
-    proc = run_script("prob_map.py", slides, grid_ckpt, mdir, out, "--workers", "0", "--quiet")
-    assert "skipped" in proc.stdout
+    res = call("prob_map.py", slides, grid_ckpt, mdir, out, "--workers", "0", "--quiet")
+    assert "skipped" in res.stdout
+    assert json.loads((out / "edge_prob.json").read_text())["method_asked"] == "lattice"

@@ -1,0 +1,196 @@
+"""`--method dense`: the backbone fully convolutionally over slide tiles, each pixel once.
+
+The lattice method runs every needed crop through the CNN on its own; at NCRF's geometry
+(crop 224, stride 64) neighbouring crops overlap by 71 % and each pixel goes through the
+backbone about 12 times. Here the backbone runs over large tiles instead, and each
+lattice point takes the mean of the feature-map cells under its crop (the window the
+crop's own feature map would have, `feature_side(crop)` cells from the crop's corner),
+then the linear head; the CRF follows exactly as in `lattice` (same bands, same cache).
+
+It is an approximation: a cell sees the real neighbouring pixels where the crop's CNN
+saw zero padding. Its agreement with `lattice` is measured in `bench/prob_map.py`.
+
+Alignment. The feature map has stride 32 (`feature_stride`), so a crop's window is a
+whole block of cells only when the crop's corner sits on the tile's cell grid. Tiles are
+placed so that it does: every crop corner of a tile has the same residue modulo 32 (its
+*phase*). A lattice stride that is a multiple of 32 gives one phase; another stride `s`
+gives `(32 / gcd(s, 32))^2` phases, each run as its own tiles (exact, never resampled:
+an interpolated feature map is the feature of no window). When the phases would cost
+more backbone work than the lattice (`phases * s^2 >= crop^2`), `lattice` is used.
+
+Tiles get `MARGIN` cells of real pixels on every side, so the cells a window uses do
+not see the tile's own edge; tile and band sizes are fixed by the geometry (never by
+batch size or workers), so a map does not depend on how it was run. TTA transforms the
+whole tile: its sides are chosen congruent to the crop modulo 32, so in every dihedral
+frame the crop corners still fall on the cell grid.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.nn import functional as F
+from tqdm import tqdm
+
+from . import slide as sl
+from .datasets import Normaliser, SlideDataset, normalise_batch
+from .device import autocast
+from .inference import DIHEDRAL, Geometry, LatticeJob, Options, _loader, dihedral_images
+from .model import CRFNet
+
+MARGIN = 8  # cells of context around the used cells (8 x 32 = 256 px: MobileNetV2's receptive-field radius, 245)
+TILE = 2048  # model pixels of new lattice rows (and columns) per tile
+
+
+def feature_stride(model: CRFNet) -> int:
+    """Input pixels per feature-map cell: the product of the backbone's conv strides."""
+    return math.prod(m.stride[0] for m in model.features.modules() if isinstance(m, torch.nn.Conv2d))
+
+
+def feature_side(model: CRFNet, crop: int) -> int:
+    """Cells of the feature map the backbone gives a `crop` image (each stride-2 conv with
+    kernel 3 and padding 1 maps n to ceil(n / 2)): the window a crop's features pool."""
+    n = crop
+    for m in model.features.modules():
+        if isinstance(m, torch.nn.Conv2d) and m.stride[0] == 2:
+            n = -(-n // 2)
+    return n
+
+
+def phases(geom: Geometry, stride: int) -> int:
+    """How many tile phases (grid offsets modulo the feature stride) a lattice needs."""
+    s = geom.integer_stride()
+    return (stride // math.gcd(s, stride)) ** 2
+
+
+def dense_applies(geom: Geometry, stride: int) -> str | None:
+    """None when the dense method applies to a lattice geometry, else why not (one line)."""
+    s = geom.integer_stride()
+    n = phases(geom, stride)
+    if n * s * s >= geom.crop ** 2:
+        return (f"the lattice stride {s} is not a multiple of the feature stride {stride}: dense would need "
+                f"{n} shifted passes over the slide, more backbone work than the lattice")
+    return None
+
+
+def dihedral_boxes(x0: np.ndarray, y0: np.ndarray, size: int, h: int, w: int, k: int,
+                   flip: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Top-left corners of `size` squares at `(x0, y0)` in an `(h, w)` image, after the
+    transform `inference.dihedral` (flip left-right, then k quarter turns as np.rot90)."""
+    if flip:
+        x0 = w - x0 - size
+    for _ in range(k):
+        x0, y0, h, w = y0, w - x0 - size, w, h
+    return x0, y0
+
+
+@dataclass(frozen=True)
+class Tile:
+    """A slide region (level 0) and the needed points whose windows it serves."""
+
+    idx: np.ndarray      # indices into the job's needed points (one band, one phase)
+    origin: tuple[int, int]
+    size: tuple[int, int]  # (w, h)
+
+
+class DenseTiles(SlideDataset):
+    """Items: `(tile index, uint8 region [h, w, 3])`, stain-normalised as a whole."""
+
+    def __init__(self, slide_path: Path, tiles: list[Tile], normalise: Normaliser | None = None) -> None:
+        self.slide_path, self.tiles, self.normalise = slide_path, tiles, normalise
+
+    def __len__(self) -> int:
+        return len(self.tiles)
+
+    def __getitem__(self, i: int):
+        t = self.tiles[i]
+        region = sl.read_rgb(self.slide, t.origin, 0, t.size)
+        return i, torch.from_numpy(region if self.normalise is None else self.normalise(region))
+
+
+class DenseJob(LatticeJob):
+    """The lattice job with the CNN step replaced: bands of needed points are covered by
+    tiles (one per phase and column block), and each tile's feature map gives its points'
+    pooled features and logits."""
+
+    def __init__(self, model: CRFNet, slide_path: Path, mask: np.ndarray, geom: Geometry, opts: Options) -> None:
+        s = geom.integer_stride()
+        self.block = max(1, TILE // s)  # lattice rows (and columns) per tile
+        super().__init__(model, slide_path, mask, geom, replace(opts, band_rows=self.block))
+        self.stride = feature_stride(model)
+        self.window = feature_side(model, geom.crop)
+        self.origins = geom.crop_origin(geom.centres(self.need[:, 0], self.need[:, 1]))
+        over = self.window * self.stride - geom.crop  # a window reaches past its crop by this much
+        self.ext = self.stride * (-(-over // self.stride) + MARGIN)
+        self.tiles = self.plan()
+
+    def plan(self) -> list[Tile]:
+        """Tiles in band order: within a band, one per phase and block of lattice columns."""
+        tiles = []
+        phase = self.origins % self.stride
+        for b in range(int(self.band_of[-1]) + 1):
+            lo, hi = int(self.starts[b]), int(self.starts[b + 1])
+            if lo == hi:
+                continue
+            block = (self.need[lo:hi, 1] - self.need[lo:hi, 1].min()) // self.block
+            _, which = np.unique(np.column_stack([phase[lo:hi], block]), axis=0, return_inverse=True)
+            tiles += [self.tile(lo + np.flatnonzero(which.ravel() == j)) for j in range(which.max() + 1)]
+        return tiles
+
+    def tile(self, idx: np.ndarray) -> Tile:
+        """The region around these points' crops, `ext` wider on every side; its sides are
+        congruent to the crop modulo the stride (so every dihedral frame stays aligned)."""
+        o = self.origins[idx]
+        x0, y0 = o.min(0) - self.ext
+        x1, y1 = o.max(0) + self.geom.crop + self.ext
+        return Tile(idx, (int(x0), int(y0)), (int(x1 - x0), int(y1 - y0)))
+
+    def run(self) -> np.ndarray:
+        loader = _loader(DenseTiles(self.slide_path, self.tiles, self.opts.normaliser), self.opts, None)
+        band = None
+        with tqdm(total=len(self.need), desc=f"dense {self.slide_path.name}", disable=self.opts.quiet) as bar:
+            for i, region in loader:
+                tile = self.tiles[int(i)]
+                b = int(self.band_of[tile.idx[0]])
+                if band is None or b != band.index:
+                    if band is not None:
+                        self.finish(band)
+                    band = self.new_band(b)
+                lo, fe = self.embed_tile(tile, region)
+                band.lo[tile.idx - band.start], band.fe[tile.idx - band.start] = lo, fe
+                bar.update(len(tile.idx))
+            self.finish(band)
+        return self.out
+
+    @torch.no_grad()
+    def embed_tile(self, tile: Tile, region: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits `[n, T]` and pooled features `[n, T, D]` of a tile's points, one backbone
+        pass per transform."""
+        opts, model = self.opts, self.model
+        x = normalise_batch(region[None].to(opts.device, non_blocking=True))
+        rel = self.origins[tile.idx] - tile.origin
+        h, w = x.shape[2:]
+        logits, feats = [], []
+        for k, flip in DIHEDRAL[:opts.tta]:
+            xt = dihedral_images(x, k, flip).contiguous(memory_format=torch.channels_last)
+            with autocast(opts.device, opts.precision):
+                fmap = model.features(xt)
+            pooled = F.avg_pool2d(fmap.float(), self.window, stride=1)[0]  # [D, rows, cols]: every window
+            bx, by = dihedral_boxes(rel[:, 0], rel[:, 1], self.geom.crop, h, w, k, flip)
+            assert not (bx % self.stride).any() and not (by % self.stride).any(), "tile off the cell grid"
+            rows, cols = (torch.from_numpy(v // self.stride).to(pooled.device) for v in (by, bx))
+            fe = pooled[:, rows, cols].T
+            lo = model.fc(fe)
+            logits.append(lo.squeeze(1).cpu())
+            feats.append(fe.cpu())
+        return torch.stack(logits, 1), torch.stack(feats, 1)
+
+
+def dense_map(model: CRFNet, slide_path: Path, mask: np.ndarray, geom: Geometry, opts: Options) -> np.ndarray:
+    """The dense method (see the module docstring); `dense_applies` must hold."""
+    if not mask.any():
+        return np.zeros(mask.shape, np.float32)
+    return DenseJob(model, slide_path, mask, geom, opts).run()

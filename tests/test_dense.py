@@ -1,0 +1,120 @@
+"""The dense method: its geometry is exact (with no context and one crop per tile it is
+the lattice method, TTA and shifted phases included), and its map does not depend on
+how the slide is cut into tiles."""
+import numpy as np
+import pytest
+import torch
+
+from crfcore import dense, heatmap, inference, masks, synthetic
+from crfcore.model import save_checkpoint
+from crfcore.testing import varied_model
+from conftest import call
+
+CROP = 64  # two feature cells: a crop alone gives exactly its window's feature map
+
+
+@pytest.fixture(scope="module")
+def slide(tmp_path_factory):
+    """Tissue running off the top-left corner (crops reach off the slide), a tumour inside."""
+    d = tmp_path_factory.mktemp("dense")
+    return synthetic.write_slide(d / "edge.tif", 768, 640, tumours=1, seed=5, tumour_radius=0.15,
+                                 tissue=[(0.2, 0.3, 0.45, 0.5)])
+
+
+@pytest.fixture(scope="module")
+def model(slide):
+    return varied_model(slide.path, CROP, 3, width=0.25, head_scale=20, crf_std=0.3)
+
+
+def subset(mask: np.ndarray, n: int, seed: int = 0) -> np.ndarray:
+    """`n` random points of the mask and its first (border) point."""
+    rows, cols = np.nonzero(mask)
+    pick = np.random.default_rng(seed).choice(len(rows), n, replace=False)
+    sub = np.zeros_like(mask)
+    sub[rows[pick], cols[pick]] = True
+    sub[rows[0], cols[0]] = True
+    return sub
+
+
+def test_dihedral_boxes_follow_the_image():
+    rng = np.random.default_rng(0)
+    img = rng.integers(0, 255, (40, 56))
+    x0, y0 = rng.integers(0, 56 - 8, 20), rng.integers(0, 40 - 8, 20)
+    for k, flip in inference.DIHEDRAL:
+        t = inference.dihedral(img, k, flip)
+        bx, by = dense.dihedral_boxes(x0, y0, 8, 40, 56, k, flip)
+        for i in range(20):
+            want = inference.dihedral(img[y0[i]:y0[i] + 8, x0[i]:x0[i] + 8], k, flip)
+            assert np.array_equal(t[by[i]:by[i] + 8, bx[i]:bx[i] + 8], want)
+
+
+@pytest.mark.parametrize("stride, tta", [(32, 1), (32, 8), (16, 1)])
+def test_one_crop_per_tile_without_context_is_the_lattice(slide, model, stride, tta, monkeypatch):
+    """With no margin and one crop per tile, a tile is exactly a crop: dense must equal
+    lattice (so windows, phases, transforms and the CRF step are all in place). Stride 16
+    needs 4 shifted phases."""
+    monkeypatch.setattr(dense, "MARGIN", 0)
+    monkeypatch.setattr(dense, "TILE", stride)  # one lattice row and column per tile
+    mask, meta = masks.make_mask(slide.path, "tissue", downsample=stride)
+    sub = subset(mask, 12 if tta == 1 else 4)
+    opts = inference.Options(workers=0, quiet=True, tta=tta)
+    lat, _ = inference.probability_map(model, slide.path, sub, meta["downsample"], CROP, CROP, "lattice", opts)
+    den, used = inference.probability_map(model, slide.path, sub, meta["downsample"], CROP, CROP, "dense", opts)
+    assert used == "dense"
+    assert lat[sub].std() > 0.02  # a map that varies
+    assert np.abs(den - lat).max() < 1e-4
+    assert (den[~sub] == 0).all()
+
+
+def test_tiles_do_not_change_the_map(slide, monkeypatch):
+    """With the default margin (the receptive field) the cells a window uses never see a
+    tile's edge: small tiles give the map of large ones. (A model whose batch-norm
+    statistics come from large regions: in context, the crop-calibrated one saturates.)"""
+    model = varied_model(slide.path, 256, 3, width=0.25, head_scale=20, crf_std=0.3, n=16)
+    mask, meta = masks.make_mask(slide.path, "tissue", downsample=32)
+    sub = np.zeros_like(mask)
+    sub[4:9, 6:11] = mask[4:9, 6:11]  # a block of tissue: 1 large tile or 9 small ones
+    opts = inference.Options(workers=0, quiet=True)
+    big, _ = inference.probability_map(model, slide.path, sub, meta["downsample"], CROP, CROP, "dense", opts)
+    monkeypatch.setattr(dense, "TILE", 64)
+    small, _ = inference.probability_map(model, slide.path, sub, meta["downsample"], CROP, CROP, "dense", opts)
+    assert big[sub].std() > 0.02
+    assert np.abs(big - small).max() < 1e-4
+
+
+def test_a_stride_that_needs_too_many_phases_uses_the_lattice(slide, model):
+    mask, meta = masks.make_mask(slide.path, "tissue", downsample=8)
+    sub = subset(mask, 3)
+    with pytest.warns(UserWarning, match="feature stride 32"):
+        _, used = inference.probability_map(model, slide.path, sub, meta["downsample"], 32, 28, "dense",
+                                            inference.Options(workers=0, quiet=True))
+    assert used == "lattice"
+
+
+def test_prob_map_dense(slide, model, tmp_path):
+    mask, meta = masks.make_mask(slide.path, "tissue", downsample=32)
+    masks.save_mask(tmp_path / "edge_tissue.npy", mask, meta)
+    cfg = {"mode": "grid", "grid": 3, "crf_iters": 10, "width_mult": 0.25, "num_classes": 1,
+           "image_size": 3 * CROP, "patch_size": CROP, "crop_size": CROP}
+    save_checkpoint(tmp_path / "m.ckpt", model, cfg)
+    res = call("prob_map.py", slide.path, tmp_path / "m.ckpt", tmp_path / "edge_tissue.npy", tmp_path / "p.npy",
+               "--method", "dense", "--workers", "1", "--quiet")
+    assert "(dense)" in res.stdout
+    prob, side = heatmap.load_probability_map(tmp_path / "p.npy", slide=slide.path)
+    assert side["method"] == "dense" and side["method_asked"] == "dense"
+    assert prob.shape == mask.shape and (prob[~mask] == 0).all() and prob[mask].std() > 0.02
+    lat = call("prob_map.py", slide.path, tmp_path / "m.ckpt", tmp_path / "edge_tissue.npy", tmp_path / "p.npy",
+               check=False)
+    assert lat.returncode == 2 and "method_asked" in lat.stderr  # a dense map is not taken for a lattice one
+
+
+def test_bf16_dense_runs_and_stays_close(slide, model):
+    """bf16 autocast goes through the dense path (the feature map is pooled in float32)."""
+    mask, meta = masks.make_mask(slide.path, "tissue", downsample=32)
+    sub = subset(mask, 20)
+    a, _ = inference.probability_map(model, slide.path, sub, meta["downsample"], CROP, CROP, "dense",
+                                     inference.Options(workers=0, quiet=True))
+    b, _ = inference.probability_map(model, slide.path, sub, meta["downsample"], CROP, CROP, "dense",
+                                     inference.Options(workers=0, quiet=True, precision="bf16"))
+    assert b.dtype == np.float32 and torch.isfinite(torch.from_numpy(b)).all()
+    assert 0 < np.abs(a - b)[sub].max() < 0.5
