@@ -26,6 +26,7 @@ from crfcore import slide as sl
 from crfcore.cli import UserError, add_workers, for_each, parser, run
 from crfcore.datasets import extract_patches
 from crfcore.io import atomic_write_text, check_fits_slide, companion, write_image
+from crfcore.scale import read_scale
 
 
 @dataclass(frozen=True)
@@ -57,12 +58,10 @@ def mask_for(folder: Path, slide: Path, kind: str | None) -> Path:
     return found[0]
 
 
-def centres_for(args, slide_path: Path, mask: np.ndarray, meta: dict, rng) -> np.ndarray:
+def centres_for(args, slide_path: Path, mask: np.ndarray, meta: dict, rng, side: float) -> np.ndarray:
     ds = tuple(meta["downsample"])
     if args.mode == "grid":
-        with sl.open_slide(slide_path) as s:
-            size = args.image_size * sl.level_downsamples(s)[args.level][0]
-        return tiling.grid_centres(mask, ds, size, args.min_mask_fraction)
+        return tiling.grid_centres(mask, ds, side, args.min_mask_fraction)
     if args.mode == "random":
         return tiling.random_centres(mask, ds, args.num, rng)
     sid = sl.slide_id(slide_path)
@@ -93,9 +92,14 @@ def cut_slide(args, job: Job, rng) -> None:
         w0, h0 = s.dimensions
         if not 0 <= args.level < s.level_count:
             raise UserError(f"{job.slide}: --level {args.level} out of range ({s.level_count} levels)")
-        dx, dy = sl.level_downsamples(s)[args.level]
+        if args.mpp is None:
+            level, (dx, dy), size = args.level, sl.level_downsamples(s)[args.level], args.image_size
+        else:  # the level that fits --mpp; patches resized by the remainder
+            read = read_scale(s, job.slide, mpp=args.mpp)
+            level, dx, dy = read.level, read.scale, read.scale
+            size = round(args.image_size * read.scale / read.downsample)
         thumb = sl.thumbnail(s, max(w0, h0) / 1024)
-    centres = centres_for(args, job.slide, mask, meta, rng)
+    centres = centres_for(args, job.slide, mask, meta, rng, args.image_size * dx)
     side = (round(args.image_size * dx), round(args.image_size * dy))
     boxes = np.array([(int(x - side[0] / 2), int(y - side[1] / 2)) for x, y in centres], int).reshape(-1, 2)
     boxes = np.concatenate([boxes, boxes + side], 1)
@@ -103,8 +107,9 @@ def cut_slide(args, job: Job, rng) -> None:
     boxes, centres = boxes[on], centres[on]
     out = Path(args.output)
     prepare_folder(out, sid, args.overwrite)
-    names = [tiling.tile_name(i, args.level, tuple(b)) for i, b in enumerate(boxes)]
-    n = extract_patches(job.slide, boxes, args.level, args.image_size, out / sid, names, args.workers, args.quiet)
+    names = [tiling.tile_name(i, level, tuple(b)) for i, b in enumerate(boxes)]
+    n = extract_patches(job.slide, boxes, level, size, out / sid, names, args.workers, args.quiet,
+                        out_size=args.image_size)
     write_image(out / f"{sid}_preview.png",
                 tiling.preview_boxes(thumb, boxes, (w0 / thumb.shape[1], h0 / thumb.shape[0])))
     atomic_write_text(out / f"{sid}.txt", tiling.format_coords(sid, centres))  # last: the completion marker
@@ -124,6 +129,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--coords", type=Path, help="NCRF coords list `slide_id,x,y` (coords mode)")
     p.add_argument("--image-size", type=int, default=768, help="patch side in pixels at --level")
     p.add_argument("--level", type=int, default=0, help="pyramid level the patches are read at")
+    p.add_argument("--mpp", type=float, help="read the patches at this many microns per pixel instead of "
+                   "--level (the level that fits, resized by the remainder); set the training config's "
+                   "mpp to the same")
     p.add_argument("--min-mask-fraction", type=float, default=0.2,
                    help="grid mode: keep squares at least this much inside the mask")
     p.add_argument("--seed", type=int, default=0, help="random mode seed")

@@ -30,6 +30,7 @@ from crfcore.device import PRECISIONS, DistEnv, resolve_device, resolve_precisio
 from crfcore.heatmap import save_probability_map
 from crfcore.io import check_fits_slide, companion, ensure_free_space, file_sha256, sidecar_path
 from crfcore.model import model_from_checkpoint
+from crfcore.scale import read_scale
 from crfcore.stain import MacenkoNormaliser
 
 
@@ -59,9 +60,19 @@ def jobs(slide: Path, mask: Path, out: Path) -> list[Job]:
     return todo
 
 
-def settings(args, ckpt_sha: str, precision: str) -> dict:
+def resolution(args, cfg: dict) -> dict:
+    """The resolution crops are read at: --level, else --mpp, else the checkpoint's `mpp`
+    (none of them: level 0, as NCRF)."""
+    if args.level is not None:
+        return {"level": args.level}
+    mpp = args.mpp if args.mpp is not None else cfg.get("mpp")
+    return {"mpp": mpp} if mpp is not None else {}
+
+
+def settings(args, ckpt_sha: str, precision: str, read_at: dict) -> dict:
     """What decides a map's numbers: a map whose sidecar has the same is up to date."""
-    return {"checkpoint_sha256": ckpt_sha, "method_asked": args.method, "tta": args.tta, "precision": precision}
+    wanted = {"checkpoint_sha256": ckpt_sha, "method_asked": args.method, "tta": args.tta, "precision": precision}
+    return {**wanted, "read_at": read_at} if read_at else wanted  # maps read at level 0 keep their old sidecars
 
 
 def up_to_date(out: Path, wanted: dict, overwrite: bool) -> bool:
@@ -89,19 +100,21 @@ def map_slide(job: Job, model, ckpt: dict, args, opts: inference.Options, wanted
     with sl.open_slide(job.slide) as s:
         check_fits_slide(job.mask, mask.shape, meta["downsample"], s.dimensions)
         size, mpp = s.dimensions, sl.slide_mpp(s)
+        read = read_scale(s, job.slide, **wanted.get("read_at", {}))
     ensure_free_space(job.out, mask.size * 4 + 4096, "probability map")
     if not mask.any():
         warnings.warn(f"{job.mask}: the mask is empty; writing an all-zero map")
     t = time.perf_counter()
     prob, method = inference.probability_map(model, job.slide, mask, tuple(meta["downsample"]),
-                                             cfg["patch_size"], cfg["crop_size"], args.method, opts)
+                                             cfg["patch_size"], cfg["crop_size"], args.method, opts, read)
     seconds = round(time.perf_counter() - t, 2)
     save_probability_map(job.out, prob, {
         "slide": job.slide.name, "slide_path": str(job.slide), "slide_dimensions": list(size),
         "mpp": list(mpp) if mpp else None, "level": meta["level"], "downsample": meta["downsample"],
         "mask": str(job.mask), "checkpoint": str(args.ckpt), **wanted, "grid": cfg["grid"],
         "patch_size": cfg["patch_size"], "crop_size": cfg["crop_size"], "method": method,
-        "stain_normalised": bool(cfg.get("stain_reference")), "seconds": seconds, "device": str(opts.device)})
+        "stain_normalised": bool(cfg.get("stain_reference")), **read.describe(), "seconds": seconds,
+        "device": str(opts.device)})
     n = int(mask.sum())
     print(f"{job.slide.name}: {n} tissue points in {seconds:.1f} s ({method}), "
           f"max probability {float(prob.max()) if n else 0:.3f} -> {job.out}")
@@ -117,6 +130,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", choices=("lattice", "dense", "naive"), default="lattice",
                    help="lattice: each patch through the CNN once (exact); dense: each pixel through the "
                         "backbone once, crop windows pooled (approximate); naive: NCRF's loop (reference)")
+    at = p.add_mutually_exclusive_group()
+    at.add_argument("--mpp", type=float, help="read crops at this many microns per pixel (the pyramid level "
+                    "that fits, resized by the remainder); default: the checkpoint's mpp, else level 0")
+    at.add_argument("--level", type=int, help="read crops at this pyramid level of every slide")
     p.add_argument("--tta", type=int, choices=(1, 8), default=1, help="mean over the 8 flips/rotations")
     p.add_argument("--batch-size", type=int, default=64, help="patches per CNN batch (lattice, naive; dense runs whole tiles)")
     add_workers(p)
@@ -142,7 +159,7 @@ def main(argv=None) -> int:
     ref = ckpt["config"].get("stain_reference")
     opts = inference.Options(batch_size=args.batch_size, workers=args.workers, device=device, precision=precision,
                              tta=args.tta, quiet=args.quiet, normaliser=MacenkoNormaliser.from_dict(ref) if ref else None)
-    wanted = settings(args, file_sha256(args.ckpt), precision)
+    wanted = settings(args, file_sha256(args.ckpt), precision, resolution(args, ckpt["config"]))
     todo = jobs(args.slide, args.mask, out)[env.rank::env.world]
     for_each(todo, lambda j: j.slide.name, lambda j: map_slide(j, model, ckpt, args, opts, wanted))
     return 0

@@ -49,6 +49,8 @@ class TrainConfig:
     image_size: int = key(768, "grid: side of a training image (grid of patches), pixels")
     patch_size: int = key(256, "grid: side of one cell; classify: images are resized to this")
     crop_size: int = key(224, "grid: centre crop of each cell fed to the CNN; classify: unused")
+    mpp: Optional[float] = key(None, "microns per pixel the patches were cut at (Patch_gen.py --mpp); prob_map.py "
+                                     "reads its crops at it; null: level 0 of every slide, as NCRF")
     grid: int = key(3, "CRF grid side (1 = plain CNN baseline, 3, 5, 7); grid mode needs "
                        "image_size/patch_size = grid or grid 1")
     crf_iters: int = key(10, "mean-field iterations")
@@ -106,6 +108,8 @@ class TrainConfig:
                 raise ConfigError(f"config {name}={getattr(self, name)!r}: expected a positive integer")
         if not math.isfinite(self.lr) or self.lr <= 0:
             raise ConfigError(f"config lr={self.lr!r}: expected a positive number")
+        if self.mpp is not None and not (math.isfinite(self.mpp) and self.mpp > 0):
+            raise ConfigError(f"config mpp={self.mpp!r}: expected a positive number of microns per pixel")
         if not 0 <= self.hed_jitter < 1:
             raise ConfigError(f"config hed_jitter={self.hed_jitter!r}: expected a number in [0, 1)")
         self._check_mode()

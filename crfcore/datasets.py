@@ -37,9 +37,10 @@ class PatchCutter(SlideDataset):
     Meant for a DataLoader with workers: each worker opens the slide once."""
 
     def __init__(self, slide_path: str | Path, boxes: np.ndarray, level: int, size: int,
-                 out_dir: str | Path, names: list[str], batched: bool = True) -> None:
+                 out_dir: str | Path, names: list[str], batched: bool = True, out_size: int | None = None) -> None:
         self.slide_path, self.level, self.size = Path(slide_path), level, size
         self.boxes, self.out_dir, self.names = boxes, Path(out_dir), names
+        self.out_size = out_size  # resize each patch to this side (reading at a scale between levels)
         self.groups = group_boxes(boxes, max_waste=3.0 if batched else 0.0)
 
     def __len__(self) -> int:
@@ -53,17 +54,22 @@ class PatchCutter(SlideDataset):
         region = sl.read_rgb(self.slide, (rx0, ry0), self.level, (w, h))
         for j in idx:
             ox, oy = int(round((self.boxes[j, 0] - rx0) / dx)), int(round((self.boxes[j, 1] - ry0) / dy))
-            write_image(self.out_dir / self.names[j], region[oy:oy + self.size, ox:ox + self.size])
+            patch = region[oy:oy + self.size, ox:ox + self.size]
+            if self.out_size and self.out_size != self.size:
+                patch = cv2.resize(patch, (self.out_size, self.out_size), interpolation=cv2.INTER_AREA
+                                   if self.size > self.out_size else cv2.INTER_LINEAR)
+            write_image(self.out_dir / self.names[j], patch)
         return len(idx)
 
 
 def extract_patches(slide_path: str | Path, boxes: np.ndarray, level: int, size: int,
                     out_dir: str | Path, names: list[str], workers: int = 0,
-                    quiet: bool = False, batched: bool = True) -> int:
-    """Cut and write every patch; regions are read in `workers` DataLoader processes
-    (`batched=False` reads each patch on its own, for benchmarks)."""
+                    quiet: bool = False, batched: bool = True, out_size: int | None = None) -> int:
+    """Cut and write every patch (`size` pixels at `level`, resized to `out_size` if
+    given); regions are read in `workers` DataLoader processes (`batched=False` reads
+    each patch on its own, for benchmarks)."""
     Path(out_dir).mkdir(parents=True, exist_ok=True)
-    cutter = PatchCutter(slide_path, boxes, level, size, out_dir, names, batched)
+    cutter = PatchCutter(slide_path, boxes, level, size, out_dir, names, batched, out_size)
     loader = DataLoader(cutter, batch_size=None, num_workers=workers)
     done = 0
     with tqdm(total=len(boxes), desc=f"patches {Path(slide_path).name}", disable=quiet) as bar:

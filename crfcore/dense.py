@@ -35,11 +35,11 @@ import torch
 from torch.nn import functional as F
 from tqdm import tqdm
 
-from . import slide as sl
 from .datasets import Normaliser, SlideDataset, normalise_batch
 from .device import autocast
 from .inference import DIHEDRAL, Geometry, LatticeJob, Options, _loader, dihedral_images
 from .model import CRFNet
+from .scale import ReadScale
 
 MARGIN = 8  # cells of context around the used cells (8 x 32 = 256 px: MobileNetV2's receptive-field radius, 245)
 TILE = 2048  # model pixels of new lattice rows (and columns) per tile
@@ -60,19 +60,27 @@ def feature_side(model: CRFNet, crop: int) -> int:
     return n
 
 
+def model_stride(geom: Geometry) -> int | None:
+    """The lattice stride in model pixels, when it is a whole number."""
+    q = geom.integer_stride() / geom.read.scale
+    return round(q) if abs(q - round(q)) < 1e-6 and round(q) >= 1 else None
+
+
 def phases(geom: Geometry, stride: int) -> int:
     """How many tile phases (grid offsets modulo the feature stride) a lattice needs."""
-    s = geom.integer_stride()
-    return (stride // math.gcd(s, stride)) ** 2
+    return (stride // math.gcd(model_stride(geom), stride)) ** 2
 
 
 def dense_applies(geom: Geometry, stride: int) -> str | None:
     """None when the dense method applies to a lattice geometry, else why not (one line)."""
-    s = geom.integer_stride()
+    s = model_stride(geom)
+    if s is None:
+        return (f"the lattice stride {geom.integer_stride()} is not a whole number of model pixels "
+                f"({geom.read.scale:.4f} level-0 pixels each)")
     n = phases(geom, stride)
     if n * s * s >= geom.crop ** 2:
-        return (f"the lattice stride {s} is not a multiple of the feature stride {stride}: dense would need "
-                f"{n} shifted passes over the slide, more backbone work than the lattice")
+        return (f"the lattice stride ({s} model pixels) is not a multiple of the feature stride {stride}: dense "
+                f"would need {n} shifted passes over the slide, more backbone work than the lattice")
     return None
 
 
@@ -89,7 +97,8 @@ def dihedral_boxes(x0: np.ndarray, y0: np.ndarray, size: int, h: int, w: int, k:
 
 @dataclass(frozen=True)
 class Tile:
-    """A slide region (level 0) and the needed points whose windows it serves."""
+    """A slide region (in model pixels: level 0 divided by the read scale) and the
+    needed points whose windows it serves."""
 
     idx: np.ndarray      # indices into the job's needed points (one band, one phase)
     origin: tuple[int, int]
@@ -99,15 +108,16 @@ class Tile:
 class DenseTiles(SlideDataset):
     """Items: `(tile index, uint8 region [h, w, 3])`, stain-normalised as a whole."""
 
-    def __init__(self, slide_path: Path, tiles: list[Tile], normalise: Normaliser | None = None) -> None:
-        self.slide_path, self.tiles, self.normalise = slide_path, tiles, normalise
+    def __init__(self, slide_path: Path, tiles: list[Tile], read: ReadScale,
+                 normalise: Normaliser | None = None) -> None:
+        self.slide_path, self.tiles, self.read, self.normalise = slide_path, tiles, read, normalise
 
     def __len__(self) -> int:
         return len(self.tiles)
 
     def __getitem__(self, i: int):
         t = self.tiles[i]
-        region = sl.read_rgb(self.slide, t.origin, 0, t.size)
+        region = self.read.read(self.slide, tuple(v * self.read.scale for v in t.origin), t.size)
         return i, torch.from_numpy(region if self.normalise is None else self.normalise(region))
 
 
@@ -117,12 +127,12 @@ class DenseJob(LatticeJob):
     pooled features and logits."""
 
     def __init__(self, model: CRFNet, slide_path: Path, mask: np.ndarray, geom: Geometry, opts: Options) -> None:
-        s = geom.integer_stride()
-        self.block = max(1, TILE // s)  # lattice rows (and columns) per tile
+        self.block = max(1, TILE // model_stride(geom))  # lattice rows (and columns) per tile
         super().__init__(model, slide_path, mask, geom, replace(opts, band_rows=self.block))
         self.stride = feature_stride(model)
         self.window = feature_side(model, geom.crop)
-        self.origins = geom.crop_origin(geom.centres(self.need[:, 0], self.need[:, 1]))
+        corners = geom.crop_origin(geom.centres(self.need[:, 0], self.need[:, 1]))
+        self.origins = np.round(corners / geom.read.scale).astype(np.int64)  # model pixels
         over = self.window * self.stride - geom.crop  # a window reaches past its crop by this much
         self.ext = self.stride * (-(-over // self.stride) + MARGIN)
         self.tiles = self.plan()
@@ -149,7 +159,8 @@ class DenseJob(LatticeJob):
         return Tile(idx, (int(x0), int(y0)), (int(x1 - x0), int(y1 - y0)))
 
     def run(self) -> np.ndarray:
-        loader = _loader(DenseTiles(self.slide_path, self.tiles, self.opts.normaliser), self.opts, None)
+        loader = _loader(DenseTiles(self.slide_path, self.tiles, self.geom.read, self.opts.normaliser),
+                         self.opts, None)
         band = None
         with tqdm(total=len(self.need), desc=f"dense {self.slide_path.name}", disable=self.opts.quiet) as bar:
             for i, region in loader:

@@ -24,6 +24,7 @@ from .crf import mean_field
 from .datasets import Normaliser, SlideDataset, cut_grid, normalise_batch, to_tensor
 from .device import autocast
 from .model import CRFNet
+from .scale import ReadScale
 
 # The 8 dihedral transforms of a square image `(H, W, ...)`: (quarter turns, flip first).
 DIHEDRAL = [(k, f) for f in (False, True) for k in range(4)]
@@ -42,12 +43,14 @@ def dihedral_images(x: torch.Tensor, k: int, flip: bool) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class Geometry:
-    """Patch geometry of a model and the mask lattice it runs on."""
+    """Patch geometry of a model (in model pixels), the mask lattice it runs on (level 0)
+    and how model pixels are read from the slide (`read`: level 0 as it is by default)."""
 
     grid: int
     patch: int
     crop: int
     stride: tuple[float, float]   # level-0 pixels between lattice points (x, y)
+    read: ReadScale = ReadScale()
 
     @property
     def half(self) -> int:
@@ -60,9 +63,16 @@ class Geometry:
         return sx if ok else None
 
     def lattice_step(self) -> int | None:
-        """`k = patch / stride` when the lattice method applies, else None."""
+        """`k = patch / stride` (both in level-0 pixels) when the lattice method applies,
+        else None. At level 0 it must be exact; a patch read at another scale may be up to
+        1 % off a whole number of strides (the grid then takes the nearest lattice points)."""
         s = self.integer_stride()
-        return self.patch // s if s and self.patch % s == 0 else None
+        if not s:
+            return None
+        if self.read.scale == 1:
+            return self.patch // s if self.patch % s == 0 else None
+        q = self.patch * self.read.scale / s
+        return round(q) if round(q) >= 1 and sl.same_downsample(q, round(q)) else None
 
     def centres(self, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
         """Level-0 centres `(n, 2)` of lattice points: pixel centres, rounded down."""
@@ -80,9 +90,10 @@ class Geometry:
         return np.array([(i * k, j * k) for i in span for j in span])
 
     def crop_origin(self, centres: np.ndarray) -> np.ndarray:
-        """Top-left of the centre node's crop in a grid image centred on `centres` (the
-        same pixels whether cut from a grid image or read alone)."""
-        return centres - (self.grid * self.patch) // 2 + self.half * self.patch + (self.patch - self.crop) // 2
+        """Level-0 top-left of the centre node's crop in a grid image centred on `centres`
+        (the same pixels whether cut from a grid image or read alone)."""
+        off = (self.grid * self.patch) // 2 - self.half * self.patch - (self.patch - self.crop) // 2  # model px
+        return centres - round(off * self.read.scale)
 
 
 # ----------------------------------------------------------------------------- reading
@@ -90,12 +101,13 @@ class Geometry:
 
 class LatticePatches(SlideDataset):
     """Items: one region of the slide, read once, sliced into the crops of its lattice
-    points: `(indices [n], uint8 patches [n, crop, crop, 3])`. Slides open once per worker."""
+    points: `(indices [n], uint8 patches [n, crop, crop, 3])`. Slides open once per worker.
+    Read at another scale than level 0, each crop is read on its own (as `naive` does)."""
 
     def __init__(self, slide_path: Path, origins: np.ndarray, crop: int, groups: list[np.ndarray],
-                 normalise: Normaliser | None = None) -> None:
+                 normalise: Normaliser | None = None, read: ReadScale = ReadScale()) -> None:
         self.slide_path, self.origins, self.crop, self.groups = slide_path, origins, crop, groups
-        self.normalise = normalise
+        self.normalise, self.read = normalise, read
 
     def __len__(self) -> int:
         return len(self.groups)
@@ -103,6 +115,9 @@ class LatticePatches(SlideDataset):
     def __getitem__(self, i: int):
         idx = self.groups[i]
         o = self.origins[idx]
+        if not self.read.identity:
+            crops = [self._crop(self.read.read(self.slide, tuple(p), (self.crop, self.crop))) for p in o]
+            return torch.from_numpy(idx), torch.from_numpy(np.stack(crops))
         x0, y0 = o.min(0)
         x1, y1 = o.max(0) + self.crop
         region = sl.read_rgb(self.slide, (int(x0), int(y0)), 0, (int(x1 - x0), int(y1 - y0)))
@@ -127,10 +142,15 @@ class NaiveGrids(SlideDataset):
 
     def __getitem__(self, i: int):
         g = self.geom
-        size = g.grid * g.patch
-        x, y = self.centres[i] - size // 2
-        img = sl.read_rgb(self.slide, (int(x), int(y)), 0, (size, size))
-        crops = cut_grid(img, g.patch, g.crop)
+        if g.read.identity:
+            size = g.grid * g.patch
+            x, y = self.centres[i] - size // 2
+            crops = cut_grid(sl.read_rgb(self.slide, (int(x), int(y)), 0, (size, size)), g.patch, g.crop)
+        else:  # each cell's crop read on its own at the model's scale, as the lattice reads them
+            corner = g.crop_origin(self.centres[i])
+            span = range(-g.half, g.half + 1)
+            crops = [g.read.read(self.slide, tuple(corner + np.round(np.array([j, r]) * g.patch * g.read.scale)),
+                                 (g.crop, g.crop)) for r in span for j in span]
         if self.normalise is not None:
             crops = [self.normalise(c) for c in crops]
         return i, torch.stack([to_tensor(c) for c in crops])
@@ -327,8 +347,8 @@ class LatticeJob:
                              f"straddle bands), got {self.opts.band_rows}")
         origins = self.geom.crop_origin(self.geom.centres(self.need[:, 0], self.need[:, 1]))
         groups = region_groups(self.need[:, 0], self.need[:, 1])
-        loader = _loader(LatticePatches(self.slide_path, origins, self.geom.crop, groups, self.opts.normaliser),
-                         self.opts, None)
+        loader = _loader(LatticePatches(self.slide_path, origins, self.geom.crop, groups, self.opts.normaliser,
+                                        self.geom.read), self.opts, None)
         band = None
         with tqdm(total=len(self.need), desc=f"lattice {self.slide_path.name}", disable=self.opts.quiet) as bar:
             for idx, x in loader:
@@ -375,17 +395,20 @@ def lattice_map(model: CRFNet, slide_path: Path, mask: np.ndarray, geom: Geometr
 
 
 def probability_map(model: CRFNet, slide_path: str | Path, mask: np.ndarray, downsample: tuple[float, float],
-                    patch: int, crop: int, method: str = "lattice", opts: Options | None = None) -> tuple[np.ndarray, str]:
+                    patch: int, crop: int, method: str = "lattice", opts: Options | None = None,
+                    read: ReadScale = ReadScale()) -> tuple[np.ndarray, str]:
     """The map and the method actually used: `lattice` and `dense` fall back to `naive`,
     with a warning, when the patch size is not a multiple of the lattice stride, and
-    `dense` to `lattice` when the stride does not suit it (`crfcore.dense.dense_applies`)."""
+    `dense` to `lattice` when the stride does not suit it (`crfcore.dense.dense_applies`).
+    `read`: the resolution crops are read at (`crfcore.scale`)."""
     from . import dense  # dense builds on this module's lattice job
 
     opts = opts or Options()
     model = model.eval().to(opts.device, memory_format=torch.channels_last)
-    geom = Geometry(model.cfg.grid, patch, crop, tuple(downsample))
+    geom = Geometry(model.cfg.grid, patch, crop, tuple(downsample), read)
     if method in ("lattice", "dense") and geom.lattice_step() is None:
-        warnings.warn(f"patch size {patch} is not a multiple of the lattice stride {downsample[0]:.2f}; "
+        warnings.warn(f"patch size {patch} (x {read.scale:.3f} level-0 pixels) is not a multiple of the lattice "
+                      f"stride {downsample[0]:.2f}; "
                       "using the naive method (about 9x slower)")
         method = "naive"
     if method == "dense" and (why := dense.dense_applies(geom, dense.feature_stride(model))):

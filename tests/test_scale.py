@@ -1,0 +1,161 @@
+"""Reading at a chosen resolution: the same tissue scanned at two resolutions gives the
+same map (and the same training patches) when the model reads it at one resolution."""
+import cv2
+import numpy as np
+import pytest
+
+from crfcore import heatmap, inference, masks, synthetic
+from crfcore import slide as sl
+from crfcore.heatmap import TILE, pyramid_sizes, write_pyramid
+from crfcore.model import save_checkpoint
+from crfcore.scale import ReadScale, ScaleError, read_scale
+from crfcore.testing import varied_model
+from conftest import call
+
+PATCH, CROP, MPP = 32, 28, 0.5  # the model's patch geometry, at 0.5 um per pixel
+
+
+def write_image_slide(path, rgb: np.ndarray, mpp: float | None, every: int = 2) -> None:
+    """An RGB array as a pyramidal TIFF (deflate: lossless), levels shrunk `every` times
+    by area averaging."""
+    sizes = pyramid_sizes(rgb.shape[1], rgb.shape[0], min_size=64)[::every // 2]
+
+    def tiles(level, lw, lh):
+        img = rgb if level == 0 else cv2.resize(rgb, (lw, lh), interpolation=cv2.INTER_AREA)
+        pad = np.full((-(-lh // TILE) * TILE, -(-lw // TILE) * TILE, 3), 255, np.uint8)
+        pad[:lh, :lw] = img
+        for y in range(0, lh, TILE):
+            for x in range(0, lw, TILE):
+                yield pad[y:y + TILE, x:x + TILE]
+
+    write_pyramid(path, sizes, tiles, mpp, compression="deflate")
+
+
+SCANS = {  # name: (um per pixel, lattice downsample): one 8-um lattice
+    "fine": (0.25, 32), "half": (0.5, 16), "flat": (0.25, 32), "halved": (0.5, 16), "odd": (0.4, 20)}
+
+
+@pytest.fixture(scope="module")
+def scans(tmp_path_factory):
+    """One tissue, several scans: `fine` at 0.25 um (synthetic: each level rendered on its
+    own), `half` at 0.5 um (fine's level 1, pixel for pixel), `flat` (fine's level 0 with
+    levels 4x apart: no level at 0.5 um), `halved` (fine's level 0 area-halved: what `flat`
+    gives at 0.5 um) and `odd` at 0.4 um (fine's level 0 shrunk by area: a scale no level
+    has). All have the same tissue mask and a checkpoint that says 0.5 um."""
+    d = tmp_path_factory.mktemp("scans")
+    fine = synthetic.write_slide(d / "fine.tif", 768, 640, tumours=1, seed=5, tumour_radius=0.15,
+                                 tissue=[(0.5, 0.5, 0.4, 0.4)])
+    with sl.open_slide(fine.path) as s:
+        level0 = sl.read_level(s, 0)
+        write_image_slide(d / "half.tif", sl.read_level(s, 1), 0.5)
+    write_image_slide(d / "flat.tif", level0, 0.25, every=4)
+    write_image_slide(d / "halved.tif", cv2.resize(level0, (384, 320), interpolation=cv2.INTER_AREA), 0.5)
+    write_image_slide(d / "odd.tif", cv2.resize(level0, (480, 400), interpolation=cv2.INTER_AREA), 0.4)
+    mask, meta = masks.make_mask(fine.path, "tissue", downsample=32)
+    for name, (_, ds) in SCANS.items():
+        own, m = masks.make_mask(d / f"{name}.tif", "tissue", downsample=ds)
+        assert own.shape == mask.shape
+        masks.save_mask(d / f"{name}_tissue.npy", mask, m)
+    model = varied_model(d / "half.tif", CROP, 3, width=0.25, head_scale=20, crf_std=0.3)
+    cfg = {"mode": "grid", "grid": 3, "crf_iters": 10, "width_mult": 0.25, "num_classes": 1,
+           "image_size": 3 * PATCH, "patch_size": PATCH, "crop_size": CROP, "mpp": MPP}
+    save_checkpoint(d / "m.ckpt", model, cfg)
+    return d, mask
+
+
+def test_read_scale_picks_the_level_that_fits(scans):
+    d, _ = scans
+    with sl.open_slide(d / "fine.tif") as s:
+        assert read_scale(s, "fine", mpp=0.5) == ReadScale(2.0, 1, 2.0)  # a level fits: no resize
+        assert read_scale(s, "fine", mpp=0.25).identity
+        odd = read_scale(s, "fine", mpp=0.6)
+        assert (odd.level, odd.scale) == (1, pytest.approx(2.4))  # level 1, shrunk by 1.2
+        assert odd.read(s, (100, 60), (20, 10)).shape == (10, 20, 3)
+        with sl.open_slide(d / "half.tif") as h:  # level 1 of fine, read through the level
+            assert np.array_equal(read_scale(s, "fine", mpp=0.5).read(s, (200, 120), (40, 30)),
+                                  sl.read_rgb(h, (100, 60), 0, (40, 30)))
+        with pytest.raises(ScaleError, match="level 9 out of range"):
+            read_scale(s, "fine", level=9)
+    with sl.open_slide(d / "flat.tif") as s:
+        assert read_scale(s, "flat", mpp=0.5) == ReadScale(2.0, 0, 1.0)  # no level at 2x: level 0, halved
+
+
+def run_map(d, name, *extra):
+    call("prob_map.py", d / f"{name}.tif", d / "m.ckpt", d / f"{name}_tissue.npy", d / f"{name}_prob.npy",
+         "--workers", "0", "--quiet", *extra)
+    return heatmap.load_probability_map(d / f"{name}_prob.npy")
+
+
+def test_the_same_tissue_at_two_resolutions_gives_the_same_map(scans):
+    """The checkpoint says 0.5 um. `fine` read through its level 1 is `half` read at level
+    0; `flat` (no level at 0.5 um) read at level 0 and halved by area is `halved`: the same
+    pixels, so the same map to float precision (a random test model follows every pixel,
+    so only equal pixels make a fair test of the map)."""
+    d, mask = scans
+    half, side = run_map(d, "half")
+    fine, side_fine = run_map(d, "fine")
+    assert side["read_level"] == 0 and side_fine["read_level"] == 1 and side_fine["read_scale"] == 2.0
+    assert side_fine["read_at"] == {"mpp": 0.5}
+    assert half[mask].std() > 0.05
+    assert np.abs(fine - half).max() < 1e-5
+    halved, _ = run_map(d, "halved")
+    flat, side_flat = run_map(d, "flat")
+    assert (side_flat["read_level"], side_flat["read_scale"]) == (0, 2.0)
+    assert halved[mask].std() > 0.05 and np.abs(flat - halved).max() < 1e-5
+
+
+def test_a_scale_between_levels_reads_the_same_tissue(scans):
+    """`odd` (0.4 um) read at 0.5 um is resized by 1.25. Its pixels come from fine's level 0
+    through two area resamplings, `half`'s were rendered at level 1 with their own noise
+    (sigma 4 grey levels): the crops must agree to within that noise (mean abs difference
+    under 6 grey levels; a crop 2 pixels off the tissue's place differs by far more)."""
+    d, mask = scans
+    odd, side = run_map(d, "odd")
+    assert side["read_scale"] == pytest.approx(1.25) and odd[mask].std() > 0.05
+    with sl.open_slide(d / "odd.tif") as o, sl.open_slide(d / "half.tif") as h:
+        a = read_scale(o, "odd", mpp=MPP).read(o, (50, 50), (300, 250)).astype(int)
+        assert np.abs(a - sl.read_rgb(h, (40, 40), 0, (300, 250))).mean() < 6
+        assert np.abs(a - sl.read_rgb(h, (42, 40), 0, (300, 250))).mean() > 10
+
+
+def test_level_and_mpp_options(scans, tmp_path):
+    d, mask = scans
+    fine, _ = run_map(d, "fine", "--level", "1", "--overwrite")
+    half, _ = run_map(d, "half")
+    assert np.abs(fine - half).max() < 1e-5
+    res = call("prob_map.py", d / "fine.tif", d / "m.ckpt", d / "fine_tissue.npy", tmp_path / "x.npy",
+               "--level", "7", check=False)
+    assert res.returncode == 2 and "level 7 out of range" in res.stderr
+
+
+def test_patch_gen_at_a_resolution_cuts_the_same_patches(scans, tmp_path):
+    d, _ = scans
+    (tmp_path / "fine.txt").write_text("fine,384,320\nfine,300,260\n")
+    (tmp_path / "half.txt").write_text("half,192,160\nhalf,150,130\n")
+    for name, extra in (("fine", ["--mpp", "0.5"]), ("half", [])):
+        call("Patch_gen.py", d / f"{name}.tif", "--mask", d / f"{name}_tissue.npy", "-o", tmp_path / "p",
+             "--mode", "coords", "--coords", tmp_path / f"{name}.txt", "--image-size", "96", "--workers", "0",
+             "--quiet", *extra)
+    for i in range(2):
+        (a,) = (tmp_path / "p" / "fine").glob(f"tile_{i}_*.png")
+        (b,) = (tmp_path / "p" / "half").glob(f"tile_{i}_*.png")
+        pa, pb = cv2.imread(str(a)), cv2.imread(str(b))
+        assert pa.shape == (96, 96, 3) and np.array_equal(pa, pb)
+
+
+def test_lattice_equals_naive_at_another_scale(scans):
+    """Read through level 1, the lattice method still equals NCRF's loop (the cells' crops
+    are read on their own in both)."""
+    d, mask = scans
+    model = varied_model(d / "half.tif", CROP, 3, width=0.25, head_scale=20, crf_std=0.3)
+    sub = np.zeros_like(mask)
+    rows, cols = np.nonzero(mask)
+    pick = np.random.default_rng(0).choice(len(rows), 15, replace=False)
+    sub[rows[pick], cols[pick]] = True
+    with sl.open_slide(d / "fine.tif") as s:
+        read = read_scale(s, "fine", mpp=MPP)
+    opts = inference.Options(workers=0, quiet=True)
+    lat, m1 = inference.probability_map(model, d / "fine.tif", sub, (32, 32), PATCH, CROP, "lattice", opts, read)
+    ref, m2 = inference.probability_map(model, d / "fine.tif", sub, (32, 32), PATCH, CROP, "naive", opts, read)
+    assert (m1, m2) == ("lattice", "naive") and lat[sub].std() > 0.05
+    assert np.abs(lat - ref).max() < 1e-4
