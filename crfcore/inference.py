@@ -6,7 +6,9 @@ node. `lattice` gives the same numbers with each needed patch through the CNN on
 grid neighbours of lattice point `(r, c)` are the lattice points `(r + i*k, c + j*k)`
 (`k = patch_size / stride`), so the CNN runs on tissue points and their neighbours, and the
 CRF for all tissue points runs on the cached logits and features. Rows are processed in
-bands with a rolling cache, so memory stays bounded on any slide size.
+bands with a rolling cache, so memory stays bounded on any slide size. `dense`
+(crfcore.dense) replaces the per-patch CNN step by whole-tile passes of the backbone.
+Crops are read at level 0, or at the model's resolution (`crfcore.scale`).
 """
 from __future__ import annotations
 
