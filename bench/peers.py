@@ -101,11 +101,9 @@ def tia_mask(shape: tuple[int, int], grid: np.ndarray, crop: int, stride: int) -
 # ----------------------------------------------------------------------------- models
 
 
-def grid1_cnn(ckpt: Path | None, slide: Path, crop: int) -> tuple[CRFNet, int | None, int | None]:
+def grid1_cnn(ckpt: Path) -> tuple[CRFNet, int, int]:
     """The CNN of a grid checkpoint (its backbone and head; a CRF is dropped) with its
-    patch and crop sizes, or a `varied_model` (random, batch-norm from the slide)."""
-    if ckpt is None:
-        return varied_model(slide, crop, grid=1, width=1.0, n=128), None, None
+    patch and crop sizes."""
     model, ck = model_from_checkpoint(ckpt, expect={"mode": "grid"})
     if model.cfg.num_classes != 1:
         raise PeerError(f"{ckpt}: a {model.cfg.num_classes}-class classifier; the bench needs one tumour logit")
@@ -310,6 +308,12 @@ def write_bench_slide(path: Path, args) -> None:
     synthetic.write_slide(path, side, side, tumours=1, seed=0, tissue=[(0.5, 0.5, 0.8, 0.8)], tumour_radius=0.2)
 
 
+def check_geometry(args) -> None:
+    if args.stride <= 0 or args.patch % args.stride or args.crop > args.patch or args.passes < 1:
+        raise PeerError(f"stride {args.stride} must divide patch {args.patch}, crop {args.crop} must not exceed "
+                        f"the patch, and --passes must be at least 1")
+
+
 def setup(args, tmp: Path) -> Bench:
     """Slide, CNN and both engines; prints what each side is given."""
     import tiatoolbox
@@ -319,9 +323,12 @@ def setup(args, tmp: Path) -> Bench:
     if not slide.name.lower().endswith(".ome.tif"):
         raise PeerError(f"{slide}: --keep must name an .ome.tif file (an OME-TIFF pyramid both readers open)")
     t = time.perf_counter()
+    if args.ckpt:
+        cnn, args.patch, args.crop = grid1_cnn(args.ckpt)
+    check_geometry(args)
     write_bench_slide(slide, args)
-    cnn, patch, crop = grid1_cnn(args.ckpt, slide, args.crop)
-    args.patch, args.crop = patch or args.patch, crop or args.crop
+    if not args.ckpt:  # random, batch-norm statistics from crops of the slide
+        cnn = varied_model(slide, args.crop, grid=1, width=1.0, n=128)
     b = Bench(args, slide, cnn, tmp)
     side = slide_side(args)
     pairing = (f"paired pixel for pixel: crfcore crop origin = centre - {args.crop // 2} = TIAToolbox patch "
@@ -371,9 +378,6 @@ def main(argv: list[str] | None = None) -> int:
 
     logging.getLogger().setLevel(logging.ERROR)  # INFO lines and unknown-objective-power warnings, per run
     torch.set_num_threads(args.threads)
-    if args.stride <= 0 or args.patch % args.stride or args.crop > args.patch or args.passes < 1:
-        raise PeerError(f"--stride {args.stride} must divide --patch {args.patch}, --crop must not exceed it, "
-                        "and --passes must be at least 1")
     with tempfile.TemporaryDirectory() as tmp:
         b = setup(args, Path(tmp))
         t_ours, t_theirs, diff = timed_passes(b, args.passes)
