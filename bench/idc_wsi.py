@@ -1,0 +1,267 @@
+#!/usr/bin/env python3
+"""CNN (grid 1) against CNN+CRF (grid 3) on real whole-mount H&E slides: the IDC
+patches rebuilt into slides (bench/idc_slides.py), then the pipeline a user runs, each
+stage a subprocess with its command printed: xml2json.py, Mask_gen.py (tissue, tumour,
+normal), Patch_gen.py, coord_list_gen.py, train.py, prob_map.py, evaluate.py.
+
+  python bench/idc_wsi.py --out DIR [--stain none|hed|macenko] [--epochs 6]
+  python bench/idc_wsi.py --score PROB.npy CELLS.csv --threshold T   # cell-level F1 of any map
+
+Split, by patient (only 8863, 8864 and 8865 are complete): 8864 (1,133 cells, 328 IDC,
+the most IDC cells: the steadiest F1) is held out and never trained on; 8865 (712 cells,
+55 IDC) is the validation slide (best epoch, threshold); 8863 (979 cells, 207 IDC: IDC
+and normal tissue side by side) trains with the partial slides. On a partial slide a
+missing cell is unknown tissue shown as glass, so it trains only where every cell a
+training image touches is present (crfcore.mosaic.lattice_centres).
+
+Geometry: the cells are 50 pixels (about 200 um), the data set's own unit, so the CNN
+sees one cell's worth of tissue (patch 50, crop 50: MobileNetV2's stride 32 leaves a
+2 x 2 feature map whose units each see the whole patch; upsampling the patch would cost
+4x the CPU time that 30 minutes do not have) and the CRF links it to its 8 neighbours
+50 pixels away (grid 3, image 150): the context the CNN does not see. The masks and maps use
+downsample D = 25: patch / D = 2 is whole, as the lattice method needs; a cell holds
+2 x 2 lattice points (a finer tissue mask keeps the pale cells of a tumour's rim that
+Otsu at D = 50 drops: 69 % of 8863's cells have tissue at D = 50, 83 % at D = 25), and the
+training grids are centred on exactly those lattice points, so the CNN learns on the
+patch positions the map later asks about. A cell's score is the map's mean over its
+tissue points (0 without any).
+
+Leaves DIR/cnn.ckpt, DIR/crf.ckpt, DIR/lattice.json ({"downsample": 25, "threshold": t}
+for crf.ckpt, "threshold_cnn" for cnn.ckpt; each t maximises Youden's J on the validation
+slide's cells) and DIR/idc_8864_maps.png, and ends with one line for the held-out slide:
+`auc_cnn=<x> auc_crf=<y> dice_cnn=<x> dice_crf=<y> f1_cnn=<x> f1_crf=<y>`
+(pixel AUC over tissue and Dice at t from evaluate.py pixels; cell-level F1 at t against
+<patient>_cells.csv).
+"""
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+from sklearn.metrics import f1_score, precision_score, recall_score, roc_auc_score, roc_curve
+
+from crfcore import mosaic
+from crfcore.cli import UserError, parser, run
+from crfcore.annotations import load_annotation
+from crfcore.heatmap import load_probability_map, overlay
+from crfcore.masks import load_mask
+from crfcore.io import atomic_path, atomic_write_json, atomic_write_text, write_image
+from crfcore.slide import open_slide, read_level
+from crfcore.tiling import format_coords
+
+ROOT = Path(__file__).resolve().parents[1]
+IDC = ROOT.parent / "shared" / "data" / "idc"
+
+TEST, VALID = ["8864"], ["8865"]
+TRAIN_COMPLETE = ["8863"]
+TRAIN_PARTIAL = ["8913", "8917", "8918", "8950", "8951", "8955", "8956", "8957", "8959", "8975", "8980",
+                 "8984", "9022"]
+D = 25             # mask / map downsample: 2 x 2 lattice points per 50-pixel cell
+PATCH = CROP = 50  # the CNN sees one cell's worth of tissue
+GRID = 3
+PICTURE_SIDE = 900  # long side of each panel of the picture, pixels
+STEPS = 30  # batches of 32 grids per epoch: 6 epochs are 180 steps, 52k crops (see the README text)
+MODELS = {"cnn": ["--set", "grid=1"], "crf": []}  # the CNN is the CRF's config without the CRF
+STAIN = {"none": {}, "hed": {"hed_jitter": 0.05}, "macenko": {"stain_norm": "STAIN_REFERENCE"}}
+
+
+def sh(*args) -> str:
+    """Run a project script as a user would, printing the command; return its stdout."""
+    cmd = [sys.executable, *map(str, args)]
+    print("$ python " + " ".join(map(str, args)), flush=True)
+    done = subprocess.run(cmd, cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    print(done.stdout, end="", flush=True)
+    if done.returncode:
+        raise UserError(f"{args[0]} failed with exit status {done.returncode} (its message is above)")
+    return done.stdout
+
+
+def config(out: Path, epochs: int, stain: str) -> dict:
+    """The training config (grid 3; the CNN is the same with --set grid=1)."""
+    data = out / "data"
+    cfg = {"mode": "grid", "grid": GRID, "image_size": GRID * PATCH, "patch_size": PATCH, "crop_size": CROP,
+           "data_path_tumor_train": str(data / "tumor_train"), "data_path_normal_train": str(data / "normal_train"),
+           "data_path_tumor_valid": str(data / "tumor_valid"), "data_path_normal_valid": str(data / "normal_valid"),
+           "json_path_train": str(out / "json"), "json_path_valid": str(out / "json"),
+           "width_mult": 0.5, "optimizer": "adamw", "lr": 0.002, "weight_decay": 0.01, "schedule": "cosine",
+           "epochs": epochs, "max_steps": STEPS, "batch_size": 32, "color_jitter": [0.1, 0.1, 0.1, 0.02], "workers": 2, "seed": 0,
+           "best_metric": "auc"}
+    cfg.update(STAIN[stain])
+    if stain == "macenko":
+        cfg["stain_norm"] = str(out / "stain_reference.png")
+    return cfg
+
+
+def prepare(out: Path, patches: Path) -> None:
+    """Slides, annotations, masks, training and validation grids."""
+    slides, masks = out / "slides", out / "masks"
+    for split, who in (("train", TRAIN_COMPLETE + TRAIN_PARTIAL), ("valid", VALID), ("test", TEST)):
+        sh("bench/idc_slides.py", patches, "-o", slides / split, "--patients", *who, "--quiet")
+        sh("xml2json.py", slides / split, "-o", out / "json")
+        kinds = ("tissue", "tumor", "normal") if split == "train" else ("tissue", "tumor")
+        for kind in kinds:
+            sh("Mask_gen.py", slides / split, "-o", masks / split, "--kind", kind, "--annotation", out / "json",
+               "--downsample", D, "--quiet")
+    for split in ("train", "valid"):
+        tumour, normal = [], []
+        for csv in sorted((slides / split).glob("*_cells.csv")):
+            sid = csv.name[:-len("_cells.csv")]
+            t, n = mosaic.lattice_centres(mosaic.read_cells(csv), D, GRID * PATCH, sid not in TRAIN_PARTIAL,
+                                          per_cell=None if split == "train" else 1)
+            if split == "valid":  # to pick an epoch, grids on every other cell (a checkerboard) do
+                t, n = (c[(c[:, 0] // mosaic.CELL + c[:, 1] // mosaic.CELL) % 2 == 0] for c in (t, n))
+            tumour.append(format_coords(sid, t))
+            normal.append(format_coords(sid, n))
+        for kind, lines in (("tumor", tumour), ("normal", normal)):
+            coords = out / "coords" / f"{kind}_{split}.txt"
+            atomic_write_text(coords, "".join(lines))
+            mask_kind = kind if split == "train" else "tissue"
+            sh("Patch_gen.py", slides / split, "--mask", masks / split, "--mask-kind", mask_kind, "--mode", "coords",
+               "--coords", coords, "--image-size", GRID * PATCH, "-o", out / "patches" / f"{kind}_{split}", "--quiet")
+            sh("coord_list_gen.py", out / "patches" / f"{kind}_{split}", "-o", out / "data" / f"{kind}_{split}",
+               "--overwrite")
+    with open_slide(slides / "train" / f"{TRAIN_COMPLETE[0]}.tif") as s:
+        write_image(out / "stain_reference.png", read_level(s, 0))
+
+
+def cell_scores(prob_path: Path, cells_csv: Path) -> tuple[np.ndarray, np.ndarray]:
+    """Each cell's score (the map's mean over the cell's tissue points: the tissue mask
+    prob_map.py used, named in the map's sidecar) and its label from the cells CSV."""
+    prob, meta = load_probability_map(prob_path)
+    tissue, _ = load_mask(meta["mask"], slide=meta["slide"])
+    cells = mosaic.read_cells(cells_csv)
+    return mosaic.cell_scores(prob, tuple(meta["downsample"]), cells, tissue), cells[:, 4]
+
+
+def cell_f1(prob_path: Path, cells_csv: Path, t: float) -> dict:
+    """Cell-level F1: a cell is IDC when its score is >= t."""
+    scores, labels = cell_scores(prob_path, cells_csv)
+    pred = scores >= t
+    return {"f1": float(f1_score(labels, pred, zero_division=0)),
+            "precision": float(precision_score(labels, pred, zero_division=0)),
+            "recall": float(recall_score(labels, pred, zero_division=0)), "cells": len(labels)}
+
+
+def choose_threshold(scores: np.ndarray, labels: np.ndarray) -> float:
+    """Youden's J on the validation cells: the threshold of highest sensitivity +
+    specificity, which (unlike F1) does not depend on the slide's IDC fraction."""
+    fpr, tpr, thr = roc_curve(labels, scores)
+    best = int(np.argmax(tpr - fpr))
+    return float(np.clip(thr[best], 0.0, 1.0))
+
+
+def pixels(prob: Path, tumour: Path, t: float) -> dict:
+    """evaluate.py pixels, as a user runs it: IoU, Dice at t, AUC over tissue."""
+    line = sh("evaluate.py", "pixels", prob, tumour, "--threshold", t)
+    m = re.search(r"IoU=([\d.]+) Dice=([\d.]+) .*AUC=([\d.]+|nan)", line)
+    return {"iou": float(m[1]), "dice": float(m[2]), "auc": float(m[3])}
+
+
+def train(out: Path, args) -> None:
+    """Slides to the two checkpoints DIR/cnn.ckpt and DIR/crf.ckpt."""
+    if not (out / "data" / "normal_valid" / "list.txt").exists():
+        prepare(out, args.data)
+    atomic_write_json(out / "config.json", config(out, args.epochs, args.stain))
+    for name, extra in MODELS.items():
+        if not (out / f"{name}.ckpt").exists():
+            sh("train.py", out / "config.json", out / "runs" / name, *extra, "--quiet")
+            shutil.copyfile(out / "runs" / name / "best.ckpt", out / f"{name}.ckpt")
+
+
+def evaluate(out: Path) -> dict:
+    """Maps of the validation and held-out slides; thresholds from the validation slide;
+    scores on the held-out slide."""
+    thresholds, result = {}, {}
+    (val,), (test,) = VALID, TEST
+    for name in MODELS:
+        for split in ("valid", "test"):
+            sh("prob_map.py", out / "slides" / split, out / f"{name}.ckpt", out / "masks" / split,
+               out / "maps" / name, "--quiet")
+        scores, labels = cell_scores(out / "maps" / name / f"{val}_prob.npy", out / "slides" / "valid" / f"{val}_cells.csv")
+        t = thresholds[name] = round(choose_threshold(scores, labels), 4)
+        print(f"{name}: validation slide {val}: cell AUC {roc_auc_score(labels, scores):.4f}, threshold {t} "
+              f"(Youden's J on its cells), cell F1 {f1_score(labels, scores >= t):.4f} at it")
+    atomic_write_json(out / "lattice.json", {"downsample": D, "threshold": thresholds["crf"],
+                                              "threshold_cnn": thresholds["cnn"]})
+    for name, t in thresholds.items():
+        prob = out / "maps" / name / f"{test}_prob.npy"
+        result[name] = {**pixels(prob, out / "masks" / "test" / f"{test}_tumor.npy", t),
+                        **cell_f1(prob, out / "slides" / "test" / f"{test}_cells.csv", t)}
+        print(f"{name}: held-out {test}: " + ", ".join(f"{k} {v:.4f}" for k, v in result[name].items()
+                                                       if k != "cells"))
+    return result
+
+
+def picture(out: Path, result: dict) -> Path:
+    """The held-out slide with its IDC outline, and each model's map over it (outline on
+    top): DIR/idc_<patient>_maps.png."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    (test,) = TEST
+    ann = load_annotation(out / "json" / f"{test}.json")
+    with open_slide(out / "slides" / "test" / f"{test}.tif") as s:
+        img = read_level(s, 0)
+    scale = PICTURE_SIDE / max(img.shape[:2])
+    panels = [("slide, IDC outline (green)", mosaic.outline(img, ann, scale))]
+    for name, label in (("cnn", "CNN (grid 1)"), ("crf", "CNN+CRF (grid 3)")):
+        prob, meta = load_probability_map(out / "maps" / name / f"{test}_prob.npy")
+        tissue, _ = load_mask(meta["mask"], slide=meta["slide"])
+        r = result[name]
+        panels.append((f"{label}: F1 {r['f1']:.3f}, AUC {r['auc']:.3f}",
+                       mosaic.outline(overlay(img, prob, 0.5, tissue=tissue), ann, scale)))
+    h, w = panels[0][1].shape[:2]
+    fig, axes = plt.subplots(1, 3, figsize=(15, 15 * h / w / 3 + 0.7))
+    for ax, (title, panel) in zip(axes, panels):
+        ax.imshow(panel)
+        ax.set_title(title, fontsize=11)
+        ax.axis("off")
+    fig.colorbar(plt.cm.ScalarMappable(cmap="jet"), ax=axes, fraction=0.015, pad=0.01, label="IDC probability")
+    path = out / f"idc_{test}_maps.png"
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=100, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
+def main(argv=None) -> int:
+    p = parser(__doc__)
+    p.add_argument("--out", type=Path, help="working folder (required unless --score)")
+    p.add_argument("--data", type=Path, default=IDC, help="folder of IDC patches")
+    p.add_argument("--stain", choices=tuple(STAIN), default="none", help="stain augmentation / normalisation")
+    p.add_argument("--epochs", type=int, default=6)
+    p.add_argument("--score", nargs=2, type=Path, metavar=("PROB", "CELLS"),
+                   help="only print the cell-level F1 of a map against a <patient>_cells.csv")
+    p.add_argument("--threshold", type=float, default=0.5, help="with --score: decision threshold")
+    args = p.parse_args(argv)
+    if args.score:
+        r = cell_f1(*args.score, args.threshold)
+        print(f"{args.score[0].name}: cell-level F1={r['f1']:.4f} (precision {r['precision']:.4f}, "
+              f"recall {r['recall']:.4f}, {r['cells']} cells) at threshold {args.threshold}")
+        return 0
+    if args.out is None:
+        p.error("give --out DIR (or --score PROB CELLS)")
+    if not args.data.is_dir():
+        raise UserError(f"{args.data}: IDC patches not found (give --data PATCH_DIR)")
+    start, cpu = time.perf_counter(), os.times()
+    train(args.out, args)
+    result = evaluate(args.out)
+    print(f"picture: {picture(args.out, result)}")
+    now = os.times()
+    used = sum(now[:4]) - sum(cpu[:4])  # user + system, this process and the scripts it ran
+    print(f"held-out slide {', '.join(TEST)}; {(time.perf_counter() - start) / 60:.1f} min wall-clock in all, "
+          f"{used / 60:.1f} min of CPU time")
+    print(" ".join(f"{k}_{m}={result[m][k]:.4f}" for k in ("auc", "dice", "f1") for m in MODELS))
+    return 0
+
+
+if __name__ == "__main__":
+    run(main)

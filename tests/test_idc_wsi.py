@@ -1,0 +1,51 @@
+"""bench/idc_wsi.py: the protocol's fixed choices and its cell-level scoring (the bench
+itself trains for many minutes and is never run by the tests)."""
+import numpy as np
+import pytest
+
+from conftest import load_script
+from crfcore import mosaic
+from crfcore.io import save_array
+
+
+@pytest.fixture(scope="module")
+def bench():
+    return load_script("bench/idc_wsi.py")
+
+
+def test_split_and_geometry(bench):
+    train = set(bench.TRAIN_COMPLETE) | set(bench.TRAIN_PARTIAL)
+    assert not train & set(bench.VALID) and not train & set(bench.TEST) and not set(bench.VALID) & set(bench.TEST)
+    assert bench.PATCH % bench.D == 0 and mosaic.CELL % bench.D == 0  # lattice method; points on cells
+    assert bench.CROP <= bench.PATCH
+
+
+def write_map(folder, prob, tissue, downsample):
+    """A probability map and the tissue mask it names, as prob_map.py and Mask_gen.py write them."""
+    meta = {"slide": "s.tif", "level": None, "downsample": [downsample, downsample]}
+    save_array(folder / "s_tissue.npy", tissue, {**meta, "kind": "tissue"})
+    save_array(folder / "s_prob.npy", prob.astype(np.float32), {**meta, "kind": "probability",
+                                                                 "mask": str(folder / "s_tissue.npy")})
+    return folder / "s_prob.npy"
+
+
+def test_score_is_cell_level_f1_over_tissue_points(bench, tmp_path, capsys):
+    # three cells in a row at downsample 25 (2 x 2 map pixels each); IDC, IDC, other
+    cells = np.array([[0, 0, 50, 50, 1], [50, 0, 100, 50, 1], [100, 0, 150, 50, 0]])
+    (tmp_path / "s_cells.csv").write_text(mosaic.CELLS_HEADER + "\n" + "\n".join(",".join(map(str, c)) for c in cells))
+    prob = np.array([[0.9, 0.9, 0.2, 0.0, 0.7, 0.7], [0.9, 0.9, 0.2, 0.0, 0.7, 0.7]])
+    tissue = prob > 0  # the second cell's right half is not tissue: its score is 0.2, not 0.1
+    path = write_map(tmp_path, prob, tissue, 25.0)
+    scores, labels = bench.cell_scores(path, tmp_path / "s_cells.csv")
+    np.testing.assert_allclose(scores, [0.9, 0.2, 0.7])
+    # at 0.5: cells 1 and 3 are called IDC -> one TP, one FP, one FN
+    assert bench.main(["--score", str(path), str(tmp_path / "s_cells.csv"), "--threshold", "0.5"]) == 0
+    assert "cell-level F1=0.5000 (precision 0.5000, recall 0.5000, 3 cells)" in capsys.readouterr().out
+    assert bench.cell_f1(path, tmp_path / "s_cells.csv", 0.15)["f1"] == pytest.approx(0.8)
+
+
+def test_threshold_is_youdens_j(bench):
+    labels = np.array([0, 0, 0, 0, 1, 1, 1])
+    scores = np.array([0.1, 0.2, 0.3, 0.6, 0.5, 0.8, 0.9])
+    # cutting at 0.5 keeps all IDC and one false positive (J = 1 - 1/4), the best
+    assert bench.choose_threshold(scores, labels) == pytest.approx(0.5)
