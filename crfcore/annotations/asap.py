@@ -10,8 +10,8 @@ import numpy as np
 from defusedxml import DefusedXmlException
 from defusedxml import ElementTree as SafeET
 
-from .model import (NEGATIVE_GROUPS, POSITIVE_GROUPS, Annotation, AnnotationError, _check_polygon,
-                    _remember_colour, _vertices, _warn_unknown)
+from .model import (NEGATIVE_GROUPS, POSITIVE_GROUPS, Annotation, AnnotationError, check_polygon,
+                    remember_colour, checked_vertices, warn_unknown)
 
 
 def read_asap_xml(path: str | Path, positive_groups: Sequence[str] = POSITIVE_GROUPS,
@@ -32,7 +32,7 @@ def read_asap_xml(path: str | Path, positive_groups: Sequence[str] = POSITIVE_GR
     annos = root.findall("./Annotations/Annotation")
     ann = Annotation()
     for g in root.findall("./AnnotationGroups/Group"):
-        _remember_colour(ann, g.get("Name"), g.get("Color"))
+        remember_colour(ann, g.get("Name"), g.get("Color"))
     for part, groups in (("positive", positive_groups), ("negative", negative_groups)):
         for group in groups:
             for anno in annos:
@@ -40,11 +40,11 @@ def read_asap_xml(path: str | Path, positive_groups: Sequence[str] = POSITIVE_GR
                     continue
                 name = anno.get("Name", "")
                 pairs = [(c.get("X"), c.get("Y")) for c in anno.findall("./Coordinates/Coordinate")]
-                verts = _vertices(str(path), name, pairs, text=True)
-                if _check_polygon(str(path), name, verts):
+                verts = checked_vertices(str(path), name, pairs, text=True)
+                if check_polygon(str(path), name, verts):
                     ann.add(part, name, verts, group)
-                    _remember_colour(ann, group, anno.get("Color"))  # when AnnotationGroups lacks it
-    _warn_unknown(str(path), "group(s)", (a.get("PartOfGroup") for a in annos),
+                    remember_colour(ann, group, anno.get("Color"))  # when AnnotationGroups lacks it
+    warn_unknown(str(path), "group(s)", (a.get("PartOfGroup") for a in annos),
                   (*positive_groups, *negative_groups))
     return ann
 

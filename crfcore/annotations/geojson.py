@@ -36,14 +36,14 @@ import numpy as np
 import shapely
 
 from .model import (NEGATIVE_GROUPS, POSITIVE_GROUPS, Annotation, AnnotationError, AnnotationWarning,
-                    Polygon, _check_polygon, _load_json, _remember_colour, _three_distinct, _vertices,
-                    _warn_unknown)
+                    Polygon, check_polygon, load_json, remember_colour, three_distinct, checked_vertices,
+                    warn_unknown)
 
 
 # ----------------------------------------------------------------------------- reading
 
 
-def _is_geojson(data: object) -> bool:
+def is_geojson(data: object) -> bool:
     return isinstance(data, list) or (isinstance(data, dict) and data.get("type") in ("FeatureCollection", "Feature"))
 
 
@@ -51,7 +51,7 @@ def read_geojson(path: str | Path, positive_groups: Sequence[str] = POSITIVE_GRO
                  negative_groups: Sequence[str] = NEGATIVE_GROUPS) -> Annotation:
     """GeoJSON as QuPath exports it (see the module docstring)."""
     path = Path(path)
-    return _from_geojson(path, _load_json(path), positive_groups, negative_groups)
+    return from_geojson(path, load_json(path), positive_groups, negative_groups)
 
 
 class _Ring(NamedTuple):
@@ -64,7 +64,7 @@ class _Ring(NamedTuple):
 
 def _features(path: Path, data: object) -> list[dict]:
     """The features of a FeatureCollection, a bare list of features or one Feature."""
-    if not _is_geojson(data):
+    if not is_geojson(data):
         raise AnnotationError(f"{path}: not GeoJSON (a FeatureCollection, a Feature or a list of features)")
     feats = data if isinstance(data, list) else [data] if data.get("type") == "Feature" else data.get("features")
     if not isinstance(feats, list):
@@ -75,7 +75,7 @@ def _features(path: Path, data: object) -> list[dict]:
     return feats
 
 
-def _from_geojson(path: Path, data: object, positive_groups: Sequence[str],
+def from_geojson(path: Path, data: object, positive_groups: Sequence[str],
                   negative_groups: Sequence[str]) -> Annotation:
     ann, rings, classes, others, holed = Annotation(), [], [], Counter(), 0
     for i, feat in enumerate(_features(path, data)):
@@ -90,7 +90,7 @@ def _from_geojson(path: Path, data: object, positive_groups: Sequence[str],
         part = "positive" if cls in positive_groups else "negative" if cls in negative_groups else None
         if part is None:
             continue
-        _remember_colour(ann, cls, _class_colour(props))
+        remember_colour(ann, cls, _class_colour(props))
         name = str(props.get("name") or f"{cls} {i}")
         polys = geom.get("coordinates") if kind == "MultiPolygon" else [geom.get("coordinates")]
         meta = props.get("crfcore") if kind == "Polygon" and isinstance(props.get("crfcore"), dict) else {}
@@ -99,9 +99,9 @@ def _from_geojson(path: Path, data: object, positive_groups: Sequence[str],
             rings += mine
             holed += ignored
     for r in _ordered(rings):
-        if _check_polygon(str(path), r.name, r.vertices):
+        if check_polygon(str(path), r.name, r.vertices):
             ann.add(r.part, r.name, r.vertices, r.group)
-    _warn_unknown(str(path), "class(es)", classes, (*positive_groups, *negative_groups))
+    warn_unknown(str(path), "class(es)", classes, (*positive_groups, *negative_groups))
     if others:
         warnings.warn(f"{path}: {sum(others.values())} feature(s) of type {', '.join(sorted(others))} "
                       "ignored (only Polygon and MultiPolygon are regions)", AnnotationWarning, stacklevel=3)
@@ -133,7 +133,7 @@ def _ring(path: Path, name: str, ring: object, meta: dict) -> np.ndarray:
     """A ring's vertices without the closing one, in the order first written."""
     if not isinstance(ring, list):
         raise AnnotationError(f"{path}: polygon {name!r} has a ring that is not a list of positions")
-    verts = _vertices(str(path), name, ring, text=False)
+    verts = checked_vertices(str(path), name, ring, text=False)
     if len(verts) > 1 and (verts[0] == verts[-1]).all():
         verts = verts[:-1]
     return verts[::-1] if meta.get("reversed") is True else verts
@@ -203,7 +203,7 @@ def _oriented(verts: np.ndarray, ccw: bool) -> tuple[list, bool]:
 
 def _shape(verts: np.ndarray) -> shapely.Polygon:
     """The shapely polygon of `verts` (empty when it has fewer than 3 distinct vertices)."""
-    return shapely.Polygon(verts) if _three_distinct(verts) else shapely.Polygon()
+    return shapely.Polygon(verts) if three_distinct(verts) else shapely.Polygon()
 
 
 def _hosts(ann: Annotation) -> list[int | None]:

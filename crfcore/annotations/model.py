@@ -186,7 +186,7 @@ def _coordinate(value: object, text: bool, where: str) -> float:
     return v
 
 
-def _vertices(source: str, polygon: str, pairs: Sequence[object], text: bool,
+def checked_vertices(source: str, polygon: str, pairs: Sequence[object], text: bool,
               lines: Sequence[int] | None = None) -> np.ndarray:
     """`(n, 2)` floats from raw `[x, y]` pairs (extra values, like GeoJSON's z, ignored);
     a bad pair or value is refused naming the file (and line), polygon and vertex."""
@@ -204,7 +204,7 @@ def _vertices(source: str, polygon: str, pairs: Sequence[object], text: bool,
 
 def _good_vertices(pairs: Sequence[object], text: bool) -> np.ndarray | None:
     """The common case at numpy speed: every pair holds good values (JSON: numbers only);
-    None when anything is off, for `_vertices` to find and name it."""
+    None when anything is off, for `checked_vertices` to find and name it."""
     try:
         if not text and not {type(c) for p in pairs for c in p[:2]} <= {int, float}:  # type: ignore[index]
             return None
@@ -215,21 +215,21 @@ def _good_vertices(pairs: Sequence[object], text: bool) -> np.ndarray | None:
     return out if good else None
 
 
-def _three_distinct(vertices: np.ndarray) -> bool:
+def three_distinct(vertices: np.ndarray) -> bool:
     """Whether the polygon has at least 3 distinct vertices (in linear time)."""
     other = np.any(vertices != vertices[:1], axis=1)
     return bool(other.any() and (other & np.any(vertices != vertices[np.argmax(other)], axis=1)).any())
 
 
-def _check_polygon(source: str, name: str, vertices: np.ndarray) -> bool:
-    if not _three_distinct(vertices):
+def check_polygon(source: str, name: str, vertices: np.ndarray) -> bool:
+    if not three_distinct(vertices):
         warnings.warn(f"{source}: polygon {name!r} has fewer than 3 distinct vertices; skipped",
                       AnnotationWarning, stacklevel=3)
         return False
     return True
 
 
-def _warn_unknown(source: str, kind: str, found: Iterable[str | None], known: Sequence[str]) -> None:
+def warn_unknown(source: str, kind: str, found: Iterable[str | None], known: Sequence[str]) -> None:
     """One warning naming the groups (XML) or classes (GeoJSON) that are neither positive
     nor negative; None stands for a polygon without one."""
     names = sorted({"(none)" if g is None else g for g in found})
@@ -242,7 +242,7 @@ def _warn_unknown(source: str, kind: str, found: Iterable[str | None], known: Se
 # ----------------------------------------------------------------------------- shared by the readers
 
 
-def _load_json(path: Path) -> object:
+def load_json(path: Path) -> object:
     try:
         return json.loads(path.read_text())
     except json.JSONDecodeError as err:
@@ -255,6 +255,6 @@ def _load_json(path: Path) -> object:
         raise AnnotationError(f"{path}: cannot read ({err.strerror})") from None
 
 
-def _remember_colour(ann: Annotation, group: str | None, colour: str | None) -> None:
+def remember_colour(ann: Annotation, group: str | None, colour: str | None) -> None:
     if group and colour and re.fullmatch(r"#[0-9A-Fa-f]{6}", colour):
         ann.colours.setdefault(group, colour.upper())

@@ -8,9 +8,9 @@ from typing import Sequence
 
 import numpy as np
 
-from .geojson import _from_geojson, _is_geojson
-from .model import (NEGATIVE_GROUPS, POSITIVE_GROUPS, Annotation, AnnotationError, _check_polygon,
-                    _load_json, _vertices)
+from .geojson import from_geojson, is_geojson
+from .model import (NEGATIVE_GROUPS, POSITIVE_GROUPS, Annotation, AnnotationError, check_polygon,
+                    load_json, checked_vertices)
 
 
 def read_json(path: str | Path, positive_groups: Sequence[str] = POSITIVE_GROUPS,
@@ -18,9 +18,9 @@ def read_json(path: str | Path, positive_groups: Sequence[str] = POSITIVE_GROUPS
     """NCRF JSON (`{"positive": [{"name", "vertices"}], "negative": [...]}`), or GeoJSON
     when the content is GeoJSON (see `read_geojson`)."""
     path = Path(path)
-    data = _load_json(path)
-    if _is_geojson(data):
-        return _from_geojson(path, data, positive_groups, negative_groups)
+    data = load_json(path)
+    if is_geojson(data):
+        return from_geojson(path, data, positive_groups, negative_groups)
     if not isinstance(data, dict) or not set(data) <= {"positive", "negative"}:
         raise AnnotationError(f"{path}: neither an NCRF annotation (keys 'positive'/'negative') nor GeoJSON")
     ann = Annotation()
@@ -30,8 +30,8 @@ def read_json(path: str | Path, positive_groups: Sequence[str] = POSITIVE_GROUPS
             if not isinstance(poly, dict) or not isinstance(poly.get("vertices"), list):
                 raise AnnotationError(f"{path}: {part}[{i}] has no valid 'vertices'")
             name = str(poly.get("name", f"{part}{i}"))
-            verts = _vertices(str(path), name, poly["vertices"], text=False)
-            if _check_polygon(str(path), name, verts):
+            verts = checked_vertices(str(path), name, poly["vertices"], text=False)
+            if check_polygon(str(path), name, verts):
                 ann.add(part, name, verts)
     return ann
 
@@ -53,8 +53,8 @@ def read_txt(path: str | Path, part: str = "positive") -> Annotation:
         pairs.append(fields)
         lines.append(lineno)
     ann = Annotation()
-    verts = _vertices(str(path), path.stem, pairs, text=True, lines=lines).reshape(-1, 2)
-    if _check_polygon(str(path), path.stem, verts):
+    verts = checked_vertices(str(path), path.stem, pairs, text=True, lines=lines).reshape(-1, 2)
+    if check_polygon(str(path), path.stem, verts):
         ann.add(part, path.stem, verts)
     return ann
 
