@@ -69,10 +69,13 @@ def resolution(args, cfg: dict) -> dict:
     return {"mpp": mpp} if mpp is not None else {}
 
 
+LATER_SETTINGS = {"read_at": {}}  # settings newer than some sidecars: absent there means this value
+
+
 def settings(args, ckpt_sha: str, precision: str, read_at: dict) -> dict:
     """What decides a map's numbers: a map whose sidecar has the same is up to date."""
-    wanted = {"checkpoint_sha256": ckpt_sha, "method_asked": args.method, "tta": args.tta, "precision": precision}
-    return {**wanted, "read_at": read_at} if read_at else wanted  # maps read at level 0 keep their old sidecars
+    return {"checkpoint_sha256": ckpt_sha, "method_asked": args.method, "tta": args.tta, "precision": precision,
+            "read_at": read_at}
 
 
 def up_to_date(out: Path, wanted: dict, overwrite: bool) -> bool:
@@ -83,7 +86,7 @@ def up_to_date(out: Path, wanted: dict, overwrite: bool) -> bool:
         meta = json.loads(sidecar_path(out).read_text())
     except ValueError:
         meta = {}
-    stale = [k for k, v in wanted.items() if meta.get(k) != v]
+    stale = [k for k, v in wanted.items() if meta.get(k, LATER_SETTINGS.get(k)) != v]
     if not stale:
         return True
     if not overwrite:
@@ -100,7 +103,7 @@ def map_slide(job: Job, model, ckpt: dict, args, opts: inference.Options, wanted
     with sl.open_slide(job.slide) as s:
         check_fits_slide(job.mask, mask.shape, meta["downsample"], s.dimensions)
         size, mpp = s.dimensions, sl.slide_mpp(s)
-        read = read_scale(s, job.slide, **wanted.get("read_at", {}))
+        read = read_scale(s, job.slide, **wanted["read_at"])
     ensure_free_space(job.out, mask.size * 4 + 4096, "probability map")
     if not mask.any():
         warnings.warn(f"{job.mask}: the mask is empty; writing an all-zero map")

@@ -120,9 +120,13 @@ def test_a_scale_between_levels_reads_the_same_tissue(scans):
 
 def test_level_and_mpp_options(scans, tmp_path):
     d, mask = scans
-    fine, _ = run_map(d, "fine", "--level", "1", "--overwrite")
+    out = tmp_path / "fine_prob.npy"
+    args = [d / "fine.tif", d / "m.ckpt", d / "fine_tissue.npy", out, "--workers", "0", "--quiet"]
+    call("prob_map.py", *args, "--level", "1")
     half, _ = run_map(d, "half")
-    assert np.abs(fine - half).max() < 1e-5
+    assert np.abs(heatmap.load_probability_map(out)[0] - half).max() < 1e-5
+    stale = call("prob_map.py", *args, "--level", "0", check=False)  # made at another resolution
+    assert stale.returncode == 2 and "read_at" in stale.stderr
     res = call("prob_map.py", d / "fine.tif", d / "m.ckpt", d / "fine_tissue.npy", tmp_path / "x.npy",
                "--level", "7", check=False)
     assert res.returncode == 2 and "level 7 out of range" in res.stderr
