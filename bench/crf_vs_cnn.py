@@ -15,13 +15,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
-
-from crfcore import masks, synthetic
-from crfcore.annotations import write_annotation
-from crfcore.evaluation import find_lesions, froc, froc_score, isolated_tumour_cells
-from crfcore.evaluation import evaluation_mask, slide_hits, slide_roc
-from crfcore.heatmap import load_probability_map
+from noisy import DOWNSAMPLE, Scores, noisy_slides
 
 ROOT = Path(__file__).resolve().parents[1]
 EX = ROOT / "example" / "out"
@@ -44,40 +38,23 @@ def main() -> int:
     models = {"CNN (grid 1)": out / "cnn", "CNN+CRF (grid 3)": EX / "model"}
     if not (out / "cnn" / "best.ckpt").exists():
         sh("train.py", ROOT / "example" / "config.json", out / "cnn", "--set", "grid=1", "--quiet")
-    names = [(f"noisy_t{i}", 1) for i in range(args.slides)] + [(f"noisy_n{i}", 0) for i in range(args.slides)]
-    truth = {}
-    for i, (name, tumours) in enumerate(names):
-        path = out / "slides" / f"{name}.tif"
-        if not path.exists():
-            s = synthetic.write_slide(path, 2048, 1536, tumours=tumours, seed=100 + i, mpp=1.0,
-                                      tumour_radius=0.13, noise=args.noise)
-            write_annotation(s.annotation, out / "json" / f"{name}.json")
-        truth[name] = tumours
+    names = noisy_slides(out / "slides", out / "json", args.slides, args.noise, seed=100)
+    for name, _ in names:
         for kind in ("tissue", "tumor"):
             m = out / "masks" / f"{name}_{kind}.npy"
             if not m.exists():
-                sh("Mask_gen.py", path, "-o", m, "--kind", kind, "--annotation", out / "json" / f"{name}.json",
-                   "--downsample", "32")
+                sh("Mask_gen.py", out / "slides" / f"{name}.tif", "-o", m, "--kind", kind,
+                   "--annotation", out / "json" / f"{name}.json", "--downsample", DOWNSAMPLE)
     rows = []
     for label, model in models.items():
-        fps, tps, scores, ious = [], [], [], []
+        scores = Scores()
         for name, tumours in names:
             prob_path = out / "maps" / model.name / f"{name}_prob.npy"
             if not prob_path.exists():
                 sh("prob_map.py", out / "slides" / f"{name}.tif", model / "best.ckpt",
                    out / "masks" / f"{name}_tissue.npy", prob_path, "--quiet")
-            prob, meta = load_probability_map(prob_path)
-            tumour, _ = masks.load_mask(out / "masks" / f"{name}_tumor.npy")
-            lab = evaluation_mask(tumour, 32.0, 1.0) if tumours else None
-            itc = isolated_tumour_cells(lab, 32.0, 1.0) if tumours else set()
-            fp, tp, _ = slide_hits(find_lesions(prob, tuple(meta["downsample"])), lab, itc, (32.0, 32.0))
-            fps.append(fp), tps.append(tp), scores.append(float(prob.max()))
-            if tumours:
-                pred = prob >= 0.5
-                ious.append((pred & tumour).sum() / max((pred | tumour).sum(), 1))
-        score, _ = froc_score(*froc(fps, tps))
-        auc = slide_roc(np.array([t for _, t in names]), np.array(scores), n_boot=200)["auc"]
-        rows.append((label, score, auc, float(np.mean(ious))))
+            scores.add(prob_path, out / "masks" / f"{name}_tumor.npy", tumours)
+        rows.append((label, scores.froc(), scores.slide_auc(), scores.mean_iou()))
     print(f"\n{len(names)} held-out slides ({args.slides} with tumours), noise {args.noise}")
     print(f"{'model':<18} {'FROC':>6} {'slide AUC':>9} {'pixel IoU':>9}")
     for label, score, auc, iou in rows:

@@ -37,7 +37,7 @@ from tqdm import tqdm
 
 from .datasets import Normaliser, SlideDataset, normalise_batch
 from .device import autocast
-from .inference import DIHEDRAL, Geometry, LatticeJob, Options, _loader, dihedral_images
+from .inference import DIHEDRAL, Geometry, LatticeJob, Options, dihedral_images, slide_loader
 from .model import CRFNet
 from .scale import ReadScale
 
@@ -159,7 +159,7 @@ class DenseJob(LatticeJob):
         return Tile(idx, (int(x0), int(y0)), (int(x1 - x0), int(y1 - y0)))
 
     def run(self) -> np.ndarray:
-        loader = _loader(DenseTiles(self.slide_path, self.tiles, self.geom.read, self.opts.normaliser),
+        loader = slide_loader(DenseTiles(self.slide_path, self.tiles, self.geom.read, self.opts.normaliser),
                          self.opts, None)
         band = None
         with tqdm(total=len(self.need), desc=f"dense {self.slide_path.name}", disable=self.opts.quiet) as bar:

@@ -221,7 +221,8 @@ class Options:
     normaliser: Normaliser | None = None  # stain normalisation of every crop (the model's, if it has one)
 
 
-def _loader(ds: Dataset, opts: Options, batch: int | None) -> DataLoader:
+def slide_loader(ds: Dataset, opts: Options, batch: int | None) -> DataLoader:
+    """A DataLoader over slide reads with the run's workers (batch None: the dataset batches)."""
     return DataLoader(ds, batch_size=batch, num_workers=opts.workers, pin_memory=opts.device.type == "cuda",
                       prefetch_factor=4 if opts.workers else None)
 
@@ -234,7 +235,7 @@ def naive_map(model: CRFNet, slide_path: Path, mask: np.ndarray, geom: Geometry,
     ds = NaiveGrids(slide_path, geom.centres(rows, cols), geom, opts.normaliser)
     n = geom.grid ** 2
     with tqdm(total=len(ds), desc=f"naive {slide_path.name}", disable=opts.quiet) as bar:
-        for idx, x in _loader(ds, opts, max(1, opts.batch_size // n)):
+        for idx, x in slide_loader(ds, opts, max(1, opts.batch_size // n)):
             out[rows[idx.numpy()], cols[idx.numpy()]] = _naive_centre(model, x, opts).numpy()
             bar.update(len(idx))
     return out
@@ -349,7 +350,7 @@ class LatticeJob:
                              f"straddle bands), got {self.opts.band_rows}")
         origins = self.geom.crop_origin(self.geom.centres(self.need[:, 0], self.need[:, 1]))
         groups = region_groups(self.need[:, 0], self.need[:, 1])
-        loader = _loader(LatticePatches(self.slide_path, origins, self.geom.crop, groups, self.opts.normaliser,
+        loader = slide_loader(LatticePatches(self.slide_path, origins, self.geom.crop, groups, self.opts.normaliser,
                                         self.geom.read), self.opts, None)
         band = None
         with tqdm(total=len(self.need), desc=f"lattice {self.slide_path.name}", disable=self.opts.quiet) as bar:

@@ -1,0 +1,70 @@
+#!/usr/bin/env python3
+"""bf16 autocast + channels-last against fp32 on this CPU: CNN speed for inference
+(forward) and training (forward, backward, SGD step), interleaved and best of
+`--repeats`, so a shared machine's busy moments count less.
+
+  python bench/bf16.py [--width 1.0 --crop 224 --batch 32]
+
+Prints whether the CPU has native bf16 (avx512_bf16 / AMX), then one line per setting
+and the ratios. What bf16 does to the maps and metrics of a trained model:
+bench/agreement.py.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import time
+
+import torch
+
+from crfcore.device import autocast, cpu_has_native_bf16
+from crfcore.model import CRFNet, ModelConfig
+
+
+def step_time(model: CRFNet, x: torch.Tensor, precision: str, train: bool) -> float:
+    """Seconds of one forward (inference) or one training step on `x`."""
+    cpu = torch.device("cpu")
+    t = time.perf_counter()
+    if train:
+        model.train()
+        with autocast(cpu, precision):
+            logits, _ = model.embed(x)
+        logits.float().square().mean().backward()
+        with torch.no_grad():
+            for p in model.parameters():
+                p -= 1e-6 * p.grad
+                p.grad = None
+    else:
+        model.eval()
+        with torch.no_grad(), autocast(cpu, precision):
+            model.embed(x)
+    return time.perf_counter() - t
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--width", type=float, default=1.0)
+    p.add_argument("--crop", type=int, default=224)
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--repeats", type=int, default=5)
+    args = p.parse_args()
+    torch.manual_seed(0)
+    model = CRFNet(ModelConfig(grid=1, width_mult=args.width)).to(memory_format=torch.channels_last)
+    x = torch.randn(args.batch, 3, args.crop, args.crop).contiguous(memory_format=torch.channels_last)
+    print(f"native bf16: {cpu_has_native_bf16()}; {torch.get_num_threads()} threads; load {os.getloadavg()[0]:.1f}; "
+          f"width {args.width}, crop {args.crop}, batch {args.batch}")
+    best = {}
+    for _ in range(args.repeats):
+        for train in (False, True):
+            for precision in ("fp32", "bf16"):
+                key = (train, precision)
+                best[key] = min(best.get(key, float("inf")), step_time(model, x, precision, train))
+    for train in (False, True):
+        what = "training" if train else "inference"
+        f32, b16 = best[(train, "fp32")], best[(train, "bf16")]
+        print(f"{what}: fp32 {args.batch / f32:.1f} patches/s, bf16 {args.batch / b16:.1f} patches/s: "
+              f"bf16 {f32 / b16:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
