@@ -9,6 +9,10 @@ Leaves DIR/best.ckpt, DIR/report.txt and DIR/confusion_matrix.png (held-out pati
 and ends with one line `balanced_accuracy=<x> auc=<y> f1=<z>` for the held-out patients
 (f1: class 1, IDC). Published reference (Janowczyk & Madabhushi 2016, 50 x 50 patches of
 162 patients): F1 0.7648, balanced accuracy 0.8423.
+
+The default stain treatment, Macenko normalisation, was chosen on the validation
+patients alone: their best balanced accuracy was 0.8895 with `macenko`, 0.8730 with
+`hed` (0.02) and 0.8401 with `none` (one 12-epoch run each).
 """
 from __future__ import annotations
 
@@ -111,7 +115,7 @@ def main() -> int:
     p.add_argument("--epochs", type=int, default=12)
     p.add_argument("--test", type=float, default=0.2, help="fraction of each class's patches held out (test)")
     p.add_argument("--valid", type=float, default=0.15, help="fraction of each class's patches for validation")
-    p.add_argument("--stain", choices=STAINS, default="none",
+    p.add_argument("--stain", choices=STAINS, default="macenko",
                    help="hed: HED jitter (Tellez; --hed); macenko: normalise to training patches")
     p.add_argument("--hed", type=float, default=HED, help="with --stain hed: the jitter strength")
     p.add_argument("--split-seed", type=int, default=3,
