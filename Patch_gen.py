@@ -128,8 +128,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num", type=int, help="patches per slide (random mode)")
     p.add_argument("--coords", type=Path, help="NCRF coords list `slide_id,x,y` (coords mode)")
     p.add_argument("--image-size", type=int, default=768, help="patch side in pixels at --level")
-    p.add_argument("--level", type=int, default=0, help="pyramid level the patches are read at")
-    p.add_argument("--mpp", type=float, help="read the patches at this many microns per pixel instead of "
+    read = p.add_mutually_exclusive_group()
+    read.add_argument("--level", type=int, default=0, help="pyramid level the patches are read at")
+    read.add_argument("--mpp", type=float, help="read the patches at this many microns per pixel instead of "
                    "--level (the level that fits, resized by the remainder); set the training config's "
                    "mpp to the same")
     p.add_argument("--min-mask-fraction", type=float, default=0.2,

@@ -3,7 +3,8 @@
 outside the mask) + a sidecar recording the slide, the checkpoint (SHA-256) and the
 settings. `lattice` (default) runs each needed patch through the CNN once and equals
 NCRF's `naive` computation; `dense` runs the backbone over whole slide tiles, each pixel
-once, and pools each crop's window: several times faster, an approximation (see README).
+about twice (tile margins), and pools each crop's window: several times faster, an
+approximation (see README).
 
 SLIDE, MASK and OUT may be directories: each slide `<stem>.*` takes the tissue mask
 `<stem>_tissue.npy` and writes `<stem>_prob.npy`. A map whose sidecar matches the
@@ -132,7 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", type=Path, help="OUT.npy, or a directory")
     p.add_argument("--method", choices=("lattice", "dense", "naive"), default="lattice",
                    help="lattice: each patch through the CNN once (exact); dense: each pixel through the "
-                        "backbone once, crop windows pooled (approximate); naive: NCRF's loop (reference)")
+                        "backbone about twice (tile margins), crop windows pooled (approximate); naive: NCRF's loop (reference)")
     at = p.add_mutually_exclusive_group()
     at.add_argument("--mpp", type=float, help="read crops at this many microns per pixel (the pyramid level "
                     "that fits, resized by the remainder); default: the checkpoint's mpp, else level 0")

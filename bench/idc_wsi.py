@@ -16,8 +16,8 @@ training image touches is present (crfcore.mosaic.lattice_centres).
 
 Geometry: the cells are 50 pixels (about 200 um), the data set's own unit, so the CNN
 sees one cell's worth of tissue (patch 50, crop 50: MobileNetV2's stride 32 leaves a
-2 x 2 feature map whose units each see the whole patch; upsampling the patch would cost
-4x the CPU time that 30 minutes do not have) and the CRF links it to its 8 neighbours
+2 x 2 feature map whose units each see the whole patch; upsampling the patch to MobileNetV2's
+usual 224 would cost 20x the CPU time) and the CRF links it to its 8 neighbours
 50 pixels away (grid 3, image 150): the context the CNN does not see. The masks and maps use
 downsample D = 25: patch / D = 2 is whole, as the lattice method needs; a cell holds
 2 x 2 lattice points (a finer tissue mask keeps the pale cells of a tumour's rim that
