@@ -135,12 +135,13 @@ def make_mask(slide_path: str | Path, kind: str, annotation: Annotation | None =
             mask = tissue_mask_histolab(rgb) if method == "histolab" else tissue_mask_otsu(rgb)
             if kind == "normal":
                 mask &= ~annotation_mask(annotation, lattice)
-        dimensions = list(slide.dimensions)
+        dimensions, mpp = list(slide.dimensions), sl.slide_mpp(slide)
     if not mask.any():
         warnings.warn(f"{slide_path}: the {kind} mask is empty", MaskWarning, stacklevel=2)
     meta = {"slide": Path(slide_path).name, "slide_path": str(slide_path), "level": lattice.level,
             "downsample": list(lattice.downsample), "kind": kind,
-            "method": "polygons" if kind == "tumor" else method, "slide_dimensions": dimensions}
+            "method": "polygons" if kind == "tumor" else method, "slide_dimensions": dimensions,
+            "mpp": list(mpp) if mpp else None}
     return mask, meta
 
 

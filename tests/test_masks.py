@@ -16,12 +16,14 @@ def iou(a, b):
 @pytest.mark.parametrize("downsample", [4, 16, 64])
 def test_tumour_mask_equals_planted_regions(syn_slide, downsample):
     mask, meta = masks.make_mask(syn_slide.path, "tumor", syn_slide.annotation, downsample=downsample)
-    lat = masks.Lattice.for_slide(sl.open_slide(syn_slide.path), downsample=downsample)
+    slide = sl.open_slide(syn_slide.path)
+    lat = masks.Lattice.for_slide(slide, downsample=downsample)
     xs, ys = lat.centres()
     gx, gy = np.meshgrid(xs, ys)
     truth = syn_slide.annotation.contains(np.stack([gx.ravel(), gy.ravel()], 1)).reshape(mask.shape)
     assert mask.shape == truth.shape and iou(mask, truth) > 0.98
     assert meta["kind"] == "tumor" and meta["downsample"] == pytest.approx([downsample] * 2)
+    assert meta["slide_path"] == str(syn_slide.path) and meta["mpp"] == pytest.approx(sl.slide_mpp(slide))
 
 
 def test_tumour_mask_sits_on_the_planted_texture(syn_slide):
