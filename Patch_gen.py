@@ -131,8 +131,8 @@ def build_parser() -> argparse.ArgumentParser:
     read = p.add_mutually_exclusive_group()
     read.add_argument("--level", type=int, default=0, help="pyramid level the patches are read at")
     read.add_argument("--mpp", type=float, help="read the patches at this many microns per pixel instead of "
-                   "--level (the level that fits, resized by the remainder); set the training config's "
-                   "mpp to the same")
+                      "--level (the level that fits, resized by the remainder); set the training config's "
+                      "mpp to the same")
     p.add_argument("--min-mask-fraction", type=float, default=0.2,
                    help="grid mode: keep squares at least this much inside the mask")
     p.add_argument("--seed", type=int, default=0, help="random mode seed")

@@ -133,7 +133,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", type=Path, help="OUT.npy, or a directory")
     p.add_argument("--method", choices=("lattice", "dense", "naive"), default="lattice",
                    help="lattice: each patch through the CNN once (exact); dense: each pixel through the "
-                        "backbone about twice (tile margins), crop windows pooled (approximate); naive: NCRF's loop (reference)")
+                        "backbone about twice (tile margins), crop windows pooled (approximate); "
+                        "naive: NCRF's loop (reference)")
     at = p.add_mutually_exclusive_group()
     at.add_argument("--mpp", type=float, help="read crops at this many microns per pixel (the pyramid level "
                     "that fits, resized by the remainder); default: the checkpoint's mpp, else level 0")

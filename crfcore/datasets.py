@@ -15,6 +15,7 @@ from . import slide as sl
 from .annotations import load_annotation
 from .errors import CrfError
 from .io import companion, write_image
+from .scale import resize
 from .tiling import GridGeometry, group_boxes, read_coords
 
 
@@ -55,9 +56,8 @@ class PatchCutter(SlideDataset):
         for j in idx:
             ox, oy = int(round((self.boxes[j, 0] - rx0) / dx)), int(round((self.boxes[j, 1] - ry0) / dy))
             patch = region[oy:oy + self.size, ox:ox + self.size]
-            if self.out_size and self.out_size != self.size:
-                patch = cv2.resize(patch, (self.out_size, self.out_size), interpolation=cv2.INTER_AREA
-                                   if self.size > self.out_size else cv2.INTER_LINEAR)
+            if self.out_size:
+                patch = resize(patch, (self.out_size, self.out_size))
             write_image(self.out_dir / self.names[j], patch)
         return len(idx)
 

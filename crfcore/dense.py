@@ -159,8 +159,8 @@ class DenseJob(LatticeJob):
         return Tile(idx, (int(x0), int(y0)), (int(x1 - x0), int(y1 - y0)))
 
     def run(self) -> np.ndarray:
-        loader = slide_loader(DenseTiles(self.slide_path, self.tiles, self.geom.read, self.opts.normaliser),
-                         self.opts, None)
+        tiles = DenseTiles(self.slide_path, self.tiles, self.geom.read, self.opts.normaliser)
+        loader = slide_loader(tiles, self.opts, None)
         band = None
         with tqdm(total=len(self.need), desc=f"dense {self.slide_path.name}", disable=self.opts.quiet) as bar:
             for i, region in loader:

@@ -350,8 +350,9 @@ class LatticeJob:
                              f"straddle bands), got {self.opts.band_rows}")
         origins = self.geom.crop_origin(self.geom.centres(self.need[:, 0], self.need[:, 1]))
         groups = region_groups(self.need[:, 0], self.need[:, 1])
-        loader = slide_loader(LatticePatches(self.slide_path, origins, self.geom.crop, groups, self.opts.normaliser,
-                                        self.geom.read), self.opts, None)
+        patches = LatticePatches(self.slide_path, origins, self.geom.crop, groups, self.opts.normaliser,
+                                 self.geom.read)
+        loader = slide_loader(patches, self.opts, None)
         band = None
         with tqdm(total=len(self.need), desc=f"lattice {self.slide_path.name}", disable=self.opts.quiet) as bar:
             for idx, x in loader:

@@ -24,6 +24,15 @@ class ScaleError(CrfError):
     """A resolution that a slide cannot give (no mpp recorded, no such level)."""
 
 
+def resize(img: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """`img` at `size` (w, h): area averaging when shrinking, bilinear when enlarging
+    (unchanged when it already has that size)."""
+    w, h = size
+    if img.shape[:2] == (h, w):
+        return img
+    return cv2.resize(img, (w, h), interpolation=cv2.INTER_AREA if img.shape[1] > w else cv2.INTER_LINEAR)
+
+
 @dataclass(frozen=True)
 class ReadScale:
     """Model pixels at `scale` level-0 pixels each, read from pyramid `level` (whose
@@ -47,10 +56,7 @@ class ReadScale:
         x0, y0 = (round(v / d) for v in xy)
         x1, y1 = round((xy[0] + w * self.scale) / d), round((xy[1] + h * self.scale) / d)
         img = sl.read_rgb(slide, (x0 * d, y0 * d), self.level, (x1 - x0, y1 - y0))
-        if img.shape[:2] == (h, w):
-            return img
-        shrink = img.shape[1] > w  # area averaging when shrinking, bilinear when enlarging
-        return cv2.resize(img, (w, h), interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
+        return resize(img, (w, h))
 
     def describe(self) -> dict:
         return {"read_scale": self.scale, "read_level": self.level}

@@ -11,7 +11,7 @@ from defusedxml import DefusedXmlException
 from defusedxml import ElementTree as SafeET
 
 from .model import (NEGATIVE_GROUPS, POSITIVE_GROUPS, Annotation, AnnotationError, check_polygon,
-                    remember_colour, checked_vertices, warn_unknown)
+                    checked_vertices, remember_colour, warn_unknown)
 
 
 def read_asap_xml(path: str | Path, positive_groups: Sequence[str] = POSITIVE_GROUPS,
@@ -45,7 +45,7 @@ def read_asap_xml(path: str | Path, positive_groups: Sequence[str] = POSITIVE_GR
                     ann.add(part, name, verts, group)
                     remember_colour(ann, group, anno.get("Color"))  # when AnnotationGroups lacks it
     warn_unknown(str(path), "group(s)", (a.get("PartOfGroup") for a in annos),
-                  (*positive_groups, *negative_groups))
+                 (*positive_groups, *negative_groups))
     return ann
 
 

@@ -36,7 +36,7 @@ import numpy as np
 import shapely
 
 from .model import (NEGATIVE_GROUPS, POSITIVE_GROUPS, Annotation, AnnotationError, AnnotationWarning,
-                    Polygon, check_polygon, load_json, remember_colour, three_distinct, checked_vertices,
+                    Polygon, check_polygon, checked_vertices, load_json, remember_colour, three_distinct,
                     warn_unknown)
 
 
@@ -76,7 +76,7 @@ def _features(path: Path, data: object) -> list[dict]:
 
 
 def from_geojson(path: Path, data: object, positive_groups: Sequence[str],
-                  negative_groups: Sequence[str]) -> Annotation:
+                 negative_groups: Sequence[str]) -> Annotation:
     ann, rings, classes, others, holed = Annotation(), [], [], Counter(), 0
     for i, feat in enumerate(_features(path, data)):
         props = feat.get("properties") if isinstance(feat.get("properties"), dict) else {}

@@ -187,7 +187,7 @@ def _coordinate(value: object, text: bool, where: str) -> float:
 
 
 def checked_vertices(source: str, polygon: str, pairs: Sequence[object], text: bool,
-              lines: Sequence[int] | None = None) -> np.ndarray:
+                     lines: Sequence[int] | None = None) -> np.ndarray:
     """`(n, 2)` floats from raw `[x, y]` pairs (extra values, like GeoJSON's z, ignored);
     a bad pair or value is refused naming the file (and line), polygon and vertex."""
     fast = _good_vertices(pairs, text)

@@ -10,7 +10,7 @@ import numpy as np
 
 from .geojson import from_geojson, is_geojson
 from .model import (NEGATIVE_GROUPS, POSITIVE_GROUPS, Annotation, AnnotationError, check_polygon,
-                    load_json, checked_vertices)
+                    checked_vertices, load_json)
 
 
 def read_json(path: str | Path, positive_groups: Sequence[str] = POSITIVE_GROUPS,
