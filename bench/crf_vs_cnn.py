@@ -10,50 +10,23 @@ spots (`noise`), maps them with both models and prints FROC, slide AUC and pixel
 """
 from __future__ import annotations
 
-import argparse
-import subprocess
 import sys
-from pathlib import Path
 
-from noisy import DOWNSAMPLE, Scores, noisy_slides
-
-ROOT = Path(__file__).resolve().parents[1]
-EX = ROOT / "example" / "out"
-
-
-def sh(*args) -> None:
-    subprocess.run([sys.executable, *map(str, args)], check=True, cwd=ROOT)
+from noisy import DEMO, ROOT, bench_parser, demo_missing, map_and_score, noisy_set, sh
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", type=Path, default=ROOT / "bench" / "out" / "crf_vs_cnn")
-    p.add_argument("--noise", type=float, default=0.3)
-    p.add_argument("--slides", type=int, default=3, help="held-out tumour slides (and as many normal)")
-    args = p.parse_args()
-    if not (EX / "model" / "best.ckpt").exists():
-        print("error: run `make demo` first (this bench reuses its training sets and CRF model)", file=sys.stderr)
+    args = bench_parser(__doc__, "crf_vs_cnn").parse_args()
+    if demo_missing("training sets and CRF model"):
         return 2
     out = args.out
-    models = {"CNN (grid 1)": out / "cnn", "CNN+CRF (grid 3)": EX / "model"}
+    models = {"CNN (grid 1)": out / "cnn", "CNN+CRF (grid 3)": DEMO / "model"}
     if not (out / "cnn" / "best.ckpt").exists():
         sh("train.py", ROOT / "example" / "config.json", out / "cnn", "--set", "grid=1", "--quiet")
-    names = noisy_slides(out / "slides", out / "json", args.slides, args.noise, seed=100)
-    for name, _ in names:
-        for kind in ("tissue", "tumor"):
-            m = out / "masks" / f"{name}_{kind}.npy"
-            if not m.exists():
-                sh("Mask_gen.py", out / "slides" / f"{name}.tif", "-o", m, "--kind", kind,
-                   "--annotation", out / "json" / f"{name}.json", "--downsample", DOWNSAMPLE)
+    names = noisy_set(out, args.slides, args.noise, seed=100)
     rows = []
     for label, model in models.items():
-        scores = Scores()
-        for name, tumours in names:
-            prob_path = out / "maps" / model.name / f"{name}_prob.npy"
-            if not prob_path.exists():
-                sh("prob_map.py", out / "slides" / f"{name}.tif", model / "best.ckpt",
-                   out / "masks" / f"{name}_tissue.npy", prob_path, "--quiet")
-            scores.add(prob_path, out / "masks" / f"{name}_tumor.npy", tumours)
+        scores = map_and_score(out, model / "best.ckpt", model.name, names)
         rows.append((label, scores.froc(), scores.slide_auc(), scores.mean_iou()))
     print(f"\n{len(names)} held-out slides ({args.slides} with tumours), noise {args.noise}")
     print(f"{'model':<18} {'FROC':>6} {'slide AUC':>9} {'pixel IoU':>9}")

@@ -16,81 +16,54 @@ Every command is printed; nothing of example/out is changed.
 """
 from __future__ import annotations
 
-import argparse
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
-from noisy import DOWNSAMPLE, Scores, noisy_slides
+from noisy import DEMO, ROOT, bench_parser, demo_missing, map_and_score, noisy_set, sh
 
-ROOT = Path(__file__).resolve().parents[1]
-EX = ROOT / "example" / "out"
 TRAIN_SLIDES = ("tumor_001", "tumor_002", "normal_001")  # the demo's training slides (not validation)
-
-
-def sh(*args) -> None:
-    print("+ python " + " ".join(map(str, args)), flush=True)
-    subprocess.run([sys.executable, *map(str, args)], check=True, cwd=ROOT)
 
 
 def mine(out: Path, per_slide: int, margin_um: float) -> Path:
     """Hard negatives of the demo model on its training slides; the enlarged normal set."""
     for s in TRAIN_SLIDES:
-        sh("Mask_gen.py", EX / "slides" / f"{s}.tif", "-o", out / "train_masks" / f"{s}_tissue.npy",
+        sh("Mask_gen.py", DEMO / "slides" / f"{s}.tif", "-o", out / "train_masks" / f"{s}_tissue.npy",
            "--kind", "tissue", "--downsample", "16", "--quiet")
-        sh("prob_map.py", EX / "slides" / f"{s}.tif", EX / "model" / "best.ckpt",
+        sh("prob_map.py", DEMO / "slides" / f"{s}.tif", DEMO / "model" / "best.ckpt",
            out / "train_masks" / f"{s}_tissue.npy", "-o", out / "train_maps" / f"{s}_prob.npy", "--quiet")
-    sh("evaluate.py", "negatives", out / "train_maps", EX / "json", "-o", out / "negatives.txt",
+    sh("evaluate.py", "negatives", out / "train_maps", DEMO / "json", "-o", out / "negatives.txt",
        "--per-slide", per_slide, "--margin-um", margin_um, "--threshold", "0.5")
     normal = out / "dataset" / "normal_train"
     shutil.rmtree(normal, ignore_errors=True)
-    shutil.copytree(EX / "dataset" / "normal_train", normal)
+    shutil.copytree(DEMO / "dataset" / "normal_train", normal)
     for s in TRAIN_SLIDES:
-        sh("Patch_gen.py", EX / "slides" / f"{s}.tif", "--mask", out / "train_masks" / f"{s}_tissue.npy",
+        sh("Patch_gen.py", DEMO / "slides" / f"{s}.tif", "--mask", out / "train_masks" / f"{s}_tissue.npy",
            "-o", out / "patches", "--mode", "coords", "--coords", out / "negatives.txt", "--image-size", "192",
            "--overwrite", "--quiet")
     sh("coord_list_gen.py", out / "patches", "-o", normal, "--append", "--copy")
     return normal
 
 
-def held_out(out: Path, noise: float, n: int) -> list[tuple[str, int]]:
-    names = noisy_slides(out / "test", out / "json", n, noise, seed=200)
-    for name, _ in names:
-        for kind in ("tissue", "tumor"):
-            sh("Mask_gen.py", out / "test" / f"{name}.tif", "-o", out / "test_masks" / f"{name}_{kind}.npy",
-               "--kind", kind, "--annotation", out / "json" / f"{name}.json", "--downsample", DOWNSAMPLE, "--quiet")
-    return names
-
-
 def score(out: Path, model: Path, label: str, names: list[tuple[str, int]]) -> tuple:
-    scores = Scores()
-    for name, tumours in names:
-        prob_path = out / "maps" / label / f"{name}_prob.npy"
-        sh("prob_map.py", out / "test" / f"{name}.tif", model, out / "test_masks" / f"{name}_tissue.npy",
-           "-o", prob_path, "--quiet", "--overwrite")
-        scores.add(prob_path, out / "test_masks" / f"{name}_tumor.npy", tumours)
-    return label, scores.froc(), scores.slide_auc(), scores.precision(), scores.recall()
+    s = map_and_score(out, model, label, names)
+    return label, s.froc(), s.slide_auc(), s.precision(), s.recall()
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", type=Path, default=ROOT / "bench" / "out" / "hard_negatives", help="output folder")
-    p.add_argument("--noise", type=float, default=0.3, help="misleading spots on the held-out slides")
-    p.add_argument("--slides", type=int, default=3, help="held-out tumour slides (and as many normal)")
+    p = bench_parser(__doc__, "hard_negatives")
     p.add_argument("--per-slide", type=int, default=100, help="hard negatives mined per training slide")
     p.add_argument("--margin-um", type=float, default=100.0, help="mined points stay this far from tumour")
     args = p.parse_args()
-    if not (EX / "model" / "best.ckpt").exists():
-        print("error: run `make demo` first (this bench reuses its slides, training sets and model)", file=sys.stderr)
+    if demo_missing("slides, training sets and model"):
         return 2
     out = args.out
     normal = mine(out, args.per_slide, args.margin_um)
     shutil.rmtree(out / "mined_model", ignore_errors=True)
     sh("train.py", ROOT / "example" / "config.json", out / "mined_model", "--quiet",
        "--set", f'data_path_normal_train="{normal}"')
-    names = held_out(out, args.noise, args.slides)
-    rows = [score(out, EX / "model" / "best.ckpt", "before", names),
+    names = noisy_set(out, args.slides, args.noise, seed=200)
+    rows = [score(out, DEMO / "model" / "best.ckpt", "before", names),
             score(out, out / "mined_model" / "best.ckpt", "after", names)]
     mined = len((out / "negatives.txt").read_text().split())
     print(f"\n{mined} hard negatives mined from {len(TRAIN_SLIDES)} training slides; {len(names)} held-out "

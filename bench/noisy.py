@@ -1,7 +1,11 @@
 """Held-out synthetic slides whose texture carries misleading spots, and how a model's
-maps score on them: shared by bench/crf_vs_cnn.py and bench/hard_negatives.py."""
+maps score on them: shared by bench/crf_vs_cnn.py and bench/hard_negatives.py, which
+both build on the demo's outputs (`make demo`)."""
 from __future__ import annotations
 
+import argparse
+import subprocess
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -13,7 +17,32 @@ from crfcore.evaluation import evaluation_mask, find_lesions, froc, froc_score, 
 from crfcore.evaluation import slide_hits, slide_roc
 from crfcore.heatmap import load_probability_map
 
+ROOT = Path(__file__).resolve().parents[1]
+DEMO = ROOT / "example" / "out"
 DOWNSAMPLE = 32  # the lattice of these slides' masks and maps (mpp 1.0)
+
+
+def sh(*args) -> None:
+    """Run one of the project's scripts, printing the command first."""
+    print("+ python " + " ".join(map(str, args)), flush=True)
+    subprocess.run([sys.executable, *map(str, args)], check=True, cwd=ROOT)
+
+
+def bench_parser(doc: str, name: str) -> argparse.ArgumentParser:
+    """The options both benches take: --out (default bench/out/NAME), --noise, --slides."""
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", type=Path, default=ROOT / "bench" / "out" / name, help="output folder")
+    p.add_argument("--noise", type=float, default=0.3, help="misleading spots on the held-out slides")
+    p.add_argument("--slides", type=int, default=3, help="held-out tumour slides (and as many normal)")
+    return p
+
+
+def demo_missing(uses: str) -> bool:
+    """True (after saying so) when `make demo` has not been run."""
+    if (DEMO / "model" / "best.ckpt").exists():
+        return False
+    print(f"error: run `make demo` first (this bench reuses its {uses})", file=sys.stderr)
+    return True
 
 
 def noisy_slides(slides: Path, json_dir: Path, n: int, noise: float, seed: int) -> list[tuple[str, int]]:
@@ -27,6 +56,29 @@ def noisy_slides(slides: Path, json_dir: Path, n: int, noise: float, seed: int) 
                                       tumour_radius=0.13, noise=noise)
             write_annotation(s.annotation, json_dir / f"{name}.json")
     return names
+
+
+def noisy_set(out: Path, n: int, noise: float, seed: int) -> list[tuple[str, int]]:
+    """`noisy_slides` in OUT/slides (annotations in OUT/json) with their tissue and tumour
+    masks in OUT/masks."""
+    names = noisy_slides(out / "slides", out / "json", n, noise, seed)
+    for name, _ in names:
+        for kind in ("tissue", "tumor"):
+            sh("Mask_gen.py", out / "slides" / f"{name}.tif", "-o", out / "masks" / f"{name}_{kind}.npy", "--kind",
+               kind, "--annotation", out / "json" / f"{name}.json", "--downsample", DOWNSAMPLE, "--quiet")
+    return names
+
+
+def map_and_score(out: Path, ckpt: Path, label: str, names: list[tuple[str, int]]) -> "Scores":
+    """Maps of the noisy set by `ckpt` in OUT/maps/LABEL (prob_map.py keeps a map made by
+    this checkpoint and settings, and recomputes a stale one), scored."""
+    scores = Scores()
+    for name, tumours in names:
+        prob_path = out / "maps" / label / f"{name}_prob.npy"
+        sh("prob_map.py", out / "slides" / f"{name}.tif", ckpt, out / "masks" / f"{name}_tissue.npy",
+           "-o", prob_path, "--quiet", "--overwrite")
+        scores.add(prob_path, out / "masks" / f"{name}_tumor.npy", tumours)
+    return scores
 
 
 @dataclass

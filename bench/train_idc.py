@@ -23,11 +23,13 @@ import re
 import subprocess
 import sys
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 from pathlib import Path
 
+import cv2
 import numpy as np
 
+from crfcore.io import write_image
 from crfcore.runlog import read_log
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -53,11 +55,8 @@ def split_by_patient(files: dict[str, list[tuple[str, Path]]], fractions: dict[s
     the rest is `train`. Every class is then in every split (here class 0 comes from four
     patients only: one each for test and validation, two for training)."""
     order = np.random.default_rng(seed).permutation(sorted(files)).tolist()
-    has = {p: {k for k, _ in files[p]} for p in files}
-    count = {p: defaultdict(int) for p in files}
-    for p in files:
-        for k, _ in files[p]:
-            count[p][k] += 1
+    count = {p: Counter(k for k, _ in pairs) for p, pairs in files.items()}
+    has = {p: set(count[p]) for p in files}
     classes = sorted({k for p in files for k in has[p]}, key=lambda c: (sum(c in has[p] for p in files), c))
     where: dict[str, str] = {}
     done: set[str] = set()
@@ -88,10 +87,6 @@ def link_splits(files: dict[str, list[tuple[str, Path]]], split: dict[str, str],
 def stain_reference(files: dict[str, list[tuple[str, Path]]], split: dict[str, str], out: Path) -> Path:
     """A Macenko reference from training patches only: a tile of 8 x 8 of them (both
     classes, drawn at random), written as a PNG."""
-    import cv2
-
-    from crfcore.io import write_image
-
     pool = [f for p, pairs in files.items() if split[p] == "train" for _, f in pairs]
     rng = np.random.default_rng(0)
     pick = [pool[i] for i in rng.choice(len(pool), 64, replace=False)]
