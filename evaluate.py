@@ -25,7 +25,7 @@ from crfcore import evaluation as ev
 from crfcore import masks
 from crfcore import slide as sl
 from crfcore.annotations import load_annotation
-from crfcore.cli import UserError, parser, run
+from crfcore.cli import UserError, add_workers, parser, run
 from crfcore.heatmap import load_probability_map
 from crfcore.io import atomic_path, atomic_write_text, companion, companion_stem, visible_files
 from crfcore.tiling import format_coords
@@ -188,7 +188,10 @@ def cmd_pixels(args) -> None:
 
 
 def cmd_patches(args) -> None:
+    from crfcore.device import retain_freed_memory
     from crfcore.training import evaluate_folder
+
+    retain_freed_memory()  # the CNN's buffers are reused, not faulted back in
     print(evaluate_folder(args.ckpt, args.data, json_dir=args.json, quiet=args.quiet, workers=args.workers))
 
 
@@ -265,8 +268,7 @@ def add_commands(p) -> None:
     q.add_argument("ckpt", type=Path, help="checkpoint from train.py")
     q.add_argument("data", type=Path, help="class sub-folders (classify) or a list.txt folder (grid)")
     q.add_argument("--json", type=Path, help="grid models: annotation JSON folder")
-    q.add_argument("--workers", type=int, default=2,
-                   help="DataLoader worker processes reading images or slides (0: in the main process)")
+    add_workers(q, beside_cnn=True)
     q.add_argument("--quiet", action="store_true", help="no progress bar")
     q = sub.add_parser("negatives", help="hard-negative points: false positives of maps with known truth",
                        formatter_class=p.formatter_class)

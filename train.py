@@ -15,6 +15,7 @@ from pathlib import Path
 from crfcore import training
 from crfcore.cli import UserError, parser, run
 from crfcore.config import load_config
+from crfcore.device import retain_freed_memory
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -36,10 +37,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     p = build_parser()
     args = p.parse_args(argv)
+    retain_freed_memory()  # the CNN's buffers are reused, not faulted back in
     if args.evaluate:
         ckpt, data = args.evaluate
         print(training.evaluate_folder(ckpt, data, json_dir=args.json, quiet=args.quiet,
-                                       device=args.device or "auto", workers=2 if args.workers is None else args.workers))
+                                       device=args.device or "auto", workers=args.workers))
         return 0
     if args.config is None or args.save_dir is None:
         p.error("CONFIG and SAVE_DIR are required (or --evaluate CKPT DATA_DIR)")

@@ -106,7 +106,7 @@ def run_variant(args, variant: str, work: Path, mdir: Path) -> tuple[Path, float
     method, precision = variant.split(":")
     maps = work / variant.replace(":", "_")
     call("prob_map.py", work / "slides", args.ckpt, mdir, maps, "--method", method, "--precision", precision,
-         "--device", "cpu", "--workers", args.workers, "--quiet")
+         "--device", "cpu", "--quiet", *(["--workers", args.workers] if args.workers is not None else []))
     seconds = sum(json.loads(p.read_text())["seconds"] for p in maps.glob("*_prob.json"))
     return maps, seconds
 
@@ -132,7 +132,7 @@ def main() -> int:
                    help="METHOD:PRECISION list; the first is the reference")
     p.add_argument("--with-training-slides", action="store_true", help="also map the 5 training/validation slides")
     p.add_argument("--downsample", type=int, default=32, help="map lattice (the demo's)")
-    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--workers", type=int, help="prob_map.py's --workers (default: its own)")
     args = p.parse_args()
     args.ckpt = args.ckpt or args.demo / "model" / "best.ckpt"
     if not args.ckpt.exists():

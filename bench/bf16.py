@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """bf16 autocast + channels-last against fp32 on this CPU: CNN speed for inference
-(forward) and training (forward, backward, SGD step), interleaved and best of
-`--repeats`, so a shared machine's busy moments count less.
+(forward, batch norm folded as prob_map.py runs it) and training (forward, backward, SGD
+step), interleaved and best of `--repeats`, so a shared machine's busy moments count less;
+freed memory is kept for reuse, as the scripts keep it (`retain_freed_memory`).
 
   python bench/bf16.py [--width 1.0 --crop 224 --batch 32]
 
@@ -17,8 +18,8 @@ import time
 
 import torch
 
-from crfcore.device import autocast, cpu_has_native_bf16
-from crfcore.model import CRFNet, ModelConfig
+from crfcore.device import autocast, cpu_has_native_bf16, retain_freed_memory
+from crfcore.model import CRFNet, ModelConfig, fold_batch_norm
 
 
 def step_time(model: CRFNet, x: torch.Tensor, precision: str, train: bool) -> float:
@@ -48,8 +49,10 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--repeats", type=int, default=5)
     args = p.parse_args()
+    retain_freed_memory()  # as train.py and prob_map.py run
     torch.manual_seed(0)
     model = CRFNet(ModelConfig(grid=1, width_mult=args.width)).to(memory_format=torch.channels_last)
+    folded = fold_batch_norm(model)  # inference runs the folded copy, as prob_map.py does
     x = torch.randn(args.batch, 3, args.crop, args.crop).contiguous(memory_format=torch.channels_last)
     print(f"native bf16: {cpu_has_native_bf16()}; {torch.get_num_threads()} threads; load {os.getloadavg()[0]:.1f}; "
           f"width {args.width}, crop {args.crop}, batch {args.batch}")
@@ -58,7 +61,7 @@ def main() -> None:
         for train in (False, True):
             for precision in ("fp32", "bf16"):
                 key = (train, precision)
-                best[key] = min(best.get(key, float("inf")), step_time(model, x, precision, train))
+                best[key] = min(best.get(key, float("inf")), step_time(model if train else folded, x, precision, train))
     for train in (False, True):
         what = "training" if train else "inference"
         f32, b16 = best[(train, "fp32")], best[(train, "bf16")]

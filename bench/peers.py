@@ -4,7 +4,9 @@
 Both run the same CNN (a grid-1 MobileNetV2: ImageNet normalisation, crop 224, one
 sigmoid tumour probability; no CRF, which TIAToolbox has not) over the same patches of
 the same synthetic slide, on the same device with the same torch threads, batch size,
-DataLoader workers, precision (fp32) and memory format (channels-last). Prints patches/s
+DataLoader workers, precision (fp32), memory format (channels-last) and memory allocator
+settings (freed memory kept for reuse, as prob_map.py keeps it). Ours folds batch norm
+into the convolutions, as prob_map.py does; TIAToolbox runs the network as given. Prints patches/s
 of each (best of `--passes` passes, the two taken in turn, so both see the same load of
 a shared machine), their ratio and the largest difference of the probabilities at
 matching points. The last line:
@@ -52,6 +54,7 @@ from crfcore import inference, synthetic
 from crfcore import slide as sl
 from crfcore.cli import HelpFormatter, add_workers, run
 from crfcore.datasets import normalise_batch
+from crfcore.device import retain_freed_memory
 from crfcore.errors import CrfError
 from crfcore.model import CRFNet, model_from_checkpoint
 from crfcore.testing import varied_model
@@ -378,6 +381,7 @@ def main(argv: list[str] | None = None) -> int:
 
     logging.getLogger().setLevel(logging.ERROR)  # INFO lines and unknown-objective-power warnings, per run
     torch.set_num_threads(args.threads)
+    retain_freed_memory()  # as prob_map.py runs; TIAToolbox, in this process too, gains from it alike
     with tempfile.TemporaryDirectory() as tmp:
         b = setup(args, Path(tmp))
         t_ours, t_theirs, diff = timed_passes(b, args.passes)

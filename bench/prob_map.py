@@ -39,8 +39,8 @@ import torch
 from crfcore import dense, inference, masks, synthetic
 from crfcore import slide as sl
 from crfcore.datasets import normalise_batch
-from crfcore.device import resolve_device, resolve_precision
-from crfcore.model import CRFNet, model_from_checkpoint, save_checkpoint
+from crfcore.device import reader_workers, resolve_device, resolve_precision, retain_freed_memory
+from crfcore.model import CRFNet, fold_batch_norm, model_from_checkpoint, save_checkpoint
 from crfcore.testing import varied_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -155,13 +155,15 @@ def main() -> None:
     p.add_argument("--naive-points", type=int, default=200)
     p.add_argument("--model-only-patches", type=int, default=1024)
     p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--workers", type=int, help="DataLoader workers (default: prob_map.py's: 0 on the CPU, 2 with CUDA)")
     p.add_argument("--device", default="auto")
     p.add_argument("--precision", default="fp32", help="of naive, lattice, dense and the model alone")
     p.add_argument("--keep", type=Path, help="write (or reuse) the synthetic slide at this path (and the large one beside it)")
     p.add_argument("--large-side", type=int, default=40000, help="side of the peak-memory slide (0: skip)")
     args = p.parse_args()
+    retain_freed_memory()  # as prob_map.py does
     device = resolve_device(args.device)
+    args.workers = reader_workers(args.workers, device)
     precision = resolve_precision(device, args.precision)
     side = args.lattice_side * args.stride + 2 * args.patch
     with tempfile.TemporaryDirectory() as tmp:
@@ -173,7 +175,7 @@ def main() -> None:
         mask, meta = masks.make_mask(path, "tissue", downsample=args.stride)
         rows, cols = np.nonzero(mask)
         model, ckpt = bench_model(args, path, Path(tmp))
-        model = model.to(device, memory_format=torch.channels_last)
+        model = fold_batch_norm(model).to(device, memory_format=torch.channels_last)  # as probability_map does
         print(f"tissue: {mask.sum()} lattice points, spans {np.ptp(rows) + 1} x {np.ptp(cols) + 1}; patch {args.patch}, "
               f"crop {args.crop}, stride {args.stride}; {'checkpoint ' + str(args.ckpt) if args.ckpt else 'varied model'}; "
               f"device {device}, precision {precision}, {torch.get_num_threads()} threads; load {os.getloadavg()[0]:.1f}")

@@ -5,6 +5,7 @@ tumour logit per patch) or `[B, N, C]` for a C-class patch classifier (grid 1).
 """
 from __future__ import annotations
 
+import copy
 import pickle
 import zipfile
 from dataclasses import dataclass, fields
@@ -13,6 +14,7 @@ from pathlib import Path
 import torch
 import torchvision
 from torch import nn
+from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from . import __version__
 from .crf import CRF
@@ -73,6 +75,22 @@ class CRFNet(nn.Module):
         if n != self.crf.W.shape[0]:
             raise ValueError(f"input has {n} patches per sample, the CRF expects {self.crf.W.shape[0]}")
         return self.crf(logits, feats.reshape(b, n, -1))
+
+
+def fold_batch_norm(model: CRFNet) -> CRFNet:
+    """An inference copy of `model` (eval mode) with every batch norm folded into the
+    convolution before it (torch's `fuse_conv_bn_eval`). Outputs agree to about 1e-6;
+    the CNN runs about 1.4x faster on the CPU, where eager batch norm is a pass of its own
+    over every activation (bench/prob_map.py). The model itself is left untouched."""
+    model = copy.deepcopy(model).eval()
+    for seq in model.modules():
+        if isinstance(seq, nn.Sequential):
+            kids = list(seq.named_children())
+            for (conv_name, conv), (bn_name, bn) in zip(kids, kids[1:]):
+                if isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d):
+                    setattr(seq, conv_name, fuse_conv_bn_eval(conv, bn))
+                    setattr(seq, bn_name, nn.Identity())
+    return model
 
 
 def load_pretrained_backbone(model: CRFNet, path: str | Path) -> None:

@@ -21,12 +21,12 @@ from tqdm import tqdm
 
 from .config import MODEL_KEYS, ConfigError, TrainConfig
 from .datasets import FolderDataset, GridDataset
-from .device import DistEnv, autocast, resolve_device, resolve_precision
+from .device import DistEnv, autocast, reader_workers, resolve_device, resolve_precision
 from .errors import CrfError
 from .evaluation import patch_metrics, patch_report
 from .io import atomic_write_json, atomic_write_text
 from .model import CRFNet, ModelConfig, init_from_checkpoint, load_checkpoint, load_pretrained_backbone
-from .model import model_from_checkpoint, save_checkpoint
+from .model import fold_batch_norm, model_from_checkpoint, save_checkpoint
 from .loaders import build_loaders, collate, stain_normaliser
 from .runlog import append_log, plot_curves, read_log
 
@@ -358,7 +358,7 @@ def write_config(cfg: TrainConfig, save_dir: Path) -> None:
 
 
 def evaluate_folder(ckpt_path: str | Path, data_dir: str | Path, out_dir: str | Path | None = None,
-                    batch_size: int = 64, workers: int = 2, device: str = "auto",
+                    batch_size: int = 64, workers: int | None = None, device: str = "auto",
                     json_dir: str | Path | None = None, quiet: bool = False) -> str:
     """Report of a checkpoint on any data folder: class sub-folders (classify) or a
     list.txt grid folder with `json_dir` (grid). Writes confusion_matrix.png to `out_dir`."""
@@ -372,8 +372,8 @@ def evaluate_folder(ckpt_path: str | Path, data_dir: str | Path, out_dir: str | 
         if json_dir is None:
             raise ConfigError("a grid-mode checkpoint needs --json DIR with the slides' annotations")
         ds = GridDataset(data_dir, json_dir, cfg.image_size, cfg.patch_size, cfg.crop_size, None, norm)
-    loader = DataLoader(ds, batch_size=batch_size, num_workers=workers, collate_fn=collate)
-    model = model.to(dev, memory_format=torch.channels_last)
+    loader = DataLoader(ds, batch_size=batch_size, num_workers=reader_workers(workers, dev), collate_fn=collate)
+    model = fold_batch_norm(model).to(dev, memory_format=torch.channels_last)
     y, p, _ = predict(model, loader, dev, resolve_precision(dev, cfg.precision), model.cfg.num_classes, quiet=quiet)
     out = Path(out_dir) if out_dir else Path(data_dir)
     return patch_report(y, p, list(cfg.classes), out / "confusion_matrix.png", f"{Path(ckpt_path).name} on {data_dir}")

@@ -41,14 +41,14 @@ def test_every_option_has_help_and_shows_its_default_once(name):
 
 
 def test_workers_has_one_default_and_meaning():
-    seen = set()
-    for name in ("Patch_gen.py", "prob_map.py"):
-        (a,) = [a for a in load_script(name).build_parser()._actions if "--workers" in a.option_strings]
-        seen.add((a.default, a.help))
+    def workers(p):
+        (a,) = [a for a in p._actions if "--workers" in a.option_strings]
+        return a.default, a.help
+
     (patches,) = [p for p in parsers(load_script("evaluate.py")) if p.prog.endswith("patches")]
-    (a,) = [a for a in patches._actions if "--workers" in a.option_strings]
-    seen.add((a.default, a.help))
-    assert len(seen) == 1, seen
+    beside_cnn = {workers(load_script("prob_map.py").build_parser()), workers(patches)}
+    assert len(beside_cnn) == 1 and next(iter(beside_cnn))[0] is None, beside_cnn  # auto: 0 on the CPU
+    assert workers(load_script("Patch_gen.py").build_parser())[0] == 2  # reading only: workers help
     train = {a.dest for a in load_script("train.py").build_parser()._actions}
     assert {"device", "workers"} <= train
 

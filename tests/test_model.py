@@ -80,3 +80,31 @@ def test_bad_checkpoints_get_one_line_errors(tmp_path):
         assert "\n" not in str(err.value)
     with pytest.raises(CheckpointError, match="mode='grid', expected 'classify'"):
         model_from_checkpoint(good, expect={"mode": "classify"})
+
+
+def test_folded_batch_norm_gives_the_same_outputs_and_leaves_the_model_alone():
+    from crfcore.model import fold_batch_norm
+
+    torch.manual_seed(3)
+    model = CRFNet(ModelConfig(grid=3, width_mult=0.5)).eval()
+    for bn in (m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)):
+        bn.running_mean.uniform_(-0.2, 0.2)  # statistics far from the identity, as after training
+        bn.running_var.uniform_(0.3, 3.0)
+        bn.weight.data.uniform_(0.5, 1.5)
+        bn.bias.data.uniform_(-0.2, 0.2)
+    folded = fold_batch_norm(model)
+    x = torch.randn(2, 9, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.allclose(folded(x), model(x), atol=1e-4)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.modules())
+    assert sum(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules()) == 52  # MobileNetV2's, untouched
+
+
+def test_retain_freed_memory_takes_effect_under_glibc():
+    import platform
+
+    from crfcore.device import retain_freed_memory
+
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        pytest.skip("mallopt is glibc's")
+    assert retain_freed_memory()
