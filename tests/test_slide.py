@@ -86,3 +86,18 @@ def test_synthetic_slide_round_trip(syn_slide):
     blur = cv2.blur(img, (31, 31))
     val = blur[pts[:, 1].astype(int), pts[:, 0].astype(int)]
     assert val[tumour].mean() + 20 < val[tissue & ~tumour].mean() < val[~tissue].mean() - 20
+
+
+def test_rgba_to_rgb_composites_over_white_and_keeps_opaque_pixels():
+    from crfcore.slide import rgba_to_rgb
+
+    rng = np.random.default_rng(0)
+    rgba = rng.integers(0, 256, (5, 7, 4), dtype=np.uint8)
+    rgba[..., 3] = 255
+    assert np.array_equal(rgba_to_rgb(rgba), rgba[..., :3])  # the opaque fast path
+    rgba[0, 0] = (10, 20, 30, 0)  # transparent: white
+    rgba[0, 1] = (0, 100, 200, 128)  # half: halfway to white
+    out = rgba_to_rgb(rgba)
+    assert tuple(out[0, 0]) == (255, 255, 255)
+    assert tuple(out[0, 1]) == (127, 177, 227)
+    assert np.array_equal(out[1:], rgba[1:, :, :3])
