@@ -63,20 +63,22 @@ def tree_pss(pid: int) -> int:
     return total
 
 
-def peak_memory(cmd: list[str]) -> tuple[float, float, float]:
-    """Run `cmd`; return (seconds, peak summed PSS in MiB, peak RSS of the main process in MiB)."""
+def peak_memory(cmd: list[str]) -> tuple[float, float]:
+    """Run `cmd`; return (seconds, peak summed PSS in MiB). (Not the child's ru_maxrss:
+    Linux starts it at the RSS of this process when it forks, so it says more about the
+    bench than about prob_map.py.)"""
     t = time.perf_counter()
     proc = subprocess.Popen(cmd)
     peak = 0
     while True:
-        pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+        pid, status, _ = os.wait4(proc.pid, os.WNOHANG)
         if pid:
             break
         peak = max(peak, tree_pss(proc.pid))
         time.sleep(0.2)
     if os.waitstatus_to_exitcode(status):
         sys.exit(f"{' '.join(cmd)} failed")
-    return time.perf_counter() - t, peak / 2 ** 20, usage.ru_maxrss / 1024
+    return time.perf_counter() - t, peak / 2 ** 20
 
 
 def model_only_rate(model: CRFNet, path: Path, geom: inference.Geometry, rows: np.ndarray, cols: np.ndarray,
@@ -121,9 +123,8 @@ def large_slide_memory(args, ckpt: Path, tmp: Path, precision: str) -> None:
         cmd = [sys.executable, str(ROOT / "prob_map.py"), str(path), str(ckpt), str(tmp / "large_tissue.npy"),
                str(tmp / f"large_{method}_prob.npy"), "--quiet", "--method", method, "--batch-size",
                str(args.batch_size), "--workers", str(args.workers), "--device", args.device, "--precision", precision]
-        seconds, pss, rss = peak_memory(cmd)
-        print(f"large {method}: prob_map.py {seconds:.0f} s; peak memory {pss:.0f} MiB "
-              f"(PSS, workers included; main process RSS {rss:.0f} MiB)")
+        seconds, pss = peak_memory(cmd)
+        print(f"large {method}: prob_map.py {seconds:.0f} s; peak memory {pss:.0f} MiB (PSS, workers included)")
 
 
 def bench_model(args, path: Path, tmp: Path) -> tuple[CRFNet, Path]:

@@ -92,8 +92,8 @@ def resolve_precision(device: torch.device, precision: str) -> str:
     """The precision `auto` stands for: on CUDA bf16 mixed precision (fp16 where bf16 is
     missing); on the CPU fp32, even where the CPU has native bf16: the rule was bf16 only
     if it moved a trained model's maps by at most 0.01 with unchanged metrics, and on the
-    demo's trained model bf16 autocast moved them by up to 0.069-0.077 (bench/agreement.py;
-    FROC, slide AUC and pixel AUC unchanged) for no reliable speed gain on 2 cores (README, prob_map.py)."""
+    demo's trained models bf16 autocast moved them by up to 0.045-0.077 (bench/agreement.py;
+    FROC, slide AUC and pixel AUC unchanged), for 1.3-1.6x the speed (README, bf16 on the CPU)."""
     if precision not in PRECISIONS:
         raise DeviceError(f"unknown precision {precision!r} (expected one of {', '.join(PRECISIONS)})")
     if precision == "auto":
