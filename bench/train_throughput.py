@@ -16,6 +16,7 @@ from pathlib import Path
 
 from crfcore import training
 from crfcore.config import load_config
+from crfcore.device import retain_freed_memory
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -25,6 +26,7 @@ def main() -> int:
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--set", action="append", default=[])
     args = p.parse_args()
+    retain_freed_memory()  # as train.py runs
     if not (ROOT / "example" / "out" / "dataset").exists():
         print("error: run `make demo` first (this bench reads example/out/dataset)", file=sys.stderr)
         return 2
