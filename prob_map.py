@@ -158,7 +158,7 @@ def main(argv=None) -> int:
     if (args.out is None) == (args.output is None):
         p.error("give the output once: OUT as the 4th argument or -o OUT")
     out = args.output or args.out
-    retain_freed_memory()  # the CNN's buffers are reused, not faulted back in (2.5-3.5x)
+    retain_freed_memory()  # the CNN's buffers are reused, not faulted back in
     env = DistEnv.from_env()
     device = resolve_device(args.device, env.local_rank)
     precision = resolve_precision(device, args.precision)

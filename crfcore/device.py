@@ -57,8 +57,9 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
 def retain_freed_memory() -> bool:
     """Keep freed memory in this process for reuse (glibc: never trim the heap, never
     serve a block by mmap). By default glibc hands large freed blocks back to the OS, so
-    every CNN pass faults its activation buffers back in, page by page: MobileNetV2 ran
-    2.5-3.5x slower for it on this project's 2-core machine (README, Speed). The process
+    every CNN pass faults its activation buffers back in, page by page: MobileNetV2
+    inference ran 4.3x and training 2.0x slower for it on this project's 2-core machine
+    (bench/cpu_settings.py). The process
     then keeps its peak memory until it ends, which suits the batch scripts that call this
     (prob_map.py, train.py, evaluate.py). False where the C library is not glibc."""
     try:
@@ -71,8 +72,8 @@ def retain_freed_memory() -> bool:
 def reader_workers(asked: int | None, device: torch.device) -> int:
     """DataLoader workers reading slides beside the CNN: as asked, else 0 on the CPU and 2
     with CUDA. On the CPU the CNN's threads already use every core and worker processes
-    preempt them: on 2 cores, maps came 1.25x (lattice) and 1.35x (dense) faster with the
-    reading done in the main process (README, Speed)."""
+    preempt them: on 2 cores, maps came 1.27x (lattice) and 2.16x (dense) faster with the
+    reading done in the main process (bench/cpu_settings.py)."""
     if asked is not None:
         return asked
     return 0 if device.type == "cpu" else 2

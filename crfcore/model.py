@@ -80,8 +80,8 @@ class CRFNet(nn.Module):
 def fold_batch_norm(model: CRFNet) -> CRFNet:
     """An inference copy of `model` (eval mode) with every batch norm folded into the
     convolution before it (torch's `fuse_conv_bn_eval`). Outputs agree to about 1e-6;
-    the CNN runs about 1.4x faster on the CPU, where eager batch norm is a pass of its own
-    over every activation (bench/prob_map.py). The model itself is left untouched."""
+    the CNN runs about 1.3x faster on the CPU, where eager batch norm is a pass of its own
+    over every activation (bench/cpu_settings.py). The model itself is left untouched."""
     model = copy.deepcopy(model).eval()
     for seq in model.modules():
         if isinstance(seq, nn.Sequential):
