@@ -27,8 +27,7 @@ from pathlib import Path
 from crfcore import inference, masks
 from crfcore import slide as sl
 from crfcore.cli import UserError, add_workers, for_each, parser, run
-from crfcore.device import (PRECISIONS, DistEnv, reader_workers, resolve_device, resolve_precision,
-                            retain_freed_memory)
+from crfcore.device import PRECISIONS, DistEnv, resolve_device, resolve_precision, retain_freed_memory
 from crfcore.heatmap import save_probability_map
 from crfcore.io import check_fits_slide, companion, ensure_free_space, file_sha256, sidecar_path
 from crfcore.model import model_from_checkpoint
@@ -164,7 +163,7 @@ def main(argv=None) -> int:
     precision = resolve_precision(device, args.precision)
     model, ckpt = model_from_checkpoint(args.ckpt, expect={"mode": "grid"})
     ref = ckpt["config"].get("stain_reference")
-    opts = inference.Options(batch_size=args.batch_size, workers=reader_workers(args.workers, device), device=device,
+    opts = inference.Options(batch_size=args.batch_size, workers=args.workers, device=device,
                              precision=precision, tta=args.tta, quiet=args.quiet,
                              normaliser=MacenkoNormaliser.from_dict(ref) if ref else None)
     wanted = settings(args, file_sha256(args.ckpt), precision, resolution(args, ckpt["config"]))

@@ -72,13 +72,9 @@ DEFAULT_WORKERS = 2
 def add_workers(p: argparse.ArgumentParser, beside_cnn: bool = False) -> None:
     """`--workers`: the same option and meaning in every script. Beside a CNN the default
     is `crfcore.device.reader_workers`'s (0 on the CPU, 2 with CUDA)."""
-    if beside_cnn:
-        p.add_argument("--workers", type=int, default=None,
-                       help="DataLoader worker processes reading images or slides (0: in the main process; "
-                            "default 0 when the CNN runs on the CPU, whose threads use every core, 2 with CUDA)")
-    else:
-        p.add_argument("--workers", type=int, default=DEFAULT_WORKERS,
-                       help="DataLoader worker processes reading images or slides (0: in the main process)")
+    why = "; default 0 when the CNN runs on the CPU, whose threads use every core, 2 with CUDA" if beside_cnn else ""
+    p.add_argument("--workers", type=int, default=None if beside_cnn else DEFAULT_WORKERS,
+                   help=f"DataLoader worker processes reading images or slides (0: in the main process{why})")
 
 
 def for_each(jobs: Sequence, name: Callable[[object], str], work: Callable[[object], None],

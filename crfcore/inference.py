@@ -24,7 +24,7 @@ from tqdm import tqdm
 from . import slide as sl
 from .crf import mean_field
 from .datasets import Normaliser, SlideDataset, cut_grid, normalise_batch, to_tensor
-from .device import autocast
+from .device import autocast, reader_workers
 from .model import CRFNet, fold_batch_norm
 from .scale import ReadScale
 
@@ -212,7 +212,7 @@ def crf_centre(model: CRFNet, logits: torch.Tensor, feats: torch.Tensor, tta: in
 @dataclass
 class Options:
     batch_size: int = 64
-    workers: int = 2
+    workers: int | None = None  # None: crfcore.device.reader_workers's default for the device
     device: torch.device = torch.device("cpu")
     precision: str = "fp32"
     tta: int = 1
@@ -223,8 +223,9 @@ class Options:
 
 def slide_loader(ds: Dataset, opts: Options, batch: int | None) -> DataLoader:
     """A DataLoader over slide reads with the run's workers (batch None: the dataset batches)."""
-    return DataLoader(ds, batch_size=batch, num_workers=opts.workers, pin_memory=opts.device.type == "cuda",
-                      prefetch_factor=4 if opts.workers else None)
+    workers = reader_workers(opts.workers, opts.device)
+    return DataLoader(ds, batch_size=batch, num_workers=workers, pin_memory=opts.device.type == "cuda",
+                      prefetch_factor=4 if workers else None)
 
 
 def naive_map(model: CRFNet, slide_path: Path, mask: np.ndarray, geom: Geometry, opts: Options,
