@@ -59,9 +59,9 @@ def retain_freed_memory() -> bool:
     serve a block by mmap). By default glibc hands large freed blocks back to the OS, so
     every CNN pass faults its activation buffers back in, page by page: MobileNetV2
     inference ran 4.3x and training 2.0x slower for it on this project's 2-core machine
-    (bench/cpu_settings.py). The process
-    then keeps its peak memory until it ends, which suits the batch scripts that call this
-    (prob_map.py, train.py, evaluate.py). False where the C library is not glibc."""
+    (bench/cpu_settings.py). The process then keeps its peak memory until it ends, which
+    suits the batch scripts that call this (prob_map.py, train.py, evaluate.py). False
+    where the C library is not glibc."""
     try:
         mallopt = ctypes.CDLL("libc.so.6").mallopt
     except (OSError, AttributeError):
