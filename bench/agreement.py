@@ -10,6 +10,7 @@ reference, pixel AUC and Dice, FROC, slide AUC.
   make demo    # writes example/out (slides, masks, trained model)
   python bench/agreement.py                       # the demo's 2 held-out slides
   python bench/agreement.py --with-training-slides  # and its 5 training/validation slides
+  python bench/agreement.py --validation-slides     # its 2 validation slides only (to choose on)
 
 Nothing here is tuned: the reference and the variants use the checkpoint as trained.
 """
@@ -34,6 +35,7 @@ from crfcore.evaluation import pixel_scores
 from crfcore.heatmap import load_probability_map
 
 ROOT = Path(__file__).resolve().parents[1]
+VALIDATION = ("normal_002", "tumor_003")  # the demo's validation slides (example/run_pipeline.sh)
 
 
 def script(name: str):
@@ -67,9 +69,12 @@ def prepare(args, work: Path) -> Path:
     slides.mkdir()
     m = work / "masks"
     sources = [args.demo / "test"] + ([args.demo / "slides"] if args.with_training_slides else [])
+    if args.validation_slides:
+        sources = [args.demo / "slides"]
     for folder in sources:
         for s in sl.find_slides(folder):
-            (slides / s.name).symlink_to(s.resolve())
+            if not args.validation_slides or s.stem in VALIDATION:
+                (slides / s.name).symlink_to(s.resolve())
     for kind in ("tissue", "tumor"):
         extra = ["--annotation", args.demo / "json"] if kind == "tumor" else []
         call("Mask_gen.py", slides, "-o", m, "--kind", kind, "--downsample", args.downsample, "--quiet", *extra)
@@ -131,6 +136,8 @@ def main() -> int:
     p.add_argument("--variants", default="lattice:fp32,lattice:bf16,dense:fp32,dense:bf16",
                    help="METHOD:PRECISION list; the first is the reference")
     p.add_argument("--with-training-slides", action="store_true", help="also map the 5 training/validation slides")
+    p.add_argument("--validation-slides", action="store_true",
+                   help="map only the demo's 2 validation slides (to choose settings on)")
     p.add_argument("--downsample", type=int, default=32, help="map lattice (the demo's)")
     p.add_argument("--workers", type=int, help="prob_map.py's --workers (default: its own)")
     args = p.parse_args()

@@ -57,6 +57,9 @@ class TrainConfig:
     width_mult: float = key(1.0, "MobileNetV2 width multiplier")
     pretrained: Optional[str] = key(None, "local torchvision MobileNetV2 ImageNet state dict (nothing is downloaded)")
     init_from: Optional[str] = key(None, "checkpoint to fine-tune from (weights whose shapes fit; new head otherwise)")
+    dense_consistency: float = key(0.0, "grid: weight of a loss that trains the model for prob_map.py "
+                                        "--method dense (its window outputs must match the crops'), fine-tuning "
+                                        "init_from with batch norm frozen; 0 = off")
     optimizer: str = key("sgd", "`sgd` (momentum, as NCRF) or `adamw`")
     lr: float = key(0.001, "learning rate")
     momentum: float = key(0.9, "SGD momentum")
@@ -110,6 +113,13 @@ class TrainConfig:
             raise ConfigError(f"config lr={self.lr!r}: expected a positive number")
         if self.mpp is not None and not (math.isfinite(self.mpp) and self.mpp > 0):
             raise ConfigError(f"config mpp={self.mpp!r}: expected a positive number of microns per pixel")
+        if not (math.isfinite(self.dense_consistency) and self.dense_consistency >= 0):
+            raise ConfigError(f"config dense_consistency={self.dense_consistency!r}: expected a number >= 0")
+        if self.dense_consistency and self.mode != "grid":
+            raise ConfigError("config dense_consistency: grid mode only (classify images have no context)")
+        if self.dense_consistency and not (self.init_from or self.pretrained):
+            raise ConfigError("config dense_consistency fine-tunes a trained model (its batch norm is frozen): "
+                              "set init_from (or pretrained)")
         if not 0 <= self.hed_jitter < 1:
             raise ConfigError(f"config hed_jitter={self.hed_jitter!r}: expected a number in [0, 1)")
         self._check_mode()

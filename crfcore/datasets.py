@@ -109,6 +109,13 @@ def cut_grid(rgb: np.ndarray, patch: int, crop: int) -> np.ndarray:
     return cells[:, :, o:o + crop, o:o + crop].reshape(g * g, crop, crop, 3)
 
 
+def context_image(rgb: np.ndarray, patch: int, crop: int) -> np.ndarray:
+    """The grid image from the first crop's corner on (for the dense-consistency loss,
+    `crfcore.consistency`): every cell's crop corner then sits at a multiple of `patch`."""
+    o = (patch - crop) // 2
+    return np.ascontiguousarray(rgb[o:, o:])
+
+
 Normaliser = Callable[[np.ndarray], np.ndarray]  # e.g. crfcore.stain.MacenkoNormaliser
 
 
@@ -155,12 +162,14 @@ class Augment:
 class GridDataset(Dataset):
     """NCRF's training set: `list.txt` (`slide_id,x,y`) + `0.png, 1.png, ...`; each item is
     `(patches [N, 3, crop, crop], labels [N])`, labels = tumour at each cell centre by the
-    slide's annotation JSON in `json_dir`."""
+    slide's annotation JSON in `json_dir`. With `context`, the first element is the pair
+    `(patches, context_image)` (the same augmented image, for the dense-consistency loss)."""
 
     def __init__(self, data_dir: str | Path, json_dir: str | Path, image_size: int,
                  patch_size: int, crop_size: int, augment: Augment | None = None,
-                 normalise: Normaliser | None = None) -> None:
+                 normalise: Normaliser | None = None, context: bool = False) -> None:
         self.dir = Path(data_dir)
+        self.context = context
         if not (self.dir / "list.txt").exists():
             raise DataError(f"{self.dir}: no list.txt (make it with coord_list_gen.py)")
         self.coords = read_coords(self.dir / "list.txt")
@@ -211,7 +220,10 @@ class GridDataset(Dataset):
             rgb, labels = self.augment(rgb, labels)
         cells = cut_grid(rgb, self.geom.patch_size, self.geom.crop_size)
         patches = torch.stack([to_tensor(c) for c in cells])
-        return patches, torch.from_numpy(np.ascontiguousarray(labels).reshape(-1).copy())
+        labels = torch.from_numpy(np.ascontiguousarray(labels).reshape(-1).copy())
+        if self.context:
+            return (patches, to_tensor(context_image(rgb, self.geom.patch_size, self.geom.crop_size))), labels
+        return patches, labels
 
 
 class FolderDataset(Dataset):

@@ -28,11 +28,13 @@ def stain_normaliser(cfg: TrainConfig) -> MacenkoNormaliser | None:
 
 def grid_sets(cfg: TrainConfig, split: str, augment: Augment | None,
               normalise: MacenkoNormaliser | None) -> list[GridDataset]:
-    """The tumour and normal sets (or the single set) of `split`."""
+    """The tumour and normal sets (or the single set) of `split`; training items carry
+    the whole image too when the dense-consistency loss is on."""
+    context = split == "train" and cfg.dense_consistency > 0
     js = getattr(cfg, f"json_path_{split}") or cfg.json_path_train
     paths = [getattr(cfg, f"data_path_tumor_{split}"), getattr(cfg, f"data_path_normal_{split}")]
     paths = [p for p in paths if p] or [getattr(cfg, f"data_path_{split}")]
-    return [GridDataset(p, js, cfg.image_size, cfg.patch_size, cfg.crop_size, augment, normalise)
+    return [GridDataset(p, js, cfg.image_size, cfg.patch_size, cfg.crop_size, augment, normalise, context)
             for p in paths if p]
 
 
@@ -75,8 +77,10 @@ class BalancedBatches(Sampler):
 
 
 def collate(items):
+    """Stacked inputs (each part of a tuple input on its own) and targets."""
     xs, ys = zip(*items)
-    return torch.stack(xs), torch.as_tensor(np.stack([np.asarray(y) for y in ys]))
+    x = tuple(map(torch.stack, zip(*xs))) if isinstance(xs[0], tuple) else torch.stack(xs)
+    return x, torch.as_tensor(np.stack([np.asarray(y) for y in ys]))
 
 
 def build_loaders(cfg: TrainConfig, env: DistEnv = DistEnv(), norm: MacenkoNormaliser | None = None):

@@ -69,6 +69,11 @@ class CRFNet(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, n = x.shape[:2]
         logits, feats = self.embed(x.flatten(0, 1))
+        return self.join(logits, feats, b, n)
+
+    def join(self, logits: torch.Tensor, feats: torch.Tensor, b: int, n: int) -> torch.Tensor:
+        """`embed`'s outputs of `b` samples of `n` patches -> the model's output (the CRF's
+        when grid > 1)."""
         logits = logits.reshape(b, n, *logits.shape[1:])
         if self.crf is None:
             return logits

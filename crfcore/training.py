@@ -20,6 +20,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from .config import MODEL_KEYS, ConfigError, TrainConfig
+from .consistency import DenseConsistent, check_geometry
 from .datasets import FolderDataset, GridDataset
 from .device import DistEnv, autocast, reader_workers, resolve_device, resolve_precision
 from .errors import CrfError
@@ -231,10 +232,18 @@ class Run:
             raise ConfigError(f"--resume: {self.save_dir / 'log.csv'} does not hold epochs 1..{self.epoch}")
 
     def _wrap_ddp(self) -> nn.Module:
+        """What a training step calls: the model, with the dense-consistency loss when asked,
+        under DistributedDataParallel when there are several processes."""
+        net = self.model
+        if self.cfg.dense_consistency:
+            why = check_geometry(self.model, self.cfg.patch_size)
+            if why:
+                raise ConfigError(f"config {why}")
+            net = DenseConsistent(self.model, self.cfg.patch_size, self.cfg.crop_size)
         if self.env.world == 1:
-            return self.model
+            return net
         ids = [self.device.index] if self.device.type == "cuda" else None
-        return nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
+        return nn.parallel.DistributedDataParallel(net, device_ids=ids)
 
     @property
     def main(self) -> bool:
@@ -250,28 +259,41 @@ class Run:
         """One pass over the training batches (the first `max_steps` only, if given)."""
         self.net.train()
         self.train_loader.batch_sampler.epoch = self.epoch
-        total, n, correct = 0.0, 0, 0
+        total, n, correct, gap = 0.0, 0, 0, 0.0
         bar = tqdm(self.train_loader, desc=f"epoch {self.epoch + 1}/{self.cfg.epochs}",
                    disable=self.quiet or not self.main, leave=False, total=max_steps)
         for i, (x, y) in enumerate(bar):
             if max_steps is not None and i == max_steps:
                 break
-            loss, o, t = self._step(x, y)
+            loss, o, t, step_gap = self._step(x, y)
             total += loss * len(t)
+            gap += step_gap * len(t)
             n += len(t)
             pred = (o > 0).long() if self.num_classes == 1 else o.argmax(-1)
             correct += int((pred == t.long()).sum())
             bar.set_postfix(loss=f"{total / n:.4f}")
         self.sched.step()
-        return {"train_loss": total / max(n, 1), "train_acc": correct / max(n, 1)}
+        row = {"train_loss": total / max(n, 1), "train_acc": correct / max(n, 1)}
+        if self.cfg.dense_consistency:
+            row["train_dense_gap"] = gap / max(n, 1)
+        return row
 
-    def _step(self, x: torch.Tensor, y: torch.Tensor) -> tuple[float, torch.Tensor, torch.Tensor]:
-        x = x.to(self.device, non_blocking=True)
+    def _step(self, x, y: torch.Tensor) -> tuple[float, torch.Tensor, torch.Tensor, float]:
+        """One optimiser step; returns the task loss, outputs, targets and the
+        dense-consistency gap (0 when off). `x` is a batch, or `(cells, context)`."""
+        if isinstance(x, (tuple, list)):
+            x = tuple(v.to(self.device, non_blocking=True) for v in x)
+        else:
+            x = x.to(self.device, non_blocking=True)
         y = y.to(self.device, non_blocking=True)
+        gap = torch.zeros(())
         with autocast(self.device, self.precision):
             out = self.net(x)
+        if isinstance(out, tuple):
+            out, gap = out
         o, t = flat(out, y, self.num_classes)
-        loss = self.loss(o, t)
+        task = self.loss(o, t)
+        loss = task + self.cfg.dense_consistency * gap
         if not torch.isfinite(loss):
             raise TrainingError(f"loss is {loss.item()} at epoch {self.epoch + 1}, step {self.step + 1}; "
                                 f"stopped, {self.save_dir / 'train.ckpt'} keeps the last good epoch "
@@ -281,7 +303,7 @@ class Run:
         self.scaler.step(self.opt)
         self.scaler.update()
         self.step += 1
-        return loss.item(), o.detach(), t
+        return task.item(), o.detach(), t, gap.item()
 
     def validate(self) -> dict:
         if self.valid_loader is None:

@@ -98,6 +98,23 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(grid_data, tmp_path):
     assert (tmp_path / "r" / "train.ckpt").read_bytes() == before
 
 
+def test_dense_consistency_fine_tune(grid_data, tmp_path):
+    """train.py with dense_consistency: fine-tunes init_from with batch norm frozen and logs
+    the gap; without init_from it is refused in one line."""
+    call("train.py", grid_data / "cfg.json", tmp_path / "base", "--quiet")
+    base = tmp_path / "base" / "train.ckpt"
+    call("train.py", grid_data / "cfg.json", tmp_path / "dense", "--set", "dense_consistency=1.0",
+         "--set", f'init_from="{base}"', "--set", "epochs=2", "--quiet")
+    log = (tmp_path / "dense" / "log.csv").read_text().splitlines()
+    gaps = [float(row.split(",")[log[0].split(",").index("train_dense_gap")]) for row in log[1:]]
+    assert len(gaps) == 2 and all(np.isfinite(gaps))
+    old, new = load_checkpoint(base)["state_dict"], load_checkpoint(tmp_path / "dense" / "train.ckpt")["state_dict"]
+    assert all(torch.equal(old[k], new[k]) for k in old if "running" in k)  # batch norm frozen
+    assert not torch.equal(old["fc.weight"], new["fc.weight"])
+    proc = call("train.py", grid_data / "cfg.json", tmp_path / "x", "--set", "dense_consistency=1.0", check=False)
+    assert proc.returncode == 2 and "init_from" in proc.stderr and "Traceback" not in proc.stderr
+
+
 def test_fine_tune_to_a_different_head(tmp_path):
     seven = CRFNet(ModelConfig(grid=1, num_classes=7, width_mult=0.25))
     save_checkpoint(tmp_path / "seven.ckpt", seven, {"mode": "classify", "grid": 1, "num_classes": 7,
