@@ -278,7 +278,8 @@ class Run:
             row["train_dense_gap"] = gap / max(n, 1)
         return row
 
-    def _step(self, x, y: torch.Tensor) -> tuple[float, torch.Tensor, torch.Tensor, float]:
+    def _step(self, x: torch.Tensor | tuple[torch.Tensor, torch.Tensor],
+              y: torch.Tensor) -> tuple[float, torch.Tensor, torch.Tensor, float]:
         """One optimiser step; returns the task loss, outputs, targets and the
         dense-consistency gap (0 when off). `x` is a batch, or `(cells, context)`."""
         if isinstance(x, (tuple, list)):
