@@ -63,18 +63,21 @@ def call(name: str, *args) -> str:
     return out.getvalue()
 
 
+def demo_slides(args) -> list[Path]:
+    """The held-out slides, with the training/validation ones if asked; or the validation ones only."""
+    if args.validation_slides:
+        return [s for s in sl.find_slides(args.demo / "slides") if s.stem in VALIDATION]
+    folders = [args.demo / "test"] + ([args.demo / "slides"] if args.with_training_slides else [])
+    return [s for folder in folders for s in sl.find_slides(folder)]
+
+
 def prepare(args, work: Path) -> Path:
     """A folder of the slides to map, with tissue and tumour masks at the map's lattice."""
     slides = work / "slides"
     slides.mkdir()
     m = work / "masks"
-    sources = [args.demo / "test"] + ([args.demo / "slides"] if args.with_training_slides else [])
-    if args.validation_slides:
-        sources = [args.demo / "slides"]
-    for folder in sources:
-        for s in sl.find_slides(folder):
-            if not args.validation_slides or s.stem in VALIDATION:
-                (slides / s.name).symlink_to(s.resolve())
+    for s in demo_slides(args):
+        (slides / s.name).symlink_to(s.resolve())
     for kind in ("tissue", "tumor"):
         extra = ["--annotation", args.demo / "json"] if kind == "tumor" else []
         call("Mask_gen.py", slides, "-o", m, "--kind", kind, "--downsample", args.downsample, "--quiet", *extra)
@@ -135,9 +138,10 @@ def main() -> int:
     p.add_argument("--ckpt", type=Path, help="checkpoint (default: DEMO/model/best.ckpt)")
     p.add_argument("--variants", default="lattice:fp32,lattice:bf16,dense:fp32,dense:bf16",
                    help="METHOD:PRECISION list; the first is the reference")
-    p.add_argument("--with-training-slides", action="store_true", help="also map the 5 training/validation slides")
-    p.add_argument("--validation-slides", action="store_true",
-                   help="map only the demo's 2 validation slides (to choose settings on)")
+    which = p.add_mutually_exclusive_group()
+    which.add_argument("--with-training-slides", action="store_true", help="also map the 5 training/validation slides")
+    which.add_argument("--validation-slides", action="store_true",
+                       help="map only the demo's 2 validation slides (to choose settings on)")
     p.add_argument("--downsample", type=int, default=32, help="map lattice (the demo's)")
     p.add_argument("--workers", type=int, help="prob_map.py's --workers (default: its own)")
     args = p.parse_args()
