@@ -1,7 +1,9 @@
 #!/usr/bin/env python3
 """Gather Patch_gen.py (or histolab tiler) folders into NCRF's training-set folder:
 DATASET_DIR/list.txt with one `slide_id,x,y` line per patch (level-0 centre) and the
-images 0.png, 1.png, ... in the same order (sorted by slide, then tile index).
+images 0.png, 1.png, ... in the same order (sorted by slide, then tile index), and
+sides.txt: one `w,h` line per image, the level-0 pixels it covers (more than its own
+size when Patch_gen.py cut it at --level or --mpp), which places its cells' labels.
 
 Only slides whose Patch_gen run finished (its `<slide_id>.txt` marker matches the tiles)
 are taken. list.txt is written last; an interrupted --move is undone on the next run.
@@ -40,7 +42,7 @@ def entries(patch_dirs: list[Path], keep: list[str]) -> tuple[list[trainset.Entr
             if line in seen:
                 raise UserError(f"duplicate patch {line} ({t.path})")
             seen.add(line)
-            new.append(trainset.Entry(line, t.path))
+            new.append(trainset.Entry(line, t.path, t.side))
     return new, len(found)
 
 

@@ -2,6 +2,7 @@
 label grids (train.py grid mode) and plain image folders (classify mode)."""
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -17,6 +18,7 @@ from .errors import CrfError
 from .io import companion, write_image
 from .scale import resize
 from .tiling import GridGeometry, group_boxes, read_coords
+from .trainset import read_sides
 
 
 class SlideDataset(Dataset):
@@ -162,12 +164,14 @@ class Augment:
 class GridDataset(Dataset):
     """NCRF's training set: `list.txt` (`slide_id,x,y`) + `0.png, 1.png, ...`; each item is
     `(patches [N, 3, crop, crop], labels [N])`, labels = tumour at each cell centre by the
-    slide's annotation JSON in `json_dir`. With `context`, the first element is the pair
-    `(patches, context_image)` (the same augmented image, for the dense-consistency loss)."""
+    slide's annotation JSON in `json_dir`, at level-0 points: an image cut at another
+    resolution covers its sides.txt extent (`scaled`: the config's mpp says they were).
+    With `context`, the first element is the pair `(patches, context_image)` (the same
+    augmented image, for the dense-consistency loss)."""
 
     def __init__(self, data_dir: str | Path, json_dir: str | Path, image_size: int,
                  patch_size: int, crop_size: int, augment: Augment | None = None,
-                 normalise: Normaliser | None = None, context: bool = False) -> None:
+                 normalise: Normaliser | None = None, context: bool = False, scaled: bool = False) -> None:
         self.dir = Path(data_dir)
         self.context = context
         if not (self.dir / "list.txt").exists():
@@ -185,9 +189,26 @@ class GridDataset(Dataset):
                 raise DataError(f"slide {sid!r} of {self.dir} has no annotation {sid}.json in {json_dir} "
                                 "(normal slides need an empty one)")
             self.annotations[sid] = load_annotation(path)
+        scale = self._level0_sides(scaled) / image_size  # level-0 pixels per image pixel, (n, 2)
         offsets = self.geom.cell_offsets()
-        self.labels = np.stack([self.annotations[s].contains(np.array([x, y]) + offsets)
-                                for s, x, y in self.coords]).astype(np.float32)
+        self.labels = np.stack([self.annotations[s].contains(np.array([x, y]) + offsets * k)
+                                for (s, x, y), k in zip(self.coords, scale)]).astype(np.float32)
+
+    def _level0_sides(self, scaled: bool) -> np.ndarray:
+        """Level-0 `(w, h)` of each image: sides.txt, else its own size (level 0, as NCRF's folders)."""
+        sides, size = read_sides(self.dir, len(self.coords)), self.geom.image_size
+        if sides is None:
+            if scaled:
+                raise DataError(f"{self.dir}: no sides.txt, but the config's mpp says the images were cut at "
+                                "another resolution than level 0; make it again with coord_list_gen.py --overwrite")
+            return np.full((len(self.coords), 2), size)
+        off = np.abs(sides / size - 1).max(1) > 0.01
+        if off.any() and not scaled:
+            w, h = sides[np.argmax(off)]
+            warnings.warn(f"{self.dir}: images of {size} pixels cover {w}x{h} level-0 pixels (cut at --level or "
+                          "--mpp), but the config's mpp is null, so prob_map.py would read level 0: set mpp to "
+                          "what Patch_gen.py cut them at")
+        return sides
 
     def _check_images(self) -> None:
         """Refuse a folder whose images are missing or of another size than image_size

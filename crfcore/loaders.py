@@ -34,8 +34,8 @@ def grid_sets(cfg: TrainConfig, split: str, augment: Augment | None,
     js = getattr(cfg, f"json_path_{split}") or cfg.json_path_train
     paths = [getattr(cfg, f"data_path_tumor_{split}"), getattr(cfg, f"data_path_normal_{split}")]
     paths = [p for p in paths if p] or [getattr(cfg, f"data_path_{split}")]
-    return [GridDataset(p, js, cfg.image_size, cfg.patch_size, cfg.crop_size, augment, normalise, context)
-            for p in paths if p]
+    return [GridDataset(p, js, cfg.image_size, cfg.patch_size, cfg.crop_size, augment, normalise, context,
+                        scaled=cfg.mpp is not None) for p in paths if p]
 
 
 class BalancedBatches(Sampler):

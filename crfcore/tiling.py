@@ -156,6 +156,12 @@ class TileInfo:
         x0, y0, x1, y1 = self.box
         return (x0 + x1) // 2, (y0 + y1) // 2
 
+    @property
+    def side(self) -> tuple[int, int]:
+        """Level-0 width and height the tile covers."""
+        x0, y0, x1, y1 = self.box
+        return x1 - x0, y1 - y0
+
 
 def parse_tile_name(path: Path) -> TileInfo | None:
     m = TILE_NAME.match(path.name)

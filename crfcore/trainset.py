@@ -1,17 +1,21 @@
 """NCRF's training-set folder: `list.txt` (one `slide_id,x,y` per image) and the images
-`0.png, 1.png, ...` in the same order, gathered from Patch_gen folders.
+`0.png, 1.png, ...` in the same order, gathered from Patch_gen folders; beside them
+`sides.txt`, one `w,h` per image: the level-0 pixels it covers, which is its own size
+only when it was cut at level 0 (NCRF's folders have no sides.txt: level 0).
 
 Crash safety: images are hard-linked, copied through a temporary file, or moved (a
 rename); list.txt is written last, atomically. A move first writes a journal
 (`.move-journal.json`) naming every move and the list.txt it leads to; a later run that
 finds the journal completes nothing by guesswork: if list.txt is the promised one it
 drops the journal, otherwise it moves the images back, so a kill at any moment leaves
-either the old state or the new one.
+either the old state or the new one. sides.txt is written before list.txt and read only
+as far as list.txt goes, so a kill between the two leaves the old state readable.
 """
 from __future__ import annotations
 
 import errno
 import hashlib
+import re
 import json
 import os
 import shutil
@@ -19,11 +23,15 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from .errors import CrfError
 from .io import atomic_copy, atomic_path, atomic_write_json, atomic_write_text
 from .tiling import TileInfo, collect_tiles, read_coords
 
 JOURNAL = ".move-journal.json"
+SIDES = "sides.txt"
+SIDE_LINE = re.compile(r"^[1-9]\d*,[1-9]\d*$")
 
 
 class TrainSetError(CrfError):
@@ -32,8 +40,9 @@ class TrainSetError(CrfError):
 
 @dataclass(frozen=True)
 class Entry:
-    line: str     # `slide_id,x,y`
-    source: Path  # the tile image
+    line: str              # `slide_id,x,y`
+    source: Path           # the tile image
+    side: tuple[int, int]  # level-0 width and height it covers
 
 
 def gather(patch_dir: Path) -> tuple[dict[str, list[TileInfo]], list[Path]]:
@@ -107,15 +116,38 @@ def place(src: Path, dst: Path, how: str) -> None:
         shutil.move(src, dst)  # a rename on one file system; copy + delete across them
 
 
+def read_sides(folder: Path, n: int) -> np.ndarray | None:
+    """The level-0 `(w, h)` of the first `n` images of a training-set folder `(n, 2)`
+    (list.txt's length; lines beyond it belong to an unfinished run), or None when the
+    folder has no sides.txt."""
+    path = folder / SIDES
+    if not path.exists():
+        return None
+    lines = path.read_text().splitlines()[:n]
+    if len(lines) < n:
+        raise TrainSetError(f"{path}: {len(lines)} lines for the {n} images of list.txt "
+                            "(run coord_list_gen.py --overwrite again)")
+    bad = next((i for i, ln in enumerate(lines) if not SIDE_LINE.match(ln)), None)
+    if bad is not None:
+        raise TrainSetError(f"{path}: line {bad + 1}: {lines[bad]!r} is not `width,height` in pixels")
+    return np.array([ln.split(",") for ln in lines], np.int64).reshape(-1, 2)
+
+
 def write(out: Path, keep: list[str], new: list[Entry], how: str) -> list[str]:
-    """Add `new` after the `keep` lines; return all lines. list.txt is written last."""
+    """Add `new` after the `keep` lines; return all lines. sides.txt, then list.txt, last."""
+    kept = read_sides(out, len(keep)) if keep else np.zeros((0, 2), np.int64)
+    if kept is None:
+        raise TrainSetError(f"{out}: has no {SIDES} (made by an older coord_list_gen.py): the level-0 extent "
+                            "of its images is unknown; make it again with --overwrite")
     lines = keep + [e.line for e in new]
     text = "".join(f"{ln}\n" for ln in lines)
+    sides = [tuple(s) for s in kept.tolist()] + [e.side for e in new]
     moves = [(str(e.source), str(out / f"{i}.png")) for i, e in enumerate(new, len(keep))]
     if how == "move":
         atomic_write_json(out / JOURNAL, {"moves": moves, "list_sha256": _sha(text)})
     for src, dst in moves:
         place(Path(src), Path(dst), how)
+    atomic_write_text(out / SIDES, "".join(f"{w},{h}\n" for w, h in sides))
     atomic_write_text(out / "list.txt", text)
     (out / JOURNAL).unlink(missing_ok=True)
     return lines

@@ -2,8 +2,10 @@ import cv2
 import numpy as np
 import pytest
 
-from crfcore import masks, tiling
+from crfcore import masks, tiling, trainset
 from crfcore import slide as sl
+from crfcore.annotations import write_annotation
+from crfcore.datasets import GridDataset
 from conftest import call, shared
 
 
@@ -97,7 +99,37 @@ def test_coord_list_gen_refusals_and_append(syn_slide, syn_masks, tmp_path):
     assert proc.returncode == 2 and "duplicate" in proc.stderr
     call("coord_list_gen.py", tmp_path / "p", "-o", tmp_path / "ds", "--overwrite")
     assert sorted(p.name for p in (tmp_path / "ds").iterdir()) == ["0.png", "1.png", "2.png", "3.png",
-                                                                   "4.png", "list.txt"]
+                                                                   "4.png", "list.txt", "sides.txt"]
+    assert (tmp_path / "ds" / "sides.txt").read_text() == "64,64\n" * 5  # cut at level 0: their own size
+
+
+def test_sides_txt_is_checked_and_kept_by_append(syn_slide, syn_masks, tmp_path):
+    """sides.txt: lines beyond list.txt (a run killed between the two) are ignored, a short
+    or malformed one is refused, an append keeps the old lines' sides, and a folder
+    without one (an older coord_list_gen) cannot be appended to."""
+    for name, seed in (("a", "0"), ("b", "1")):
+        call("Patch_gen.py", syn_slide.path, "--mask", syn_masks / "syn_tumor_tumor.npy", "-o", tmp_path / name,
+             "--mode", "random", "--num", "3", "--image-size", "64", "--seed", seed, "--workers", "0", "--quiet",
+             *(["--level", "1"] if name == "b" else []))
+    call("coord_list_gen.py", tmp_path / "a", "-o", tmp_path / "ds")
+    sides = tmp_path / "ds" / "sides.txt"
+    sides.write_text(sides.read_text() + "9,9\n")  # beyond list.txt: ignored
+    assert trainset.read_sides(tmp_path / "ds", 3).tolist() == [[64, 64]] * 3
+    call("coord_list_gen.py", tmp_path / "b", "-o", tmp_path / "ds", "--append")
+    assert sides.read_text() == "64,64\n" * 3 + "128,128\n" * 3  # level 1: twice the level-0 side
+    sides.write_text("64,64\n64,x\n")
+    with pytest.raises(trainset.TrainSetError, match="2 lines for the 6 images"):
+        trainset.read_sides(tmp_path / "ds", 6)
+    with pytest.raises(trainset.TrainSetError, match="line 2: '64,x'"):
+        trainset.read_sides(tmp_path / "ds", 2)
+    call("coord_list_gen.py", tmp_path / "a", "-o", tmp_path / "old")
+    (tmp_path / "old" / "sides.txt").unlink()
+    proc = call("coord_list_gen.py", tmp_path / "b", "-o", tmp_path / "old", "--append", check=False)
+    assert proc.returncode == 2 and "has no sides.txt" in proc.stderr and "--overwrite" in proc.stderr
+    call("coord_list_gen.py", tmp_path / "b", "-o", tmp_path / "ds1")
+    write_annotation(syn_slide.annotation, tmp_path / "json" / "syn_tumor.json")
+    with pytest.warns(UserWarning, match="cover 128x128 level-0 pixels"):  # the level-1 images, config mpp null
+        GridDataset(tmp_path / "ds1", tmp_path / "json", 64, 32, 32)
 
 
 def test_patch_gen_refuses_mask_of_another_slide(syn_slide, syn_masks, tmp_path):
@@ -172,7 +204,7 @@ def test_an_interrupted_move_is_undone_and_nothing_is_lost(syn_slide, syn_masks,
     assert len((tmp_path / "ds" / "list.txt").read_text().split()) == 6
     call("coord_list_gen.py", tmp_path / "p", "-o", tmp_path / "ds2", "--move")
     assert not list((tmp_path / "p" / "syn_tumor").iterdir())
-    assert sorted(p.name for p in (tmp_path / "ds2").iterdir()) == [f"{i}.png" for i in range(6)] + ["list.txt"]
+    assert sorted(p.name for p in (tmp_path / "ds2").iterdir()) == [f"{i}.png" for i in range(6)] + ["list.txt", "sides.txt"]
 
 
 def test_directory_mode_pairs_masks_by_exact_stem(syn_slide, syn_masks, tmp_path):

@@ -1,11 +1,15 @@
 """Reading at a chosen resolution: the same tissue scanned at two resolutions gives the
 same map (and the same training patches) when the model reads it at one resolution."""
+from dataclasses import replace
+
 import cv2
 import numpy as np
 import pytest
 
 from crfcore import heatmap, inference, masks, synthetic
 from crfcore import slide as sl
+from crfcore.annotations import load_annotation, write_annotation
+from crfcore.datasets import DataError, GridDataset
 from crfcore.heatmap import TILE, pyramid_sizes, write_pyramid
 from crfcore.model import save_checkpoint
 from crfcore.scale import ReadScale, ScaleError, read_scale
@@ -51,6 +55,9 @@ def scans(tmp_path_factory):
     write_image_slide(d / "flat.tif", level0, 0.25, every=4)
     write_image_slide(d / "halved.tif", cv2.resize(level0, (384, 320), interpolation=cv2.INTER_AREA), 0.5)
     write_image_slide(d / "odd.tif", cv2.resize(level0, (480, 400), interpolation=cv2.INTER_AREA), 0.4)
+    half_truth = [np.round(v / 2) for v in fine.annotation.positive]  # whole pixels in both scans (JSON rounds)
+    write_annotation(replace(fine.annotation, positive=[2 * v for v in half_truth]), d / "fine.json")
+    write_annotation(replace(fine.annotation, positive=half_truth), d / "half.json")
     mask, meta = masks.make_mask(fine.path, "tissue", downsample=32)
     for name, (_, ds) in SCANS.items():
         own, m = masks.make_mask(d / f"{name}.tif", "tissue", downsample=ds)
@@ -145,6 +152,34 @@ def test_patch_gen_at_a_resolution_cuts_the_same_patches(scans, tmp_path):
         (b,) = (tmp_path / "p" / "half").glob(f"tile_{i}_*.png")
         pa, pb = cv2.imread(str(a)), cv2.imread(str(b))
         assert pa.shape == (96, 96, 3) and np.array_equal(pa, pb)
+
+
+def test_training_labels_of_patches_cut_at_a_resolution(scans, tmp_path):
+    """The same tissue cut at 0.5 um from the 0.25-um scan (--mpp) and from the 0.5-um
+    scan (level 0) gives the same label grids: a cell's label is read at its level-0
+    centre, which sides.txt places (192 level-0 pixels per 96-pixel image here)."""
+    d, _ = scans
+    x0, y0, x1, y1 = load_annotation(d / "fine.json").bounds()
+    y = 2 * round((y0 + y1) / 4)
+    centres = [(x, y) for x in range(2 * round(x1 / 2) - 160, 2 * round(x1 / 2) + 40, 16)]
+    sets = {}
+    for name, k, extra in (("fine", 1, ["--mpp", "0.5"]), ("half", 2, [])):
+        (tmp_path / f"{name}.txt").write_text("".join(f"{name},{x // k},{y // k}\n" for x, y in centres))
+        call("Patch_gen.py", d / f"{name}.tif", "--mask", d / f"{name}_tissue.npy", "-o", tmp_path / f"p_{name}",
+             "--mode", "coords", "--coords", tmp_path / f"{name}.txt", "--image-size", 3 * PATCH, "--workers", "0",
+             "--quiet", *extra)
+        call("coord_list_gen.py", tmp_path / f"p_{name}", "-o", tmp_path / name)
+        sets[name] = GridDataset(tmp_path / name, d, 3 * PATCH, PATCH, CROP, scaled=name == "fine")
+    assert (tmp_path / "fine" / "sides.txt").read_text() == "192,192\n" * len(centres)
+    fine, half = sets["fine"].labels, sets["half"].labels
+    assert np.array_equal(fine, half) and 0 < fine.mean() < 1
+    # read at level-0 offsets of one image pixel (the old rule), the labels differ
+    at_level0 = [load_annotation(d / "fine.json").contains(np.array(c) + sets["fine"].geom.cell_offsets())
+                 for c in centres]
+    assert not np.array_equal(np.array(at_level0, np.float32), fine)
+    (tmp_path / "fine" / "sides.txt").unlink()
+    with pytest.raises(DataError, match="no sides.txt"):
+        GridDataset(tmp_path / "fine", d, 3 * PATCH, PATCH, CROP, scaled=True)
 
 
 def test_lattice_equals_naive_at_another_scale(scans):
