@@ -44,6 +44,7 @@ import shutil
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -89,10 +90,20 @@ def sh(*args) -> str:
     return done.stdout
 
 
-def config(out: Path, epochs: int, stain: str, hed: float = HED) -> dict:
+@dataclass(frozen=True)
+class Cut:
+    """How the CNN sees a cell: as `patch` pixels (patch = crop), read at `mpp` microns per
+    pixel (None: level 0, 50 pixels). bench/idc_dense.py enlarges a cell to 64 pixels."""
+
+    patch: int = PATCH
+    mpp: float | None = None
+
+
+def config(out: Path, epochs: int, stain: str, hed: float = HED, cut: Cut = Cut()) -> dict:
     """The training config (grid 3; the CNN is the same with --set grid=1)."""
     data = out / "data"
-    cfg = {"mode": "grid", "grid": GRID, "image_size": GRID * PATCH, "patch_size": PATCH, "crop_size": CROP,
+    cfg = {"mode": "grid", "grid": GRID, "image_size": GRID * cut.patch, "patch_size": cut.patch,
+           "crop_size": cut.patch, **({"mpp": cut.mpp} if cut.mpp else {}),
            "data_path_tumor_train": str(data / "tumor_train"), "data_path_normal_train": str(data / "normal_train"),
            "data_path_tumor_valid": str(data / "tumor_valid"), "data_path_normal_valid": str(data / "normal_valid"),
            "json_path_train": str(out / "json"), "json_path_valid": str(out / "json"),
@@ -106,8 +117,9 @@ def config(out: Path, epochs: int, stain: str, hed: float = HED) -> dict:
     return cfg
 
 
-def prepare(out: Path, patches: Path) -> None:
-    """Slides, annotations, masks, training and validation grids."""
+def prepare(out: Path, patches: Path, cut: Cut = Cut()) -> None:
+    """Slides, annotations, masks, training and validation grids (images of 3 x 3 cells,
+    `GRID * PATCH` level-0 pixels, cut as `cut` says)."""
     slides, masks = out / "slides", out / "masks"
     for split, who in (("train", TRAIN_COMPLETE + TRAIN_PARTIAL), ("valid", VALID), ("test", TEST)):
         sh("bench/idc_slides.py", patches, "-o", slides / split, "--patients", *who, "--quiet")
@@ -131,7 +143,8 @@ def prepare(out: Path, patches: Path) -> None:
             atomic_write_text(coords, "".join(lines))
             mask_kind = kind if split == "train" else "tissue"
             sh("Patch_gen.py", slides / split, "--mask", masks / split, "--mask-kind", mask_kind, "--mode", "coords",
-               "--coords", coords, "--image-size", GRID * PATCH, "-o", out / "patches" / f"{kind}_{split}", "--quiet")
+               "--coords", coords, "--image-size", GRID * cut.patch, "-o", out / "patches" / f"{kind}_{split}",
+               *(["--mpp", cut.mpp] if cut.mpp else []), "--quiet")
             sh("coord_list_gen.py", out / "patches" / f"{kind}_{split}", "-o", out / "data" / f"{kind}_{split}",
                "--overwrite")
     with open_slide(slides / "train" / f"{TRAIN_COMPLETE[0]}.tif") as s:
@@ -209,6 +222,15 @@ def evaluate(out: Path) -> dict:
 def picture(out: Path, result: dict) -> Path:
     """The held-out slide with its IDC outline, and each model's map over it (outline on
     top): DIR/idc_<patient>_maps.png."""
+    (test,) = TEST
+    return maps_picture(out, [(out / "maps" / name / f"{test}_prob.npy",
+                               f"{label}: F1 {result[name]['f1']:.3f}, AUC {result[name]['auc']:.3f}")
+                              for name, label in (("cnn", "CNN (grid 1)"), ("crf", "CNN+CRF (grid 3)"))],
+                        out / f"idc_{test}_maps.png")
+
+
+def maps_picture(out: Path, maps: list[tuple[Path, str]], path: Path) -> Path:
+    """The held-out slide with its IDC outline, then each (map, title) over it, in a row."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -220,20 +242,18 @@ def picture(out: Path, result: dict) -> Path:
         img = read_level(s, 0)
     scale = PICTURE_SIDE / max(img.shape[:2])
     panels = [("slide, IDC outline (green)", mosaic.outline(img, ann, scale))]
-    for name, label in (("cnn", "CNN (grid 1)"), ("crf", "CNN+CRF (grid 3)")):
-        prob, meta = load_probability_map(out / "maps" / name / f"{test}_prob.npy")
+    for prob_path, title in maps:
+        prob, meta = load_probability_map(prob_path)
         tissue, _ = load_mask(meta["mask"], slide=meta["slide"])
-        r = result[name]
-        panels.append((f"{label}: F1 {r['f1']:.3f}, AUC {r['auc']:.3f}",
-                       mosaic.outline(overlay(img, prob, 0.5, tissue=tissue), ann, scale)))
+        panels.append((title, mosaic.outline(overlay(img, prob, 0.5, tissue=tissue), ann, scale)))
     h, w = panels[0][1].shape[:2]
-    fig, axes = plt.subplots(1, 3, figsize=(15, 15 * h / w / 3 + 0.7))
+    n = len(panels)
+    fig, axes = plt.subplots(1, n, figsize=(5 * n, 5 * h / w + 0.7))
     for ax, (title, panel) in zip(axes, panels):
         ax.imshow(panel)
         ax.set_title(title, fontsize=11)
         ax.axis("off")
     fig.colorbar(plt.cm.ScalarMappable(cmap="jet"), ax=axes, fraction=0.015, pad=0.01, label="IDC probability")
-    path = out / f"idc_{test}_maps.png"
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=100, bbox_inches="tight")
     plt.close(fig)

@@ -1,10 +1,14 @@
 """bench/idc_wsi.py: the protocol's fixed choices and its cell-level scoring (the bench
 itself trains for many minutes and is never run by the tests)."""
+from pathlib import Path
+
 import numpy as np
 import pytest
 
 from conftest import load_script
-from crfcore import mosaic
+from crfcore import dense, inference, mosaic
+from crfcore.model import CRFNet, ModelConfig
+from crfcore.scale import ReadScale
 from crfcore.io import save_array
 
 
@@ -18,6 +22,20 @@ def test_split_and_geometry(bench):
     assert not train & set(bench.VALID) and not train & set(bench.TEST) and not set(bench.VALID) & set(bench.TEST)
     assert bench.PATCH % bench.D == 0 and mosaic.CELL % bench.D == 0  # lattice method; points on cells
     assert bench.CROP <= bench.PATCH
+
+
+def test_the_dense_bench_geometry_lets_dense_run(bench):
+    """bench/idc_dense.py reads a 50-pixel cell as 64 pixels: the lattice stride (D = 25)
+    is then 32 model pixels and `dense` applies; at idc_wsi.py's level 0 it does not."""
+    dense_bench = load_script("bench/idc_dense.py")
+    cut = dense_bench.CUT
+    model = CRFNet(ModelConfig(grid=bench.GRID, width_mult=0.5))
+    for read, applies in ((ReadScale(cut.mpp / 4.0, 0, 1.0), True), (ReadScale(), False)):
+        patch = cut.patch if applies else bench.PATCH
+        geom = inference.Geometry(bench.GRID, patch, patch, (bench.D, bench.D), read)
+        assert geom.lattice_step() == 2
+        assert (dense.dense_applies(geom, dense.feature_stride(model)) is None) == applies
+    assert bench.config(Path("o"), 6, "none", cut=cut)["mpp"] == 3.125 and "mpp" not in bench.config(Path("o"), 6, "none")
 
 
 def write_map(folder, prob, tissue, downsample):
