@@ -18,7 +18,7 @@ from .errors import CrfError
 from .io import companion, write_image
 from .scale import resize
 from .tiling import GridGeometry, group_boxes, read_coords
-from .trainset import read_sides
+from .trainset import LEGACY_FIX, read_sides
 
 
 class SlideDataset(Dataset):
@@ -161,17 +161,20 @@ class Augment:
         return rgb, labels
 
 
+MAX_SCALE = 64  # level-0 pixels per image pixel beyond which a sides.txt line is taken as corrupt
+
+
 class GridDataset(Dataset):
     """NCRF's training set: `list.txt` (`slide_id,x,y`) + `0.png, 1.png, ...`; each item is
     `(patches [N, 3, crop, crop], labels [N])`, labels = tumour at each cell centre by the
     slide's annotation JSON in `json_dir`, at level-0 points: an image cut at another
-    resolution covers its sides.txt extent (`scaled`: the config's mpp says they were).
+    resolution covers its sides.txt extent (`mpp_set`: the config's mpp says they were).
     With `context`, the first element is the pair `(patches, context_image)` (the same
     augmented image, for the dense-consistency loss)."""
 
     def __init__(self, data_dir: str | Path, json_dir: str | Path, image_size: int,
                  patch_size: int, crop_size: int, augment: Augment | None = None,
-                 normalise: Normaliser | None = None, context: bool = False, scaled: bool = False) -> None:
+                 normalise: Normaliser | None = None, context: bool = False, mpp_set: bool = False) -> None:
         self.dir = Path(data_dir)
         self.context = context
         if not (self.dir / "list.txt").exists():
@@ -189,21 +192,27 @@ class GridDataset(Dataset):
                 raise DataError(f"slide {sid!r} of {self.dir} has no annotation {sid}.json in {json_dir} "
                                 "(normal slides need an empty one)")
             self.annotations[sid] = load_annotation(path)
-        scale = self._level0_sides(scaled) / image_size  # level-0 pixels per image pixel, (n, 2)
+        scale = self._level0_sides(mpp_set) / image_size  # level-0 pixels per image pixel, (n, 2)
         offsets = self.geom.cell_offsets()
         self.labels = np.stack([self.annotations[s].contains(np.array([x, y]) + offsets * k)
                                 for (s, x, y), k in zip(self.coords, scale)]).astype(np.float32)
 
-    def _level0_sides(self, scaled: bool) -> np.ndarray:
+    def _level0_sides(self, mpp_set: bool) -> np.ndarray:
         """Level-0 `(w, h)` of each image: sides.txt, else its own size (level 0, as NCRF's folders)."""
         sides, size = read_sides(self.dir, len(self.coords)), self.geom.image_size
         if sides is None:
-            if scaled:
+            if mpp_set:
                 raise DataError(f"{self.dir}: no sides.txt, but the config's mpp says the images were cut at "
-                                "another resolution than level 0; make it again with coord_list_gen.py --overwrite")
+                                f"another resolution than level 0: {LEGACY_FIX}")
             return np.full((len(self.coords), 2), size)
-        off = np.abs(sides / size - 1).max(1) > 0.01
-        if off.any() and not scaled:
+        ratio = sides / size
+        wild = np.flatnonzero(((ratio < 1 / MAX_SCALE) | (ratio > MAX_SCALE)).any(1))
+        if wild.size:
+            w, h = sides[wild[0]]
+            raise DataError(f"{self.dir / 'sides.txt'}: line {wild[0] + 1}: {w},{h} level-0 pixels for a {size}-pixel "
+                            f"image is not a resolution (more than {MAX_SCALE}x apart)")
+        off = np.abs(ratio - 1).max(1) > 0.01
+        if off.any() and not mpp_set:
             w, h = sides[np.argmax(off)]
             warnings.warn(f"{self.dir}: images of {size} pixels cover {w}x{h} level-0 pixels (cut at --level or "
                           "--mpp), but the config's mpp is null, so prob_map.py would read level 0: set mpp to "

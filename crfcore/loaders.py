@@ -35,7 +35,7 @@ def grid_sets(cfg: TrainConfig, split: str, augment: Augment | None,
     paths = [getattr(cfg, f"data_path_tumor_{split}"), getattr(cfg, f"data_path_normal_{split}")]
     paths = [p for p in paths if p] or [getattr(cfg, f"data_path_{split}")]
     return [GridDataset(p, js, cfg.image_size, cfg.patch_size, cfg.crop_size, augment, normalise, context,
-                        scaled=cfg.mpp is not None) for p in paths if p]
+                        mpp_set=cfg.mpp is not None) for p in paths if p]
 
 
 class BalancedBatches(Sampler):

@@ -154,7 +154,9 @@ class TileInfo:
     @property
     def centre(self) -> tuple[int, int]:
         x0, y0, x1, y1 = self.box
-        return (x0 + x1) // 2, (y0 + y1) // 2
+        # Patch_gen's box of a centre c is c - side / 2 truncated: an odd side puts c one
+        # pixel past the box's lower middle, so round the middle up
+        return (x0 + x1 + 1) // 2, (y0 + y1 + 1) // 2
 
     @property
     def side(self) -> tuple[int, int]:

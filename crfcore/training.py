@@ -395,7 +395,7 @@ def evaluate_folder(ckpt_path: str | Path, data_dir: str | Path, out_dir: str | 
         if json_dir is None:
             raise ConfigError("a grid-mode checkpoint needs --json DIR with the slides' annotations")
         ds = GridDataset(data_dir, json_dir, cfg.image_size, cfg.patch_size, cfg.crop_size, None, norm,
-                         scaled=cfg.mpp is not None)
+                         mpp_set=cfg.mpp is not None)
     loader = DataLoader(ds, batch_size=batch_size, num_workers=reader_workers(workers, dev), collate_fn=collate)
     model = fold_batch_norm(model).to(dev, memory_format=torch.channels_last)
     y, p, _ = predict(model, loader, dev, resolve_precision(dev, cfg.precision), model.cfg.num_classes, quiet=quiet)

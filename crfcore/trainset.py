@@ -15,9 +15,9 @@ from __future__ import annotations
 
 import errno
 import hashlib
-import re
 import json
 import os
+import re
 import shutil
 import warnings
 from dataclasses import dataclass
@@ -31,7 +31,9 @@ from .tiling import TileInfo, collect_tiles, read_coords
 
 JOURNAL = ".move-journal.json"
 SIDES = "sides.txt"
-SIDE_LINE = re.compile(r"^[1-9]\d*,[1-9]\d*$")
+LEGACY_FIX = (f"if they were cut at level 0, write {SIDES} with one `S,S` line per image (S: the image side); "
+              "else make the folder again (coord_list_gen.py --overwrite)")
+SIDE_LINE = re.compile(r"^[1-9]\d{0,8},[1-9]\d{0,8}$")  # whole pixels, at most 9 digits
 
 
 class TrainSetError(CrfError):
@@ -123,7 +125,10 @@ def read_sides(folder: Path, n: int) -> np.ndarray | None:
     path = folder / SIDES
     if not path.exists():
         return None
-    lines = path.read_text().splitlines()[:n]
+    try:
+        lines = path.read_text().splitlines()[:n]
+    except UnicodeDecodeError:
+        raise TrainSetError(f"{path}: not a text file of `width,height` lines") from None
     if len(lines) < n:
         raise TrainSetError(f"{path}: {len(lines)} lines for the {n} images of list.txt "
                             "(run coord_list_gen.py --overwrite again)")
@@ -137,8 +142,8 @@ def write(out: Path, keep: list[str], new: list[Entry], how: str) -> list[str]:
     """Add `new` after the `keep` lines; return all lines. sides.txt, then list.txt, last."""
     kept = read_sides(out, len(keep)) if keep else np.zeros((0, 2), np.int64)
     if kept is None:
-        raise TrainSetError(f"{out}: has no {SIDES} (made by an older coord_list_gen.py): the level-0 extent "
-                            "of its images is unknown; make it again with --overwrite")
+        raise TrainSetError(f"{out}: has no {SIDES} (made by an older coord_list_gen.py), so the level-0 extent "
+                            f"of its images is unknown: {LEGACY_FIX}")
     lines = keep + [e.line for e in new]
     text = "".join(f"{ln}\n" for ln in lines)
     sides = [tuple(s) for s in kept.tolist()] + [e.side for e in new]

@@ -6,6 +6,7 @@ from crfcore import masks, tiling, trainset
 from crfcore import slide as sl
 from crfcore.annotations import write_annotation
 from crfcore.datasets import GridDataset
+from crfcore.errors import CrfError
 from conftest import call, shared
 
 
@@ -130,6 +131,41 @@ def test_sides_txt_is_checked_and_kept_by_append(syn_slide, syn_masks, tmp_path)
     write_annotation(syn_slide.annotation, tmp_path / "json" / "syn_tumor.json")
     with pytest.warns(UserWarning, match="cover 128x128 level-0 pixels"):  # the level-1 images, config mpp null
         GridDataset(tmp_path / "ds1", tmp_path / "json", 64, 32, 32)
+
+
+def test_odd_patch_sides_give_the_centres_patch_gen_wrote(syn_slide, syn_masks, tmp_path):
+    """An odd side (--image-size 97, or --mpp at most scales) puts the coords point one
+    pixel past the box's lower middle; coord_list_gen must still match Patch_gen's marker."""
+    (tmp_path / "c.txt").write_text("syn_tumor,1147,864\nsyn_tumor,1000,801\n")
+    call("Patch_gen.py", syn_slide.path, "--mask", syn_masks / "syn_tumor_tissue.npy", "-o", tmp_path / "p",
+         "--mode", "coords", "--coords", tmp_path / "c.txt", "--image-size", "97", "--workers", "0", "--quiet")
+    call("coord_list_gen.py", tmp_path / "p", "-o", tmp_path / "ds")
+    assert sorted((tmp_path / "ds" / "list.txt").read_text().split()) == ["syn_tumor,1000,801", "syn_tumor,1147,864"]
+    assert (tmp_path / "ds" / "sides.txt").read_text() == "97,97\n" * 2
+
+
+def grid_folder(folder, sides: str):
+    """A one-image training set (96 px, 3 x 3 cells of 32) centred on (1000, 1000), its
+    sides.txt and an annotation holding only the level-0 box x 1050-1080, y 990-1010."""
+    folder.mkdir()
+    cv2.imwrite(str(folder / "0.png"), np.zeros((96, 96, 3), np.uint8))
+    (folder / "list.txt").write_text("s,1000,1000\n")
+    (folder / "sides.txt").write_bytes(sides.encode("latin-1"))
+    (folder / "s.json").write_text('{"positive": [{"name": "t", "vertices": [[1050, 990], [1080, 990], '
+                                   '[1080, 1010], [1050, 1010]]}], "negative": []}')
+
+
+def test_sides_scale_each_axis_and_wild_ones_are_refused(tmp_path):
+    """192 x 96 level-0 pixels for a 96-pixel image: the right cell's centre is 64 pixels
+    right of the image centre (x scale 2) and the middle row's is level (y scale 1), so
+    only cell 5 (row 1, col 2) lies in the box; swapped axes would find none."""
+    grid_folder(tmp_path / "ok", "192,96\n")
+    assert np.flatnonzero(GridDataset(tmp_path / "ok", tmp_path / "ok", 96, 32, 32, mpp_set=True).labels[0]).tolist() == [5]
+    for name, text, why in (("wild", "999999999,96\n", "not a resolution"), ("long", "99999999999999999999,96\n",
+                            "not `width,height`"), ("bytes", "\xff96,96\n", "not a text file")):
+        grid_folder(tmp_path / name, text)
+        with pytest.raises(CrfError, match=why):
+            GridDataset(tmp_path / name, tmp_path / name, 96, 32, 32, mpp_set=True)
 
 
 def test_patch_gen_refuses_mask_of_another_slide(syn_slide, syn_masks, tmp_path):

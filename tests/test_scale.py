@@ -169,7 +169,7 @@ def test_training_labels_of_patches_cut_at_a_resolution(scans, tmp_path):
              "--mode", "coords", "--coords", tmp_path / f"{name}.txt", "--image-size", 3 * PATCH, "--workers", "0",
              "--quiet", *extra)
         call("coord_list_gen.py", tmp_path / f"p_{name}", "-o", tmp_path / name)
-        sets[name] = GridDataset(tmp_path / name, d, 3 * PATCH, PATCH, CROP, scaled=name == "fine")
+        sets[name] = GridDataset(tmp_path / name, d, 3 * PATCH, PATCH, CROP, mpp_set=name == "fine")
     assert (tmp_path / "fine" / "sides.txt").read_text() == "192,192\n" * len(centres)
     fine, half = sets["fine"].labels, sets["half"].labels
     assert np.array_equal(fine, half) and 0 < fine.mean() < 1
@@ -179,7 +179,7 @@ def test_training_labels_of_patches_cut_at_a_resolution(scans, tmp_path):
     assert not np.array_equal(np.array(at_level0, np.float32), fine)
     (tmp_path / "fine" / "sides.txt").unlink()
     with pytest.raises(DataError, match="no sides.txt"):
-        GridDataset(tmp_path / "fine", d, 3 * PATCH, PATCH, CROP, scaled=True)
+        GridDataset(tmp_path / "fine", d, 3 * PATCH, PATCH, CROP, mpp_set=True)
 
 
 def test_lattice_equals_naive_at_another_scale(scans):
