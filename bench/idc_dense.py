@@ -124,20 +124,23 @@ def held_out(out: Path, ckpt: str, method: str, t: float) -> dict:
 
 
 def report(out: Path, ckpts: list[str], with_test: bool) -> dict:
-    """One row per checkpoint and method (validation columns only unless `with_test`)."""
-    print(f"{'checkpoint':<16} {'method':<8} {'val r':>7} {'val AUC':>7} {'t':>7}" + (
-        f" {'test r':>7} {'max diff':>8} {'px AUC':>7} {'Dice':>7} {'F1':>7} {'FROC':>7} {'s':>6}" if with_test else ""))
+    """Scores of each checkpoint and method (the validation slide's only unless
+    `with_test`), then one table of them, after the scripts' own output."""
     rows = {}
     for ckpt in ckpts:
         for method in METHODS:
-            r = validation(out, ckpt, method)
-            line = f"{ckpt:<16} {method:<8} {r['valid_pearson']:7.4f} {r['valid_cell_auc']:7.4f} {r['t']:7.4f}"
+            r = rows[f"{ckpt}:{method}"] = validation(out, ckpt, method)
             if with_test:
                 r.update(held_out(out, ckpt, method, r["t"]))
-                line += (f" {r['pearson']:7.4f} {r['max_abs_diff']:8.3f} {r['auc']:7.4f} {r['dice']:7.4f} "
-                         f"{r['f1']:7.4f} {r['froc']:7.4f} {r['seconds']:6.1f}")
-            rows[f"{ckpt}:{method}"] = r
-            print(line, flush=True)
+    print(f"{'checkpoint':<16} {'method':<8} {'val r':>7} {'val AUC':>7} {'t':>7}" + (
+        f" {'test r':>7} {'max diff':>8} {'px AUC':>7} {'Dice':>7} {'F1':>7} {'FROC':>7} {'s':>6}" if with_test else ""))
+    for key, r in rows.items():
+        ckpt, method = key.split(":")
+        line = f"{ckpt:<16} {method:<8} {r['valid_pearson']:7.4f} {r['valid_cell_auc']:7.4f} {r['t']:7.4f}"
+        if with_test:
+            line += (f" {r['pearson']:7.4f} {r['max_abs_diff']:8.3f} {r['auc']:7.4f} {r['dice']:7.4f} "
+                     f"{r['f1']:7.4f} {r['froc']:7.4f} {r['seconds']:6.1f}")
+        print(line)
     atomic_write_json(out / ("dense.json" if with_test else "dense_validation.json"), rows)
     return rows
 

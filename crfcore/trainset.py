@@ -130,8 +130,7 @@ def read_sides(folder: Path, n: int) -> np.ndarray | None:
     except UnicodeDecodeError:
         raise TrainSetError(f"{path}: not a text file of `width,height` lines") from None
     if len(lines) < n:
-        raise TrainSetError(f"{path}: {len(lines)} lines for the {n} images of list.txt "
-                            "(run coord_list_gen.py --overwrite again)")
+        raise TrainSetError(f"{path}: {len(lines)} lines for the {n} images of list.txt: {LEGACY_FIX}")
     bad = next((i for i, ln in enumerate(lines) if not SIDE_LINE.match(ln)), None)
     if bad is not None:
         raise TrainSetError(f"{path}: line {bad + 1}: {lines[bad]!r} is not `width,height` in pixels")
