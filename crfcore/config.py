@@ -49,8 +49,9 @@ class TrainConfig:
     image_size: int = key(768, "grid: side of a training image (grid of patches), pixels")
     patch_size: int = key(256, "grid: side of one cell; classify: images are resized to this")
     crop_size: int = key(224, "grid: centre crop of each cell fed to the CNN; classify: unused")
-    mpp: Optional[float] = key(None, "microns per pixel the patches were cut at (Patch_gen.py --mpp); prob_map.py "
-                                     "reads its crops at it; null: level 0 of every slide, as NCRF")
+    mpp: Optional[float] = key(None, "microns per pixel the patches were cut at (Patch_gen.py --mpp; the data "
+                                     "folders' sides.txt places their labels); prob_map.py reads its crops at it; "
+                                     "null: level 0 of every slide, as NCRF")
     grid: int = key(3, "CRF grid side (1 = plain CNN baseline, 3, 5, 7); grid mode needs "
                        "image_size/patch_size = grid or grid 1")
     crf_iters: int = key(10, "mean-field iterations")
