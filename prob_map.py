@@ -31,7 +31,7 @@ from crfcore.device import PRECISIONS, DistEnv, resolve_device, resolve_precisio
 from crfcore.heatmap import save_probability_map
 from crfcore.io import check_fits_slide, companion, ensure_free_space, file_sha256, sidecar_path
 from crfcore.model import model_from_checkpoint
-from crfcore.scale import read_scale
+from crfcore.scale import ReadScale, read_scale
 from crfcore.stain import MacenkoNormaliser
 
 
@@ -95,6 +95,16 @@ def up_to_date(out: Path, wanted: dict, overwrite: bool) -> bool:
     return False
 
 
+def warn_off_resolution(slide: Path, slide_mpp: tuple | None, read: ReadScale, trained: float | None) -> None:
+    """A note when crops are read more than 5 % off the resolution the model was trained at."""
+    if trained is None or slide_mpp is None:
+        return
+    at = slide_mpp[0] * read.scale
+    if abs(at / trained - 1) > 0.05:
+        warnings.warn(f"{slide}: crops read at {at:.3g} um per pixel, but the model was trained at {trained:g} "
+                      "(its config mpp)")
+
+
 def map_slide(job: Job, model, ckpt: dict, args, opts: inference.Options, wanted: dict) -> None:
     if up_to_date(job.out, wanted, args.overwrite):
         print(f"{job.out}: up to date, skipped")
@@ -105,6 +115,7 @@ def map_slide(job: Job, model, ckpt: dict, args, opts: inference.Options, wanted
         check_fits_slide(job.mask, mask.shape, meta["downsample"], s.dimensions)
         size, mpp = s.dimensions, sl.slide_mpp(s)
         read = read_scale(s, job.slide, **wanted["read_at"])
+    warn_off_resolution(job.slide, mpp, read, cfg.get("mpp"))
     ensure_free_space(job.out, mask.size * 4 + 4096, "probability map")
     if not mask.any():
         warnings.warn(f"{job.mask}: the mask is empty; writing an all-zero map")

@@ -165,8 +165,19 @@ INTERNAL = ("classes", "num_classes", "stain_reference")
 def _check_type(name: str, value: Any, hint: Any) -> None:
     """Refuse a value whose JSON type does not fit the field's annotation (bools are not numbers)."""
     if not _fits(value, hint):
-        shown = getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
-        raise ConfigError(f"config {name}={value!r}: expected {shown}")
+        raise ConfigError(f"config {name}={value!r}: expected {_type_name(hint)}")
+
+
+def _type_name(hint: Any) -> str:
+    """`float`, `float or null`, `tuple of float`: a field's annotation as a user reads it."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in args)
+    if hint is type(None):
+        return "null"
+    if origin is tuple:
+        return f"a list of {_type_name(args[0])}"
+    return getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
 
 
 def _fits(value: Any, hint: Any) -> bool:

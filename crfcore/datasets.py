@@ -211,6 +211,7 @@ class GridDataset(Dataset):
             w, h = sides[wild[0]]
             raise DataError(f"{self.dir / 'sides.txt'}: line {wild[0] + 1}: {w},{h} level-0 pixels for a {size}-pixel "
                             f"image is not a resolution (more than {MAX_SCALE}x apart)")
+        self._check_one_resolution_per_slide(sides)
         off = np.abs(ratio - 1).max(1) > 0.01
         if off.any() and not mpp_set:
             w, h = sides[np.argmax(off)]
@@ -218,6 +219,20 @@ class GridDataset(Dataset):
                           "--mpp), but the config's mpp is null, so prob_map.py would read level 0: set mpp to "
                           "what Patch_gen.py cut them at")
         return sides
+
+    def _check_one_resolution_per_slide(self, sides: np.ndarray) -> None:
+        """Every image of one slide was cut at one resolution (e.g. a level-0 cut appended to
+        an --mpp one is refused: the model would learn from both under one mpp)."""
+        ids, slide_of = np.unique([c[0] for c in self.coords], return_inverse=True)
+        lo, hi = np.full((len(ids), 2), np.iinfo(np.int64).max), np.zeros((len(ids), 2), np.int64)
+        np.minimum.at(lo, slide_of, sides)
+        np.maximum.at(hi, slide_of, sides)
+        bad = np.flatnonzero((hi > lo * 1.01).any(1))
+        if bad.size:
+            k = bad[0]
+            raise DataError(f"{self.dir / 'sides.txt'}: the images of slide {ids[k]} cover {lo[k, 0]}x{lo[k, 1]} and "
+                            f"{hi[k, 0]}x{hi[k, 1]} level-0 pixels: cut at two resolutions (Patch_gen.py runs "
+                            "at different --level/--mpp gathered into one folder)")
 
     def _check_images(self) -> None:
         """Refuse a folder whose images are missing or of another size than image_size

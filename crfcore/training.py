@@ -187,7 +187,8 @@ class Run:
         if not path.exists():
             raise ConfigError(f"--resume: {path} does not exist")
         ckpt = load_checkpoint(path)
-        diff = [k for k in (*MODEL_KEYS, "optimizer") if ckpt["config"].get(k) != getattr(cfg, k)]
+        # mpp: the resolution the data was cut at is part of what the model learns
+        diff = [k for k in (*MODEL_KEYS, "mpp", "optimizer") if ckpt["config"].get(k) != getattr(cfg, k)]
         if diff:
             raise ConfigError(f"--resume: the config differs from the checkpoint's in {diff}")
         return ckpt
@@ -393,7 +394,7 @@ def evaluate_folder(ckpt_path: str | Path, data_dir: str | Path, out_dir: str | 
         ds = FolderDataset(data_dir, cfg.patch_size, None, cfg.classes, norm)
     else:
         if json_dir is None:
-            raise ConfigError("a grid-mode checkpoint needs --json DIR with the slides' annotations")
+            raise ConfigError(f"{ckpt_path}: a grid-mode checkpoint needs --json DIR with the slides' annotations")
         ds = GridDataset(data_dir, json_dir, cfg.image_size, cfg.patch_size, cfg.crop_size, None, norm,
                          mpp_set=cfg.mpp is not None)
     loader = DataLoader(ds, batch_size=batch_size, num_workers=reader_workers(workers, dev), collate_fn=collate)

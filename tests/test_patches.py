@@ -118,6 +118,9 @@ def test_sides_txt_is_checked_and_kept_by_append(syn_slide, syn_masks, tmp_path)
     assert trainset.read_sides(tmp_path / "ds", 3).tolist() == [[64, 64]] * 3
     call("coord_list_gen.py", tmp_path / "b", "-o", tmp_path / "ds", "--append")
     assert sides.read_text() == "64,64\n" * 3 + "128,128\n" * 3  # level 1: twice the level-0 side
+    write_annotation(syn_slide.annotation, tmp_path / "json" / "syn_tumor.json")
+    with pytest.raises(CrfError, match="slide syn_tumor cover 64x64 and 128x128 level-0 pixels"):
+        GridDataset(tmp_path / "ds", tmp_path / "json", 64, 32, 32)  # level 0 and level 1 of one slide
     sides.write_text("64,64\n64,x\n")
     with pytest.raises(trainset.TrainSetError, match="2 lines for the 6 images"):
         trainset.read_sides(tmp_path / "ds", 6)
@@ -128,7 +131,6 @@ def test_sides_txt_is_checked_and_kept_by_append(syn_slide, syn_masks, tmp_path)
     proc = call("coord_list_gen.py", tmp_path / "b", "-o", tmp_path / "old", "--append", check=False)
     assert proc.returncode == 2 and "has no sides.txt" in proc.stderr and "--overwrite" in proc.stderr
     call("coord_list_gen.py", tmp_path / "b", "-o", tmp_path / "ds1")
-    write_annotation(syn_slide.annotation, tmp_path / "json" / "syn_tumor.json")
     with pytest.warns(UserWarning, match="cover 128x128 level-0 pixels"):  # the level-1 images, config mpp null
         GridDataset(tmp_path / "ds1", tmp_path / "json", 64, 32, 32)
 

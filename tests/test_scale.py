@@ -134,6 +134,9 @@ def test_level_and_mpp_options(scans, tmp_path):
     assert np.abs(heatmap.load_probability_map(out)[0] - half).max() < 1e-5
     stale = call("prob_map.py", *args, "--level", "0", check=False)  # made at another resolution
     assert stale.returncode == 2 and "read_at" in stale.stderr
+    off = call("prob_map.py", *args, "--level", "0", "--overwrite")  # allowed, with a note
+    assert "read at 0.25 um per pixel, but the model was trained at 0.5" in off.stderr
+    assert "trained at" not in call("prob_map.py", *args, "--level", "1", "--overwrite").stderr
     res = call("prob_map.py", d / "fine.tif", d / "m.ckpt", d / "fine_tissue.npy", tmp_path / "x.npy",
                "--level", "7", check=False)
     assert res.returncode == 2 and "level 7 out of range" in res.stderr

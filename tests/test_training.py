@@ -77,6 +77,9 @@ def test_resume_continues_exactly(grid_data, tmp_path):
         assert torch.allclose(v.float(), b["state_dict"][k].float(), atol=1e-5), k
     proc = call("train.py", grid_data / "cfg.json", tmp_path / "a", check=False)
     assert proc.returncode == 2 and "--resume" in proc.stderr
+    proc = call("train.py", grid_data / "cfg.json", tmp_path / "b", "--set", "epochs=3", "--set", "mpp=0.5",
+                "--resume", check=False)  # another resolution is another model
+    assert proc.returncode == 2 and "['mpp']" in proc.stderr
 
 
 def test_config_errors_are_one_line(grid_data, tmp_path):
@@ -248,3 +251,5 @@ def test_config_is_typed_and_the_readme_table_is_generated_from_it():
     for bad in ({"epochs": "3"}, {"flip": 1}, {"batch_size": True}, {"class_weights": ["a", "b"]}):
         with pytest.raises(ConfigError, match=next(iter(bad))):
             TrainConfig(**bad)
+    with pytest.raises(ConfigError, match="mpp='abc': expected float or null"):
+        TrainConfig(mpp="abc")
