@@ -1,15 +1,17 @@
 #!/usr/bin/env python3
 """bf16 autocast + channels-last against fp32 on this CPU: CNN speed for inference
-(forward, batch norm folded as prob_map.py runs it) and training (forward, backward, SGD
+(forward, batch norm folded and each convolution + ReLU6 fused, as prob_map.py runs it;
+`--unfused`: folded only) and training (forward, backward, SGD
 step), interleaved and best of `--repeats`, so a shared machine's busy moments count less;
 freed memory is kept for reuse, as the scripts keep it (`retain_freed_memory`).
 
-  python bench/bf16.py [--width 1.0 --crop 224 --batch 32] [--by-layer]
+  python bench/bf16.py [--width 1.0 --crop 224 --batch 32] [--by-layer] [--unfused]
 
 Prints whether the CPU has native bf16 (avx512_bf16 / AMX), then one line per setting
 and the ratios. `--by-layer` also splits an inference pass's time between the
 pointwise (1x1) convolutions, the depthwise ones, the full 3x3 stem and everything in
-between (ReLU6, residual additions, autocast's casts, pooling, the head), each summed
+between (residual additions, autocast's casts, pooling, the head, and the ReLU6s when
+unfused), each summed
 over the repeats. What bf16 does to the maps and metrics of a trained model:
 bench/agreement.py.
 """
@@ -22,7 +24,7 @@ import time
 import torch
 
 from crfcore.device import autocast, cpu_has_native_bf16, retain_freed_memory
-from crfcore.model import CRFNet, ModelConfig, fold_batch_norm
+from crfcore.model import CRFNet, ConvReLU6, ModelConfig, fold_batch_norm, inference_copy
 
 
 def step_time(model: CRFNet, x: torch.Tensor, precision: str, train: bool) -> float:
@@ -46,6 +48,8 @@ def step_time(model: CRFNet, x: torch.Tensor, precision: str, train: bool) -> fl
 
 
 def conv_kind(m: torch.nn.Module) -> str | None:
+    """The kind of a convolution, fused with its ReLU6 or not (None for other modules)."""
+    m = m.conv if isinstance(m, ConvReLU6) else m
     if not isinstance(m, torch.nn.Conv2d):
         return None
     return "depthwise" if m.groups > 1 else ("pointwise" if m.kernel_size == (1, 1) else "full 3x3")
@@ -90,14 +94,16 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--by-layer", action="store_true", help="also split inference time by layer kind")
+    p.add_argument("--unfused", action="store_true", help="inference without convolution + ReLU6 fused")
     args = p.parse_args()
     retain_freed_memory()  # as train.py and prob_map.py run
     torch.manual_seed(0)
     model = CRFNet(ModelConfig(grid=1, width_mult=args.width)).to(memory_format=torch.channels_last)
-    folded = fold_batch_norm(model)  # inference runs the folded copy, as prob_map.py does
+    folded = fold_batch_norm(model) if args.unfused else inference_copy(model)  # as prob_map.py runs it
     x = torch.randn(args.batch, 3, args.crop, args.crop).contiguous(memory_format=torch.channels_last)
     print(f"native bf16: {cpu_has_native_bf16()}; {torch.get_num_threads()} threads; load {os.getloadavg()[0]:.1f}; "
-          f"width {args.width}, crop {args.crop}, batch {args.batch}")
+          f"width {args.width}, crop {args.crop}, batch {args.batch}; inference "
+          f"{'unfused' if args.unfused else 'convolution + ReLU6 fused'}")
     best = {}
     for _ in range(args.repeats):
         for train in (False, True):

@@ -40,7 +40,7 @@ from crfcore import dense, inference, masks, synthetic
 from crfcore import slide as sl
 from crfcore.datasets import normalise_batch
 from crfcore.device import reader_workers, resolve_device, resolve_precision, retain_freed_memory
-from crfcore.model import CRFNet, fold_batch_norm, model_from_checkpoint, save_checkpoint
+from crfcore.model import CRFNet, inference_copy, model_from_checkpoint, save_checkpoint
 from crfcore.testing import varied_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -176,7 +176,7 @@ def main() -> None:
         mask, meta = masks.make_mask(path, "tissue", downsample=args.stride)
         rows, cols = np.nonzero(mask)
         model, ckpt = bench_model(args, path, Path(tmp))
-        model = fold_batch_norm(model).to(device, memory_format=torch.channels_last)  # as probability_map does
+        model = inference_copy(model).to(device, memory_format=torch.channels_last)  # as probability_map does
         print(f"tissue: {mask.sum()} lattice points, spans {np.ptp(rows) + 1} x {np.ptp(cols) + 1}; patch {args.patch}, "
               f"crop {args.crop}, stride {args.stride}; {'checkpoint ' + str(args.ckpt) if args.ckpt else 'varied model'}; "
               f"device {device}, precision {precision}, {torch.get_num_threads()} threads; load {os.getloadavg()[0]:.1f}")

@@ -25,7 +25,7 @@ from . import slide as sl
 from .crf import mean_field
 from .datasets import Normaliser, SlideDataset, cut_grid, normalise_batch, to_tensor
 from .device import autocast, reader_workers
-from .model import CRFNet, fold_batch_norm
+from .model import CRFNet, inference_copy
 from .scale import ReadScale
 
 # The 8 dihedral transforms of a square image `(H, W, ...)`: (quarter turns, flip first).
@@ -409,7 +409,7 @@ def probability_map(model: CRFNet, slide_path: str | Path, mask: np.ndarray, dow
     from . import dense  # dense builds on this module's lattice job
 
     opts = opts or Options()
-    model = fold_batch_norm(model).to(opts.device, memory_format=torch.channels_last)
+    model = inference_copy(model).to(opts.device, memory_format=torch.channels_last)
     geom = Geometry(model.cfg.grid, patch, crop, tuple(downsample), read)
     if method in ("lattice", "dense") and geom.lattice_step() is None:
         warnings.warn(f"patch size {patch} (x {read.scale:.3f} level-0 pixels) is not a multiple of the lattice "

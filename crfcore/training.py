@@ -27,7 +27,7 @@ from .errors import CrfError
 from .evaluation import patch_metrics, patch_report
 from .io import atomic_write_json, atomic_write_text
 from .model import CRFNet, ModelConfig, init_from_checkpoint, load_checkpoint, load_pretrained_backbone
-from .model import fold_batch_norm, model_from_checkpoint, save_checkpoint
+from .model import inference_copy, model_from_checkpoint, save_checkpoint
 from .loaders import build_loaders, collate, stain_normaliser
 from .runlog import append_log, plot_curves, read_log
 
@@ -398,7 +398,7 @@ def evaluate_folder(ckpt_path: str | Path, data_dir: str | Path, out_dir: str | 
         ds = GridDataset(data_dir, json_dir, cfg.image_size, cfg.patch_size, cfg.crop_size, None, norm,
                          mpp_set=cfg.mpp is not None)
     loader = DataLoader(ds, batch_size=batch_size, num_workers=reader_workers(workers, dev), collate_fn=collate)
-    model = fold_batch_norm(model).to(dev, memory_format=torch.channels_last)
+    model = inference_copy(model).to(dev, memory_format=torch.channels_last)
     y, p, _ = predict(model, loader, dev, resolve_precision(dev, cfg.precision), model.cfg.num_classes, quiet=quiet)
     out = Path(out_dir) if out_dir else Path(data_dir)
     return patch_report(y, p, list(cfg.classes), out / "confusion_matrix.png", f"{Path(ckpt_path).name} on {data_dir}")

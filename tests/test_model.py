@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from crfcore.crf import CRF, mean_field
-from crfcore.model import CRFNet, ModelConfig
+from crfcore.model import FUSED_CONV, ConvReLU6, CRFNet, ModelConfig, fold_batch_norm, inference_copy
 
 
 def test_crf_with_zero_w_is_identity():
@@ -83,8 +83,6 @@ def test_bad_checkpoints_get_one_line_errors(tmp_path):
 
 
 def test_folded_batch_norm_gives_the_same_outputs_and_leaves_the_model_alone():
-    from crfcore.model import fold_batch_norm
-
     torch.manual_seed(3)
     model = CRFNet(ModelConfig(grid=3, width_mult=0.5)).eval()
     for bn in (m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)):
@@ -108,3 +106,39 @@ def test_retain_freed_memory_takes_effect_under_glibc():
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
         pytest.skip("mallopt is glibc's")
     assert retain_freed_memory()
+
+
+@pytest.mark.skipif(not FUSED_CONV, reason="this PyTorch build has no oneDNN fused convolution")
+def test_fused_conv_relu6_gives_the_same_outputs():
+    """inference_copy fuses MobileNetV2's 35 convolution + ReLU6 pairs into oneDNN calls:
+    the same numbers in fp32 (and within bf16 rounding under autocast); with gradients it
+    runs the plain convolution and ReLU6."""
+    torch.manual_seed(4)
+    model = CRFNet(ModelConfig(grid=3, width_mult=0.5)).eval()
+    for bn in (m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)):
+        bn.running_var.uniform_(0.3, 3.0)
+    folded, fused = fold_batch_norm(model), inference_copy(model)
+    assert sum(isinstance(m, ConvReLU6) for m in fused.modules()) == 35
+    assert not any(isinstance(m, torch.nn.ReLU6) for m in fused.modules())
+    x = torch.randn(2, 9, 3, 64, 64).contiguous()
+    with torch.inference_mode():
+        assert torch.allclose(fused(x), folded(x), atol=1e-5)
+        with torch.autocast("cpu", torch.bfloat16):
+            assert torch.allclose(fused(x).float(), folded(x).float(), atol=0.05)
+    with torch.no_grad():
+        one = next(m for m in fused.modules() if isinstance(m, ConvReLU6))
+        y = torch.randn(1, one.conv.in_channels, 16, 16) * 10
+        assert torch.allclose(one(y), torch.nn.functional.relu6(one.conv(y)), atol=1e-5)
+        assert one(y).max() == 6 and one(y).min() == 0
+    y.requires_grad_(True)
+    one(y).sum().backward()  # the plain path: gradients flow
+    assert y.grad is not None
+
+
+def test_without_the_fused_op_inference_copy_only_folds(monkeypatch):
+    import crfcore.model as m
+
+    monkeypatch.setattr(m, "FUSED_CONV", False)
+    copy = m.inference_copy(CRFNet(ModelConfig(grid=1, width_mult=0.25)).eval())
+    assert not any(isinstance(k, m.ConvReLU6) for k in copy.modules())
+    assert sum(isinstance(k, torch.nn.ReLU6) for k in copy.modules()) == 35
