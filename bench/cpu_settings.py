@@ -8,6 +8,8 @@
    - inference as PyTorch runs it by default;
    - with freed memory kept for reuse (`crfcore.device.retain_freed_memory`);
    - and with batch norm folded into the convolutions (`crfcore.model.fold_batch_norm`);
+   - and with each convolution + ReLU6 fused as well (`crfcore.model.inference_copy`, as
+     prob_map.py runs);
    - a training step (forward, backward), by default and with freed memory kept.
 2. `lattice` and `dense` maps of one synthetic slide (NCRF's geometry, the bench model of
    bench/prob_map.py) with the slide read in 2 DataLoader workers against in the main
@@ -28,12 +30,13 @@ import torch
 
 from crfcore import inference, masks, synthetic
 from crfcore.device import retain_freed_memory
-from crfcore.model import CRFNet, ModelConfig, fold_batch_norm
+from crfcore.model import CRFNet, ModelConfig, fold_batch_norm, inference_copy
 from crfcore.testing import varied_model
 
 SETTINGS = {"default": "inference, PyTorch's defaults",
             "retain": "inference, freed memory kept",
             "retain+fold": "inference, freed memory kept, batch norm folded",
+            "retain+fold+fuse": "inference, freed memory kept, batch norm folded, convolution + ReLU6 fused",
             "train": "training step, PyTorch's defaults",
             "train+retain": "training step, freed memory kept"}
 
@@ -45,7 +48,10 @@ def patches_per_s(setting: str, batch: int, repeats: int) -> float:
     torch.manual_seed(0)
     model = CRFNet(ModelConfig(grid=1)).to(memory_format=torch.channels_last)
     train = setting.startswith("train")
-    model = model.train() if train else (fold_batch_norm(model) if "fold" in setting else model.eval())
+    if train:
+        model.train()
+    else:
+        model = {"fold": fold_batch_norm, "fuse": inference_copy}.get(setting.split("+")[-1], CRFNet.eval)(model)
     x = torch.randn(batch, 3, 224, 224).contiguous(memory_format=torch.channels_last)
     best = float("inf")
     for _ in range(repeats + 1):  # the first pass warms up
@@ -102,7 +108,8 @@ def main() -> int:
         print(f"{what}: {rate[s]:.1f} patches/s")
     print(f"freed memory kept: inference {rate['retain'] / rate['default']:.2f}x, training "
           f"{rate['train+retain'] / rate['train']:.2f}x; batch norm folded: {rate['retain+fold'] / rate['retain']:.2f}x "
-          f"more; together {rate['retain+fold'] / rate['default']:.2f}x")
+          f"more; convolution + ReLU6 fused: {rate['retain+fold+fuse'] / rate['retain+fold']:.2f}x more; together "
+          f"{rate['retain+fold+fuse'] / rate['default']:.2f}x")
     if args.lattice_side:
         map_seconds(args.lattice_side)
     return 0
