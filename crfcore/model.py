@@ -103,11 +103,15 @@ def fold_batch_norm(model: CRFNet) -> CRFNet:
 FUSED_CONV = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_convolution_pointwise")
 
 
+FUSED_DTYPES = (torch.float32, torch.bfloat16)
+
+
 class ConvReLU6(nn.Module):
     """A convolution and the ReLU6 after it in one oneDNN call on the CPU, for inference.
-    Same numbers as the two; but eager ReLU6 is a pass of its own over every expanded
-    activation, 18 % of MobileNetV2's CPU time (bench/bf16.py --by-layer). Elsewhere (a
-    GPU, or with gradients) it runs the two as they were."""
+    Same numbers as the two for finite values; but eager ReLU6 is a pass of its own over
+    every expanded activation, 18 % of MobileNetV2's CPU time (bench/bf16.py --by-layer).
+    The two run as they were off the CPU, with gradients, with oneDNN switched off, for
+    inputs that are not a 4-D fp32/bf16 batch, or under autocast to another dtype."""
 
     def __init__(self, conv: nn.Conv2d) -> None:
         super().__init__()
@@ -115,21 +119,27 @@ class ConvReLU6(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         c = self.conv
-        if x.device.type != "cpu" or torch.is_grad_enabled():
+        dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else x.dtype
+        if not self.fusable(x, dtype):
             return nn.functional.relu6(c(x))
-        w, b = c.weight, c.bias
-        if torch.is_autocast_enabled("cpu"):  # the op is not on autocast's lists: cast as autocast would
-            dtype = torch.get_autocast_dtype("cpu")
-            x, w, b = x.to(dtype), w.to(dtype), None if b is None else b.to(dtype)
-        return torch.ops.mkldnn._convolution_pointwise(x, w, b, c.padding, c.stride, c.dilation, c.groups,
-                                                       "hardtanh", [0.0, 6.0], "")
+        # the op is not on autocast's lists: cast as autocast does for a convolution
+        w, b = c.weight.to(dtype), None if c.bias is None else c.bias.to(dtype)
+        return torch.ops.mkldnn._convolution_pointwise(x.to(dtype), w, b, c.padding, c.stride, c.dilation,
+                                                       c.groups, "hardtanh", [0.0, 6.0], "")
+
+    def fusable(self, x: torch.Tensor, dtype: torch.dtype) -> bool:
+        return (x.device.type == "cpu" and x.dim() == 4 and not torch.is_grad_enabled()
+                and torch.backends.mkldnn.enabled and x.dtype in FUSED_DTYPES
+                and self.conv.weight.dtype in FUSED_DTYPES and dtype in FUSED_DTYPES)
 
 
 def fuse_conv_relu6(model: nn.Module) -> nn.Module:
     """`model` with every convolution followed by a ReLU6 (an Identity between them, where
     batch norm was folded) replaced by a `ConvReLU6`, in place; unchanged when this
-    PyTorch lacks the fused op."""
-    if not FUSED_CONV:
+    PyTorch lacks the fused op, or when a weight is not finite (oneDNN's clamp turns NaN
+    into 0, and a diverged model must give a NaN map, which is refused, not a plausible one)."""
+    finite = all(torch.isfinite(t).all() for t in model.state_dict().values() if t.is_floating_point())
+    if not (FUSED_CONV and finite):
         return model
     for seq in [m for m in model.modules() if isinstance(m, nn.Sequential)]:
         kids = [(name, m) for name, m in seq.named_children() if not isinstance(m, nn.Identity)]

@@ -135,6 +135,29 @@ def test_fused_conv_relu6_gives_the_same_outputs():
     assert y.grad is not None
 
 
+def test_the_fused_copy_keeps_nan_and_other_dtypes_to_the_plain_path(monkeypatch):
+    """oneDNN's clamp maps NaN to 0: a model with a non-finite weight is not fused, so its
+    map stays NaN (and is refused) instead of looking plausible. Inputs the op does not
+    take (float64, 3-D) and oneDNN switched off run the plain convolution and ReLU6."""
+    model = CRFNet(ModelConfig(grid=1, width_mult=0.25)).eval()
+    bad = next(m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    bad.running_mean[0] = float("nan")
+    copy = inference_copy(model)
+    assert not any(isinstance(m, ConvReLU6) for m in copy.modules())
+    with torch.inference_mode():
+        assert torch.isnan(copy.embed(torch.rand(1, 3, 32, 32))[0]).all()
+    fused = inference_copy(CRFNet(ModelConfig(grid=1, width_mult=0.25)).eval())
+    one = next(m for m in fused.modules() if isinstance(m, ConvReLU6))
+    y = torch.randn(1, one.conv.in_channels, 9, 9)
+    with torch.inference_mode():
+        want = torch.nn.functional.relu6(one.conv(y))
+        assert torch.allclose(one.double()(y.double()), want.double(), atol=1e-5)
+        one.float()
+        assert torch.allclose(one(y[0]), want[0], atol=1e-5)  # unbatched
+        monkeypatch.setattr(torch.backends.mkldnn, "enabled", False)
+        assert not one.fusable(y, y.dtype) and torch.allclose(one(y), want, atol=1e-5)
+
+
 def test_without_the_fused_op_inference_copy_only_folds(monkeypatch):
     import crfcore.model as m
 
