@@ -10,6 +10,7 @@ import pickle
 import zipfile
 from dataclasses import dataclass, fields
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torchvision
@@ -88,21 +89,26 @@ def fold_batch_norm(model: CRFNet) -> CRFNet:
     the CNN runs about 1.3x faster on the CPU, where eager batch norm is a pass of its own
     over every activation (bench/cpu_settings.py). The model itself is left untouched."""
     model = copy.deepcopy(model).eval()
-    for seq in model.modules():
-        if isinstance(seq, nn.Sequential):
-            kids = list(seq.named_children())
-            for (conv_name, conv), (bn_name, bn) in zip(kids, kids[1:]):
-                if isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d):
-                    setattr(seq, conv_name, fuse_conv_bn_eval(conv, bn))
-                    setattr(seq, bn_name, nn.Identity())
+    merge_after_conv(model, nn.BatchNorm2d, fuse_conv_bn_eval)
     return model
+
+
+def merge_after_conv(model: nn.Module, kind: type, merge: Callable[[nn.Conv2d, nn.Module], nn.Module],
+                     when: Callable[[nn.Conv2d], bool] = lambda conv: True) -> None:
+    """In place, in every nn.Sequential: each convolution (for which `when` holds) followed
+    by a `kind` module, past any Identity a previous merge left, becomes
+    `merge(conv, module)`, and that module an Identity."""
+    for seq in [m for m in model.modules() if isinstance(m, nn.Sequential)]:
+        kids = [(name, m) for name, m in seq.named_children() if not isinstance(m, nn.Identity)]
+        for (conv_name, conv), (name, module) in zip(kids, kids[1:]):
+            if isinstance(conv, nn.Conv2d) and isinstance(module, kind) and when(conv):
+                setattr(seq, conv_name, merge(conv, module))
+                setattr(seq, name, nn.Identity())
 
 
 # oneDNN's convolution with an element-wise step applied as it writes its output (what
 # torch.compile's Inductor lowers a convolution + activation to); absent from builds without it
 FUSED_CONV = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_convolution_pointwise")
-
-
 FUSED_DTYPES = (torch.float32, torch.bfloat16)
 
 
@@ -141,13 +147,9 @@ def fuse_conv_relu6(model: nn.Module) -> nn.Module:
     finite = all(torch.isfinite(t).all() for t in model.state_dict().values() if t.is_floating_point())
     if not (FUSED_CONV and finite):
         return model
-    for seq in [m for m in model.modules() if isinstance(m, nn.Sequential)]:
-        kids = [(name, m) for name, m in seq.named_children() if not isinstance(m, nn.Identity)]
-        for (name, conv), (act_name, act) in zip(kids, kids[1:]):
-            if isinstance(conv, nn.Conv2d) and isinstance(act, nn.ReLU6) and conv.padding_mode == "zeros" \
-                    and not isinstance(conv.padding, str):
-                setattr(seq, name, ConvReLU6(conv))
-                setattr(seq, act_name, nn.Identity())
+    # the fused op pads with zeros, given as numbers
+    merge_after_conv(model, nn.ReLU6, lambda conv, _: ConvReLU6(conv),
+                     when=lambda conv: conv.padding_mode == "zeros" and not isinstance(conv.padding, str))
     return model
 
 
