@@ -39,8 +39,10 @@ def dihedral(a: np.ndarray, k: int, flip: bool) -> np.ndarray:
 
 
 def dihedral_images(x: torch.Tensor, k: int, flip: bool) -> torch.Tensor:
-    """`dihedral` on the last two axes (H, W) of an image tensor."""
-    return torch.rot90(torch.flip(x, dims=[-1]) if flip else x, k, dims=(-2, -1))
+    """`dihedral` on the last two axes (H, W) of an image tensor; the identity is `x` itself
+    (torch.rot90 by 0 copies it to NCHW, and the CNN's input would then be copied back)."""
+    x = torch.flip(x, dims=[-1]) if flip else x
+    return torch.rot90(x, k, dims=(-2, -1)) if k % 4 else x
 
 
 @dataclass(frozen=True)

@@ -29,6 +29,23 @@ def small_model(grid: int, slide_path) -> CRFNet:
     return varied_model(slide_path, CROP, grid, width=0.25, head_scale=20, crf_std=0.3, seed=grid)
 
 
+def test_the_cnn_input_is_normalised_in_place_and_stays_channels_last():
+    """The identity transform hands the batch over as it is (no NCHW copy), and the one-pass
+    normalisation gives ImageNet's (x / 255 - mean) / std."""
+    from crfcore.datasets import IMAGENET_MEAN, IMAGENET_STD, normalise_batch
+
+    u8 = torch.randint(0, 256, (4, 9, 7, 3), dtype=torch.uint8)
+    x = normalise_batch(u8)
+    mean, std = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    torch.testing.assert_close(x, (u8.permute(0, 3, 1, 2).double() / 255 - mean.double()) / std.double(),
+                               check_dtype=False, atol=1e-6, rtol=0)
+    assert x.is_contiguous(memory_format=torch.channels_last)
+    assert inference.dihedral_images(x, 0, False) is x
+    for k, flip in inference.DIHEDRAL[1:]:
+        want = np.rot90(x.numpy()[..., ::-1] if flip else x.numpy(), k, axes=(-2, -1))
+        assert np.array_equal(inference.dihedral_images(x, k, flip).numpy(), want)
+
+
 @pytest.mark.parametrize("grid", [1, 3])
 def test_lattice_equals_naive_including_the_slide_border(border_slide, grid, monkeypatch):
     s, mask, meta = border_slide
