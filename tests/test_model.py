@@ -3,7 +3,8 @@ import pytest
 import torch
 
 from crfcore.crf import CRF, mean_field
-from crfcore.model import FUSED_CONV, ConvReLU6, CRFNet, ModelConfig, fold_batch_norm, inference_copy
+from crfcore.model import (FUSED_CONV, ConvReLU6, CRFNet, ModelConfig, StridedDepthwiseConv2d, fold_batch_norm,
+                           inference_copy)
 
 
 def test_crf_with_zero_w_is_identity():
@@ -165,3 +166,25 @@ def test_without_the_fused_op_inference_copy_only_folds(monkeypatch):
     copy = m.inference_copy(CRFNet(ModelConfig(grid=1, width_mult=0.25)).eval())
     assert not any(isinstance(k, m.ConvReLU6) for k in copy.modules())
     assert sum(isinstance(k, torch.nn.ReLU6) for k in copy.modules()) == 35
+
+
+def test_strided_depthwise_convolutions_train_in_fp32_under_cpu_bf16_autocast():
+    """Only with gradients: oneDNN's bf16 backward for them is slow; inference stays bf16.
+    The swap keeps torchvision's state-dict keys."""
+    import torchvision
+
+    model = CRFNet(ModelConfig(grid=1, width_mult=0.5))
+    strided = [m for m in model.modules() if isinstance(m, StridedDepthwiseConv2d)]
+    assert len(strided) == 4 and all(max(m.stride) == 2 and m.groups == m.in_channels for m in strided)
+    plain = torchvision.models.mobilenet_v2(weights=None, width_mult=0.5).features
+    assert model.features.state_dict().keys() == plain.state_dict().keys()
+    seen = []
+    for m in strided:
+        m.register_forward_hook(lambda mod, inp, out: seen.append(out.dtype))
+    x = torch.randn(2, 3, 64, 64)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        model.embed(x)[0].float().sum().backward()
+        with torch.no_grad():
+            model.embed(x)
+    assert seen == [torch.float32] * 4 + [torch.bfloat16] * 4
+    assert all(m.weight.grad is not None for m in strided)
