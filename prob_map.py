@@ -152,6 +152,9 @@ def build_parser() -> argparse.ArgumentParser:
     at.add_argument("--level", type=int, help="read crops at this pyramid level of every slide")
     p.add_argument("--tta", type=int, choices=(1, 8), default=1, help="mean over the 8 flips/rotations")
     p.add_argument("--batch-size", type=int, default=64, help="patches per CNN batch (lattice, naive; dense runs whole tiles)")
+    p.add_argument("--dense-tile", type=int, default=inference.Options.dense_tile, metavar="PX",
+                   help="dense: model pixels of new lattice rows and columns per tile; larger tiles repeat less "
+                        "of their margins (faster) and need more memory; the map is the same")
     add_workers(p, beside_cnn=True)
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                    help="auto: CUDA when present")
@@ -167,6 +170,8 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if (args.out is None) == (args.output is None):
         p.error("give the output once: OUT as the 4th argument or -o OUT")
+    if args.dense_tile < 1 or args.batch_size < 1:
+        p.error(f"--dense-tile and --batch-size must be at least 1, got {args.dense_tile} and {args.batch_size}")
     out = args.output or args.out
     retain_freed_memory()  # the CNN's buffers are reused, not faulted back in
     env = DistEnv.from_env()
@@ -175,7 +180,7 @@ def main(argv=None) -> int:
     model, ckpt = model_from_checkpoint(args.ckpt, expect={"mode": "grid"})
     ref = ckpt["config"].get("stain_reference")
     opts = inference.Options(batch_size=args.batch_size, workers=args.workers, device=device,
-                             precision=precision, tta=args.tta, quiet=args.quiet,
+                             precision=precision, tta=args.tta, quiet=args.quiet, dense_tile=args.dense_tile,
                              normaliser=MacenkoNormaliser.from_dict(ref) if ref else None)
     wanted = settings(args, file_sha256(args.ckpt), precision, resolution(args, ckpt["config"]))
     todo = jobs(args.slide, args.mask, out)[env.rank::env.world]

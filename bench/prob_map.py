@@ -122,7 +122,8 @@ def large_slide_memory(args, ckpt: Path, tmp: Path, precision: str) -> None:
     for method in ("lattice", "dense"):
         cmd = [sys.executable, str(ROOT / "prob_map.py"), str(path), str(ckpt), str(tmp / "large_tissue.npy"),
                str(tmp / f"large_{method}_prob.npy"), "--quiet", "--method", method, "--batch-size",
-               str(args.batch_size), "--workers", str(args.workers), "--device", args.device, "--precision", precision]
+               str(args.batch_size), "--workers", str(args.workers), "--device", args.device, "--precision", precision,
+               "--dense-tile", str(args.dense_tile)]
         seconds, pss = peak_memory(cmd)
         print(f"large {method}: prob_map.py {seconds:.0f} s; peak memory {pss:.0f} MiB (PSS, workers included)")
 
@@ -156,6 +157,7 @@ def main() -> None:
     p.add_argument("--naive-points", type=int, default=200)
     p.add_argument("--model-only-patches", type=int, default=1024)
     p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--dense-tile", type=int, default=inference.Options.dense_tile, help="as prob_map.py's")
     p.add_argument("--workers", type=int, help="DataLoader workers (default: prob_map.py's: 0 on the CPU, 2 with CUDA)")
     p.add_argument("--device", default="auto")
     p.add_argument("--precision", default="fp32", help="of naive, lattice, dense and the model alone")
@@ -181,7 +183,7 @@ def main() -> None:
               f"crop {args.crop}, stride {args.stride}; {'checkpoint ' + str(args.ckpt) if args.ckpt else 'varied model'}; "
               f"device {device}, precision {precision}, {torch.get_num_threads()} threads; load {os.getloadavg()[0]:.1f}")
         opts = inference.Options(batch_size=args.batch_size, workers=args.workers, device=device,
-                                 precision=precision, quiet=True)
+                                 precision=precision, quiet=True, dense_tile=args.dense_tile)
         geom = inference.Geometry(3, args.patch, args.crop, tuple(meta["downsample"]))
 
         def run(method: str, o: inference.Options) -> np.ndarray:
@@ -206,7 +208,8 @@ def main() -> None:
               f"{e2e:.1f} patches/s end to end")
         print(f"naive:   {t_naive:.1f} s (scaled from {len(pick)} points), "
               f"{9 * len(rows)} CNN patches (9 per tissue point)")
-        print(f"dense:   {t_den:.1f} s, {len(job.tiles)} tiles, {px / 1e6:.0f} Mpx through the backbone "
+        print(f"dense:   {t_den:.1f} s, {len(job.tiles)} tiles (--dense-tile {args.dense_tile}), "
+              f"{px / 1e6:.0f} Mpx through the backbone "
               f"({px / (len(rows) * args.stride ** 2):.2f} per tissue pixel; lattice: "
               f"{n_lat * args.crop ** 2 / (len(rows) * args.stride ** 2):.2f})")
         print(f"dense + bf16: {t_den16:.1f} s ({t_den / t_den16:.2f}x dense fp32), max abs diff to dense fp32 "

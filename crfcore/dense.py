@@ -19,10 +19,11 @@ an interpolated feature map is the feature of no window). When the phases would 
 more backbone work than the lattice (`phases * s^2 >= crop^2`), `lattice` is used.
 
 Tiles get `MARGIN` cells of real pixels on every side, so the cells a window uses do
-not see the tile's own edge; tile and band sizes are fixed by the geometry (never by
-batch size or workers), so a map does not depend on how it was run. TTA transforms the
-whole tile: its sides are chosen congruent to the crop modulo 32, so in every dihedral
-frame the crop corners still fall on the cell grid.
+not see the tile's own edge: the tile size (`Options.dense_tile`; larger tiles repeat
+less of their margins and need more memory) changes the map only by float rounding,
+and batch size and workers not at all. TTA transforms the whole tile: its sides are
+chosen congruent to the crop modulo 32, so in every dihedral frame the crop corners
+still fall on the cell grid.
 """
 from __future__ import annotations
 
@@ -42,7 +43,6 @@ from .model import CRFNet
 from .scale import ReadScale
 
 MARGIN = 8  # cells of context around the used cells (8 x 32 = 256 px: MobileNetV2's receptive-field radius, 245)
-TILE = 2048  # model pixels of new lattice rows (and columns) per tile
 
 
 def feature_stride(model: CRFNet) -> int:
@@ -127,7 +127,7 @@ class DenseJob(LatticeJob):
     pooled features and logits."""
 
     def __init__(self, model: CRFNet, slide_path: Path, mask: np.ndarray, geom: Geometry, opts: Options) -> None:
-        self.block = max(1, TILE // model_stride(geom))  # lattice rows (and columns) per tile
+        self.block = max(1, opts.dense_tile // model_stride(geom))  # lattice rows (and columns) per tile
         super().__init__(model, slide_path, mask, geom, replace(opts, band_rows=self.block))
         self.stride = feature_stride(model)
         self.window = feature_side(model, geom.crop)

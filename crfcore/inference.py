@@ -220,6 +220,7 @@ class Options:
     tta: int = 1
     quiet: bool = False
     band_rows: int = 16  # a multiple of REGION_BLOCK[0]; the cache holds ~band_rows + 2k rows
+    dense_tile: int = 2048  # dense: model pixels of new lattice rows (and columns) per tile
     normaliser: Normaliser | None = None  # stain normalisation of every crop (the model's, if it has one)
 
 

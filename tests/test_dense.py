@@ -1,6 +1,8 @@
 """The dense method: its geometry is exact (with no context and one crop per tile it is
 the lattice method, TTA and shifted phases included), and its map does not depend on
 how the slide is cut into tiles."""
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -54,10 +56,9 @@ def test_one_crop_per_tile_without_context_is_the_lattice(slide, model, stride, 
     lattice (so windows, phases, transforms and the CRF step are all in place). Stride 16
     needs 4 shifted phases."""
     monkeypatch.setattr(dense, "MARGIN", 0)
-    monkeypatch.setattr(dense, "TILE", stride)  # one lattice row and column per tile
     mask, meta = masks.make_mask(slide.path, "tissue", downsample=stride)
     sub = subset(mask, 12 if tta == 1 else 4)
-    opts = inference.Options(workers=0, quiet=True, tta=tta)
+    opts = inference.Options(workers=0, quiet=True, tta=tta, dense_tile=stride)  # one lattice row and column per tile
     lat, _ = inference.probability_map(model, slide.path, sub, meta["downsample"], CROP, CROP, "lattice", opts)
     den, used = inference.probability_map(model, slide.path, sub, meta["downsample"], CROP, CROP, "dense", opts)
     assert used == "dense"
@@ -66,7 +67,7 @@ def test_one_crop_per_tile_without_context_is_the_lattice(slide, model, stride, 
     assert (den[~sub] == 0).all()
 
 
-def test_tiles_do_not_change_the_map(slide, monkeypatch):
+def test_tiles_do_not_change_the_map(slide):
     """With the default margin (the receptive field) the cells a window uses never see a
     tile's edge: small tiles give the map of large ones. (A model whose batch-norm
     statistics come from large regions: in context, the crop-calibrated one saturates.)"""
@@ -76,8 +77,8 @@ def test_tiles_do_not_change_the_map(slide, monkeypatch):
     sub[4:9, 6:11] = mask[4:9, 6:11]  # a block of tissue: 1 large tile or 9 small ones
     opts = inference.Options(workers=0, quiet=True)
     big, _ = inference.probability_map(model, slide.path, sub, meta["downsample"], CROP, CROP, "dense", opts)
-    monkeypatch.setattr(dense, "TILE", 64)
-    small, _ = inference.probability_map(model, slide.path, sub, meta["downsample"], CROP, CROP, "dense", opts)
+    small, _ = inference.probability_map(model, slide.path, sub, meta["downsample"], CROP, CROP, "dense",
+                                         replace(opts, dense_tile=64))
     assert big[sub].std() > 0.02
     assert np.abs(big - small).max() < 1e-4
 
