@@ -57,23 +57,26 @@ class StridedDepthwiseConv2d(nn.Conv2d):
     forward pass is fast: without gradients (inference) it runs as a plain convolution."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.device.type == "cpu" and torch.is_grad_enabled() and torch.is_autocast_enabled("cpu"):
-            with torch.autocast("cpu", enabled=False):
-                return super().forward(x.float())
-        return super().forward(x)
+        if not (x.device.type == "cpu" and torch.is_grad_enabled() and torch.is_autocast_enabled("cpu")):
+            return super().forward(x)
+        # weights cast too (the model itself may be bf16); the output goes on in the input's
+        # dtype, so the layers after it see what they saw before
+        bias = None if self.bias is None else self.bias.float()
+        with torch.autocast("cpu", enabled=False):
+            return self._conv_forward(x.float(), self.weight.float(), bias).to(x.dtype)
 
 
 def train_strided_depthwise_in_fp32(features: nn.Module) -> nn.Module:
     """`features` with every strided depthwise convolution made a `StridedDepthwiseConv2d`
-    (same weights, same state-dict keys), in place."""
+    holding the same parameters (same state-dict keys, devices and dtypes), in place."""
     for parent in list(features.modules()):
         for name, conv in list(parent.named_children()):
             if type(conv) is nn.Conv2d and conv.groups == conv.in_channels > 1 and max(conv.stride) > 1:
-                # skip_init: no random initialisation, so seeded models stay as they were
-                new = torch.nn.utils.skip_init(StridedDepthwiseConv2d, conv.in_channels, conv.out_channels,
-                                               conv.kernel_size, conv.stride, conv.padding, conv.dilation,
-                                               conv.groups, conv.bias is not None, conv.padding_mode)
-                new.load_state_dict(conv.state_dict())
+                # built on the meta device: no memory and no random draws (seeded models stay as they were)
+                new = StridedDepthwiseConv2d(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride,
+                                             conv.padding, conv.dilation, conv.groups, conv.bias is not None,
+                                             conv.padding_mode, device="meta")
+                new.weight, new.bias = conv.weight, conv.bias
                 setattr(parent, name, new)
     return features
 

@@ -178,13 +178,30 @@ def test_strided_depthwise_convolutions_train_in_fp32_under_cpu_bf16_autocast():
     assert len(strided) == 4 and all(max(m.stride) == 2 and m.groups == m.in_channels for m in strided)
     plain = torchvision.models.mobilenet_v2(weights=None, width_mult=0.5).features
     assert model.features.state_dict().keys() == plain.state_dict().keys()
-    seen = []
-    for m in strided:
-        m.register_forward_hook(lambda mod, inp, out: seen.append(out.dtype))
-    x = torch.randn(2, 3, 64, 64)
+    conv = strided[0]
+    x = torch.randn(2, conv.in_channels, 16, 16).to(torch.bfloat16)
+    fp32 = torch.nn.functional.conv2d(x.float(), conv.weight, conv.bias, conv.stride, conv.padding, conv.dilation,
+                                      conv.groups).to(torch.bfloat16)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        model.embed(x)[0].float().sum().backward()
+        trained = conv(x)  # with gradients: fp32 weights, handed on in the input's dtype
         with torch.no_grad():
-            model.embed(x)
-    assert seen == [torch.float32] * 4 + [torch.bfloat16] * 4
-    assert all(m.weight.grad is not None for m in strided)
+            inferred = conv(x)  # without: bf16 weights
+    assert trained.dtype == torch.bfloat16 and torch.equal(trained, fp32) and not torch.equal(inferred, fp32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # the whole model trains, also cast to bf16
+        model.embed(torch.randn(2, 3, 64, 64))[0].float().sum().backward()
+        assert all(m.weight.grad is not None for m in strided)
+        model.to(torch.bfloat16).embed(torch.randn(2, 3, 64, 64))[0].float().sum().backward()
+
+
+def test_the_swap_draws_no_random_numbers_and_keeps_devices():
+    import torchvision
+    from crfcore.model import train_strided_depthwise_in_fp32
+
+    torch.manual_seed(0)
+    features = torchvision.models.mobilenet_v2(weights=None, width_mult=0.5).features
+    before, state = {k: v.clone() for k, v in features.state_dict().items()}, torch.get_rng_state()
+    train_strided_depthwise_in_fp32(features)
+    assert torch.equal(torch.get_rng_state(), state)  # seeded models stay as they were
+    assert all(torch.equal(v, before[k]) for k, v in features.state_dict().items())
+    with torch.device("meta"):
+        assert next(CRFNet(ModelConfig(grid=1, width_mult=0.5)).parameters()).is_meta
