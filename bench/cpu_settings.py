@@ -28,10 +28,10 @@ from pathlib import Path
 
 import torch
 
-from crfcore import inference, masks, synthetic
+from crfcore import inference, masks
 from crfcore.device import retain_freed_memory
 from crfcore.model import CRFNet, ModelConfig, fold_batch_norm, inference_copy
-from crfcore.testing import varied_model
+from crfcore.testing import bench_varied_model, write_bench_slide
 
 SETTINGS = {"default": "inference, PyTorch's defaults",
             "retain": "inference, freed memory kept",
@@ -76,10 +76,9 @@ def map_seconds(side: int) -> None:
     retain_freed_memory()
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "slide.tif"
-        synthetic.write_slide(path, side * 64 + 512, side * 64 + 512, tumours=2, seed=0,
-                              tissue=[(0.5, 0.5, 0.5, 0.5)])
+        write_bench_slide(path, side)
         mask, meta = masks.make_mask(path, "tissue", downsample=64)
-        model = varied_model(path, 224, 3, width=1.0, crf_std=0.1, n=128)
+        model = bench_varied_model(path)
         print(f"maps: {mask.sum()} tissue points, patch 256, crop 224, stride 64, grid 3")
         for method in ("lattice", "dense"):
             took = {2: float("inf"), 0: float("inf")}

@@ -24,10 +24,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from crfcore import dense, inference, masks, synthetic
+from crfcore import dense, inference, masks
 from crfcore.device import retain_freed_memory
-from crfcore.model import inference_copy
-from crfcore.testing import varied_model
+from crfcore.testing import bench_varied_model, write_bench_slide
 
 PATCH, CROP, STRIDE = 256, 224, 64
 
@@ -40,13 +39,11 @@ def main() -> int:
     p.add_argument("--keep", type=Path, help="write (or reuse) the slide here (bench/prob_map.py's, same side)")
     args = p.parse_args()
     retain_freed_memory()  # as prob_map.py does
-    side = args.lattice_side * STRIDE + 2 * PATCH
     with tempfile.TemporaryDirectory() as tmp:
         path = args.keep or Path(tmp) / "bench.tif"
-        if not path.exists():
-            synthetic.write_slide(path, side, side, tumours=2, seed=0, tissue=[(0.5, 0.5, 0.5, 0.5)])
+        write_bench_slide(path, args.lattice_side, STRIDE, PATCH)
         mask, meta = masks.make_mask(path, "tissue", downsample=STRIDE)
-        model = varied_model(path, CROP, 3, width=1.0, crf_std=0.1, n=128)  # bench/prob_map.py's
+        model = bench_varied_model(path, CROP)
         opts = inference.Options(workers=0, quiet=True)
         print(f"dense_tile: {mask.sum()} tissue points, {torch.get_num_threads()} threads, load "
               f"{os.getloadavg()[0]:.1f}")
@@ -61,10 +58,9 @@ def main() -> int:
                 best[tile] = min(best.get(tile, dt), dt)
                 print(f"run {rep + 1}: tile {tile}: {dt:.1f} s; load {os.getloadavg()[0]:.1f}", flush=True)
         geom = inference.Geometry(3, PATCH, CROP, tuple(meta["downsample"]))
-        net = inference_copy(model)
         for tile in args.tiles:
-            job = dense.DenseJob(net, path, mask, geom, replace(opts, dense_tile=tile))
-            px = sum(t.size[0] * t.size[1] for t in job.tiles)
+            job = dense.DenseJob(model, path, mask, geom, replace(opts, dense_tile=tile))
+            px = job.backbone_pixels()
             print(f"tile {tile}: {len(job.tiles)} tiles, {px / (mask.sum() * STRIDE ** 2):.2f} backbone pixels per "
                   f"tissue pixel; best {best[tile]:.1f} s")
         first = args.tiles[0]

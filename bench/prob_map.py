@@ -41,7 +41,7 @@ from crfcore import slide as sl
 from crfcore.datasets import normalise_batch
 from crfcore.device import reader_workers, resolve_device, resolve_precision, retain_freed_memory
 from crfcore.model import CRFNet, inference_copy, model_from_checkpoint, save_checkpoint
-from crfcore.testing import varied_model
+from crfcore.testing import bench_varied_model, write_bench_slide
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -134,7 +134,7 @@ def bench_model(args, path: Path, tmp: Path) -> tuple[CRFNet, Path]:
         model, ck = model_from_checkpoint(args.ckpt, expect={"mode": "grid"})
         args.patch, args.crop = ck["config"]["patch_size"], ck["config"]["crop_size"]
         return model, args.ckpt
-    model = varied_model(path, args.crop, 3, width=1.0, crf_std=0.1, n=128)
+    model = bench_varied_model(path, args.crop)
     cfg = {"mode": "grid", "grid": 3, "crf_iters": model.cfg.crf_iters, "width_mult": model.cfg.width_mult,
            "num_classes": 1, "image_size": 3 * args.patch, "patch_size": args.patch, "crop_size": args.crop}
     save_checkpoint(tmp / "bench.ckpt", model, cfg)
@@ -168,12 +168,10 @@ def main() -> None:
     device = resolve_device(args.device)
     args.workers = reader_workers(args.workers, device)
     precision = resolve_precision(device, args.precision)
-    side = args.lattice_side * args.stride + 2 * args.patch
     with tempfile.TemporaryDirectory() as tmp:
         path = args.keep or Path(tmp) / "bench.tif"
         t = time.perf_counter()
-        if not path.exists():
-            synthetic.write_slide(path, side, side, tumours=2, seed=0, tissue=[(0.5, 0.5, 0.5, 0.5)])
+        side = write_bench_slide(path, args.lattice_side, args.stride, args.patch)
         print(f"slide {side}x{side} ready in {time.perf_counter() - t:.0f} s")
         mask, meta = masks.make_mask(path, "tissue", downsample=args.stride)
         rows, cols = np.nonzero(mask)
@@ -199,7 +197,7 @@ def main() -> None:
         den, t_den = timed(run, "dense", opts)
         den16, t_den16 = timed(run, "dense", replace(opts, precision="bf16"))
         job = dense.DenseJob(model, path, mask, geom, opts)
-        px = sum(t.size[0] * t.size[1] for t in job.tiles)
+        px = job.backbone_pixels()
 
         model_rate = model_only_rate(model, path, geom, rows, cols, args.batch_size, device, precision,
                                      args.model_only_patches)

@@ -150,6 +150,10 @@ class DenseJob(LatticeJob):
             tiles += [self.tile(lo + np.flatnonzero(which.ravel() == j)) for j in range(which.max() + 1)]
         return tiles
 
+    def backbone_pixels(self) -> int:
+        """Model pixels the backbone runs over: every tile, margins included."""
+        return sum(t.size[0] * t.size[1] for t in self.tiles)
+
     def tile(self, idx: np.ndarray) -> Tile:
         """The region around these points' crops, `ext` wider on every side; its sides are
         congruent to the crop modulo the stride (so every dihedral frame stays aligned)."""

@@ -14,6 +14,7 @@ import torch
 
 from . import slide as sl
 from .datasets import to_tensor
+from .synthetic import write_slide
 from .model import CRFNet, ModelConfig
 
 
@@ -38,3 +39,19 @@ def varied_model(slide_path: str | Path, crop: int, grid: int = 3, width: float 
         if model.crf is not None:
             model.crf.W.normal_(0, crf_std)
     return model.eval()
+
+
+def write_bench_slide(path: Path, lattice_side: int, stride: int = 64, patch: int = 256) -> int:
+    """The speed benches' synthetic slide (bench/prob_map.py, cpu_settings.py,
+    dense_tile.py), written unless `path` exists: tissue over its middle half with two
+    tumours, `lattice_side` lattice points of `stride` across plus a patch each side.
+    Returns its side in pixels."""
+    side = lattice_side * stride + 2 * patch
+    if not Path(path).exists():
+        write_slide(path, side, side, tumours=2, seed=0, tissue=[(0.5, 0.5, 0.5, 0.5)])
+    return side
+
+
+def bench_varied_model(slide_path: str | Path, crop: int = 224) -> CRFNet:
+    """The speed benches' model: MobileNetV2 width 1, grid 3, `varied_model` on the slide."""
+    return varied_model(slide_path, crop, 3, width=1.0, crf_std=0.1, n=128)
