@@ -19,20 +19,28 @@ an interpolated feature map is the feature of no window). When the phases would 
 more backbone work than the lattice (`phases * s^2 >= crop^2`), `lattice` is used.
 
 Tiles get `MARGIN` cells of real pixels on every side, so the cells a window uses do
-not see the tile's own edge: the tile size (`Options.dense_tile`; larger tiles repeat
-less of their margins and need more memory) changes the map only by float rounding,
-and batch size and workers not at all. TTA transforms the whole tile: its sides are
+not see the tile's own edge: the tile size changes the map only by float rounding, and
+batch size and workers not at all. Larger tiles repeat less of their margins, but
+cover more glass around tissue: of the sizes from half of `Options.dense_tile` (the
+memory cap) to all of it, the plan with the fewest backbone pixels is run. TTA transforms the whole tile: its sides are
 chosen congruent to the crop modulo 32, so in every dihedral frame the crop corners
 still fall on the cell grid.
+
+Memory. MobileNetV2's largest activations are its first layers' (up to 96 channels at
+half the input's side): a whole 4,768-pixel tile would hold 4 GiB of them. `StripStem`
+runs those layers (to stride 8) over horizontal strips of the tile, each with the few
+rows of context they see, and the rest of the network over the joined result: the same
+numbers, at a sixth of the memory, so tiles can be large and repeat less margin.
 """
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
+from torch import nn
 from torch.nn import functional as F
 from tqdm import tqdm
 
@@ -43,6 +51,8 @@ from .model import CRFNet
 from .scale import ReadScale
 
 MARGIN = 8  # cells of context around the used cells (8 x 32 = 256 px: MobileNetV2's receptive-field radius, 245)
+STEM_LAYERS = 5  # MobileNetV2 layers run in strips: to stride 8, where activations shrink to 32 channels
+STRIP_PIXELS = 2_000_000  # input pixels per strip: smaller strips recompute more context rows
 
 
 def feature_stride(model: CRFNet) -> int:
@@ -58,6 +68,43 @@ def feature_side(model: CRFNet, crop: int) -> int:
         if isinstance(m, torch.nn.Conv2d) and m.stride[0] == 2:
             n = -(-n // 2)
     return n
+
+
+def conv_reach(layers: nn.Module) -> tuple[int, int]:
+    """(stride, radius) of a chain of convolutions: input pixels per output cell, and how
+    many input pixels an output cell sees beyond its own position on either side."""
+    stride, radius = 1, 0
+    for m in layers.modules():
+        if isinstance(m, nn.Conv2d):
+            k, p = m.kernel_size[0], m.padding[0]
+            radius += max(p, k - 1 - p) * m.dilation[0] * stride
+            stride *= m.stride[0]
+    return stride, radius
+
+
+class StripStem:
+    """`features(normalise(u8))` for one `[1, 3, H, W]` uint8 image, the first `layers`
+    run over horizontal strips (see the module docstring). A strip starts on a multiple of
+    the stem's stride and carries `halo` rows of context on each side, which covers the
+    stem's reach, so its kept rows are exactly the whole image's."""
+
+    def __init__(self, features: nn.Sequential, layers: int, pixels: int) -> None:
+        self.stem, self.rest, self.pixels = features[:layers], features[layers:], pixels
+        self.dtype = next(features.parameters()).dtype  # the input's, as the model's own (float64 in a test)
+        self.stride, radius = conv_reach(self.stem)
+        self.halo = -(-radius // self.stride) * self.stride
+
+    def __call__(self, u8: torch.Tensor) -> torch.Tensor:
+        h, w = u8.shape[2:]
+        rows = max(1, self.pixels // (w * self.stride)) * self.stride
+        parts = []
+        for y in range(0, h, rows):
+            y0, y1 = max(0, y - self.halo), min(h, y + rows + self.halo)
+            x = normalise_batch(u8[:, :, y0:y1].permute(0, 2, 3, 1)).to(self.dtype)
+            x = x.contiguous(memory_format=torch.channels_last)
+            first = (y - y0) // self.stride
+            parts.append(self.stem(x)[:, :, first:first + -(-(min(h, y + rows) - y) // self.stride)])
+        return self.rest(torch.cat(parts, 2).contiguous(memory_format=torch.channels_last))
 
 
 def model_stride(geom: Geometry) -> int | None:
@@ -121,38 +168,53 @@ class DenseTiles(SlideDataset):
         return i, torch.from_numpy(region if self.normalise is None else self.normalise(region))
 
 
+def block_sizes(most: int) -> list[int]:
+    """Tile sizes (lattice rows and columns) to plan with: from half of `most` to `most`."""
+    return sorted({round(most / 2 + i * most / 8) for i in range(5)} - {0})
+
+
+def backbone_pixels(tiles: list[Tile]) -> int:
+    """Model pixels the backbone runs over for these tiles, margins included."""
+    return sum(t.size[0] * t.size[1] for t in tiles)
+
+
 class DenseJob(LatticeJob):
     """The lattice job with the CNN step replaced: bands of needed points are covered by
     tiles (one per phase and column block), and each tile's feature map gives its points'
     pooled features and logits."""
 
     def __init__(self, model: CRFNet, slide_path: Path, mask: np.ndarray, geom: Geometry, opts: Options) -> None:
-        self.block = max(1, opts.dense_tile // model_stride(geom))  # lattice rows (and columns) per tile
-        super().__init__(model, slide_path, mask, geom, replace(opts, band_rows=self.block))
+        super().__init__(model, slide_path, mask, geom, opts)
         self.stride = feature_stride(model)
+        self.features = StripStem(model.features, STEM_LAYERS, STRIP_PIXELS)
         self.window = feature_side(model, geom.crop)
         corners = geom.crop_origin(geom.centres(self.need[:, 0], self.need[:, 1]))
         self.origins = np.round(corners / geom.read.scale).astype(np.int64)  # model pixels
         over = self.window * self.stride - geom.crop  # a window reaches past its crop by this much
         self.ext = self.stride * (-(-over // self.stride) + MARGIN)
-        self.tiles = self.plan()
+        most = max(1, opts.dense_tile // model_stride(geom))  # lattice rows (and columns) per tile, at most
+        self.block = min(block_sizes(most), key=lambda b: backbone_pixels(self.plan(b)))
+        self.set_bands(self.block)
+        self.tiles = self.plan(self.block)
 
-    def plan(self) -> list[Tile]:
-        """Tiles in band order: within a band, one per phase and block of lattice columns."""
+    def plan(self, block: int) -> list[Tile]:
+        """Tiles of `block` lattice rows and columns at most, in band order: bands of
+        `block` rows, and within a band one tile per phase and block of columns."""
         tiles = []
         phase = self.origins % self.stride
-        for b in range(int(self.band_of[-1]) + 1):
-            lo, hi = int(self.starts[b]), int(self.starts[b + 1])
+        band_of = (self.need[:, 0] - self.need[0, 0]) // block
+        starts = np.searchsorted(band_of, np.arange(band_of[-1] + 2))
+        for lo, hi in zip(starts[:-1], starts[1:]):
             if lo == hi:
                 continue
-            block = (self.need[lo:hi, 1] - self.need[lo:hi, 1].min()) // self.block
-            _, which = np.unique(np.column_stack([phase[lo:hi], block]), axis=0, return_inverse=True)
+            cols = (self.need[lo:hi, 1] - self.need[lo:hi, 1].min()) // block
+            _, which = np.unique(np.column_stack([phase[lo:hi], cols]), axis=0, return_inverse=True)
             tiles += [self.tile(lo + np.flatnonzero(which.ravel() == j)) for j in range(which.max() + 1)]
         return tiles
 
     def backbone_pixels(self) -> int:
         """Model pixels the backbone runs over: every tile, margins included."""
-        return sum(t.size[0] * t.size[1] for t in self.tiles)
+        return backbone_pixels(self.tiles)
 
     def tile(self, idx: np.ndarray) -> Tile:
         """The region around these points' crops, `ext` wider on every side; its sides are
@@ -185,14 +247,13 @@ class DenseJob(LatticeJob):
         """Logits `[n, T]` and pooled features `[n, T, D]` of a tile's points, one backbone
         pass per transform."""
         opts, model = self.opts, self.model
-        x = normalise_batch(region[None].to(opts.device, non_blocking=True))
+        u8 = region[None].to(opts.device, non_blocking=True).permute(0, 3, 1, 2)  # [1, 3, h, w]
         rel = self.origins[tile.idx] - tile.origin
-        h, w = x.shape[2:]
+        h, w = u8.shape[2:]
         logits, feats = [], []
         for k, flip in DIHEDRAL[:opts.tta]:
-            xt = dihedral_images(x, k, flip).contiguous(memory_format=torch.channels_last)
             with autocast(opts.device, opts.precision):
-                fmap = model.features(xt)
+                fmap = self.features(dihedral_images(u8, k, flip))
             pooled = F.avg_pool2d(fmap.float(), self.window, stride=1)[0]  # [D, rows, cols]: every window
             bx, by = dihedral_boxes(rel[:, 0], rel[:, 1], self.geom.crop, h, w, k, flip)
             assert not (bx % self.stride).any() and not (by % self.stride).any(), "tile off the cell grid"

@@ -13,7 +13,7 @@ Crops are read at level 0, or at the model's resolution (`crfcore.scale`).
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -220,7 +220,7 @@ class Options:
     tta: int = 1
     quiet: bool = False
     band_rows: int = 16  # a multiple of REGION_BLOCK[0]; the cache holds ~band_rows + 2k rows
-    dense_tile: int = 2048  # dense: model pixels of new lattice rows (and columns) per tile
+    dense_tile: int = 4096  # dense: model pixels of new lattice rows (and columns) per tile, at most
     normaliser: Normaliser | None = None  # stain normalisation of every crop (the model's, if it has one)
 
 
@@ -343,10 +343,15 @@ class LatticeJob:
         self.trows, self.tcols = np.nonzero(mask)
         self.out = np.zeros(mask.shape, np.float32)
         self.need = needed_points(mask, self.offs)
-        self.band_of = (self.need[:, 0] - self.need[0, 0]) // opts.band_rows
-        self.starts = np.searchsorted(self.band_of, np.arange(self.band_of[-1] + 2))  # band b: need[starts[b]:starts[b+1]]
+        self.set_bands(opts.band_rows)
         self.cache = BandCache(mask.shape, self.reach, opts.tta, model.feature_dim)
         self.done_row = self.trows.min() - self.reach - 1  # tissue rows up to here have their CRF
+
+    def set_bands(self, rows: int) -> None:
+        """Split the needed points into bands of `rows` lattice rows."""
+        self.opts = replace(self.opts, band_rows=rows)
+        self.band_of = (self.need[:, 0] - self.need[0, 0]) // rows
+        self.starts = np.searchsorted(self.band_of, np.arange(self.band_of[-1] + 2))  # band b: need[starts[b]:starts[b+1]]
 
     def run(self) -> np.ndarray:
         if self.opts.band_rows % REGION_BLOCK[0]:

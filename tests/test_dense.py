@@ -67,9 +67,9 @@ def test_one_crop_per_tile_without_context_is_the_lattice(slide, model, stride, 
     assert (den[~sub] == 0).all()
 
 
-def test_tiles_do_not_change_the_map(slide):
+def test_tiles_do_not_change_the_map(slide, monkeypatch):
     """With the default margin (the receptive field) the cells a window uses never see a
-    tile's edge: small tiles give the map of large ones. (A model whose batch-norm
+    tile's edge: small tiles (run in many strips) give the map of large ones. (A model whose batch-norm
     statistics come from large regions: in context, the crop-calibrated one saturates.)"""
     model = varied_model(slide.path, 256, 3, width=0.25, head_scale=20, crf_std=0.3, n=16)
     mask, meta = masks.make_mask(slide.path, "tissue", downsample=32)
@@ -77,10 +77,40 @@ def test_tiles_do_not_change_the_map(slide):
     sub[4:9, 6:11] = mask[4:9, 6:11]  # a block of tissue: 1 large tile or 9 small ones
     opts = inference.Options(workers=0, quiet=True)
     big, _ = inference.probability_map(model, slide.path, sub, meta["downsample"], CROP, CROP, "dense", opts)
+    monkeypatch.setattr(dense, "STRIP_PIXELS", 5000)  # many strips as well
     small, _ = inference.probability_map(model, slide.path, sub, meta["downsample"], CROP, CROP, "dense",
                                          replace(opts, dense_tile=64))
     assert big[sub].std() > 0.02
     assert np.abs(big - small).max() < 1e-4
+
+
+def test_strips_give_the_whole_tiles_features(slide):
+    """The stem run over strips (a partial last one, sides off the stride, a rotated
+    NCHW input) gives the features of the whole image, and the strips are many. In
+    float64: in float32 oneDNN picks other kernels for other shapes, and their rounding
+    (1e-6 after the stem) would hide a misplaced row."""
+    model = varied_model(slide.path, CROP, 3, width=0.25, n=8).double()
+    u8 = torch.randint(0, 256, (1, 3, 301, 203), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    stem = dense.StripStem(model.features, dense.STEM_LAYERS, pixels=203 * 20)
+    assert stem.stride == 8 and 0 < stem.halo < 40
+    whole = dense.StripStem(model.features, dense.STEM_LAYERS, pixels=10 ** 9)
+    with torch.no_grad():
+        for x in (u8, torch.rot90(u8, 1, dims=(2, 3))):
+            want, got = whole(x), stem(x)
+            assert got.shape == want.shape and want.std() > 0.1
+            assert torch.allclose(got, want, atol=1e-10, rtol=0)
+
+
+def test_the_plan_takes_the_tile_size_with_the_fewest_backbone_pixels(slide, model):
+    mask, meta = masks.make_mask(slide.path, "tissue", downsample=32)
+    geom = inference.Geometry(3, CROP, CROP, tuple(meta["downsample"]))
+    job = dense.DenseJob(model, slide.path, mask, geom, inference.Options(workers=0, quiet=True, dense_tile=8 * 32))
+    sizes = dense.block_sizes(8)
+    assert sizes == [4, 5, 6, 7, 8] and job.block in sizes and job.opts.band_rows == job.block
+    plans = {b: dense.backbone_pixels(job.plan(b)) for b in sizes}
+    assert len(set(plans.values())) > 1 and job.backbone_pixels() == min(plans.values())
+    assert all(max(t.size) <= (job.block - 1) * 32 + CROP + 2 * job.ext for t in job.tiles)  # the cap holds
+    assert np.array_equal(np.sort(np.concatenate([t.idx for t in job.tiles])), np.arange(len(job.need)))
 
 
 def test_a_stride_that_needs_too_many_phases_uses_the_lattice(slide, model):
