@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from itertools import pairwise
 from pathlib import Path
 
 import numpy as np
@@ -46,7 +47,7 @@ from tqdm import tqdm
 
 from .datasets import Normaliser, SlideDataset, normalise_batch
 from .device import autocast
-from .inference import DIHEDRAL, Geometry, LatticeJob, Options, dihedral_images, slide_loader
+from .inference import DIHEDRAL, Geometry, LatticeJob, Options, bands, dihedral_images, slide_loader
 from .model import CRFNet
 from .scale import ReadScale
 
@@ -193,18 +194,17 @@ class DenseJob(LatticeJob):
         over = self.window * self.stride - geom.crop  # a window reaches past its crop by this much
         self.ext = self.stride * (-(-over // self.stride) + MARGIN)
         most = max(1, opts.dense_tile // model_stride(geom))  # lattice rows (and columns) per tile, at most
-        self.block = min(block_sizes(most), key=lambda b: backbone_pixels(self.plan(b)))
+        plans = {b: self.plan(b) for b in block_sizes(most)}
+        self.block = min(plans, key=lambda b: backbone_pixels(plans[b]))
         self.set_bands(self.block)
-        self.tiles = self.plan(self.block)
+        self.tiles = plans[self.block]
 
     def plan(self, block: int) -> list[Tile]:
         """Tiles of `block` lattice rows and columns at most, in band order: bands of
         `block` rows, and within a band one tile per phase and block of columns."""
         tiles = []
         phase = self.origins % self.stride
-        band_of = (self.need[:, 0] - self.need[0, 0]) // block
-        starts = np.searchsorted(band_of, np.arange(band_of[-1] + 2))
-        for lo, hi in zip(starts[:-1], starts[1:]):
+        for lo, hi in pairwise(bands(self.need, block)[1]):
             if lo == hi:
                 continue
             cols = (self.need[lo:hi, 1] - self.need[lo:hi, 1].min()) // block

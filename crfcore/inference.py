@@ -275,6 +275,13 @@ def needed_points(mask: np.ndarray, offs: np.ndarray) -> np.ndarray:
     return np.stack(np.nonzero(need), 1) - reach
 
 
+def bands(need: np.ndarray, rows: int) -> tuple[np.ndarray, np.ndarray]:
+    """The band of each needed point (row-major `[n, 2]`; bands of `rows` lattice rows from
+    the first point's) and where each band starts: band b is `need[starts[b]:starts[b+1]]`."""
+    band_of = (need[:, 0] - need[0, 0]) // rows
+    return band_of, np.searchsorted(band_of, np.arange(band_of[-1] + 2))
+
+
 class BandCache:
     """Logits and features of computed lattice points, kept sorted by a row-major key.
     Points may lie up to `reach` rows or columns outside a `(H, W)` lattice."""
@@ -350,8 +357,7 @@ class LatticeJob:
     def set_bands(self, rows: int) -> None:
         """Split the needed points into bands of `rows` lattice rows."""
         self.opts = replace(self.opts, band_rows=rows)
-        self.band_of = (self.need[:, 0] - self.need[0, 0]) // rows
-        self.starts = np.searchsorted(self.band_of, np.arange(self.band_of[-1] + 2))  # band b: need[starts[b]:starts[b+1]]
+        self.band_of, self.starts = bands(self.need, rows)
 
     def run(self) -> np.ndarray:
         if self.opts.band_rows % REGION_BLOCK[0]:
