@@ -1,74 +1,111 @@
 #!/usr/bin/env python3
-"""`prob_map.py --dense-tile`: how the dense method's largest tile trades speed for memory.
+"""`prob_map.py --dense-tile`: what the dense method's tile shape costs and buys.
 
 A dense tile repeats a margin of the backbone's receptive field (256 px) on every side,
-so larger tiles do less backbone work; but they also cover more glass around the
-tissue, so the plan takes, of the sizes from half of `--dense-tile` to all of it, the
-one with the fewest backbone pixels. On bench/prob_map.py's synthetic slide and varied
-model (NCRF's geometry: patch 256, crop 224, stride 64), runs `dense` with each cap in
-turn, `--repeats` times in one process, and prints the seconds of every run, the tile
-size chosen, the backbone pixels per tissue pixel and the largest difference between
-the maps. The first run of a larger tile also pays for growing the process's heap
-(freed memory is kept for reuse, as prob_map.py keeps it), so later runs show the
-steady speed. Peak memory: `bench/prob_map.py --dense-tile PX` (its 40k-slide line).
+so larger tiles do less backbone work; but a tile's height (`--dense-tile`) is also the
+height of the band of logits and features held at once, and larger tiles cover more
+glass around small tissue fragments. So each band's tiles take, of the widths from half
+their height to 4 times it, the one with the fewest backbone pixels.
+
+On bench/prob_map.py's synthetic slide and varied model (NCRF's geometry: patch 256,
+crop 224, stride 64), runs `dense` with square tiles of the first `--tiles` height (the
+plan before widths were chosen) and then with each height in `--tiles`, in turn,
+`--repeats` times in one process; prints the seconds of every run, the backbone pixels
+per tissue pixel and the largest difference between the maps. The first run of a
+larger tile also pays for growing the process's heap (freed memory is kept for reuse,
+as prob_map.py keeps it), so later runs show the steady speed. Then plans (without
+running) the same settings on a slide with three small tissue fragments. Peak memory:
+`bench/prob_map.py --dense-tile PX` (its 40k-slide line).
 
   python bench/dense_tile.py [--tiles 2048 4096] [--repeats 3] [--keep /tmp/bench.tif]
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import tempfile
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from crfcore import dense, inference, masks
+from crfcore import dense, inference, masks, synthetic
 from crfcore.device import retain_freed_memory
 from crfcore.testing import bench_varied_model, write_bench_slide
 
 PATCH, CROP, STRIDE = 256, 224, 64
+FRAGMENTS = [(0.2, 0.3, 0.12, 0.2), (0.75, 0.35, 0.15, 0.15), (0.5, 0.8, 0.3, 0.1)]  # (x, y, rx, ry) of a 16k x 12k slide
+
+
+def square(rows: int) -> list[int]:
+    return [rows]
+
+
+def plan(model, path: Path, mask: np.ndarray, meta: dict, setting: tuple[int, bool]) -> dense.DenseJob:
+    """The dense job of one setting (height, square tiles or chosen widths), planned only."""
+    geom = inference.Geometry(3, PATCH, CROP, tuple(meta["downsample"]))
+    with choosing_widths(setting[1]):
+        return dense.DenseJob(model, path, mask, geom, inference.Options(workers=0, quiet=True, dense_tile=setting[0]))
+
+
+@contextlib.contextmanager
+def choosing_widths(on: bool):
+    """Square tiles when `on` is false (the plan before widths were chosen)."""
+    widths = dense.tile_widths
+    dense.tile_widths = widths if on else square
+    try:
+        yield
+    finally:
+        dense.tile_widths = widths
+
+
+def label(setting: tuple[int, bool]) -> str:
+    return f"{setting[0]}{'' if setting[1] else ' square'}"
 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--tiles", type=int, nargs="+", default=[2048, 4096], help="--dense-tile caps, model pixels")
+    p.add_argument("--tiles", type=int, nargs="+", default=[2048, 4096], help="tile heights (--dense-tile), model pixels")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--lattice-side", type=int, default=220, help="as bench/prob_map.py's")
     p.add_argument("--keep", type=Path, help="write (or reuse) the slide here (bench/prob_map.py's, same side)")
     args = p.parse_args()
     retain_freed_memory()  # as prob_map.py does
+    settings = [(args.tiles[0], False)] + [(t, True) for t in args.tiles]
     with tempfile.TemporaryDirectory() as tmp:
         path = args.keep or Path(tmp) / "bench.tif"
         write_bench_slide(path, args.lattice_side, STRIDE, PATCH)
         mask, meta = masks.make_mask(path, "tissue", downsample=STRIDE)
         model = bench_varied_model(path, CROP)
-        opts = inference.Options(workers=0, quiet=True)
         print(f"dense_tile: {mask.sum()} tissue points, {torch.get_num_threads()} threads, load "
               f"{os.getloadavg()[0]:.1f}")
         maps, best = {}, {}
         for rep in range(args.repeats):
-            for tile in args.tiles:
-                o = replace(opts, dense_tile=tile)
+            for setting in settings:
+                opts = inference.Options(workers=0, quiet=True, dense_tile=setting[0])
                 t = time.perf_counter()
-                maps[tile] = inference.probability_map(model, path, mask, meta["downsample"], PATCH, CROP, "dense",
-                                                       o)[0]
+                with choosing_widths(setting[1]):
+                    maps[setting] = inference.probability_map(model, path, mask, meta["downsample"], PATCH, CROP,
+                                                              "dense", opts)[0]
                 dt = time.perf_counter() - t
-                best[tile] = min(best.get(tile, dt), dt)
-                print(f"run {rep + 1}: tile {tile}: {dt:.1f} s; load {os.getloadavg()[0]:.1f}", flush=True)
-        geom = inference.Geometry(3, PATCH, CROP, tuple(meta["downsample"]))
-        for tile in args.tiles:
-            job = dense.DenseJob(model, path, mask, geom, replace(opts, dense_tile=tile))
-            px = job.backbone_pixels()
-            print(f"tile {tile}: {len(job.tiles)} tiles (size {job.block * STRIDE} chosen), {px / (mask.sum() * STRIDE ** 2):.2f} "
-                  f"backbone pixels per tissue pixel; best {best[tile]:.1f} s")
-        first = args.tiles[0]
-        diff = max(float(np.abs(maps[t] - maps[first]).max()) for t in args.tiles)
-        print("dense_tile: " + " ".join(f"{t}={best[first] / best[t]:.2f}x" for t in args.tiles[1:])
-              + f" faster than {first} (best runs); max_abs_diff={diff:.1e}")
+                best[setting] = min(best.get(setting, dt), dt)
+                print(f"run {rep + 1}: tile {label(setting)}: {dt:.1f} s; load {os.getloadavg()[0]:.1f}", flush=True)
+        for setting in settings:
+            job = plan(model, path, mask, meta, setting)
+            print(f"tile {label(setting)}: {len(job.tiles)} tiles, {job.backbone_pixels() / (mask.sum() * STRIDE ** 2):.2f} "
+                  f"backbone pixels per tissue pixel; best {best[setting]:.1f} s")
+        first = settings[0]
+        diff = max(float(np.abs(maps[s] - maps[first]).max()) for s in settings)
+        print("dense_tile: " + " ".join(f"{label(s)}={best[first] / best[s]:.2f}x" for s in settings[1:])
+              + f" faster than {label(first)} (best runs); max_abs_diff={diff:.1e}")
+        frag = Path(tmp) / "fragments.tif"
+        synthetic.write_slide(frag, 16000, 12000, tumours=0, seed=1, tissue=FRAGMENTS)
+        mask, meta = masks.make_mask(frag, "tissue", downsample=STRIDE)
+        print(f"three fragments ({mask.sum()} tissue points), backbone pixels per tissue pixel: " + ", ".join(
+            f"{label(s)} {plan(model, frag, mask, meta, s).backbone_pixels() / (mask.sum() * STRIDE ** 2):.2f}"
+            for s in settings))
     return 0
 
 

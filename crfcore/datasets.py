@@ -2,6 +2,8 @@
 label grids (train.py grid mode) and plain image folders (classify mode)."""
 from __future__ import annotations
 
+import functools
+
 import warnings
 from pathlib import Path
 from typing import Callable, Sequence
@@ -94,14 +96,22 @@ def to_tensor(rgb: np.ndarray) -> torch.Tensor:
     return normalise_batch(torch.from_numpy(np.ascontiguousarray(rgb))[None])[0]
 
 
+@functools.cache
+def scale_and_shift(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """ImageNet normalisation `(x / 255 - mean) / std` as `x * scale - shift`, on `device`
+    (made once per device: a copy to a GPU waits for it)."""
+    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    return (1 / (255 * std)).to(device), (mean / std).to(device)
+
+
 def normalise_batch(u8: torch.Tensor) -> torch.Tensor:
     """`[n, H, W, 3]` uint8 (on any device) -> `[n, 3, H, W]` float, ImageNet-normalised.
     Workers hand over uint8 (4x less to copy); this runs where the model does."""
-    mean = torch.tensor(IMAGENET_MEAN, device=u8.device).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, device=u8.device).view(1, 3, 1, 1)
-    # (x / 255 - mean) / std as one scale and one shift, in place: three passes over one
-    # float buffer, not four over three; the permuted view keeps the channels-last layout
-    return u8.permute(0, 3, 1, 2).float().mul_(1 / (255 * std)).sub_(mean / std)
+    scale, shift = scale_and_shift(u8.device)
+    # one scale and one shift, in place: three passes over one float buffer, not four
+    # over three; the permuted view keeps the channels-last layout
+    return u8.permute(0, 3, 1, 2).float().mul_(scale).sub_(shift)
 
 
 def cut_grid(rgb: np.ndarray, patch: int, crop: int) -> np.ndarray:

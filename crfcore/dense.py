@@ -21,16 +21,19 @@ more backbone work than the lattice (`phases * s^2 >= crop^2`), `lattice` is use
 Tiles get `MARGIN` cells of real pixels on every side, so the cells a window uses do
 not see the tile's own edge: the tile size changes the map only by float rounding, and
 batch size and workers not at all. Larger tiles repeat less of their margins, but
-cover more glass around tissue: of the sizes from half of `Options.dense_tile` (the
-memory cap) to all of it, the plan with the fewest backbone pixels is run. TTA transforms the whole tile: its sides are
+cover more glass around tissue fragments. A tile's height is the band's,
+`Options.dense_tile` model pixels of lattice rows: it sets how many rows of logits and
+features are held at once (all of them, 8 times over with TTA, across the tissue's
+width). Its width is chosen per band and phase: of the widths from half the height to
+`WIDEST` times it, the one that runs the backbone over the fewest pixels. TTA transforms the whole tile: its sides are
 chosen congruent to the crop modulo 32, so in every dihedral frame the crop corners
 still fall on the cell grid.
 
 Memory. MobileNetV2's largest activations are its first layers' (up to 96 channels at
-half the input's side): a whole 4,768-pixel tile would hold 4 GiB of them. `StripStem`
-runs those layers (to stride 8) over horizontal strips of the tile, each with the few
-rows of context they see, and the rest of the network over the joined result: the same
-numbers, at a sixth of the memory, so tiles can be large and repeat less margin.
+half the input's side): a whole 2,720 x 8,864-pixel tile would hold 3-5 GiB of them.
+`StripStem` runs those layers (to stride 8) over horizontal strips of the tile, each
+with the few rows of context they see, and the rest of the network over the joined
+result: the same numbers, at about a quarter of the memory, so tiles can be wide.
 """
 from __future__ import annotations
 
@@ -47,13 +50,14 @@ from tqdm import tqdm
 
 from .datasets import Normaliser, SlideDataset, normalise_batch
 from .device import autocast
-from .inference import DIHEDRAL, Geometry, LatticeJob, Options, bands, dihedral_images, slide_loader
+from .inference import DIHEDRAL, Geometry, LatticeJob, Options, dihedral_images, slide_loader
 from .model import CRFNet
 from .scale import ReadScale
 
 MARGIN = 8  # cells of context around the used cells (8 x 32 = 256 px: MobileNetV2's receptive-field radius, 245)
-STEM_LAYERS = 5  # MobileNetV2 layers run in strips: to stride 8, where activations shrink to 32 channels
+STEM_LAYERS = 5  # MobileNetV2 layers run in strips: to stride 8 (a quarter of the channels of the widest before)
 STRIP_PIXELS = 2_000_000  # input pixels per strip: smaller strips recompute more context rows
+WIDEST = 4  # a tile is at most this many times as wide as high (see the module docstring)
 
 
 def feature_stride(model: CRFNet) -> int:
@@ -72,13 +76,17 @@ def feature_side(model: CRFNet, crop: int) -> int:
 
 
 def conv_reach(layers: nn.Module) -> tuple[int, int]:
-    """(stride, radius) of a chain of convolutions: input pixels per output cell, and how
-    many input pixels an output cell sees beyond its own position on either side."""
+    """(stride, radius) of a chain of convolutions (with element-wise layers and residual
+    additions between them, as in MobileNetV2): input pixels per output cell, and how many
+    input pixels an output cell sees beyond its own position on either side."""
     stride, radius = 1, 0
     for m in layers.modules():
+        if isinstance(m, (nn.modules.pooling._MaxPoolNd, nn.modules.pooling._AvgPoolNd,
+                          nn.modules.pooling._AdaptiveAvgPoolNd)):
+            raise ValueError(f"conv_reach counts convolutions only, not {type(m).__name__}")
         if isinstance(m, nn.Conv2d):
-            k, p = m.kernel_size[0], m.padding[0]
-            radius += max(p, k - 1 - p) * m.dilation[0] * stride
+            reach = (m.kernel_size[0] - 1) * m.dilation[0]
+            radius += max(m.padding[0], reach - m.padding[0]) * stride
             stride *= m.stride[0]
     return stride, radius
 
@@ -91,7 +99,7 @@ class StripStem:
 
     def __init__(self, features: nn.Sequential, layers: int, pixels: int) -> None:
         self.stem, self.rest, self.pixels = features[:layers], features[layers:], pixels
-        self.dtype = next(features.parameters()).dtype  # the input's, as the model's own (float64 in a test)
+        self.dtype = next(features.parameters()).dtype  # the input is cast to it (a float64 model gets float64)
         self.stride, radius = conv_reach(self.stem)
         self.halo = -(-radius // self.stride) * self.stride
 
@@ -103,8 +111,9 @@ class StripStem:
             y0, y1 = max(0, y - self.halo), min(h, y + rows + self.halo)
             x = normalise_batch(u8[:, :, y0:y1].permute(0, 2, 3, 1)).to(self.dtype)
             x = x.contiguous(memory_format=torch.channels_last)
-            first = (y - y0) // self.stride
-            parts.append(self.stem(x)[:, :, first:first + -(-(min(h, y + rows) - y) // self.stride)])
+            first = (y - y0) // self.stride  # the output rows of this strip's own input rows
+            kept = -(-(min(h, y + rows) - y) // self.stride)
+            parts.append(self.stem(x)[:, :, first:first + kept])
         return self.rest(torch.cat(parts, 2).contiguous(memory_format=torch.channels_last))
 
 
@@ -169,12 +178,12 @@ class DenseTiles(SlideDataset):
         return i, torch.from_numpy(region if self.normalise is None else self.normalise(region))
 
 
-def block_sizes(most: int) -> list[int]:
-    """Tile sizes (lattice rows and columns) to plan with: from half of `most` to `most`."""
-    return sorted({round(most / 2 + i * most / 8) for i in range(5)} - {0})
+def tile_widths(rows: int) -> list[int]:
+    """Tile widths (lattice columns) to try for tiles of `rows` rows: half to `WIDEST` times."""
+    return sorted({max(1, round(rows * f)) for f in (0.5, 0.75, 1, 1.5, 2, 3, WIDEST)})
 
 
-def backbone_pixels(tiles: list[Tile]) -> int:
+def tile_pixels(tiles: list[Tile]) -> int:
     """Model pixels the backbone runs over for these tiles, margins included."""
     return sum(t.size[0] * t.size[1] for t in tiles)
 
@@ -193,28 +202,31 @@ class DenseJob(LatticeJob):
         self.origins = np.round(corners / geom.read.scale).astype(np.int64)  # model pixels
         over = self.window * self.stride - geom.crop  # a window reaches past its crop by this much
         self.ext = self.stride * (-(-over // self.stride) + MARGIN)
-        most = max(1, opts.dense_tile // model_stride(geom))  # lattice rows (and columns) per tile, at most
-        plans = {b: self.plan(b) for b in block_sizes(most)}
-        self.block = min(plans, key=lambda b: backbone_pixels(plans[b]))
-        self.set_bands(self.block)
-        self.tiles = plans[self.block]
+        self.set_bands(max(1, opts.dense_tile // model_stride(geom)))  # a band's rows: a tile's height
+        self.tiles = self.plan()
 
-    def plan(self, block: int) -> list[Tile]:
-        """Tiles of `block` lattice rows and columns at most, in band order: bands of
-        `block` rows, and within a band one tile per phase and block of columns."""
+    def plan(self) -> list[Tile]:
+        """Tiles in band order: within a band, one per phase and block of columns, the
+        blocks of the width in `tile_widths` that gives the band the fewest pixels."""
+        xy = self.origins % self.stride
+        phase = xy[:, 1] * self.stride + xy[:, 0]
         tiles = []
-        phase = self.origins % self.stride
-        for lo, hi in pairwise(bands(self.need, block)[1]):
-            if lo == hi:
-                continue
-            cols = (self.need[lo:hi, 1] - self.need[lo:hi, 1].min()) // block
-            _, which = np.unique(np.column_stack([phase[lo:hi], cols]), axis=0, return_inverse=True)
-            tiles += [self.tile(lo + np.flatnonzero(which.ravel() == j)) for j in range(which.max() + 1)]
+        for lo, hi in pairwise(self.starts):
+            if lo < hi:
+                tiles += min((self.band_tiles(lo, hi, phase[lo:hi], w) for w in tile_widths(self.opts.band_rows)),
+                             key=tile_pixels)
         return tiles
+
+    def band_tiles(self, lo: int, hi: int, phase: np.ndarray, width: int) -> list[Tile]:
+        """The tiles of band `need[lo:hi]` with blocks of `width` columns."""
+        cols = self.need[lo:hi, 1] - self.need[lo:hi, 1].min()
+        key = phase * (cols.max() // width + 1) + cols // width  # one per phase and block
+        order = np.argsort(key, kind="stable")  # stable: points stay in row-major order
+        return [self.tile(lo + g) for g in np.split(order, np.flatnonzero(np.diff(key[order])) + 1)]
 
     def backbone_pixels(self) -> int:
         """Model pixels the backbone runs over: every tile, margins included."""
-        return backbone_pixels(self.tiles)
+        return tile_pixels(self.tiles)
 
     def tile(self, idx: np.ndarray) -> Tile:
         """The region around these points' crops, `ext` wider on every side; its sides are

@@ -56,6 +56,7 @@ def test_one_crop_per_tile_without_context_is_the_lattice(slide, model, stride, 
     lattice (so windows, phases, transforms and the CRF step are all in place). Stride 16
     needs 4 shifted phases."""
     monkeypatch.setattr(dense, "MARGIN", 0)
+    monkeypatch.setattr(dense, "tile_widths", lambda rows: [rows])  # square tiles: one crop each
     mask, meta = masks.make_mask(slide.path, "tissue", downsample=stride)
     sub = subset(mask, 12 if tta == 1 else 4)
     opts = inference.Options(workers=0, quiet=True, tta=tta, dense_tile=stride)  # one lattice row and column per tile
@@ -101,15 +102,23 @@ def test_strips_give_the_whole_tiles_features(slide):
             assert torch.allclose(got, want, atol=1e-10, rtol=0)
 
 
-def test_the_plan_takes_the_tile_size_with_the_fewest_backbone_pixels(slide, model):
+def test_each_band_takes_the_tile_width_with_the_fewest_backbone_pixels(slide, model):
     mask, meta = masks.make_mask(slide.path, "tissue", downsample=32)
     geom = inference.Geometry(3, CROP, CROP, tuple(meta["downsample"]))
-    job = dense.DenseJob(model, slide.path, mask, geom, inference.Options(workers=0, quiet=True, dense_tile=8 * 32))
-    sizes = dense.block_sizes(8)
-    assert sizes == [4, 5, 6, 7, 8] and job.block in sizes and job.opts.band_rows == job.block
-    plans = {b: dense.backbone_pixels(job.plan(b)) for b in sizes}
-    assert len(set(plans.values())) > 1 and job.backbone_pixels() == min(plans.values())
-    assert all(max(t.size) <= (job.block - 1) * 32 + CROP + 2 * job.ext for t in job.tiles)  # the cap holds
+    job = dense.DenseJob(model, slide.path, mask, geom, inference.Options(workers=0, quiet=True, dense_tile=4 * 32))
+    assert job.opts.band_rows == 4 and dense.tile_widths(4) == [2, 3, 4, 6, 8, 12, 16]
+    chose = set()
+    for lo, hi in zip(job.starts[:-1], job.starts[1:]):
+        if lo < hi:
+            mine = [t for t in job.tiles if lo <= t.idx[0] < hi]
+            options = {w: dense.tile_pixels(job.band_tiles(lo, hi, np.zeros(hi - lo, int), w)) for w in (2, 4, 8, 16)}
+            assert dense.tile_pixels(mine) == min(dense.tile_pixels(job.band_tiles(lo, hi, np.zeros(hi - lo, int), w))
+                                                  for w in dense.tile_widths(4))
+            assert all(t.idx.max() < hi for t in mine)  # a tile within its band
+            chose.add(len(set(options.values())) > 1)
+    assert True in chose  # the width mattered somewhere
+    margins = CROP + 2 * job.ext
+    assert all(t.size[1] <= 3 * 32 + margins and t.size[0] <= 15 * 32 + margins for t in job.tiles)
     assert np.array_equal(np.sort(np.concatenate([t.idx for t in job.tiles])), np.arange(len(job.need)))
 
 
