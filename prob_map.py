@@ -153,9 +153,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tta", type=int, choices=(1, 8), default=1, help="mean over the 8 flips/rotations")
     p.add_argument("--batch-size", type=int, default=64, help="patches per CNN batch (lattice, naive; dense runs whole tiles)")
     p.add_argument("--dense-tile", type=int, default=inference.Options.dense_tile, metavar="PX",
-                   help="dense: the most model pixels of new lattice rows and columns per tile (memory grows "
-                        "with it); the tile size up to this that runs the CNN over the fewest pixels is used; the "
-                        "map is the same")
+                   help="dense: model pixels of new lattice rows per tile, and per band of rows whose logits and "
+                        "features are held at once (memory grows with it); each band's tiles take the width, from half "
+                        "that to 4 times it, that runs the CNN over the fewest pixels; the map is the same")
     add_workers(p, beside_cnn=True)
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                    help="auto: CUDA when present")
