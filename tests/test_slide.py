@@ -101,3 +101,35 @@ def test_rgba_to_rgb_composites_over_white_and_keeps_opaque_pixels():
     assert tuple(out[0, 0]) == (255, 255, 255)
     assert tuple(out[0, 1]) == (127, 177, 227)
     assert np.array_equal(out[1:], rgba[1:, :, :3])
+
+
+@pytest.mark.parametrize("level", [0, 1])
+def test_large_regions_read_in_bands_are_the_whole_read(syn_slide, monkeypatch, level):
+    """Bands of rows read in threads give the pixels of one read: inside the slide, past
+    its edge (white), at level 0 and at a pyramid level, with uneven bands."""
+    monkeypatch.setattr(sl, "READ_THREADS", 3)
+    monkeypatch.setattr(sl, "BAND_PIXELS", 1000)
+    s = sl.open_slide(syn_slide.path)
+    assert s.level_downsamples[level] == 2.0 ** level
+    for xy, size in [((600, 401), (800, 601)), ((1800, 1400), (500, 333))]:
+        whole = sl.rgba_to_rgb(np.asarray(s.read_region(xy, level, size)))
+        got = sl.read_rgb(s, xy, level, size)
+        assert whole.std() > 5 if xy[0] < 1000 else (whole[-1, -1] == 255).all()  # tissue; white past the edge
+        assert got.shape == whole.shape and np.array_equal(got, whole)
+    assert sl._pool is not None  # the bands were in fact read in threads
+
+
+def _read_banded(path: str) -> int:
+    return int(sl.read_rgb(sl.open_slide(path), (600, 401), 0, (800, 601)).sum())
+
+
+def test_a_forked_process_reads_in_bands_after_its_parent_did(syn_slide, monkeypatch):
+    """A DataLoader worker is a fork: the parent's reading threads are not in it, so it
+    must make its own (with the parent's pool it would wait forever)."""
+    import multiprocessing
+    monkeypatch.setattr(sl, "READ_THREADS", 3)
+    monkeypatch.setattr(sl, "BAND_PIXELS", 1000)  # inherited by the fork
+    want = _read_banded(str(syn_slide.path))
+    assert sl._pool is not None
+    with multiprocessing.get_context("fork").Pool(1) as pool:
+        assert pool.apply_async(_read_banded, (str(syn_slide.path),)).get(timeout=60) == want
