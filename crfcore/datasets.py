@@ -100,9 +100,10 @@ def to_tensor(rgb: np.ndarray) -> torch.Tensor:
 def scale_and_shift(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """ImageNet normalisation `(x / 255 - mean) / std` as `x * scale - shift`, on `device`
     (made once per device: a copy to a GPU waits for it)."""
-    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
-    return (1 / (255 * std)).to(device), (mean / std).to(device)
+    with torch.inference_mode(False):  # kept for later calls, which may need gradients
+        mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
+        std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+        return (1 / (255 * std)).to(device), (mean / std).to(device)
 
 
 def normalise_batch(u8: torch.Tensor) -> torch.Tensor:

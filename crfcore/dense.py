@@ -75,15 +75,17 @@ def feature_side(model: CRFNet, crop: int) -> int:
     return n
 
 
+ELEMENTWISE = (nn.BatchNorm2d, nn.Hardtanh, nn.ReLU, nn.Identity, nn.Dropout)  # layers that see one pixel
+
+
 def conv_reach(layers: nn.Module) -> tuple[int, int]:
     """(stride, radius) of a chain of convolutions (with element-wise layers and residual
     additions between them, as in MobileNetV2): input pixels per output cell, and how many
     input pixels an output cell sees beyond its own position on either side."""
     stride, radius = 1, 0
     for m in layers.modules():
-        if isinstance(m, (nn.modules.pooling._MaxPoolNd, nn.modules.pooling._AvgPoolNd,
-                          nn.modules.pooling._AdaptiveAvgPoolNd)):
-            raise ValueError(f"conv_reach counts convolutions only, not {type(m).__name__}")
+        if not isinstance(m, (nn.Conv2d, *ELEMENTWISE)) and not any(m.children()):
+            raise ValueError(f"conv_reach counts convolutions and element-wise layers, not {type(m).__name__}")
         if isinstance(m, nn.Conv2d):
             reach = (m.kernel_size[0] - 1) * m.dilation[0]
             radius += max(m.padding[0], reach - m.padding[0]) * stride
@@ -202,7 +204,8 @@ class DenseJob(LatticeJob):
         self.origins = np.round(corners / geom.read.scale).astype(np.int64)  # model pixels
         over = self.window * self.stride - geom.crop  # a window reaches past its crop by this much
         self.ext = self.stride * (-(-over // self.stride) + MARGIN)
-        self.set_bands(max(1, opts.dense_tile // model_stride(geom)))  # a band's rows: a tile's height
+        self.rows = max(1, opts.dense_tile // model_stride(geom))  # a tile's height in lattice rows: a band's
+        self.set_bands(self.rows)
         self.tiles = self.plan()
 
     def plan(self) -> list[Tile]:
@@ -213,7 +216,7 @@ class DenseJob(LatticeJob):
         tiles = []
         for lo, hi in pairwise(self.starts):
             if lo < hi:
-                tiles += min((self.band_tiles(lo, hi, phase[lo:hi], w) for w in tile_widths(self.opts.band_rows)),
+                tiles += min((self.band_tiles(lo, hi, phase[lo:hi], w) for w in tile_widths(self.rows)),
                              key=tile_pixels)
         return tiles
 

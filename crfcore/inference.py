@@ -219,7 +219,7 @@ class Options:
     precision: str = "fp32"
     tta: int = 1
     quiet: bool = False
-    band_rows: int = 16  # lattice: a multiple of REGION_BLOCK[0]; the cache holds ~band_rows + 2k rows
+    band_rows: int = 16  # a multiple of REGION_BLOCK[0] (dense: the tile height); the cache holds ~band_rows + 2k rows
     dense_tile: int = 2048  # dense: model pixels of new lattice rows per tile (and per band)
     normaliser: Normaliser | None = None  # stain normalisation of every crop (the model's, if it has one)
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 import os
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from pathlib import Path
 
 import cv2
@@ -97,15 +97,18 @@ def read_rgb(slide: openslide.OpenSlide, xy: tuple[int, int], level: int,
     """Read a `(h, w, 3)` uint8 region whose top-left is level-0 point `xy`, at `level`.
 
     Pixels outside the slide or transparent in it are white. A large region is read as
-    bands of rows in `READ_THREADS` threads at once (`read_in_bands`).
+    bands of rows in `READ_THREADS` threads at once (`read_in_bands`), where each band's
+    rows are sure to be the whole read's: the level's downsample is a whole number, and
+    the region does not start above the slide between two of the level's rows.
     """
     x, y = (int(round(v)) for v in xy)
     w, h = (int(v) for v in size)
     bands = min(READ_THREADS, h, w * h // BAND_PIXELS)
-    step = slide.level_downsamples[level]
-    if bands < 2 or step != round(step):  # a fractional step would shift the bands' rows
-        return rgba_to_rgb(np.asarray(slide.read_region((x, y), level, (w, h))))
-    return read_in_bands(slide, (x, y), level, (w, h), bands, int(step))
+    if bands >= 2:
+        step = slide.level_downsamples[level]
+        if step == round(step) and not (y < 0 and y % step):  # else OpenSlide shifts later bands' rows
+            return read_in_bands(slide, (x, y), level, (w, h), bands, int(step))
+    return rgba_to_rgb(np.asarray(slide.read_region((x, y), level, (w, h))))
 
 
 # Reading is decoding (JPEG tiles, mostly) on one core, and a dense tile's read leaves the
@@ -130,8 +133,29 @@ def read_in_bands(slide: openslide.OpenSlide, xy: tuple[int, int], level: int, s
         a, b = i * h // bands, (i + 1) * h // bands
         out[a:b] = rgba_to_rgb(np.asarray(slide.read_region((x, y + a * step), level, (w, b - a))))
 
-    list(_pool.map(band, range(bands)))  # list(): raises what a band raised
+    futures: list[Future] = []
+    try:
+        for i in range(bands):
+            futures.append(_pool.submit(band, i))
+    finally:
+        settle(futures)
+    for f in futures:
+        f.result()  # raises what a band raised
     return out
+
+
+def settle(futures: list[Future]) -> None:
+    """Wait until every band is done, through Ctrl-C too (raised after): a band still
+    reading when the caller closes its slide makes OpenSlide abort the whole process."""
+    interrupted = False
+    while True:
+        try:
+            wait(futures)
+            break
+        except KeyboardInterrupt:
+            interrupted = True
+    if interrupted:
+        raise KeyboardInterrupt
 
 
 def _forget_pool() -> None:

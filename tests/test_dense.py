@@ -122,6 +122,13 @@ def test_each_band_takes_the_tile_width_with_the_fewest_backbone_pixels(slide, m
     assert np.array_equal(np.sort(np.concatenate([t.idx for t in job.tiles])), np.arange(len(job.need)))
 
 
+def test_conv_reach_refuses_layers_it_cannot_count():
+    assert dense.conv_reach(torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, 2, 1), torch.nn.ReLU6(),
+                                                torch.nn.Conv2d(8, 8, 3, 1, 2, dilation=2))) == (2, 5)
+    with pytest.raises(ValueError, match="MaxPool2d"):
+        dense.conv_reach(torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, 2, 1), torch.nn.MaxPool2d(3, 2, 1)))
+
+
 def test_a_stride_that_needs_too_many_phases_uses_the_lattice(slide, model):
     mask, meta = masks.make_mask(slide.path, "tissue", downsample=8)
     sub = subset(mask, 3)

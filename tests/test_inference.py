@@ -46,6 +46,14 @@ def test_the_cnn_input_is_normalised_in_place_and_stays_channels_last():
         assert np.array_equal(inference.dihedral_images(x, k, flip).numpy(), want)
 
 
+def test_the_normalisation_constants_made_under_inference_mode_serve_later_calls_too():
+    from crfcore import datasets
+    datasets.scale_and_shift.cache_clear()
+    with torch.inference_mode():
+        datasets.normalise_batch(torch.zeros(1, 2, 2, 3, dtype=torch.uint8))
+    assert not any(t.is_inference() for t in datasets.scale_and_shift(torch.device("cpu")))
+
+
 @pytest.mark.parametrize("grid", [1, 3])
 def test_lattice_equals_naive_including_the_slide_border(border_slide, grid, monkeypatch):
     s, mask, meta = border_slide
