@@ -7,8 +7,6 @@ powers of two and mis-registered such slides).
 from __future__ import annotations
 
 import math
-import os
-from concurrent.futures import Future, ThreadPoolExecutor, wait
 from pathlib import Path
 
 import cv2
@@ -96,74 +94,12 @@ def read_rgb(slide: openslide.OpenSlide, xy: tuple[int, int], level: int,
              size: tuple[int, int]) -> np.ndarray:
     """Read a `(h, w, 3)` uint8 region whose top-left is level-0 point `xy`, at `level`.
 
-    Pixels outside the slide or transparent in it are white. A large region is read as
-    bands of rows in `READ_THREADS` threads at once (`read_in_bands`), where each band's
-    rows are sure to be the whole read's: the level's downsample is a whole number, and
-    the region does not start above the slide between two of the level's rows.
+    Pixels outside the slide or transparent in it are white.
     """
     x, y = (int(round(v)) for v in xy)
     w, h = (int(v) for v in size)
-    bands = min(READ_THREADS, h, w * h // BAND_PIXELS)
-    if bands >= 2:
-        step = slide.level_downsamples[level]
-        if step == round(step) and not (y < 0 and y % step):  # else OpenSlide shifts later bands' rows
-            return read_in_bands(slide, (x, y), level, (w, h), bands, int(step))
-    return rgba_to_rgb(np.asarray(slide.read_region((x, y), level, (w, h))))
-
-
-# Reading is decoding (JPEG tiles, mostly) on one core, and a dense tile's read leaves the
-# other idle: OpenSlide (3.3.1 on) reads concurrently from one handle, and ctypes lets go
-# of the GIL, so bands of rows read in threads take half the time on 2 cores.
-READ_THREADS = min(4, os.cpu_count() or 1)
-BAND_PIXELS = 1_000_000  # regions of fewer pixels per band are read whole
-_pool: ThreadPoolExecutor | None = None
-
-
-def read_in_bands(slide: openslide.OpenSlide, xy: tuple[int, int], level: int, size: tuple[int, int],
-                  bands: int, step: int) -> np.ndarray:
-    """`read_rgb` as `bands` bands of rows read in threads into one array (level pixels
-    are `step` level-0 pixels apart, so each band's rows are the whole read's)."""
-    global _pool
-    if _pool is None:
-        _pool = ThreadPoolExecutor(READ_THREADS, thread_name_prefix="read_rgb")
-    (x, y), (w, h) = xy, size
-    out = np.empty((h, w, 3), np.uint8)
-
-    def band(i: int) -> None:
-        a, b = i * h // bands, (i + 1) * h // bands
-        out[a:b] = rgba_to_rgb(np.asarray(slide.read_region((x, y + a * step), level, (w, b - a))))
-
-    futures: list[Future] = []
-    try:
-        for i in range(bands):
-            futures.append(_pool.submit(band, i))
-    finally:
-        settle(futures)
-    for f in futures:
-        f.result()  # raises what a band raised
-    return out
-
-
-def settle(futures: list[Future]) -> None:
-    """Wait until every band is done, through Ctrl-C too (raised after): a band still
-    reading when the caller closes its slide makes OpenSlide abort the whole process."""
-    interrupted = False
-    while True:
-        try:
-            wait(futures)
-            break
-        except KeyboardInterrupt:
-            interrupted = True
-    if interrupted:
-        raise KeyboardInterrupt
-
-
-def _forget_pool() -> None:
-    global _pool
-    _pool = None  # a forked child (a DataLoader worker) has none of its parent's threads
-
-
-os.register_at_fork(after_in_child=_forget_pool)
+    region = slide.read_region((x, y), level, (w, h))
+    return rgba_to_rgb(np.asarray(region))
 
 
 def read_level(slide: openslide.OpenSlide, level: int) -> np.ndarray:
