@@ -27,6 +27,7 @@ import os
 import tempfile
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -36,44 +37,58 @@ from crfcore.device import retain_freed_memory
 from crfcore.testing import bench_varied_model, write_bench_slide
 
 PATCH, CROP, STRIDE = 256, 224, 64
-FRAGMENTS = [(0.2, 0.3, 0.12, 0.2), (0.75, 0.35, 0.15, 0.15), (0.5, 0.8, 0.3, 0.1)]  # (x, y, rx, ry) of a 16k x 12k slide
+# three tissue ellipses (cx, cy, rx, ry, as fractions) on a 16,000 x 12,000 slide
+FRAGMENTS = [(0.2, 0.3, 0.12, 0.2), (0.75, 0.35, 0.15, 0.15), (0.5, 0.8, 0.3, 0.1)]
+
+
+class Setting(NamedTuple):
+    height: int  # --dense-tile
+    widths_chosen: bool  # False: square tiles, the plan before widths were chosen
+
+    def label(self) -> str:
+        return f"{self.height}{'' if self.widths_chosen else ' square'}"
 
 
 def square(rows: int) -> list[int]:
+    """The one tile width of the old plan: the height."""
     return [rows]
 
 
-def plan(model, path: Path, mask: np.ndarray, meta: dict, setting: tuple[int, bool]) -> dense.DenseJob:
-    """The dense job of one setting (height, square tiles or chosen widths), planned only."""
-    geom = inference.Geometry(3, PATCH, CROP, tuple(meta["downsample"]))
-    with choosing_widths(setting[1]):
-        return dense.DenseJob(model, path, mask, geom, inference.Options(workers=0, quiet=True, dense_tile=setting[0]))
-
-
 @contextlib.contextmanager
-def choosing_widths(on: bool):
-    """Square tiles when `on` is false (the plan before widths were chosen)."""
+def widths_of(setting: Setting):
+    """Plans made inside use the setting's widths: for square tiles, the module's
+    `dense.tile_widths` is swapped for `square` (a bench-only switch, undone on exit)."""
     widths = dense.tile_widths
-    dense.tile_widths = widths if on else square
+    dense.tile_widths = widths if setting.widths_chosen else square
     try:
         yield
     finally:
         dense.tile_widths = widths
 
 
-def label(setting: tuple[int, bool]) -> str:
-    return f"{setting[0]}{'' if setting[1] else ' square'}"
+def plan(model, path: Path, mask: np.ndarray, meta: dict, setting: Setting) -> dense.DenseJob:
+    """The dense job of one setting, planned only."""
+    geom = inference.Geometry(3, PATCH, CROP, tuple(meta["downsample"]))
+    with widths_of(setting):
+        return dense.DenseJob(model, path, mask, geom, inference.Options(workers=0, quiet=True,
+                                                                          dense_tile=setting.height))
+
+
+def per_tissue_pixel(job: dense.DenseJob, mask: np.ndarray) -> float:
+    """Backbone pixels per tissue pixel."""
+    return job.backbone_pixels() / (mask.sum() * STRIDE ** 2)
 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--tiles", type=int, nargs="+", default=[2048, 4096], help="tile heights (--dense-tile), model pixels")
+    p.add_argument("--tiles", type=int, nargs="+", default=[2048, 4096],
+                   help="tile heights (--dense-tile), model pixels")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--lattice-side", type=int, default=220, help="as bench/prob_map.py's")
     p.add_argument("--keep", type=Path, help="write (or reuse) the slide here (bench/prob_map.py's, same side)")
     args = p.parse_args()
     retain_freed_memory()  # as prob_map.py does
-    settings = [(args.tiles[0], False)] + [(t, True) for t in args.tiles]
+    settings = [Setting(args.tiles[0], False)] + [Setting(t, True) for t in args.tiles]
     with tempfile.TemporaryDirectory() as tmp:
         path = args.keep or Path(tmp) / "bench.tif"
         write_bench_slide(path, args.lattice_side, STRIDE, PATCH)
@@ -84,28 +99,27 @@ def main() -> int:
         maps, best = {}, {}
         for rep in range(args.repeats):
             for setting in settings:
-                opts = inference.Options(workers=0, quiet=True, dense_tile=setting[0])
+                opts = inference.Options(workers=0, quiet=True, dense_tile=setting.height)
                 t = time.perf_counter()
-                with choosing_widths(setting[1]):
+                with widths_of(setting):
                     maps[setting] = inference.probability_map(model, path, mask, meta["downsample"], PATCH, CROP,
                                                               "dense", opts)[0]
                 dt = time.perf_counter() - t
                 best[setting] = min(best.get(setting, dt), dt)
-                print(f"run {rep + 1}: tile {label(setting)}: {dt:.1f} s; load {os.getloadavg()[0]:.1f}", flush=True)
+                print(f"run {rep + 1}: tile {setting.label()}: {dt:.1f} s; load {os.getloadavg()[0]:.1f}", flush=True)
         for setting in settings:
             job = plan(model, path, mask, meta, setting)
-            print(f"tile {label(setting)}: {len(job.tiles)} tiles, {job.backbone_pixels() / (mask.sum() * STRIDE ** 2):.2f} "
-                  f"backbone pixels per tissue pixel; best {best[setting]:.1f} s")
+            print(f"tile {setting.label()}: {len(job.tiles)} tiles, {per_tissue_pixel(job, mask):.2f} backbone pixels "
+                  f"per tissue pixel; best {best[setting]:.1f} s")
         first = settings[0]
         diff = max(float(np.abs(maps[s] - maps[first]).max()) for s in settings)
-        print("dense_tile: " + " ".join(f"{label(s)}={best[first] / best[s]:.2f}x" for s in settings[1:])
-              + f" faster than {label(first)} (best runs); max_abs_diff={diff:.1e}")
+        print("dense_tile: " + " ".join(f"{s.label()}={best[first] / best[s]:.2f}x" for s in settings[1:])
+              + f" faster than {first.label()} (best runs); max_abs_diff={diff:.1e}")
         frag = Path(tmp) / "fragments.tif"
         synthetic.write_slide(frag, 16000, 12000, tumours=0, seed=1, tissue=FRAGMENTS)
         mask, meta = masks.make_mask(frag, "tissue", downsample=STRIDE)
         print(f"three fragments ({mask.sum()} tissue points), backbone pixels per tissue pixel: " + ", ".join(
-            f"{label(s)} {plan(model, frag, mask, meta, s).backbone_pixels() / (mask.sum() * STRIDE ** 2):.2f}"
-            for s in settings))
+            f"{s.label()} {per_tissue_pixel(plan(model, frag, mask, meta, s), mask):.2f}" for s in settings))
     return 0
 
 

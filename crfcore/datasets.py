@@ -3,7 +3,6 @@ label grids (train.py grid mode) and plain image folders (classify mode)."""
 from __future__ import annotations
 
 import functools
-
 import warnings
 from pathlib import Path
 from typing import Callable, Sequence

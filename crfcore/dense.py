@@ -24,10 +24,10 @@ batch size and workers not at all. Larger tiles repeat less of their margins, bu
 cover more glass around tissue fragments. A tile's height is the band's,
 `Options.dense_tile` model pixels of lattice rows: it sets how many rows of logits and
 features are held at once (all of them, 8 times over with TTA, across the tissue's
-width). Its width is chosen per band and phase: of the widths from half the height to
-`WIDEST` times it, the one that runs the backbone over the fewest pixels. TTA transforms the whole tile: its sides are
-chosen congruent to the crop modulo 32, so in every dihedral frame the crop corners
-still fall on the cell grid.
+width). Its width is chosen per band: of the widths from half the height to `WIDEST`
+times it, the one that runs the backbone over the fewest pixels. TTA transforms the
+whole tile: its sides are chosen congruent to the crop modulo 32, so in every dihedral
+frame the crop corners still fall on the cell grid.
 
 Memory. MobileNetV2's largest activations are its first layers' (up to 96 channels at
 half the input's side): a whole 2,720 x 8,864-pixel tile would hold 3-5 GiB of them.
@@ -38,7 +38,7 @@ result: the same numbers, at about a quarter of the memory, so tiles can be wide
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from itertools import pairwise
 from pathlib import Path
 
@@ -55,14 +55,14 @@ from .model import CRFNet
 from .scale import ReadScale
 
 MARGIN = 8  # cells of context around the used cells (8 x 32 = 256 px: MobileNetV2's receptive-field radius, 245)
-STEM_LAYERS = 5  # MobileNetV2 layers run in strips: to stride 8 (a quarter of the channels of the widest before)
+STEM_LAYERS = 5  # MobileNetV2 layers run in strips: to stride 8 (after them, 3 floats per input pixel at most, not 24)
 STRIP_PIXELS = 2_000_000  # input pixels per strip: smaller strips recompute more context rows
 WIDEST = 4  # a tile is at most this many times as wide as high (see the module docstring)
 
 
 def feature_stride(model: CRFNet) -> int:
     """Input pixels per feature-map cell: the product of the backbone's conv strides."""
-    return math.prod(m.stride[0] for m in model.features.modules() if isinstance(m, torch.nn.Conv2d))
+    return math.prod(m.stride[0] for m in model.features.modules() if isinstance(m, nn.Conv2d))
 
 
 def feature_side(model: CRFNet, crop: int) -> int:
@@ -70,7 +70,7 @@ def feature_side(model: CRFNet, crop: int) -> int:
     kernel 3 and padding 1 maps n to ceil(n / 2)): the window a crop's features pool."""
     n = crop
     for m in model.features.modules():
-        if isinstance(m, torch.nn.Conv2d) and m.stride[0] == 2:
+        if isinstance(m, nn.Conv2d) and m.stride[0] == 2:
             n = -(-n // 2)
     return n
 
@@ -107,14 +107,15 @@ class StripStem:
 
     def __call__(self, u8: torch.Tensor) -> torch.Tensor:
         h, w = u8.shape[2:]
-        rows = max(1, self.pixels // (w * self.stride)) * self.stride
+        strip_rows = max(1, self.pixels // (w * self.stride)) * self.stride
         parts = []
-        for y in range(0, h, rows):
-            y0, y1 = max(0, y - self.halo), min(h, y + rows + self.halo)
+        for y in range(0, h, strip_rows):
+            y0, y1 = max(0, y - self.halo), min(h, y + strip_rows + self.halo)
+            # normalise_batch takes [n, H, W, 3]: the permuted view (no copy) of the strip
             x = normalise_batch(u8[:, :, y0:y1].permute(0, 2, 3, 1)).to(self.dtype)
             x = x.contiguous(memory_format=torch.channels_last)
             first = (y - y0) // self.stride  # the output rows of this strip's own input rows
-            kept = -(-(min(h, y + rows) - y) // self.stride)
+            kept = -(-(min(h, y + strip_rows) - y) // self.stride)
             parts.append(self.stem(x)[:, :, first:first + kept])
         return self.rest(torch.cat(parts, 2).contiguous(memory_format=torch.channels_last))
 
@@ -196,7 +197,8 @@ class DenseJob(LatticeJob):
     pooled features and logits."""
 
     def __init__(self, model: CRFNet, slide_path: Path, mask: np.ndarray, geom: Geometry, opts: Options) -> None:
-        super().__init__(model, slide_path, mask, geom, opts)
+        self.tile_rows = max(1, opts.dense_tile // model_stride(geom))  # lattice rows per tile and per band
+        super().__init__(model, slide_path, mask, geom, replace(opts, band_rows=self.tile_rows))
         self.stride = feature_stride(model)
         self.features = StripStem(model.features, STEM_LAYERS, STRIP_PIXELS)
         self.window = feature_side(model, geom.crop)
@@ -204,8 +206,6 @@ class DenseJob(LatticeJob):
         self.origins = np.round(corners / geom.read.scale).astype(np.int64)  # model pixels
         over = self.window * self.stride - geom.crop  # a window reaches past its crop by this much
         self.ext = self.stride * (-(-over // self.stride) + MARGIN)
-        self.rows = max(1, opts.dense_tile // model_stride(geom))  # a tile's height in lattice rows: a band's
-        self.set_bands(self.rows)
         self.tiles = self.plan()
 
     def plan(self) -> list[Tile]:
@@ -216,7 +216,7 @@ class DenseJob(LatticeJob):
         tiles = []
         for lo, hi in pairwise(self.starts):
             if lo < hi:
-                tiles += min((self.band_tiles(lo, hi, phase[lo:hi], w) for w in tile_widths(self.rows)),
+                tiles += min((self.band_tiles(lo, hi, phase[lo:hi], w) for w in tile_widths(self.tile_rows)),
                              key=tile_pixels)
         return tiles
 
@@ -262,7 +262,7 @@ class DenseJob(LatticeJob):
         """Logits `[n, T]` and pooled features `[n, T, D]` of a tile's points, one backbone
         pass per transform."""
         opts, model = self.opts, self.model
-        u8 = region[None].to(opts.device, non_blocking=True).permute(0, 3, 1, 2)  # [1, 3, h, w]
+        u8 = region[None].to(opts.device, non_blocking=True).permute(0, 3, 1, 2)  # [1, 3, h, w]: dihedral's axes
         rel = self.origins[tile.idx] - tile.origin
         h, w = u8.shape[2:]
         logits, feats = [], []

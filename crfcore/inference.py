@@ -13,7 +13,7 @@ Crops are read at level 0, or at the model's resolution (`crfcore.scale`).
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -275,13 +275,6 @@ def needed_points(mask: np.ndarray, offs: np.ndarray) -> np.ndarray:
     return np.stack(np.nonzero(need), 1) - reach
 
 
-def bands(need: np.ndarray, rows: int) -> tuple[np.ndarray, np.ndarray]:
-    """The band of each needed point (row-major `[n, 2]`; bands of `rows` lattice rows from
-    the first point's) and where each band starts: band b is `need[starts[b]:starts[b+1]]`."""
-    band_of = (need[:, 0] - need[0, 0]) // rows
-    return band_of, np.searchsorted(band_of, np.arange(band_of[-1] + 2))
-
-
 class BandCache:
     """Logits and features of computed lattice points, kept sorted by a row-major key.
     Points may lie up to `reach` rows or columns outside a `(H, W)` lattice."""
@@ -350,14 +343,10 @@ class LatticeJob:
         self.trows, self.tcols = np.nonzero(mask)
         self.out = np.zeros(mask.shape, np.float32)
         self.need = needed_points(mask, self.offs)
-        self.set_bands(opts.band_rows)
+        self.band_of = (self.need[:, 0] - self.need[0, 0]) // opts.band_rows
+        self.starts = np.searchsorted(self.band_of, np.arange(self.band_of[-1] + 2))  # band b: need[starts[b]:starts[b+1]]
         self.cache = BandCache(mask.shape, self.reach, opts.tta, model.feature_dim)
         self.done_row = self.trows.min() - self.reach - 1  # tissue rows up to here have their CRF
-
-    def set_bands(self, rows: int) -> None:
-        """Split the needed points into bands of `rows` lattice rows."""
-        self.opts = replace(self.opts, band_rows=rows)
-        self.band_of, self.starts = bands(self.need, rows)
 
     def run(self) -> np.ndarray:
         if self.opts.band_rows % REGION_BLOCK[0]:
