@@ -62,7 +62,7 @@ WIDEST = 4  # a tile is at most this many times as wide as high (see the module 
 
 def feature_stride(model: CRFNet) -> int:
     """Input pixels per feature-map cell: the product of the backbone's conv strides."""
-    return math.prod(m.stride[0] for m in model.features.modules() if isinstance(m, nn.Conv2d))
+    return conv_reach(model.features)[0]
 
 
 def feature_side(model: CRFNet, crop: int) -> int:
@@ -213,11 +213,10 @@ class DenseJob(LatticeJob):
         blocks of the width in `tile_widths` that gives the band the fewest pixels."""
         xy = self.origins % self.stride
         phase = xy[:, 1] * self.stride + xy[:, 0]
-        tiles = []
+        tiles, widths = [], tile_widths(self.tile_rows)
         for lo, hi in pairwise(self.starts):
             if lo < hi:
-                tiles += min((self.band_tiles(lo, hi, phase[lo:hi], w) for w in tile_widths(self.tile_rows)),
-                             key=tile_pixels)
+                tiles += min((self.band_tiles(lo, hi, phase[lo:hi], w) for w in widths), key=tile_pixels)
         return tiles
 
     def band_tiles(self, lo: int, hi: int, phase: np.ndarray, width: int) -> list[Tile]:
