@@ -50,23 +50,50 @@ class ModelConfig:
 
 
 class StridedDepthwiseConv2d(nn.Conv2d):
-    """A strided depthwise convolution that trains in fp32 under CPU autocast. oneDNN's
-    bf16 backward for it is 6-10x slower than fp32 on an AVX-512 CPU without AMX (77 ms
-    against 12 ms for MobileNetV2's first one, batch 32), and MobileNetV2's four of them
-    took 40 % of a bf16 training step, so bf16 trained barely faster than fp32. Its bf16
-    forward pass is fast: without gradients (inference) it runs as a plain convolution."""
+    """A strided depthwise convolution whose input gradient is computed in fp32 under CPU
+    autocast. oneDNN's bf16 input gradient for it is 6-10x slower than fp32 on an AVX-512
+    CPU without AMX (75 ms against 6 ms for MobileNetV2's first one, batch 32), while its
+    bf16 forward pass and weight gradient are fast; MobileNetV2's four of them took 40 % of
+    a bf16 training step. Without autocast or gradients (or with padding other than
+    given zeros) it is a plain convolution."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not (x.device.type == "cpu" and torch.is_grad_enabled() and torch.is_autocast_enabled("cpu")):
+        if not (x.device.type == "cpu" and torch.is_grad_enabled() and torch.is_autocast_enabled("cpu")
+                and self.padding_mode == "zeros" and not isinstance(self.padding, str)):
             return super().forward(x)
-        # weights cast too (the model itself may be bf16); the output goes on in the input's
-        # dtype, so the layers after it see what they saw before
-        bias = None if self.bias is None else self.bias.float()
-        with torch.autocast("cpu", enabled=False):
-            return self._conv_forward(x.float(), self.weight.float(), bias).to(x.dtype)
+        dtype = torch.get_autocast_dtype("cpu")  # cast as autocast casts a convolution's inputs
+        y = Fp32InputGradConv.apply(x.to(dtype), self.weight.to(dtype), self)
+        return y if self.bias is None else y + self.bias.to(dtype)[:, None, None]
 
 
-def train_strided_depthwise_in_fp32(features: nn.Module) -> nn.Module:
+class Fp32InputGradConv(torch.autograd.Function):
+    """`conv`'s convolution of `x` by `weight` in their dtype, whose backward pass computes
+    the weight gradient in that dtype and the input gradient in fp32 (as a transposed
+    convolution), handed back in `x`'s dtype."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
+        ctx.save_for_backward(x, weight)
+        ctx.conv = conv
+        return conv._conv_forward(x, weight, None)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None, None]:
+        x, weight = ctx.saved_tensors
+        c = ctx.conv
+        grad_x = grad_w = None
+        if ctx.needs_input_grad[0]:
+            # the rows and columns a strided convolution leaves unread at the end
+            extra = [size - ((n - 1) * s - 2 * p + d * (k - 1) + 1) for size, n, s, p, d, k in
+                     zip(x.shape[2:], grad.shape[2:], c.stride, c.padding, c.dilation, c.kernel_size)]
+            grad_x = nn.functional.conv_transpose2d(grad.float(), weight.float(), None, c.stride, c.padding,
+                                                    extra, c.groups, c.dilation).to(x.dtype)
+        if ctx.needs_input_grad[1]:
+            grad_w = nn.grad.conv2d_weight(x, weight.shape, grad, c.stride, c.padding, c.dilation, c.groups)
+        return grad_x, grad_w, None
+
+
+def strided_depthwise_input_grad_in_fp32(features: nn.Module) -> nn.Module:
     """`features` with every strided depthwise convolution made a `StridedDepthwiseConv2d`
     holding the same parameters (same state-dict keys, devices and dtypes), in place."""
     for parent in list(features.modules()):
@@ -88,7 +115,7 @@ class CRFNet(nn.Module):
         super().__init__()
         self.cfg = cfg
         backbone = torchvision.models.mobilenet_v2(weights=None, width_mult=cfg.width_mult)
-        self.features = train_strided_depthwise_in_fp32(backbone.features)
+        self.features = strided_depthwise_input_grad_in_fp32(backbone.features)
         self.feature_dim = backbone.last_channel
         self.fc = nn.Linear(self.feature_dim, cfg.num_classes)
         self.crf = CRF(cfg.grid * cfg.grid, cfg.crf_iters) if cfg.grid > 1 else None

@@ -168,9 +168,10 @@ def test_without_the_fused_op_inference_copy_only_folds(monkeypatch):
     assert sum(isinstance(k, torch.nn.ReLU6) for k in copy.modules()) == 35
 
 
-def test_strided_depthwise_convolutions_train_in_fp32_under_cpu_bf16_autocast():
-    """Only with gradients: oneDNN's bf16 backward for them is slow; inference stays bf16.
-    The swap keeps torchvision's state-dict keys."""
+def test_strided_depthwise_convolutions_take_their_input_gradient_in_fp32_under_cpu_bf16_autocast():
+    """Only with gradients: oneDNN's bf16 input gradient for them is slow. The forward
+    pass and the weight gradient stay bf16, and every gradient matches fp32's within
+    bf16 rounding, for even and odd sizes. The swap keeps torchvision's state-dict keys."""
     import torchvision
 
     model = CRFNet(ModelConfig(grid=1, width_mult=0.5))
@@ -179,14 +180,21 @@ def test_strided_depthwise_convolutions_train_in_fp32_under_cpu_bf16_autocast():
     plain = torchvision.models.mobilenet_v2(weights=None, width_mult=0.5).features
     assert model.features.state_dict().keys() == plain.state_dict().keys()
     conv = strided[0]
-    x = torch.randn(2, conv.in_channels, 16, 16).to(torch.bfloat16)
-    fp32 = torch.nn.functional.conv2d(x.float(), conv.weight, conv.bias, conv.stride, conv.padding, conv.dilation,
-                                      conv.groups).to(torch.bfloat16)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        trained = conv(x)  # with gradients: fp32 weights, handed on in the input's dtype
-        with torch.no_grad():
-            inferred = conv(x)  # without: bf16 weights
-    assert trained.dtype == torch.bfloat16 and torch.equal(trained, fp32) and not torch.equal(inferred, fp32)
+    for side in ((16, 16), (15, 17)):  # a strided convolution leaves a row unread on odd sides
+        x = torch.randn(2, conv.in_channels, *side).to(torch.bfloat16).requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            trained = conv(x)
+            with torch.no_grad():
+                inferred = conv(x)
+        assert trained.dtype == torch.bfloat16 and torch.equal(trained, inferred)
+        grad = torch.randn_like(trained)
+        trained.backward(grad)
+        assert x.grad.dtype == torch.bfloat16 and conv.weight.grad.dtype == torch.float32
+        x32, w32 = x.detach().float().requires_grad_(), conv.weight.detach().bfloat16().float().requires_grad_()
+        torch.nn.functional.conv2d(x32, w32, None, conv.stride, conv.padding, conv.dilation, conv.groups).backward(grad.float())
+        torch.testing.assert_close(x.grad.float(), x32.grad, rtol=2e-2, atol=2e-2)
+        torch.testing.assert_close(conv.weight.grad, w32.grad, rtol=2e-2, atol=5e-2)
+        conv.weight.grad = None
     with torch.autocast("cpu", dtype=torch.bfloat16):  # the whole model trains, also cast to bf16
         model.embed(torch.randn(2, 3, 64, 64))[0].float().sum().backward()
         assert all(m.weight.grad is not None for m in strided)
@@ -195,12 +203,12 @@ def test_strided_depthwise_convolutions_train_in_fp32_under_cpu_bf16_autocast():
 
 def test_the_swap_draws_no_random_numbers_and_keeps_devices():
     import torchvision
-    from crfcore.model import train_strided_depthwise_in_fp32
+    from crfcore.model import strided_depthwise_input_grad_in_fp32
 
     torch.manual_seed(0)
     features = torchvision.models.mobilenet_v2(weights=None, width_mult=0.5).features
     before, state = {k: v.clone() for k, v in features.state_dict().items()}, torch.get_rng_state()
-    train_strided_depthwise_in_fp32(features)
+    strided_depthwise_input_grad_in_fp32(features)
     assert torch.equal(torch.get_rng_state(), state)  # seeded models stay as they were
     assert all(torch.equal(v, before[k]) for k, v in features.state_dict().items())
     with torch.device("meta"):
