@@ -24,7 +24,7 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
-from crfcore import inference, masks
+from crfcore import dense, inference, masks
 from crfcore import slide as sl
 from crfcore.cli import UserError, add_workers, for_each, parser, run
 from crfcore.device import PRECISIONS, DistEnv, resolve_device, resolve_precision, retain_freed_memory
@@ -155,7 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dense-tile", type=int, default=inference.Options.dense_tile, metavar="PX",
                    help="dense: model pixels of new lattice rows per tile, and per band of rows whose logits and "
                         "features are held at once (memory grows with it); each band's tiles take the width, from half "
-                        "that to 4 times it, that runs the CNN over the fewest pixels; the map is the same")
+                        f"that to {dense.WIDEST} times it, that runs the CNN over the fewest pixels; the map is the same")
     add_workers(p, beside_cnn=True)
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                    help="auto: CUDA when present")
