@@ -51,17 +51,17 @@ class ModelConfig:
 
 class StridedDepthwiseConv2d(nn.Conv2d):
     """A strided depthwise convolution whose input gradient is computed in fp32 under CPU
-    autocast. oneDNN's bf16 input gradient for it is 6-10x slower than fp32 on an AVX-512
-    CPU without AMX (75 ms against 6 ms for MobileNetV2's first one, batch 32), while its
-    bf16 forward pass and weight gradient are fast; MobileNetV2's four of them took 40 % of
-    a bf16 training step. Without autocast or gradients (or with padding other than
-    given zeros) it is a plain convolution."""
+    autocast. oneDNN's bf16 input gradient for it is about 12x slower than fp32 on an
+    AVX-512 CPU without AMX (75 ms against 6 ms for MobileNetV2's first one, batch 32),
+    while its bf16 forward pass and weight gradient are fast; MobileNetV2's four of them
+    took 40 % of a bf16 training step. Without autocast or gradients, or with padding that
+    is not zeros given as numbers, it is a plain convolution."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not (x.device.type == "cpu" and torch.is_grad_enabled() and torch.is_autocast_enabled("cpu")
                 and self.padding_mode == "zeros" and not isinstance(self.padding, str)):
             return super().forward(x)
-        dtype = torch.get_autocast_dtype("cpu")  # cast as autocast casts a convolution's inputs
+        dtype = torch.get_autocast_dtype("cpu")  # as autocast casts a convolution's fp32 inputs
         y = Fp32InputGradConv.apply(x.to(dtype), self.weight.to(dtype), self)
         return y if self.bias is None else y + self.bias.to(dtype)[:, None, None]
 
@@ -86,8 +86,9 @@ class Fp32InputGradConv(torch.autograd.Function):
             # the rows and columns a strided convolution leaves unread at the end
             extra = [size - ((n - 1) * s - 2 * p + d * (k - 1) + 1) for size, n, s, p, d, k in
                      zip(x.shape[2:], grad.shape[2:], c.stride, c.padding, c.dilation, c.kernel_size)]
-            grad_x = nn.functional.conv_transpose2d(grad.float(), weight.float(), None, c.stride, c.padding,
-                                                    extra, c.groups, c.dilation).to(x.dtype)
+            with torch.autocast("cpu", enabled=False):  # backward may run inside autocast, which would cast back
+                grad_x = nn.functional.conv_transpose2d(grad.float(), weight.float(), None, c.stride, c.padding,
+                                                        extra, c.groups, c.dilation).to(x.dtype)
         if ctx.needs_input_grad[1]:
             grad_w = nn.grad.conv2d_weight(x, weight.shape, grad, c.stride, c.padding, c.dilation, c.groups)
         return grad_x, grad_w, None

@@ -1,6 +1,7 @@
 import numpy as np
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from crfcore.crf import CRF, mean_field
 from crfcore.model import (FUSED_CONV, ConvReLU6, CRFNet, ModelConfig, StridedDepthwiseConv2d, fold_batch_norm,
@@ -168,6 +169,19 @@ def test_without_the_fused_op_inference_copy_only_folds(monkeypatch):
     assert sum(isinstance(k, torch.nn.ReLU6) for k in copy.modules()) == 35
 
 
+class ConvolutionDtypes(TorchDispatchMode):
+    """Records (kind, dtype) of every convolution run inside it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: list[tuple[str, torch.dtype]] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten.convolution.default:  # args: input, weight, ..., transposed at 6
+            self.seen.append(("transposed" if args[6] else "forward", args[0].dtype))
+        return func(*args, **(kwargs or {}))
+
+
 def test_strided_depthwise_convolutions_take_their_input_gradient_in_fp32_under_cpu_bf16_autocast():
     """Only with gradients: oneDNN's bf16 input gradient for them is slow. The forward
     pass and the weight gradient stay bf16, and every gradient matches fp32's within
@@ -195,6 +209,18 @@ def test_strided_depthwise_convolutions_take_their_input_gradient_in_fp32_under_
         torch.testing.assert_close(x.grad.float(), x32.grad, rtol=2e-2, atol=2e-2)
         torch.testing.assert_close(conv.weight.grad, w32.grad, rtol=2e-2, atol=5e-2)
         conv.weight.grad = None
+    for inside in (False, True):  # backward may also run inside autocast: the input gradient stays fp32
+        x = torch.randn(2, conv.in_channels, 15, 17, requires_grad=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = conv(x).float().sum()
+            with ConvolutionDtypes() as backward_inside:
+                if inside:
+                    y.backward()
+        with ConvolutionDtypes() as backward_outside:
+            if not inside:
+                y.backward()
+        seen = (backward_inside if inside else backward_outside).seen
+        assert ("transposed", torch.float32) in seen and ("transposed", torch.bfloat16) not in seen
     with torch.autocast("cpu", dtype=torch.bfloat16):  # the whole model trains, also cast to bf16
         model.embed(torch.randn(2, 3, 64, 64))[0].float().sum().backward()
         assert all(m.weight.grad is not None for m in strided)
