@@ -19,7 +19,7 @@ from pathlib import Path
 from crfcore import annotations as an
 from crfcore import masks
 from crfcore import slide as sl
-from crfcore.cli import UserError, for_each, parser, run
+from crfcore.cli import UserError, for_each, number, parser, run
 from crfcore.io import companion, file_sha256, write_image
 
 
@@ -41,7 +41,7 @@ def jobs(args) -> list[Job]:
             ann = companion(ann, slide.stem, "annotation")
             if ann is None:
                 raise UserError(f"no annotation {slide.stem}.json|.xml|.geojson|.txt in {args.annotation}")
-        elif ann is not None and ann.stem.lower() != slide.stem.lower():
+        elif ann is not None and ann.exists() and ann.stem.lower() != slide.stem.lower():
             warnings.warn(f"annotation {ann.name} and slide {slide.name} have different names")
         return [Job(slide, ann, out if out.suffix == ".npy" else out / f"{slide.stem}_{args.kind}.npy")]
     slides = sl.find_slides(slide)
@@ -77,8 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="tumor: annotation polygons; tissue: Otsu on the slide; normal: tissue minus tumour")
     p.add_argument("--annotation", help="annotation (.json/.xml/.geojson/.txt), or a directory of them")
     g = p.add_mutually_exclusive_group()
-    g.add_argument("--level", type=int, help="pyramid level of the mask")
-    g.add_argument("--downsample", type=float,
+    g.add_argument("--level", type=number(int, 0), help="pyramid level of the mask")
+    g.add_argument("--downsample", type=number(float, 1),
                    help=f"mask downsample, level-0 pixels per mask pixel (default {masks.DEFAULT_DOWNSAMPLE:g}, "
                         "NCRF's level 6)")
     p.add_argument("--method", choices=("otsu", "histolab"), default="otsu",

@@ -5,7 +5,9 @@ then PATCH_DIR/<slide_id>.txt (the centres, an NCRF coords list) and a preview P
 
 The .txt is written last: it marks the slide's patches complete, and coord_list_gen.py
 refuses a folder without it. Tiles left by a killed run (no .txt) are cleared; a complete
-slide folder is refused unless --overwrite.
+slide folder is refused unless --overwrite. New tiles are cut into a hidden staging
+folder (PATCH_DIR/.<slide_id>.partial) and replace the old ones only once all are cut,
+so a run that fails or is stopped keeps the old set.
 
 SLIDE and --mask may be directories: each slide `<stem>.*` takes `<stem>_<kind>.npy`
 (--mask-kind, needed when a slide has several masks there).
@@ -15,6 +17,8 @@ SLIDE and --mask may be directories: each slide `<stem>.*` takes `<stem>_<kind>.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +27,7 @@ import numpy as np
 
 from crfcore import masks, tiling
 from crfcore import slide as sl
-from crfcore.cli import UserError, add_workers, for_each, parser, run
+from crfcore.cli import PROBABILITY, UserError, add_workers, for_each, number, parser, run
 from crfcore.datasets import extract_patches
 from crfcore.io import atomic_write_text, check_fits_slide, companion, write_image
 from crfcore.scale import read_scale
@@ -68,26 +72,44 @@ def centres_for(args, slide_path: Path, mask: np.ndarray, meta: dict, rng, side:
     return np.array([(x, y) for s, x, y in tiling.read_coords(args.coords) if s == sid], int).reshape(-1, 2)
 
 
-def prepare_folder(out: Path, sid: str, overwrite: bool) -> None:
-    """Make room for a slide's tiles: a complete set (its .txt exists) is refused unless
-    `overwrite`; tiles of a killed run (no .txt) are stale and cleared."""
-    marker, folder = out / f"{sid}.txt", out / sid
-    old = [p for p in folder.glob("*.png") if tiling.parse_tile_name(p)] if folder.is_dir() else []
-    if marker.exists():
-        if not overwrite:
-            raise UserError(f"{out}: slide {sid} already has its patches ({marker.name}); "
-                            "use --overwrite to cut them again")
-        marker.unlink()  # first: a run killed while replacing tiles leaves them marked incomplete
-    elif old:
-        warnings.warn(f"{folder}: removing {len(old)} tiles of an unfinished earlier run")
-    for p in old:
+def tiles_in(folder: Path) -> list[Path]:
+    """The tile PNGs in `folder` (other files are the user's and left alone)."""
+    return [p for p in folder.glob("*.png") if tiling.parse_tile_name(p)] if folder.is_dir() else []
+
+
+def prepare_folder(out: Path, sid: str, overwrite: bool) -> Path:
+    """Check that a slide may be cut and return an empty staging folder for its new tiles.
+    A complete set (its .txt exists) is refused unless `overwrite`, and then stays in place
+    until the new set is complete; tiles of a killed run (no .txt) are stale and cleared."""
+    marker, folder, staging = out / f"{sid}.txt", out / sid, out / f".{sid}.partial"
+    if marker.exists() and not overwrite:
+        raise UserError(f"{out}: slide {sid} already has its patches ({marker.name}); "
+                        "use --overwrite to cut them again")
+    stale = [] if marker.exists() else tiles_in(folder)
+    if stale:
+        warnings.warn(f"{folder}: removing {len(stale)} tiles of an unfinished earlier run")
+    for p in stale + tiles_in(staging):
         p.unlink()
+    staging.mkdir(parents=True, exist_ok=True)
+    return staging
+
+
+def replace_tiles(out: Path, sid: str, staging: Path) -> None:
+    """Put the complete new tiles in `staging` in place of the slide's old ones."""
+    marker, folder = out / f"{sid}.txt", out / sid
+    marker.unlink(missing_ok=True)  # first: a run killed in these renames leaves the slide marked unfinished
+    for p in tiles_in(folder):
+        p.unlink()
+    folder.mkdir(exist_ok=True)
+    for p in tiles_in(staging):
+        os.replace(p, folder / p.name)
+    staging.rmdir()
 
 
 def cut_slide(args, job: Job, rng) -> None:
-    mask, meta = masks.load_mask(job.mask, slide=job.slide)
     sid = sl.slide_id(job.slide)
-    with sl.open_slide(job.slide) as s:
+    with sl.open_slide(job.slide) as s:  # first: a file that is not a slide is named as such
+        mask, meta = masks.load_mask(job.mask, slide=job.slide)
         check_fits_slide(job.mask, mask.shape, meta["downsample"], s.dimensions)
         w0, h0 = s.dimensions
         if not 0 <= args.level < s.level_count:
@@ -106,10 +128,18 @@ def cut_slide(args, job: Job, rng) -> None:
     on = (boxes[:, 0] >= 0) & (boxes[:, 1] >= 0) & (boxes[:, 2] <= w0) & (boxes[:, 3] <= h0)
     boxes, centres = boxes[on], centres[on]
     out = Path(args.output)
-    prepare_folder(out, sid, args.overwrite)
+    staging = prepare_folder(out, sid, args.overwrite)
     names = [tiling.tile_name(i, level, tuple(b)) for i, b in enumerate(boxes)]
-    n = extract_patches(job.slide, boxes, level, size, out / sid, names, args.workers, args.quiet,
-                        out_size=args.image_size)
+    try:
+        n = extract_patches(job.slide, boxes, level, size, staging, names, args.workers, args.quiet,
+                            out_size=args.image_size)
+    except BaseException:  # a failed or interrupted run leaves the old tiles as they were
+        for p in tiles_in(staging):
+            p.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # left when it holds anything but tiles
+            staging.rmdir()
+        raise
+    replace_tiles(out, sid, staging)
     write_image(out / f"{sid}_preview.png",
                 tiling.preview_boxes(thumb, boxes, (w0 / thumb.shape[1], h0 / thumb.shape[0])))
     atomic_write_text(out / f"{sid}.txt", tiling.format_coords(sid, centres))  # last: the completion marker
@@ -125,17 +155,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", type=Path, required=True, help="PATCH_DIR")
     p.add_argument("--mode", choices=("grid", "random", "coords"), default="grid",
                    help="grid: squares over the mask; random: --num centres inside it; coords: a coords list")
-    p.add_argument("--num", type=int, help="patches per slide (random mode)")
+    p.add_argument("--num", type=number(int, 1), help="patches per slide (random mode)")
     p.add_argument("--coords", type=Path, help="NCRF coords list `slide_id,x,y` (coords mode)")
-    p.add_argument("--image-size", type=int, default=768, help="patch side in pixels at --level")
+    p.add_argument("--image-size", type=number(int, 1), default=768, help="patch side in pixels at --level")
     read = p.add_mutually_exclusive_group()
-    read.add_argument("--level", type=int, default=0, help="pyramid level the patches are read at")
-    read.add_argument("--mpp", type=float, help="read the patches at this many microns per pixel instead of "
+    read.add_argument("--level", type=number(int, 0), default=0, help="pyramid level the patches are read at")
+    read.add_argument("--mpp", type=number(float, above=0), help="read the patches at this many microns per pixel instead of "
                       "--level (the level that fits, resized by the remainder); set the training config's "
                       "mpp to the same")
-    p.add_argument("--min-mask-fraction", type=float, default=0.2,
+    p.add_argument("--min-mask-fraction", type=PROBABILITY, default=0.2,
                    help="grid mode: keep squares at least this much inside the mask")
-    p.add_argument("--seed", type=int, default=0, help="random mode seed")
+    p.add_argument("--seed", type=number(int, 0), default=0, help="random mode seed")
     p.add_argument("--overwrite", action="store_true", help="cut again slides that already have patches")
     add_workers(p)
     p.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -149,8 +179,8 @@ def main(argv=None) -> int:
         raise UserError("--mode random needs --num N")
     if args.mode == "coords" and not args.coords:
         raise UserError("--mode coords needs --coords COORDS.txt")
-    if args.image_size < 1:
-        raise UserError(f"--image-size {args.image_size}: expected a positive number of pixels")
+    if args.mode != "random" and args.num:
+        raise UserError(f"--num is for --mode random; --mode {args.mode} cuts every square it finds")
     rng = np.random.default_rng(args.seed)
     for_each(jobs(args.slide, args.mask, args.mask_kind), lambda j: j.slide.name,
              lambda j: cut_slide(args, j, rng), args.quiet)

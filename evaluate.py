@@ -25,7 +25,7 @@ from crfcore import evaluation as ev
 from crfcore import masks
 from crfcore import slide as sl
 from crfcore.annotations import load_annotation
-from crfcore.cli import UserError, add_workers, parser, run
+from crfcore.cli import PROBABILITY, UserError, add_workers, number, parser, run
 from crfcore.heatmap import load_probability_map
 from crfcore.io import atomic_path, atomic_write_text, companion, companion_stem, visible_files
 from crfcore.tiling import format_coords
@@ -241,16 +241,16 @@ def add_commands(p) -> None:
     q = sub.add_parser("lesions", help="NMS lesion points from a probability map", formatter_class=p.formatter_class)
     q.add_argument("prob", type=Path, help="probability map .npy (prob_map.py)")
     q.add_argument("-o", "--output", type=Path, required=True, help="LESIONS.csv (prob,x,y per line)")
-    q.add_argument("--threshold", type=float, default=0.5, help="keep maxima above this probability")
-    q.add_argument("--radius", type=int, default=12, help="suppression half-side, map pixels")
-    q.add_argument("--sigma", type=float, default=0.0, help="Gaussian smoothing of the map first, map pixels")
+    q.add_argument("--threshold", type=PROBABILITY, default=0.5, help="keep maxima above this probability")
+    q.add_argument("--radius", type=number(int, 0), default=12, help="suppression half-side, map pixels")
+    q.add_argument("--sigma", type=number(float, 0), default=0.0, help="Gaussian smoothing of the map first, map pixels")
     q.add_argument("--to", choices=("csv", "xml", "geojson"), default="csv",
                    help="also write ASAP XML points or GeoJSON points")
     q = sub.add_parser("froc", help="Camelyon16 FROC over a folder of lesion CSVs", formatter_class=p.formatter_class)
     q.add_argument("lesions_dir", type=Path, help="folder of <slide>.csv lesion files")
     q.add_argument("truth_dir", type=Path, help="annotation JSON/XML/GeoJSON or mask TIFF per tumour slide")
-    q.add_argument("--level", type=int, default=5, help="evaluation level (the slide's, or downsample 2**level)")
-    q.add_argument("--mpp", type=float, default=ev.CAMELYON_MPP, help="um/pixel when a slide has none")
+    q.add_argument("--level", type=number(int, 0), default=5, help="evaluation level (the slide's, or downsample 2**level)")
+    q.add_argument("--mpp", type=number(float, above=0), default=ev.CAMELYON_MPP, help="um/pixel when a slide has none")
     q.add_argument("--slides", type=Path, help="slide folder: each slide's mpp, levels and size")
     q.add_argument("--plot", type=Path, help="FROC curve PNG")
     q = sub.add_parser("slides", help="slide-level ROC from map maxima", formatter_class=p.formatter_class)
@@ -261,7 +261,7 @@ def add_commands(p) -> None:
                        formatter_class=p.formatter_class)
     q.add_argument("prob", type=Path, help="probability map .npy")
     q.add_argument("mask", type=Path, help="tumour mask .npy on the same lattice (Mask_gen.py)")
-    q.add_argument("--threshold", type=float, default=0.5, help="decision threshold for IoU and Dice")
+    q.add_argument("--threshold", type=PROBABILITY, default=0.5, help="decision threshold for IoU and Dice")
     q.add_argument("--tissue", type=Path, help="tissue mask the AUC is taken over (default: the map's own)")
     q = sub.add_parser("patches", help="classification report of a checkpoint on a data folder",
                        formatter_class=p.formatter_class)
@@ -275,13 +275,13 @@ def add_commands(p) -> None:
     q.add_argument("probs_dir", type=Path, help="folder of <slide>_prob.npy maps")
     q.add_argument("truth_dir", type=Path, help="annotations per tumour slide (no file: a normal slide)")
     q.add_argument("-o", "--output", type=Path, required=True, help="NCRF coords list slide_id,x,y")
-    q.add_argument("--threshold", type=float, default=0.5, help="false positive: probability above this")
-    q.add_argument("--per-slide", type=int, default=200, help="at most this many points per slide")
-    q.add_argument("--margin-um", type=float, default=0.0, help="keep this far from any tumour, micrometres")
-    q.add_argument("--mpp", type=float, default=ev.CAMELYON_MPP, help="um/pixel when a map's slide has none")
+    q.add_argument("--threshold", type=PROBABILITY, default=0.5, help="false positive: probability above this")
+    q.add_argument("--per-slide", type=number(int, 1), default=200, help="at most this many points per slide")
+    q.add_argument("--margin-um", type=number(float, 0), default=0.0, help="keep this far from any tumour, micrometres")
+    q.add_argument("--mpp", type=number(float, above=0), default=ev.CAMELYON_MPP, help="um/pixel when a map's slide has none")
     q.add_argument("--sample", choices=("prob", "top"), default="prob",
                    help="prob: drawn with weight = probability; top: the highest")
-    q.add_argument("--seed", type=int, default=0, help="random seed of --sample prob")
+    q.add_argument("--seed", type=number(int, 0), default=0, help="random seed of --sample prob")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -26,7 +26,7 @@ from pathlib import Path
 
 from crfcore import dense, inference, masks
 from crfcore import slide as sl
-from crfcore.cli import UserError, add_workers, for_each, parser, run
+from crfcore.cli import UserError, add_workers, for_each, number, parser, run
 from crfcore.device import PRECISIONS, DistEnv, resolve_device, resolve_precision, retain_freed_memory
 from crfcore.heatmap import save_probability_map
 from crfcore.io import check_fits_slide, companion, ensure_free_space, file_sha256, sidecar_path
@@ -110,8 +110,8 @@ def map_slide(job: Job, model, ckpt: dict, args, opts: inference.Options, wanted
         print(f"{job.out}: up to date, skipped")
         return
     cfg = ckpt["config"]
-    mask, meta = masks.load_mask(job.mask, slide=job.slide, kind="tissue")
-    with sl.open_slide(job.slide) as s:
+    with sl.open_slide(job.slide) as s:  # first: a file that is not a slide is named as such
+        mask, meta = masks.load_mask(job.mask, slide=job.slide, kind="tissue")
         check_fits_slide(job.mask, mask.shape, meta["downsample"], s.dimensions)
         size, mpp = s.dimensions, sl.slide_mpp(s)
         read = read_scale(s, job.slide, **wanted["read_at"])
@@ -147,12 +147,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "backbone about twice (tile margins), crop windows pooled (approximate); "
                         "naive: NCRF's loop (reference)")
     at = p.add_mutually_exclusive_group()
-    at.add_argument("--mpp", type=float, help="read crops at this many microns per pixel (the pyramid level "
+    at.add_argument("--mpp", type=number(float, above=0), help="read crops at this many microns per pixel (the pyramid level "
                     "that fits, resized by the remainder); default: the checkpoint's mpp, else level 0")
-    at.add_argument("--level", type=int, help="read crops at this pyramid level of every slide")
+    at.add_argument("--level", type=number(int, 0), help="read crops at this pyramid level of every slide")
     p.add_argument("--tta", type=int, choices=(1, 8), default=1, help="mean over the 8 flips/rotations")
-    p.add_argument("--batch-size", type=int, default=64, help="patches per CNN batch (lattice, naive; dense runs whole tiles)")
-    p.add_argument("--dense-tile", type=int, default=inference.Options.dense_tile, metavar="PX",
+    p.add_argument("--batch-size", type=number(int, 1), default=64, help="patches per CNN batch (lattice, naive; dense runs whole tiles)")
+    p.add_argument("--dense-tile", type=number(int, 1), default=inference.Options.dense_tile, metavar="PX",
                    help="dense: model pixels of new lattice rows per tile, and per band of rows whose logits and "
                         "features are held at once (memory grows with it); each band's tiles take the width, from half "
                         f"that to {dense.WIDEST} times it, that runs the CNN over the fewest pixels; the map is the same")
@@ -171,8 +171,6 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if (args.out is None) == (args.output is None):
         p.error("give the output once: OUT as the 4th argument or -o OUT")
-    if args.dense_tile < 1 or args.batch_size < 1:
-        p.error(f"--dense-tile and --batch-size must be at least 1, got {args.dense_tile} and {args.batch_size}")
     out = args.output or args.out
     retain_freed_memory()  # the CNN's buffers are reused, not faulted back in
     env = DistEnv.from_env()

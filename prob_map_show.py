@@ -14,7 +14,8 @@ from pathlib import Path
 
 from crfcore import heatmap
 from crfcore import slide as sl
-from crfcore.cli import UserError, parser, run
+from crfcore.cli import PROBABILITY, UserError, number, parser, run
+from crfcore.io import ensure_free_space
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -22,15 +23,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("prob", type=Path, help="probability map .npy (prob_map.py)")
     p.add_argument("-o", "--output", type=Path, required=True, help="OUT.png")
     p.add_argument("--slide", type=Path, help="draw over this slide's thumbnail")
-    p.add_argument("--alpha", type=float, default=0.5, help="overlay opacity")
+    p.add_argument("--alpha", type=PROBABILITY, default=0.5, help="overlay opacity (0 to 1)")
     p.add_argument("--cmap", default="jet", help="matplotlib colour map")
-    p.add_argument("--vmin", type=float, default=0.0, help="probability at the bottom of the colour map")
-    p.add_argument("--vmax", type=float, default=1.0, help="probability at the top of the colour map")
+    p.add_argument("--vmin", type=number(float), default=0.0, help="probability at the bottom of the colour map")
+    p.add_argument("--vmax", type=number(float), default=1.0, help="probability at the top of the colour map")
     p.add_argument("--tiff", type=Path, help="also write a pyramidal TIFF at the slide's size and levels (needs "
                                               "--slide); a name ending .ome.tif writes an OME-TIFF for QuPath")
     p.add_argument("--tiff-values", choices=heatmap.TIFF_VALUES, default="uint8",
                    help="what the TIFF holds: probability x 255, the probability, or colours")
     return p
+
+
+def check_picture_format(out: Path) -> None:
+    """Refuse, before any work, a picture name whose format matplotlib cannot write."""
+    from matplotlib.backend_bases import FigureCanvasBase
+
+    known = FigureCanvasBase.get_supported_filetypes()
+    if out.suffix and out.suffix[1:].lower() not in known:
+        raise UserError(f"{out}: cannot write a {out.suffix} picture (use one of {', '.join(sorted(known))})")
 
 
 def main(argv=None) -> int:
@@ -44,6 +54,12 @@ def main(argv=None) -> int:
         raise UserError(f"--vmin {args.vmin} must be below --vmax {args.vmax}")
     if args.tiff and args.slide is None:
         raise UserError("--tiff needs --slide (the TIFF takes the slide's size and mpp)")
+    check_picture_format(args.output)
+    for out in (args.output, args.tiff):
+        if out is not None:
+            ensure_free_space(out, 0, "picture")  # a path that cannot be written is refused before the work
+    if args.slide is not None:
+        sl.open_slide(args.slide).close()  # a file that is not a slide is named as such, not blamed on the map
     prob, meta = heatmap.load_probability_map(args.prob, slide=args.slide)
     dx, dy = meta["downsample"]
     h, w = prob.shape

@@ -7,6 +7,7 @@ Anything else is a bug and keeps its traceback.
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import warnings
 from typing import Callable, Sequence
@@ -66,6 +67,32 @@ def parser(description: str) -> argparse.ArgumentParser:
     return argparse.ArgumentParser(description=description, formatter_class=HelpFormatter)
 
 
+def number(kind: type = float, least: float | None = None, most: float | None = None,
+           above: float | None = None) -> Callable[[str], float]:
+    """An argparse `type`: a finite `kind` (int or float) that is >= `least`, <= `most` and
+    > `above` (each where given). A value outside is refused at parsing, before any work,
+    so a bad option never reaches a step that deletes or writes."""
+    expected = "an integer" if kind is int else "a number"
+    if least is not None and most is not None:
+        expected += f" from {least} to {most}"
+    elif least is not None or most is not None:
+        expected += f" >= {least}" if least is not None else f" <= {most}"
+    if above is not None:
+        expected += f" > {above}"
+
+    def parse(text: str) -> float:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
+        if not (math.isfinite(value) and (least is None or value >= least) and (most is None or value <= most)
+                and (above is None or value > above)):
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text}")
+        return value
+    return parse
+
+
+PROBABILITY = number(float, 0, 1)
 DEFAULT_WORKERS = 2
 
 
@@ -73,7 +100,7 @@ def add_workers(p: argparse.ArgumentParser, beside_cnn: bool = False) -> None:
     """`--workers`: the same option and meaning in every script. Beside a CNN the default
     is `crfcore.device.reader_workers`'s (0 on the CPU, 2 with CUDA)."""
     why = "; default 0 when the CNN runs on the CPU, whose threads use every core, 2 with CUDA" if beside_cnn else ""
-    p.add_argument("--workers", type=int, default=None if beside_cnn else DEFAULT_WORKERS,
+    p.add_argument("--workers", type=number(int, 0), default=None if beside_cnn else DEFAULT_WORKERS,
                    help=f"DataLoader worker processes reading images or slides (0: in the main process{why})")
 
 

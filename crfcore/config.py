@@ -108,8 +108,9 @@ class TrainConfig:
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"config {name}={getattr(self, name)!r}: expected one of {', '.join(allowed)}")
         for name in ("image_size", "patch_size", "crop_size", "epochs", "batch_size", "grid", "workers"):
-            if getattr(self, name) < (0 if name == "workers" else 1):
-                raise ConfigError(f"config {name}={getattr(self, name)!r}: expected a positive integer")
+            least = 0 if name == "workers" else 1
+            if getattr(self, name) < least:
+                raise ConfigError(f"config {name}={getattr(self, name)!r}: expected an integer >= {least}")
         if not math.isfinite(self.lr) or self.lr <= 0:
             raise ConfigError(f"config lr={self.lr!r}: expected a positive number")
         if self.mpp is not None and not (math.isfinite(self.mpp) and self.mpp > 0):

@@ -40,6 +40,9 @@ def check_output_path(path: str | Path) -> Path:
     if path.exists() and not path.is_file():
         what = "a directory" if path.is_dir() else "a device or other special file"
         raise OutputError(f"{path}: is {what}, not a file to write")
+    nearest = next((p for p in path.parents if p.exists()), None)
+    if nearest is not None and not nearest.is_dir():
+        raise OutputError(f"{path}: cannot write ({nearest} is a file, not a folder)")
     return path
 
 
@@ -126,14 +129,17 @@ def atomic_copy(src: str | Path, dst: str | Path) -> None:
 
 
 def ensure_free_space(path: str | Path, nbytes: int, what: str = "output") -> None:
-    """Refuse to start a long computation whose `nbytes` output cannot fit next to `path`."""
-    folder = Path(path).parent
+    """Refuse to start a long computation whose `nbytes` output cannot be written to `path`:
+    a path `check_output_path` refuses, a folder this user cannot write, too little space."""
+    folder = check_output_path(path).parent
     while not folder.exists():
         folder = folder.parent
+    if not os.access(folder, os.W_OK):
+        raise OutputError(f"{path}: cannot write ({folder} is not writable)")
     free = shutil.disk_usage(folder).free
     if free < nbytes:
-        raise OutputError(f"{path}: the {what} needs {nbytes / 2**20:.1f} MiB but only "
-                          f"{free / 2**20:.1f} MiB are free on that file system")
+        raise OutputError(f"{path}: the {what} needs {nbytes:,} bytes but only {free:,} are free on that "
+                          "file system")
 
 
 # ----------------------------------------------------------------------------- arrays + sidecars

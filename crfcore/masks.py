@@ -124,7 +124,10 @@ def make_mask(slide_path: str | Path, kind: str, annotation: Annotation | None =
     if downsample is not None and not (math.isfinite(downsample) and downsample >= 1):
         raise MaskError(f"--downsample {downsample}: expected a number >= 1")
     with sl.open_slide(slide_path) as slide:
-        lattice = Lattice.for_slide(slide, level, downsample)
+        try:
+            lattice = Lattice.for_slide(slide, level, downsample)
+        except MaskError as err:
+            raise MaskError(f"{slide_path}: {err}") from None
         if annotation is not None and (n := count_outside(annotation, slide)):
             warnings.warn(f"{slide_path}: {n} annotation vertices lie outside the slide "
                           f"{slide.dimensions}; clipped", MaskWarning, stacklevel=2)

@@ -192,6 +192,75 @@ def test_bad_input_gives_one_line_and_exit_2(world, case):
     assert words in errors[0], f"{case}: {errors[0]!r} does not name {words!r}"
 
 
+# (script, arguments, the option named): out-of-range values refused by argparse, before any work
+BAD_OPTIONS = {
+    "Patch_gen: negative --num": ("Patch_gen.py", ["{s}", "--mask", "{w}/syn_tumor_tumor.npy", "-o", "{w}/p2",
+                                                   "--mode", "random", "--num", "-5"], "--num"),
+    "Patch_gen: fraction above 1": ("Patch_gen.py", ["{s}", "--mask", "{w}/syn_tumor_tumor.npy", "-o", "{w}/p2",
+                                                     "--min-mask-fraction", "3"], "--min-mask-fraction"),
+    "prob_map: negative --workers": ("prob_map.py", ["{s}", "{w}/m.ckpt", "{w}/syn_tumor_tissue.npy", "-o",
+                                                     "{w}/o.npy", "--workers", "-1"], "--workers"),
+    "prob_map_show: --alpha 2": ("prob_map_show.py", ["{w}/syn_tumor_prob.npy", "-o", "{w}/o.png", "--alpha", "2"],
+                                 "--alpha"),
+    "prob_map_show: --vmin nan": ("prob_map_show.py", ["{w}/syn_tumor_prob.npy", "-o", "{w}/o.png", "--vmin", "nan"],
+                                  "--vmin"),
+    "evaluate lesions: negative --radius": ("evaluate.py", ["lesions", "{w}/syn_tumor_prob.npy", "-o", "{w}/l.csv",
+                                                            "--radius", "-3"], "--radius"),
+    "evaluate negatives: --per-slide -1": ("evaluate.py", ["negatives", "{w}", "{w}", "-o", "{w}/n.txt",
+                                                           "--per-slide", "-1"], "--per-slide"),
+    "viewer: port 99999": ("viewer.py", ["{w}", "--port", "99999"], "--port"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_OPTIONS))
+def test_an_out_of_range_option_is_refused_before_any_work(world, case):
+    w, slide = world
+    script, args, option = BAD_OPTIONS[case]
+    res = call(script, *[expand(a, w, slide) for a in args], check=False)
+    assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr
+    assert f"error: argument {option}: expected" in res.stderr.splitlines()[-1], res.stderr
+    assert not (w / "p2").exists() and not (w / "o.png").exists()
+
+
+UNBOUNDED = {"--vmin", "--vmax"}  # numeric options that take any finite value
+CHECKED_LATER = {("train.py", "--workers")}  # checked with the rest of the training config
+
+
+@pytest.mark.parametrize("name", SCRIPTS)
+def test_every_numeric_option_is_checked_at_parsing(name):
+    """A bare int or float type lets -1, nan or 1e9 through to the work, where it fails
+    late (a traceback, or after old output was cleared) or silently does something else."""
+    for p in parsers(load_script(name)):
+        for action in p._actions:
+            option = "/".join(action.option_strings) or action.dest
+            if action.type in (int, float) and not action.choices and (name, option) not in CHECKED_LATER:
+                pytest.fail(f"{name} {p.prog} {option}: a bare {action.type.__name__}; use crfcore.cli.number")
+            if getattr(action.type, "__qualname__", "") == "number.<locals>.parse" and option not in UNBOUNDED:
+                with pytest.raises(argparse.ArgumentTypeError):
+                    action.type("-1e9" if "--port" not in option else "99999")
+
+
+def test_a_picture_or_output_that_cannot_be_written_is_refused_before_the_work(world, tmp_path):
+    w, slide = world
+    res = call("prob_map_show.py", w / "syn_tumor_prob.npy", "-o", tmp_path / "o.txt", check=False)
+    assert res.returncode == 2 and "cannot write a .txt picture" in res.stderr
+    (tmp_path / "afile").write_text("")
+    res = call("prob_map.py", slide, w / "m.ckpt", w / "syn_tumor_tissue.npy", "-o", tmp_path / "afile" / "o.npy",
+               "--workers", "0", check=False)
+    assert res.returncode == 2 and "is a file, not a folder" in res.stderr
+    assert "lattice" not in res.stderr  # refused before the map was computed (no progress bar)
+
+
+def test_a_file_that_is_not_a_slide_is_named_before_its_mask_is_checked(world):
+    w, slide = world
+    text = bad(w, "notaslide.svs", MAKERS["text"])
+    for script, args in [("prob_map.py", [text, w / "m.ckpt", w / "syn_tumor_tissue.npy", "-o", w / "o.npy"]),
+                         ("prob_map_show.py", [w / "syn_tumor_prob.npy", "-o", w / "o.png", "--slide", text]),
+                         ("Patch_gen.py", [text, "--mask", w / "syn_tumor_tumor.npy", "-o", w / "p2"])]:
+        res = call(script, *args, check=False)
+        assert res.returncode == 2 and "notaslide.svs: not a slide format" in res.stderr, (script, res.stderr)
+
+
 # ----------------------------------------------------------------------------- full disks
 
 FULL_DISK = {  # script and arguments whose output cannot be written; the output path to check

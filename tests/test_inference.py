@@ -208,7 +208,7 @@ def test_prob_map_errors(border_slide, grid_ckpt, tmp_path):
     assert res.returncode == 2 and "mode" in res.stderr
     for flag in ("--dense-tile", "--batch-size"):
         res = call("prob_map.py", s.path, grid_ckpt, mask_path(s), tmp_path / "x.npy", flag, "0", check=False)
-        assert res.returncode == 2 and "must be at least 1" in res.stderr and "Traceback" not in res.stderr
+        assert res.returncode == 2 and f"{flag}: expected an integer >= 1" in res.stderr and "Traceback" not in res.stderr
     assert not (tmp_path / "x.npy").exists()
     if not torch.cuda.is_available():
         res = call("prob_map.py", s.path, grid_ckpt, mask_path(s), tmp_path / "x.npy", "--device", "cuda",

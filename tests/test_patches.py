@@ -211,6 +211,33 @@ def test_an_unfinished_patch_folder_is_refused_and_its_tiles_cleared(syn_slide, 
     assert len((tmp_path / "ds" / "list.txt").read_text().split()) == 7
 
 
+@pytest.mark.parametrize("failure", [OSError(28, "No space left on device"), KeyboardInterrupt()])
+def test_a_failed_overwrite_keeps_the_complete_set(syn_slide, syn_masks, tmp_path, monkeypatch, failure):
+    from crfcore import datasets
+    args = [syn_slide.path, "--mask", syn_masks / "syn_tumor_tumor.npy", "-o", tmp_path / "p", "--mode", "random",
+            "--image-size", "64", "--workers", "0", "--quiet"]
+    call("Patch_gen.py", *args, "--num", "6")
+    folder, marker = tmp_path / "p" / "syn_tumor", tmp_path / "p" / "syn_tumor.txt"
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}, marker.read_text()
+    real, written = datasets.write_image, []
+
+    def fails_after_three(path, img):
+        if len(written) == 3:
+            raise failure
+        real(path, img)
+        written.append(path)
+    monkeypatch.setattr(datasets, "write_image", fails_after_three)
+    res = call("Patch_gen.py", *args, "--num", "9", "--seed", "5", "--overwrite", check=False)
+    monkeypatch.undo()
+    assert res.returncode == (130 if isinstance(failure, KeyboardInterrupt) else 2) and len(written) == 3
+    assert ({p.name: p.read_bytes() for p in folder.iterdir()}, marker.read_text()) == before
+    assert not list((tmp_path / "p" / ".syn_tumor.partial").glob("*.png"))  # the new tiles cleared
+    call("coord_list_gen.py", tmp_path / "p", "-o", tmp_path / "ds")
+    assert len((tmp_path / "ds" / "list.txt").read_text().split()) == 6
+    call("Patch_gen.py", *args, "--num", "9", "--seed", "5", "--overwrite")  # and a run that succeeds replaces it
+    assert len(tiles_of(tmp_path / "p")) == 9 and not (tmp_path / "p" / ".syn_tumor.partial").exists()
+
+
 def test_tiles_that_do_not_match_the_marker_are_refused(syn_slide, syn_masks, tmp_path):
     call("Patch_gen.py", syn_slide.path, "--mask", syn_masks / "syn_tumor_tumor.npy", "-o", tmp_path / "p",
          "--mode", "random", "--num", "4", "--image-size", "64", "--workers", "0", "--quiet")
