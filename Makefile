@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.crfcore-installed
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml Install/install.sh
+$(STAMP): pyproject.toml Install/install.sh $(wildcard package.json)
 	bash Install/install.sh
 
 test: $(STAMP)

@@ -122,6 +122,9 @@ def cmd_froc(args) -> None:
              f"FROC {score:.3f}", logx=True)
 
 
+LABELS = {"tumor": 1, "tumour": 1, "1": 1, "true": 1, "normal": 0, "0": 0, "false": 0}
+
+
 def read_labels(path: Path) -> dict[str, int]:
     out = {}
     try:
@@ -129,13 +132,15 @@ def read_labels(path: Path) -> dict[str, int]:
             rows = list(csv.reader(fh))
     except UnicodeDecodeError:
         raise UserError(f"{path}: not a text CSV file") from None
-    for row in rows:
+    for line, row in enumerate(rows, 1):
         if not row or row[0].strip().lower() in ("slide", "image", "name"):
             continue
         if len(row) < 2:
-            raise UserError(f"{path}: expected 'slide,label' lines, got {row}")
-        lab = row[1].strip().lower()
-        out[Path(row[0].strip()).stem] = 1 if lab in ("1", "tumor", "tumour", "true") else 0
+            raise UserError(f"{path}:{line}: expected 'slide,label' lines, got {row}")
+        label = LABELS.get(row[1].strip().lower())
+        if label is None:
+            raise UserError(f"{path}:{line}: label {row[1]!r} is not one of {', '.join(LABELS)}")
+        out[Path(row[0].strip()).stem] = label
     return out
 
 
@@ -156,8 +161,8 @@ def cmd_slides(args) -> None:
         print(f"note: no map for {', '.join(missing)}")
     r = ev.slide_roc(np.array(y), np.array(score))
     print(f"{len(y)} slides ({sum(y)} tumour): AUC={r['auc']:.4f} (95% CI {r['auc_low']:.4f}-{r['auc_high']:.4f})")
-    print(f"specificity at {r['sensitivity']:.0%} sensitivity: {r['specificity']:.4f} "
-          f"(score threshold {r['threshold']:.4f})")
+    print(f"specificity at sensitivity >= {ev.SCREENING_SENSITIVITY:.0%}: {r['specificity']:.4f} "
+          f"(score threshold {r['threshold']:.4f}, sensitivity reached {r['sensitivity']:.0%})")
     if args.plot:
         plot(args.plot, r["fpr"], r["tpr"], "1 - specificity", "sensitivity", f"ROC AUC {r['auc']:.3f}")
 

@@ -204,10 +204,14 @@ def froc_score(avg_fp: np.ndarray, sensitivity: np.ndarray,
 # ----------------------------------------------------------------------------- slide level
 
 
+SCREENING_SENSITIVITY = 0.99  # the screening operating point: miss at most 1 % of tumour slides
+
+
 def slide_roc(labels: np.ndarray, scores: np.ndarray, n_boot: int = 2000, seed: int = 0,
-              sensitivity: float = 0.99) -> dict:
-    """ROC AUC with a bootstrap 95 % interval, and the specificity at `sensitivity`
-    (the share of normal slides that could be skipped missing at most 1 - sensitivity)."""
+              sensitivity: float = SCREENING_SENSITIVITY) -> dict:
+    """ROC AUC with a bootstrap 95 % interval, and the best specificity with at least
+    `sensitivity` (the share of normal slides that could be skipped missing at most
+    1 - sensitivity); "sensitivity" in the result is the one reached there."""
     labels, scores = np.asarray(labels, int), np.asarray(scores, float)
     if len(np.unique(labels)) < 2:
         raise EvaluationError("slide-level ROC needs both tumour and normal slides")

@@ -95,7 +95,9 @@ def tissue_mask_histolab(rgb: np.ndarray) -> np.ndarray:
     from PIL import Image
 
     filters = FiltersComposition(Slide).tissue_mask_filters
-    return np.asarray(filters(Image.fromarray(rgb)), bool)
+    with warnings.catch_warnings():  # histolab 0.7 passes scikit-image options deprecated since 0.26
+        warnings.filterwarnings("ignore", message="Parameter `(area_threshold|min_size)` is deprecated")
+        return np.asarray(filters(Image.fromarray(rgb)), bool)
 
 
 def annotation_mask(ann: Annotation, lattice: Lattice) -> np.ndarray:

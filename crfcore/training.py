@@ -401,4 +401,5 @@ def evaluate_folder(ckpt_path: str | Path, data_dir: str | Path, out_dir: str | 
     model = inference_copy(model).to(dev, memory_format=torch.channels_last)
     y, p, _ = predict(model, loader, dev, resolve_precision(dev, cfg.precision), model.cfg.num_classes, quiet=quiet)
     out = Path(out_dir) if out_dir else Path(data_dir)
-    return patch_report(y, p, list(cfg.classes), out / "confusion_matrix.png", f"{Path(ckpt_path).name} on {data_dir}")
+    title = f"{Path(ckpt_path).name} on {Path(data_dir).name}"  # the folder, not where it lies on this machine
+    return patch_report(y, p, list(cfg.classes), out / "confusion_matrix.png", title)

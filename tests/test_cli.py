@@ -148,6 +148,8 @@ CASES = {
                                           "no list.txt"),
     "evaluate froc: malformed lesions": ("evaluate.py", ["froc", "{bad:les:badcsv}", "{w}"], "prob,x,y"),
     "evaluate slides: one class only": ("evaluate.py", ["slides", "{w}", "{bad:l.csv:onelabel}"], "both"),
+    "evaluate slides: unknown label": ("evaluate.py", ["slides", "{w}", "{bad:t.csv:typolabel}"],
+                                       "t.csv:2: label 'tumr'"),
     "viewer: not a folder": ("viewer.py", ["{w}/nothing"], "nothing"),
 }
 
@@ -171,6 +173,7 @@ MAKERS = {
     "nan": nan_map,
     "badcsv": lambda p: (p.mkdir(), (p / "syn_tumor.csv").write_text("0.9,100\n")),
     "onelabel": lambda p: p.write_text("slide,label\nsyn_tumor,tumor\n"),
+    "typolabel": lambda p: p.write_text("slide,label\nsyn_tumor,tumr\n"),
 }
 
 
