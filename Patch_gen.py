@@ -17,8 +17,9 @@ SLIDE and --mask may be directories: each slide `<stem>.*` takes `<stem>_<kind>.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
+import shutil
+import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -80,18 +81,33 @@ def tiles_in(folder: Path) -> list[Path]:
 def prepare_folder(out: Path, sid: str, overwrite: bool) -> Path:
     """Check that a slide may be cut and return an empty staging folder for its new tiles.
     A complete set (its .txt exists) is refused unless `overwrite`, and then stays in place
-    until the new set is complete; tiles of a killed run (no .txt) are stale and cleared."""
+    until the new set is complete; tiles of a killed run (no .txt) are stale and cleared,
+    and so is whatever a killed run left in the staging folder (the tool's own)."""
     marker, folder, staging = out / f"{sid}.txt", out / sid, out / f".{sid}.partial"
+    shutil.rmtree(staging, ignore_errors=True)
     if marker.exists() and not overwrite:
         raise UserError(f"{out}: slide {sid} already has its patches ({marker.name}); "
                         "use --overwrite to cut them again")
     stale = [] if marker.exists() else tiles_in(folder)
     if stale:
         warnings.warn(f"{folder}: removing {len(stale)} tiles of an unfinished earlier run")
-    for p in stale + tiles_in(staging):
+    for p in stale:
         p.unlink()
-    staging.mkdir(parents=True, exist_ok=True)
+    check_writable(folder)
+    staging.mkdir(parents=True)
     return staging
+
+
+def check_writable(folder: Path) -> None:
+    """Refuse, before any cutting, a slide folder whose old tiles could not be replaced
+    (another user's, read-only, immutable): a probe file is made and removed."""
+    if not folder.is_dir():
+        return
+    try:
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".probe."):
+            pass
+    except OSError as err:
+        raise UserError(f"{folder}: cannot replace its tiles ({err.strerror or err})") from None
 
 
 def replace_tiles(out: Path, sid: str, staging: Path) -> None:
@@ -103,7 +119,7 @@ def replace_tiles(out: Path, sid: str, staging: Path) -> None:
     folder.mkdir(exist_ok=True)
     for p in tiles_in(staging):
         os.replace(p, folder / p.name)
-    staging.rmdir()
+    shutil.rmtree(staging)
 
 
 def cut_slide(args, job: Job, rng) -> None:
@@ -134,10 +150,7 @@ def cut_slide(args, job: Job, rng) -> None:
         n = extract_patches(job.slide, boxes, level, size, staging, names, args.workers, args.quiet,
                             out_size=args.image_size)
     except BaseException:  # a failed or interrupted run leaves the old tiles as they were
-        for p in tiles_in(staging):
-            p.unlink(missing_ok=True)
-        with contextlib.suppress(OSError):  # left when it holds anything but tiles
-            staging.rmdir()
+        shutil.rmtree(staging, ignore_errors=True)
         raise
     replace_tiles(out, sid, staging)
     write_image(out / f"{sid}_preview.png",
@@ -160,7 +173,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image-size", type=number(int, 1), default=768, help="patch side in pixels at --level")
     read = p.add_mutually_exclusive_group()
     read.add_argument("--level", type=number(int, 0), default=0, help="pyramid level the patches are read at")
-    read.add_argument("--mpp", type=number(float, above=0), help="read the patches at this many microns per pixel instead of "
+    read.add_argument("--mpp", type=number(float, most=1000, above=0), help="read the patches at this many microns per pixel instead of "
                       "--level (the level that fits, resized by the remainder); set the training config's "
                       "mpp to the same")
     p.add_argument("--min-mask-fraction", type=PROBABILITY, default=0.2,

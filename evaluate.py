@@ -122,25 +122,31 @@ def cmd_froc(args) -> None:
              f"FROC {score:.3f}", logx=True)
 
 
-LABELS = {"tumor": 1, "tumour": 1, "1": 1, "true": 1, "normal": 0, "0": 0, "false": 0}
+LABELS = {"tumor": 1, "tumour": 1, "positive": 1, "1": 1, "true": 1,
+          "normal": 0, "negative": 0, "0": 0, "false": 0}
 
 
 def read_labels(path: Path) -> dict[str, int]:
     out = {}
     try:
-        with path.open(newline="") as fh:
+        with path.open(newline="", encoding="utf-8-sig") as fh:  # -sig: a spreadsheet's byte-order mark
             rows = list(csv.reader(fh))
     except UnicodeDecodeError:
         raise UserError(f"{path}: not a text CSV file") from None
     for line, row in enumerate(rows, 1):
-        if not row or row[0].strip().lower() in ("slide", "image", "name"):
+        if not row or not "".join(row).strip():
             continue
         if len(row) < 2:
             raise UserError(f"{path}:{line}: expected 'slide,label' lines, got {row}")
         label = LABELS.get(row[1].strip().lower())
+        if label is None and line == 1:
+            continue  # a header line (slide,label or any other names)
         if label is None:
             raise UserError(f"{path}:{line}: label {row[1]!r} is not one of {', '.join(LABELS)}")
-        out[Path(row[0].strip()).stem] = label
+        slide = Path(row[0].strip()).stem
+        if out.get(slide, label) != label:
+            raise UserError(f"{path}:{line}: slide {slide} is listed again with another label")
+        out[slide] = label
     return out
 
 
@@ -247,15 +253,15 @@ def add_commands(p) -> None:
     q.add_argument("prob", type=Path, help="probability map .npy (prob_map.py)")
     q.add_argument("-o", "--output", type=Path, required=True, help="LESIONS.csv (prob,x,y per line)")
     q.add_argument("--threshold", type=PROBABILITY, default=0.5, help="keep maxima above this probability")
-    q.add_argument("--radius", type=number(int, 0), default=12, help="suppression half-side, map pixels")
-    q.add_argument("--sigma", type=number(float, 0), default=0.0, help="Gaussian smoothing of the map first, map pixels")
+    q.add_argument("--radius", type=number(int, 0, 10**6), default=12, help="suppression half-side, map pixels")
+    q.add_argument("--sigma", type=number(float, 0, 1000), default=0.0, help="Gaussian smoothing of the map first, map pixels")
     q.add_argument("--to", choices=("csv", "xml", "geojson"), default="csv",
                    help="also write ASAP XML points or GeoJSON points")
     q = sub.add_parser("froc", help="Camelyon16 FROC over a folder of lesion CSVs", formatter_class=p.formatter_class)
     q.add_argument("lesions_dir", type=Path, help="folder of <slide>.csv lesion files")
     q.add_argument("truth_dir", type=Path, help="annotation JSON/XML/GeoJSON or mask TIFF per tumour slide")
     q.add_argument("--level", type=number(int, 0), default=5, help="evaluation level (the slide's, or downsample 2**level)")
-    q.add_argument("--mpp", type=number(float, above=0), default=ev.CAMELYON_MPP, help="um/pixel when a slide has none")
+    q.add_argument("--mpp", type=number(float, most=1000, above=0), default=ev.CAMELYON_MPP, help="um/pixel when a slide has none")
     q.add_argument("--slides", type=Path, help="slide folder: each slide's mpp, levels and size")
     q.add_argument("--plot", type=Path, help="FROC curve PNG")
     q = sub.add_parser("slides", help="slide-level ROC from map maxima", formatter_class=p.formatter_class)
@@ -283,7 +289,7 @@ def add_commands(p) -> None:
     q.add_argument("--threshold", type=PROBABILITY, default=0.5, help="false positive: probability above this")
     q.add_argument("--per-slide", type=number(int, 1), default=200, help="at most this many points per slide")
     q.add_argument("--margin-um", type=number(float, 0), default=0.0, help="keep this far from any tumour, micrometres")
-    q.add_argument("--mpp", type=number(float, above=0), default=ev.CAMELYON_MPP, help="um/pixel when a map's slide has none")
+    q.add_argument("--mpp", type=number(float, most=1000, above=0), default=ev.CAMELYON_MPP, help="um/pixel when a map's slide has none")
     q.add_argument("--sample", choices=("prob", "top"), default="prob",
                    help="prob: drawn with weight = probability; top: the highest")
     q.add_argument("--seed", type=number(int, 0), default=0, help="random seed of --sample prob")

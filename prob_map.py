@@ -29,7 +29,7 @@ from crfcore import slide as sl
 from crfcore.cli import UserError, add_workers, for_each, number, parser, run
 from crfcore.device import PRECISIONS, DistEnv, resolve_device, resolve_precision, retain_freed_memory
 from crfcore.heatmap import save_probability_map
-from crfcore.io import check_fits_slide, companion, ensure_free_space, file_sha256, sidecar_path
+from crfcore.io import check_fits_slide, check_output_path, companion, ensure_free_space, file_sha256, sidecar_path
 from crfcore.model import model_from_checkpoint
 from crfcore.scale import ReadScale, read_scale
 from crfcore.stain import MacenkoNormaliser
@@ -117,6 +117,7 @@ def map_slide(job: Job, model, ckpt: dict, args, opts: inference.Options, wanted
         read = read_scale(s, job.slide, **wanted["read_at"])
     warn_off_resolution(job.slide, mpp, read, cfg.get("mpp"))
     ensure_free_space(job.out, mask.size * 4 + 4096, "probability map")
+    check_output_path(sidecar_path(job.out))
     if not mask.any():
         warnings.warn(f"{job.mask}: the mask is empty; writing an all-zero map")
     t = time.perf_counter()
@@ -147,7 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "backbone about twice (tile margins), crop windows pooled (approximate); "
                         "naive: NCRF's loop (reference)")
     at = p.add_mutually_exclusive_group()
-    at.add_argument("--mpp", type=number(float, above=0), help="read crops at this many microns per pixel (the pyramid level "
+    at.add_argument("--mpp", type=number(float, most=1000, above=0), help="read crops at this many microns per pixel (the pyramid level "
                     "that fits, resized by the remainder); default: the checkpoint's mpp, else level 0")
     at.add_argument("--level", type=number(int, 0), help="read crops at this pyramid level of every slide")
     p.add_argument("--tta", type=int, choices=(1, 8), default=1, help="mean over the 8 flips/rotations")

@@ -39,8 +39,9 @@ def check_picture_format(out: Path) -> None:
     from matplotlib.backend_bases import FigureCanvasBase
 
     known = FigureCanvasBase.get_supported_filetypes()
-    if out.suffix and out.suffix[1:].lower() not in known:
-        raise UserError(f"{out}: cannot write a {out.suffix} picture (use one of {', '.join(sorted(known))})")
+    if out.suffix[1:].lower() not in known:
+        what = f"a {out.suffix} picture" if out.suffix else "a picture without a suffix"
+        raise UserError(f"{out}: cannot write {what} (end its name with one of .{', .'.join(sorted(known))})")
 
 
 def main(argv=None) -> int:
@@ -55,6 +56,8 @@ def main(argv=None) -> int:
     if args.tiff and args.slide is None:
         raise UserError("--tiff needs --slide (the TIFF takes the slide's size and mpp)")
     check_picture_format(args.output)
+    if args.tiff and args.tiff.suffix.lower() not in (".tif", ".tiff"):
+        raise UserError(f"{args.tiff}: --tiff writes a TIFF: end its name with .tif, .tiff or .ome.tif")
     for out in (args.output, args.tiff):
         if out is not None:
             ensure_free_space(out, 0, "picture")  # a path that cannot be written is refused before the work

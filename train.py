@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 from crfcore import training
-from crfcore.cli import UserError, parser, run
+from crfcore.cli import UserError, number, parser, run
 from crfcore.config import load_config
 from crfcore.device import retain_freed_memory
 
@@ -25,7 +25,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key (JSON value), repeatable")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), help="shortcut for --set device=...")
-    p.add_argument("--workers", type=int, help="shortcut for --set workers=... (DataLoader processes)")
+    p.add_argument("--workers", type=number(int, 0), help="shortcut for --set workers=... (DataLoader processes)")
     p.add_argument("--resume", action="store_true", help="continue SAVE_DIR/train.ckpt exactly")
     p.add_argument("--evaluate", nargs=2, type=Path, metavar=("CKPT", "DATA_DIR"),
                    help="report a checkpoint on a data folder and exit")

@@ -67,11 +67,15 @@ def parser(description: str) -> argparse.ArgumentParser:
     return argparse.ArgumentParser(description=description, formatter_class=HelpFormatter)
 
 
+INT_MAX = 2**31 - 1
+
+
 def number(kind: type = float, least: float | None = None, most: float | None = None,
            above: float | None = None) -> Callable[[str], float]:
     """An argparse `type`: a finite `kind` (int or float) that is >= `least`, <= `most` and
-    > `above` (each where given). A value outside is refused at parsing, before any work,
-    so a bad option never reaches a step that deletes or writes."""
+    > `above` (each where given; an int is also at most `INT_MAX`, so it fits the C code it
+    reaches). A value outside is refused at parsing, before any work, so a bad option never
+    reaches a step that deletes or writes."""
     expected = "an integer" if kind is int else "a number"
     if least is not None and most is not None:
         expected += f" from {least} to {most}"
@@ -85,9 +89,12 @@ def number(kind: type = float, least: float | None = None, most: float | None = 
             value = kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
-        if not (math.isfinite(value) and (least is None or value >= least) and (most is None or value <= most)
-                and (above is None or value > above)):
-            raise argparse.ArgumentTypeError(f"expected {expected}, got {text}")
+        if kind is int and most is None and value > INT_MAX:
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r} (too large)")
+        ok = ((kind is int or math.isfinite(value)) and (least is None or value >= least)
+              and (most is None or value <= most) and (above is None or value > above))
+        if not ok:
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
         return value
     return parse
 

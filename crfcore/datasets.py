@@ -74,11 +74,18 @@ def extract_patches(slide_path: str | Path, boxes: np.ndarray, level: int, size:
     Path(out_dir).mkdir(parents=True, exist_ok=True)
     cutter = PatchCutter(slide_path, boxes, level, size, out_dir, names, batched, out_size)
     loader = DataLoader(cutter, batch_size=None, num_workers=workers)
-    done = 0
-    with tqdm(total=len(boxes), desc=f"patches {Path(slide_path).name}", disable=quiet) as bar:
-        for n in loader:
-            done += int(n)
-            bar.update(int(n))
+    done, batches = 0, iter(loader)
+    try:
+        with tqdm(total=len(boxes), desc=f"patches {Path(slide_path).name}", disable=quiet) as bar:
+            for n in batches:
+                done += int(n)
+                bar.update(int(n))
+    finally:
+        # stop the worker processes now, not when the iterator is collected: on an error the
+        # traceback keeps it, and its workers writing, while the caller cleans up
+        stop = getattr(batches, "_shutdown_workers", None)  # private, but torch's only way
+        if stop is not None:
+            stop()
     return done
 
 

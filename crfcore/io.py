@@ -40,6 +40,9 @@ def check_output_path(path: str | Path) -> Path:
     if path.exists() and not path.is_file():
         what = "a directory" if path.is_dir() else "a device or other special file"
         raise OutputError(f"{path}: is {what}, not a file to write")
+    broken = next((p for p in path.parents if p.is_symlink() and not p.exists()), None)
+    if broken is not None:
+        raise OutputError(f"{path}: cannot write ({broken} is a link to nothing)")
     nearest = next((p for p in path.parents if p.exists()), None)
     if nearest is not None and not nearest.is_dir():
         raise OutputError(f"{path}: cannot write ({nearest} is a file, not a folder)")

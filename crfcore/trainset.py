@@ -100,18 +100,25 @@ def listed(out: Path) -> list[str]:
     return (out / "list.txt").read_text().splitlines() if (out / "list.txt").exists() else []
 
 
+class CannotLink(Exception):
+    """A hard link is impossible here (another file system, or not allowed): copy instead."""
+
+
 def place(src: Path, dst: Path, how: str) -> None:
     """Hard-link (copy across devices), copy or move `src` to `dst`; never a partial `dst`."""
     if how == "link":
         try:
             with atomic_path(dst) as tmp:
                 tmp.unlink()
-                os.link(src, tmp)
+                try:
+                    os.link(src, tmp)
+                except OSError as err:  # raised past atomic_path, which would make it an OutputError
+                    if err.errno in (errno.EXDEV, errno.EPERM, errno.EMLINK):
+                        raise CannotLink from None
+                    raise
             return
-        except OSError as err:
-            if err.errno not in (errno.EXDEV, errno.EPERM, errno.EMLINK):
-                raise
-        how = "copy"
+        except CannotLink:
+            how = "copy"
     if how == "copy":
         atomic_copy(src, dst)
     else:

@@ -11,6 +11,7 @@ import torch
 from crfcore import masks
 from crfcore.heatmap import save_probability_map
 from crfcore.model import CRFNet, ModelConfig, save_checkpoint
+from crfcore.errors import CrfError
 from conftest import call, file_size_limit, load_script
 
 SCRIPTS = ["xml2json.py", "Mask_gen.py", "Patch_gen.py", "coord_list_gen.py", "train.py", "prob_map.py",
@@ -226,7 +227,6 @@ def test_an_out_of_range_option_is_refused_before_any_work(world, case):
 
 
 UNBOUNDED = {"--vmin", "--vmax"}  # numeric options that take any finite value
-CHECKED_LATER = {("train.py", "--workers")}  # checked with the rest of the training config
 
 
 @pytest.mark.parametrize("name", SCRIPTS)
@@ -236,7 +236,7 @@ def test_every_numeric_option_is_checked_at_parsing(name):
     for p in parsers(load_script(name)):
         for action in p._actions:
             option = "/".join(action.option_strings) or action.dest
-            if action.type in (int, float) and not action.choices and (name, option) not in CHECKED_LATER:
+            if action.type in (int, float) and not action.choices:
                 pytest.fail(f"{name} {p.prog} {option}: a bare {action.type.__name__}; use crfcore.cli.number")
             if getattr(action.type, "__qualname__", "") == "number.<locals>.parse" and option not in UNBOUNDED:
                 with pytest.raises(argparse.ArgumentTypeError):
@@ -262,6 +262,41 @@ def test_a_file_that_is_not_a_slide_is_named_before_its_mask_is_checked(world):
                          ("Patch_gen.py", [text, "--mask", w / "syn_tumor_tumor.npy", "-o", w / "p2"])]:
         res = call(script, *args, check=False)
         assert res.returncode == 2 and "notaslide.svs: not a slide format" in res.stderr, (script, res.stderr)
+
+
+def test_label_files_as_spreadsheets_write_them(tmp_path):
+    read_labels = load_script("evaluate.py").read_labels
+    path = tmp_path / "labels.csv"
+    path.write_bytes("\ufeffslide_id,class\r\nA.tif, TUMOR \r\nB,negative\r\n\r\nC,1\r\n".encode())
+    assert read_labels(path) == {"A": 1, "B": 0, "C": 1}  # byte-order mark, any header, CRLF, case, spaces
+    path.write_text("A,tumor\nB,tumr\n")
+    with pytest.raises(CrfError, match="labels.csv:2: label 'tumr'"):
+        read_labels(path)
+    path.write_text("A,tumor\nA,normal\n")
+    with pytest.raises(CrfError, match="labels.csv:2: slide A is listed again with another label"):
+        read_labels(path)
+
+
+def test_an_output_that_cannot_be_written_is_refused_before_the_work(world, tmp_path):
+    w, slide = world
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "o.json").mkdir()  # where the map's sidecar goes
+    (tmp_path / "gone").symlink_to(tmp_path / "nowhere")
+    for out, why in [(tmp_path / "d" / "o.npy", "o.json: is a directory"),
+                     (tmp_path / "gone" / "o.npy", "gone is a link to nothing")]:
+        res = call("prob_map.py", slide, w / "m.ckpt", w / "syn_tumor_tissue.npy", "-o", out, "--workers", "0",
+                   check=False)
+        assert res.returncode == 2 and why in res.stderr and "lattice" not in res.stderr, res.stderr
+        assert not out.exists()
+    for args, why in [(["-o", tmp_path / "noext"], "without a suffix"),
+                      (["-o", tmp_path / "o.png", "--slide", slide, "--tiff", tmp_path / "o.png"], "end its name")]:
+        res = call("prob_map_show.py", w / "syn_tumor_prob.npy", *args, check=False)
+        assert res.returncode == 2 and why in res.stderr, res.stderr
+
+
+def test_a_huge_integer_is_refused_cleanly():
+    res = call("viewer.py", ".", "--port", "9" * 400, check=False)
+    assert res.returncode == 2 and "expected an integer from 1 to 65535" in res.stderr and "Traceback" not in res.stderr
 
 
 # ----------------------------------------------------------------------------- full disks

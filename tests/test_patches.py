@@ -1,3 +1,6 @@
+import tempfile
+from pathlib import Path
+
 import cv2
 import numpy as np
 import pytest
@@ -7,7 +10,7 @@ from crfcore import slide as sl
 from crfcore.annotations import write_annotation
 from crfcore.datasets import GridDataset
 from crfcore.errors import CrfError
-from conftest import call, shared
+from conftest import call, load_script, shared
 
 
 @pytest.fixture(scope="module")
@@ -236,6 +239,55 @@ def test_a_failed_overwrite_keeps_the_complete_set(syn_slide, syn_masks, tmp_pat
     assert len((tmp_path / "ds" / "list.txt").read_text().split()) == 6
     call("Patch_gen.py", *args, "--num", "9", "--seed", "5", "--overwrite")  # and a run that succeeds replaces it
     assert len(tiles_of(tmp_path / "p")) == 9 and not (tmp_path / "p" / ".syn_tumor.partial").exists()
+
+
+def test_what_a_killed_run_left_in_staging_never_blocks_a_later_run(syn_slide, syn_masks, tmp_path):
+    """A kill -9 while cutting leaves the staging folder with new tiles and a writer's
+    temporary file; the next run, with other settings, clears it and replaces the set."""
+    args = [syn_slide.path, "--mask", syn_masks / "syn_tumor_tumor.npy", "-o", tmp_path / "p", "--mode", "random",
+            "--image-size", "64", "--workers", "0", "--quiet"]
+    call("Patch_gen.py", *args, "--num", "6")
+    staging = tmp_path / "p" / ".syn_tumor.partial"
+    staging.mkdir()
+    (staging / "tile_3_level0_0-0-64-64.png").write_bytes(b"half")
+    (staging / ".tile_4_level0_0-0-64-64.png.999999999.x1y2.png").write_bytes(b"half")
+    res = call("Patch_gen.py", *args, "--num", "9", check=False)  # refused, but the leftovers are cleared
+    assert res.returncode == 2 and "--overwrite" in res.stderr and not staging.exists()
+    staging.mkdir()
+    (staging / ".tile_4_level0_0-0-64-64.png.999999999.x1y2.png").write_bytes(b"half")
+    call("Patch_gen.py", *args, "--num", "9", "--seed", "2", "--overwrite")
+    assert len(tiles_of(tmp_path / "p")) == 9 and not staging.exists()
+    call("coord_list_gen.py", tmp_path / "p", "-o", tmp_path / "ds")
+    assert len((tmp_path / "ds" / "list.txt").read_text().split()) == 9
+
+
+def test_a_slide_folder_whose_tiles_cannot_be_replaced_is_refused_before_cutting(syn_slide, syn_masks, tmp_path,
+                                                                                   monkeypatch):
+    """As root a read-only folder is still writable, so the refusal is simulated where the
+    probe file is made; what is tested is that nothing is cut or cleared before it."""
+    args = [syn_slide.path, "--mask", syn_masks / "syn_tumor_tumor.npy", "-o", tmp_path / "p", "--mode", "random",
+            "--image-size", "64", "--workers", "0", "--quiet"]
+    call("Patch_gen.py", *args, "--num", "6")
+    before = sorted(p.name for p in (tmp_path / "p").rglob("*"))
+    module = load_script("Patch_gen.py")
+
+    def refuses(*_, **__):
+        raise PermissionError(1, "Operation not permitted")
+    monkeypatch.setattr(module.tempfile, "NamedTemporaryFile", refuses)
+    res = call("Patch_gen.py", *args, "--num", "9", "--overwrite", check=False)
+    assert res.returncode == 2 and "syn_tumor: cannot replace its tiles (Operation not permitted)" in res.stderr
+    assert sorted(p.name for p in (tmp_path / "p").rglob("*")) == before
+
+
+def test_hard_links_fall_back_to_copies_across_file_systems(syn_slide, syn_masks, tmp_path):
+    other = Path("/dev/shm")
+    if not other.is_dir() or other.stat().st_dev == tmp_path.stat().st_dev:
+        pytest.skip("needs /dev/shm on another file system than the temporary folder")
+    with tempfile.TemporaryDirectory(dir=other) as shm:
+        call("Patch_gen.py", syn_slide.path, "--mask", syn_masks / "syn_tumor_tumor.npy", "-o", Path(shm) / "p",
+             "--mode", "random", "--num", "4", "--image-size", "64", "--workers", "0", "--quiet")
+        call("coord_list_gen.py", Path(shm) / "p", "-o", tmp_path / "ds")  # links by default
+    assert len((tmp_path / "ds" / "list.txt").read_text().split()) == 4 and len(list((tmp_path / "ds").glob("*.png"))) == 4
 
 
 def test_tiles_that_do_not_match_the_marker_are_refused(syn_slide, syn_masks, tmp_path):
