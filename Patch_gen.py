@@ -7,7 +7,8 @@ The .txt is written last: it marks the slide's patches complete, and coord_list_
 refuses a folder without it. Tiles left by a killed run (no .txt) are cleared; a complete
 slide folder is refused unless --overwrite. New tiles are cut into a hidden staging
 folder (PATCH_DIR/.<slide_id>.partial) and replace the old ones only once all are cut,
-so a run that fails or is stopped keeps the old set.
+so a run that fails or is stopped keeps the old set; the old tiles are moved aside
+(PATCH_DIR/.<slide_id>.old) before the .txt goes, so a kill then is undone by the next run.
 
 SLIDE and --mask may be directories: each slide `<stem>.*` takes `<stem>_<kind>.npy`
 (--mask-kind, needed when a slide has several masks there).
@@ -84,7 +85,9 @@ def prepare_folder(out: Path, sid: str, overwrite: bool) -> Path:
     until the new set is complete; tiles of a killed run (no .txt) are stale and cleared,
     and so is whatever a killed run left in the staging folder (the tool's own)."""
     marker, folder, staging = out / f"{sid}.txt", out / sid, out / f".{sid}.partial"
+    check_replaceable(folder, staging)
     shutil.rmtree(staging, ignore_errors=True)
+    finish_replacing(out, sid)
     if marker.exists() and not overwrite:
         raise UserError(f"{out}: slide {sid} already has its patches ({marker.name}); "
                         "use --overwrite to cut them again")
@@ -93,33 +96,61 @@ def prepare_folder(out: Path, sid: str, overwrite: bool) -> Path:
         warnings.warn(f"{folder}: removing {len(stale)} tiles of an unfinished earlier run")
     for p in stale:
         p.unlink()
-    check_writable(folder)
     staging.mkdir(parents=True)
     return staging
 
 
-def check_writable(folder: Path) -> None:
-    """Refuse, before any cutting, a slide folder whose old tiles could not be replaced
-    (another user's, read-only, immutable): a probe file is made and removed."""
-    if not folder.is_dir():
-        return
+def check_replaceable(folder: Path, staging: Path) -> None:
+    """Refuse, before any cutting, a slide folder whose tiles could not be replaced (not a
+    folder, read-only, another user's), or a staging path that is not the tool's folder."""
+    if staging.is_symlink() or (staging.exists() and not staging.is_dir()):
+        raise UserError(f"{staging}: not Patch_gen's staging folder (a link or a file); remove it")
+    if folder.exists() and not folder.is_dir():
+        raise UserError(f"{folder}: is a file, not the slide's tile folder")
+    if folder.is_dir():
+        try:
+            with tempfile.NamedTemporaryFile(dir=folder, prefix=".probe."):
+                pass
+        except OSError as err:
+            raise UserError(f"{folder}: cannot replace its tiles ({err.strerror or err})") from None
+
+
+def replace_tiles(out: Path, sid: str, staging: Path, names: list[str]) -> None:
+    """Put the complete new tiles in `staging` in place of the slide's old ones. The old
+    ones are moved aside first, and put back if one cannot be moved, so a failure leaves
+    the old set and its .txt; a kill is finished by the next run (`finish_replacing`)."""
+    marker, folder, held = out / f"{sid}.txt", out / sid, out / f".{sid}.old"
+    if sorted(p.name for p in tiles_in(staging)) != sorted(names):  # e.g. a second run on this slide
+        raise UserError(f"{staging}: holds other tiles than this run cut; is another Patch_gen cutting {sid}?")
+    held.mkdir(exist_ok=True)
+    moved = []
     try:
-        with tempfile.NamedTemporaryFile(dir=folder, prefix=".probe."):
-            pass
-    except OSError as err:
-        raise UserError(f"{folder}: cannot replace its tiles ({err.strerror or err})") from None
-
-
-def replace_tiles(out: Path, sid: str, staging: Path) -> None:
-    """Put the complete new tiles in `staging` in place of the slide's old ones."""
-    marker, folder = out / f"{sid}.txt", out / sid
-    marker.unlink(missing_ok=True)  # first: a run killed in these renames leaves the slide marked unfinished
-    for p in tiles_in(folder):
-        p.unlink()
+        for p in tiles_in(folder):
+            os.replace(p, held / p.name)
+            moved.append(p)
+    except OSError:
+        for p in moved:
+            os.replace(held / p.name, p)
+        held.rmdir()
+        raise
+    marker.unlink(missing_ok=True)  # from here until the new .txt, the slide reads as unfinished
     folder.mkdir(exist_ok=True)
     for p in tiles_in(staging):
         os.replace(p, folder / p.name)
     shutil.rmtree(staging)
+    shutil.rmtree(held)
+
+
+def finish_replacing(out: Path, sid: str) -> None:
+    """After a run killed while replacing tiles: with the .txt still there, the old set was
+    being moved aside and goes back; without it, the old set is discarded."""
+    marker, folder, held = out / f"{sid}.txt", out / sid, out / f".{sid}.old"
+    if not held.is_dir() or held.is_symlink():
+        return
+    if marker.exists():
+        for p in tiles_in(held):
+            os.replace(p, folder / p.name)
+    shutil.rmtree(held)
 
 
 def cut_slide(args, job: Job, rng) -> None:
@@ -149,10 +180,10 @@ def cut_slide(args, job: Job, rng) -> None:
     try:
         n = extract_patches(job.slide, boxes, level, size, staging, names, args.workers, args.quiet,
                             out_size=args.image_size)
+        replace_tiles(out, sid, staging, names)
     except BaseException:  # a failed or interrupted run leaves the old tiles as they were
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    replace_tiles(out, sid, staging)
     write_image(out / f"{sid}_preview.png",
                 tiling.preview_boxes(thumb, boxes, (w0 / thumb.shape[1], h0 / thumb.shape[0])))
     atomic_write_text(out / f"{sid}.txt", tiling.format_coords(sid, centres))  # last: the completion marker

@@ -122,6 +122,7 @@ def cmd_froc(args) -> None:
              f"FROC {score:.3f}", logx=True)
 
 
+HEADER_WORDS = {"slide", "slide_id", "slides", "image", "name", "id", "file", "filename", "case"}
 LABELS = {"tumor": 1, "tumour": 1, "positive": 1, "1": 1, "true": 1,
           "normal": 0, "negative": 0, "0": 0, "false": 0}
 
@@ -133,14 +134,13 @@ def read_labels(path: Path) -> dict[str, int]:
             rows = list(csv.reader(fh))
     except UnicodeDecodeError:
         raise UserError(f"{path}: not a text CSV file") from None
-    for line, row in enumerate(rows, 1):
-        if not row or not "".join(row).strip():
-            continue
+    data = [(line, row) for line, row in enumerate(rows, 1) if "".join(row).strip()]
+    if data and data[0][1][0].strip().lower() in HEADER_WORDS:
+        data = data[1:]  # a header line: slide,label or the like
+    for line, row in data:
         if len(row) < 2:
             raise UserError(f"{path}:{line}: expected 'slide,label' lines, got {row}")
         label = LABELS.get(row[1].strip().lower())
-        if label is None and line == 1:
-            continue  # a header line (slide,label or any other names)
         if label is None:
             raise UserError(f"{path}:{line}: label {row[1]!r} is not one of {', '.join(LABELS)}")
         slide = Path(row[0].strip()).stem

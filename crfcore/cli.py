@@ -27,14 +27,14 @@ def one_line(err: BaseException) -> str:
     """The message to show for a user error. An error raised in a DataLoader worker
     arrives wrapped in torch's "Caught ... Original Traceback" text: keep its last line,
     without the exception's class name."""
+    text = str(err)
+    if "Original Traceback" in text:  # first: torch re-raises a worker's error as its own type
+        last = [ln for ln in text.splitlines() if ln.strip()][-1]
+        return last.split(": ", 1)[1] if ": " in last and "Error" in last.split(": ", 1)[0] else last
     if isinstance(err, OSError) and not isinstance(err, CrfError):
         where = err.filename if err.filename is not None else ""
         reason = err.strerror or str(err)
         return f"{where}: {reason}" if where else reason
-    text = str(err)
-    if "Original Traceback" in text:
-        last = [ln for ln in text.splitlines() if ln.strip()][-1]
-        text = last.split(": ", 1)[1] if ": " in last and "Error" in last.split(": ", 1)[0] else last
     return " ".join(text.split("\n"))
 
 
@@ -73,16 +73,16 @@ INT_MAX = 2**31 - 1
 def number(kind: type = float, least: float | None = None, most: float | None = None,
            above: float | None = None) -> Callable[[str], float]:
     """An argparse `type`: a finite `kind` (int or float) that is >= `least`, <= `most` and
-    > `above` (each where given; an int is also at most `INT_MAX`, so it fits the C code it
-    reaches). A value outside is refused at parsing, before any work, so a bad option never
+    > `above` (each where given; an int without `most` is at most `INT_MAX`, so it fits the
+    C code it reaches). A value outside is refused at parsing, before any work, so a bad option never
     reaches a step that deletes or writes."""
-    expected = "an integer" if kind is int else "a number"
+    what = "an integer" if kind is int else "a number"
     if least is not None and most is not None:
-        expected += f" from {least} to {most}"
-    elif least is not None or most is not None:
-        expected += f" >= {least}" if least is not None else f" <= {most}"
-    if above is not None:
-        expected += f" > {above}"
+        expected = f"{what} from {least} to {most}"
+    else:
+        limits = [f">= {least}" if least is not None else "", f"> {above}" if above is not None else "",
+                  f"<= {most}" if most is not None else ""]
+        expected = " ".join([what, " and ".join(x for x in limits if x)]).strip()
 
     def parse(text: str) -> float:
         try:
@@ -90,7 +90,7 @@ def number(kind: type = float, least: float | None = None, most: float | None = 
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
         if kind is int and most is None and value > INT_MAX:
-            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r} (too large)")
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r} (more than {INT_MAX})")
         ok = ((kind is int or math.isfinite(value)) and (least is None or value >= least)
               and (most is None or value <= most) and (above is None or value > above))
         if not ok:

@@ -98,7 +98,11 @@ def read_rgb(slide: openslide.OpenSlide, xy: tuple[int, int], level: int,
     """
     x, y = (int(round(v)) for v in xy)
     w, h = (int(v) for v in size)
-    region = slide.read_region((x, y), level, (w, h))
+    try:
+        region = slide.read_region((x, y), level, (w, h))
+    except openslide.OpenSlideError as err:  # a corrupt tile: name the file and the place
+        name = getattr(slide, "_filename", "slide")  # OpenSlide keeps the path only privately
+        raise SlideError(f"{name}: cannot read the {w}x{h} region at ({x}, {y}), level {level} ({err})") from None
     return rgba_to_rgb(np.asarray(region))
 
 

@@ -272,6 +272,9 @@ def test_label_files_as_spreadsheets_write_them(tmp_path):
     path.write_text("A,tumor\nB,tumr\n")
     with pytest.raises(CrfError, match="labels.csv:2: label 'tumr'"):
         read_labels(path)
+    path.write_text("\nA,tumr\nB,normal\n")  # a typo in the first row is not taken for a header
+    with pytest.raises(CrfError, match="labels.csv:2: label 'tumr'"):
+        read_labels(path)
     path.write_text("A,tumor\nA,normal\n")
     with pytest.raises(CrfError, match="labels.csv:2: slide A is listed again with another label"):
         read_labels(path)
@@ -292,6 +295,13 @@ def test_an_output_that_cannot_be_written_is_refused_before_the_work(world, tmp_
                       (["-o", tmp_path / "o.png", "--slide", slide, "--tiff", tmp_path / "o.png"], "end its name")]:
         res = call("prob_map_show.py", w / "syn_tumor_prob.npy", *args, check=False)
         assert res.returncode == 2 and why in res.stderr, res.stderr
+
+
+def test_an_error_in_a_reading_worker_is_one_line():
+    from crfcore.cli import one_line
+    text = ("Caught OSError in DataLoader worker process 0.\nOriginal Traceback (most recent call last):\n"
+            "  File \"x.py\", line 1, in f\nOSError: [Errno 28] No space left on device: 'p/t.png'\n")
+    assert one_line(OSError(text)) == "[Errno 28] No space left on device: 'p/t.png'"
 
 
 def test_a_huge_integer_is_refused_cleanly():

@@ -1,3 +1,4 @@
+import os
 import tempfile
 from pathlib import Path
 
@@ -288,6 +289,43 @@ def test_hard_links_fall_back_to_copies_across_file_systems(syn_slide, syn_masks
              "--mode", "random", "--num", "4", "--image-size", "64", "--workers", "0", "--quiet")
         call("coord_list_gen.py", Path(shm) / "p", "-o", tmp_path / "ds")  # links by default
     assert len((tmp_path / "ds" / "list.txt").read_text().split()) == 4 and len(list((tmp_path / "ds").glob("*.png"))) == 4
+
+
+def test_old_tiles_that_cannot_be_moved_aside_stay_with_their_marker(syn_slide, syn_masks, tmp_path, monkeypatch):
+    """An old tile that cannot be moved (immutable, another user's) stops the replacement
+    before the .txt goes: the old set stays complete, and the moved ones are put back."""
+    args = [syn_slide.path, "--mask", syn_masks / "syn_tumor_tumor.npy", "-o", tmp_path / "p", "--mode", "random",
+            "--image-size", "64", "--workers", "0", "--quiet"]
+    call("Patch_gen.py", *args, "--num", "6")
+    folder = tmp_path / "p" / "syn_tumor"
+    before = sorted(p.name for p in (tmp_path / "p").rglob("*"))
+    module, real, moved_old = load_script("Patch_gen.py"), os.replace, []
+
+    def third_old_tile_refuses(src, dst):
+        if Path(src).parent == folder:
+            if len(moved_old) == 2:
+                raise PermissionError(1, "Operation not permitted", str(src))
+            moved_old.append(src)
+        real(src, dst)
+    monkeypatch.setattr(module.os, "replace", third_old_tile_refuses)
+    res = call("Patch_gen.py", *args, "--num", "9", "--overwrite", check=False)
+    monkeypatch.undo()
+    assert res.returncode == 2 and "Operation not permitted" in res.stderr and len(moved_old) == 2
+    assert sorted(p.name for p in (tmp_path / "p").rglob("*")) == before
+
+
+def test_a_kill_while_old_tiles_are_moved_aside_is_undone_by_the_next_run(syn_slide, syn_masks, tmp_path):
+    args = [syn_slide.path, "--mask", syn_masks / "syn_tumor_tumor.npy", "-o", tmp_path / "p", "--mode", "random",
+            "--image-size", "64", "--workers", "0", "--quiet"]
+    call("Patch_gen.py", *args, "--num", "6")
+    held = tmp_path / "p" / ".syn_tumor.old"
+    held.mkdir()
+    for p in sorted((tmp_path / "p" / "syn_tumor").glob("tile_*.png"))[:3]:  # what a kill -9 there leaves
+        os.replace(p, held / p.name)
+    res = call("Patch_gen.py", *args, "--num", "9", check=False)  # refused: the set is complete again
+    assert res.returncode == 2 and "--overwrite" in res.stderr and not held.exists()
+    call("coord_list_gen.py", tmp_path / "p", "-o", tmp_path / "ds")
+    assert len((tmp_path / "ds" / "list.txt").read_text().split()) == 6
 
 
 def test_tiles_that_do_not_match_the_marker_are_refused(syn_slide, syn_masks, tmp_path):

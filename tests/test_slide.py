@@ -101,3 +101,14 @@ def test_rgba_to_rgb_composites_over_white_and_keeps_opaque_pixels():
     assert tuple(out[0, 0]) == (255, 255, 255)
     assert tuple(out[0, 1]) == (127, 177, 227)
     assert np.array_equal(out[1:], rgba[1:, :, :3])
+
+
+def test_a_corrupt_tile_is_an_error_naming_the_slide_and_the_region(syn_slide, tmp_path):
+    path = tmp_path / "corrupt.tif"
+    data = bytearray(syn_slide.path.read_bytes())
+    data[len(data) // 3:len(data) // 3 + 20000] = b"\x26\x04" * 10000  # tile bytes that are not a JPEG
+    path.write_bytes(bytes(data))
+    with pytest.raises(sl.SlideError, match=r"corrupt.tif: (cannot read the 2048x1536 region at \(0, 0\), level 0|"
+                                            r"OpenSlide cannot read its pixels)"):
+        with sl.open_slide(path) as s:
+            sl.read_rgb(s, (0, 0), 0, s.dimensions)
