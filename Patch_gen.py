@@ -5,10 +5,8 @@ then PATCH_DIR/<slide_id>.txt (the centres, an NCRF coords list) and a preview P
 
 The .txt is written last: it marks the slide's patches complete, and coord_list_gen.py
 refuses a folder without it. Tiles left by a killed run (no .txt) are cleared; a complete
-slide folder is refused unless --overwrite. New tiles are cut into a hidden staging
-folder (PATCH_DIR/.<slide_id>.partial) and replace the old ones only once all are cut,
-so a run that fails or is stopped keeps the old set; the old tiles are moved aside
-(PATCH_DIR/.<slide_id>.old) before the .txt goes, so a kill then is undone by the next run.
+slide folder is refused unless --overwrite, and replaced only once the new set is cut
+(crfcore.tilefolder: a run that fails or is stopped keeps the old set).
 
 SLIDE and --mask may be directories: each slide `<stem>.*` takes `<stem>_<kind>.npy`
 (--mask-kind, needed when a slide has several masks there).
@@ -18,10 +16,7 @@ SLIDE and --mask may be directories: each slide `<stem>.*` takes `<stem>_<kind>.
 from __future__ import annotations
 
 import argparse
-import os
 import shutil
-import tempfile
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,6 +28,7 @@ from crfcore.cli import PROBABILITY, UserError, add_workers, for_each, number, p
 from crfcore.datasets import extract_patches
 from crfcore.io import atomic_write_text, check_fits_slide, companion, write_image
 from crfcore.scale import read_scale
+from crfcore.tilefolder import TileFolder
 
 
 @dataclass(frozen=True)
@@ -74,85 +70,6 @@ def centres_for(args, slide_path: Path, mask: np.ndarray, meta: dict, rng, side:
     return np.array([(x, y) for s, x, y in tiling.read_coords(args.coords) if s == sid], int).reshape(-1, 2)
 
 
-def tiles_in(folder: Path) -> list[Path]:
-    """The tile PNGs in `folder` (other files are the user's and left alone)."""
-    return [p for p in folder.glob("*.png") if tiling.parse_tile_name(p)] if folder.is_dir() else []
-
-
-def prepare_folder(out: Path, sid: str, overwrite: bool) -> Path:
-    """Check that a slide may be cut and return an empty staging folder for its new tiles.
-    A complete set (its .txt exists) is refused unless `overwrite`, and then stays in place
-    until the new set is complete; tiles of a killed run (no .txt) are stale and cleared,
-    and so is whatever a killed run left in the staging folder (the tool's own)."""
-    marker, folder, staging = out / f"{sid}.txt", out / sid, out / f".{sid}.partial"
-    check_replaceable(folder, staging)
-    shutil.rmtree(staging, ignore_errors=True)
-    finish_replacing(out, sid)
-    if marker.exists() and not overwrite:
-        raise UserError(f"{out}: slide {sid} already has its patches ({marker.name}); "
-                        "use --overwrite to cut them again")
-    stale = [] if marker.exists() else tiles_in(folder)
-    if stale:
-        warnings.warn(f"{folder}: removing {len(stale)} tiles of an unfinished earlier run")
-    for p in stale:
-        p.unlink()
-    staging.mkdir(parents=True)
-    return staging
-
-
-def check_replaceable(folder: Path, staging: Path) -> None:
-    """Refuse, before any cutting, a slide folder whose tiles could not be replaced (not a
-    folder, read-only, another user's), or a staging path that is not the tool's folder."""
-    if staging.is_symlink() or (staging.exists() and not staging.is_dir()):
-        raise UserError(f"{staging}: not Patch_gen's staging folder (a link or a file); remove it")
-    if folder.exists() and not folder.is_dir():
-        raise UserError(f"{folder}: is a file, not the slide's tile folder")
-    if folder.is_dir():
-        try:
-            with tempfile.NamedTemporaryFile(dir=folder, prefix=".probe."):
-                pass
-        except OSError as err:
-            raise UserError(f"{folder}: cannot replace its tiles ({err.strerror or err})") from None
-
-
-def replace_tiles(out: Path, sid: str, staging: Path, names: list[str]) -> None:
-    """Put the complete new tiles in `staging` in place of the slide's old ones. The old
-    ones are moved aside first, and put back if one cannot be moved, so a failure leaves
-    the old set and its .txt; a kill is finished by the next run (`finish_replacing`)."""
-    marker, folder, held = out / f"{sid}.txt", out / sid, out / f".{sid}.old"
-    if sorted(p.name for p in tiles_in(staging)) != sorted(names):  # e.g. a second run on this slide
-        raise UserError(f"{staging}: holds other tiles than this run cut; is another Patch_gen cutting {sid}?")
-    held.mkdir(exist_ok=True)
-    moved = []
-    try:
-        for p in tiles_in(folder):
-            os.replace(p, held / p.name)
-            moved.append(p)
-    except OSError:
-        for p in moved:
-            os.replace(held / p.name, p)
-        held.rmdir()
-        raise
-    marker.unlink(missing_ok=True)  # from here until the new .txt, the slide reads as unfinished
-    folder.mkdir(exist_ok=True)
-    for p in tiles_in(staging):
-        os.replace(p, folder / p.name)
-    shutil.rmtree(staging)
-    shutil.rmtree(held)
-
-
-def finish_replacing(out: Path, sid: str) -> None:
-    """After a run killed while replacing tiles: with the .txt still there, the old set was
-    being moved aside and goes back; without it, the old set is discarded."""
-    marker, folder, held = out / f"{sid}.txt", out / sid, out / f".{sid}.old"
-    if not held.is_dir() or held.is_symlink():
-        return
-    if marker.exists():
-        for p in tiles_in(held):
-            os.replace(p, folder / p.name)
-    shutil.rmtree(held)
-
-
 def cut_slide(args, job: Job, rng) -> None:
     sid = sl.slide_id(job.slide)
     with sl.open_slide(job.slide) as s:  # first: a file that is not a slide is named as such
@@ -175,12 +92,13 @@ def cut_slide(args, job: Job, rng) -> None:
     on = (boxes[:, 0] >= 0) & (boxes[:, 1] >= 0) & (boxes[:, 2] <= w0) & (boxes[:, 3] <= h0)
     boxes, centres = boxes[on], centres[on]
     out = Path(args.output)
-    staging = prepare_folder(out, sid, args.overwrite)
+    tiles = TileFolder(out, sid)
+    staging = tiles.prepare(args.overwrite)
     names = [tiling.tile_name(i, level, tuple(b)) for i, b in enumerate(boxes)]
     try:
         n = extract_patches(job.slide, boxes, level, size, staging, names, args.workers, args.quiet,
                             out_size=args.image_size)
-        replace_tiles(out, sid, staging, names)
+        tiles.replace(names)
     except BaseException:  # a failed or interrupted run leaves the old tiles as they were
         shutil.rmtree(staging, ignore_errors=True)
         raise

@@ -11,7 +11,7 @@ from crfcore import slide as sl
 from crfcore.annotations import write_annotation
 from crfcore.datasets import GridDataset
 from crfcore.errors import CrfError
-from conftest import call, load_script, shared
+from conftest import call, shared
 
 
 @pytest.fixture(scope="module")
@@ -270,11 +270,10 @@ def test_a_slide_folder_whose_tiles_cannot_be_replaced_is_refused_before_cutting
             "--image-size", "64", "--workers", "0", "--quiet"]
     call("Patch_gen.py", *args, "--num", "6")
     before = sorted(p.name for p in (tmp_path / "p").rglob("*"))
-    module = load_script("Patch_gen.py")
 
     def refuses(*_, **__):
         raise PermissionError(1, "Operation not permitted")
-    monkeypatch.setattr(module.tempfile, "NamedTemporaryFile", refuses)
+    monkeypatch.setattr(tempfile, "NamedTemporaryFile", refuses)
     res = call("Patch_gen.py", *args, "--num", "9", "--overwrite", check=False)
     assert res.returncode == 2 and "syn_tumor: cannot replace its tiles (Operation not permitted)" in res.stderr
     assert sorted(p.name for p in (tmp_path / "p").rglob("*")) == before
@@ -299,7 +298,7 @@ def test_old_tiles_that_cannot_be_moved_aside_stay_with_their_marker(syn_slide, 
     call("Patch_gen.py", *args, "--num", "6")
     folder = tmp_path / "p" / "syn_tumor"
     before = sorted(p.name for p in (tmp_path / "p").rglob("*"))
-    module, real, moved_old = load_script("Patch_gen.py"), os.replace, []
+    real, moved_old = os.replace, []
 
     def third_old_tile_refuses(src, dst):
         if Path(src).parent == folder:
@@ -307,7 +306,7 @@ def test_old_tiles_that_cannot_be_moved_aside_stay_with_their_marker(syn_slide, 
                 raise PermissionError(1, "Operation not permitted", str(src))
             moved_old.append(src)
         real(src, dst)
-    monkeypatch.setattr(module.os, "replace", third_old_tile_refuses)
+    monkeypatch.setattr(os, "replace", third_old_tile_refuses)
     res = call("Patch_gen.py", *args, "--num", "9", "--overwrite", check=False)
     monkeypatch.undo()
     assert res.returncode == 2 and "Operation not permitted" in res.stderr and len(moved_old) == 2
