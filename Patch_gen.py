@@ -26,7 +26,7 @@ from crfcore import masks, tiling
 from crfcore import slide as sl
 from crfcore.cli import PROBABILITY, UserError, add_workers, for_each, number, parser, run
 from crfcore.datasets import extract_patches
-from crfcore.io import atomic_write_text, check_fits_slide, companion, write_image
+from crfcore.io import check_fits_slide, companion, write_image
 from crfcore.scale import read_scale
 from crfcore.tilefolder import TileFolder
 
@@ -98,13 +98,12 @@ def cut_slide(args, job: Job, rng) -> None:
     try:
         n = extract_patches(job.slide, boxes, level, size, staging, names, args.workers, args.quiet,
                             out_size=args.image_size)
-        tiles.replace(names)
+        tiles.replace(names, tiling.format_coords(sid, centres))  # and the completion marker
     except BaseException:  # a failed or interrupted run leaves the old tiles as they were
         shutil.rmtree(staging, ignore_errors=True)
         raise
     write_image(out / f"{sid}_preview.png",
                 tiling.preview_boxes(thumb, boxes, (w0 / thumb.shape[1], h0 / thumb.shape[0])))
-    atomic_write_text(out / f"{sid}.txt", tiling.format_coords(sid, centres))  # last: the completion marker
     skipped = int((~on).sum())
     print(f"{job.slide.name}: {n} patches -> {out / sid}" + (f"; {skipped} squares off the slide skipped" if skipped else ""))
 

@@ -1,12 +1,13 @@
 """One slide's tiles in a Patch_gen.py folder, replaced so that nothing is lost.
 
-`PATCH_DIR/<slide_id>/tile_*.png` are the tiles and `PATCH_DIR/<slide_id>.txt` (the centres,
-written last) marks them complete. A new set is cut into the hidden staging folder
-`.<slide_id>.partial` and replaces the old one only once complete: the old tiles are moved
-aside into `.<slide_id>.old` first (put back if one cannot be moved), then the .txt goes and
-the new tiles move in. A failed or stopped run keeps the old set; a kill while the old tiles
-are moved aside is undone by the next run; only a kill in the last renames leaves the slide
-marked unfinished (no .txt), which readers refuse and the next run clears.
+`PATCH_DIR/<slide_id>/tile_*.png` are the tiles and `PATCH_DIR/<slide_id>.txt` (the centres)
+marks them complete. A new set is cut into the hidden staging folder `.<slide_id>.partial`
+and replaces the old one only once complete: the old tiles, then the old .txt, are moved
+aside into `.<slide_id>.old` (put back if one cannot be moved), the new tiles move in, and
+the new .txt is written. A run that fails or is stopped keeps the old set; a run killed
+while replacing is undone by the next run (the old set comes back). Only a kill between
+letting the old set go and writing the new .txt leaves the slide unfinished (no .txt),
+which readers refuse and the next run clears.
 """
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import CrfError
+from .io import atomic_write_text
 from .tiling import parse_tile_name
 
 
@@ -32,8 +34,11 @@ def tiles_in(folder: Path) -> list[Path]:
 
 @dataclass(frozen=True)
 class TileFolder:
-    out: Path  # PATCH_DIR
-    sid: str   # slide id
+    """The tile folder of slide `sid` in `out` (PATCH_DIR). `prepare` before cutting into
+    the staging folder it returns; `replace` with the names cut and the new .txt's text."""
+
+    out: Path
+    sid: str
 
     @property
     def marker(self) -> Path:
@@ -48,8 +53,12 @@ class TileFolder:
         return self.out / f".{self.sid}.partial"
 
     @property
-    def held(self) -> Path:
+    def aside(self) -> Path:  # the old set while it is being replaced
         return self.out / f".{self.sid}.old"
+
+    @property
+    def discarded(self) -> Path:  # the old set once the new one is in
+        return self.out / f".{self.sid}.discarded"
 
     def prepare(self, overwrite: bool) -> Path:
         """Check that the slide may be cut and return an empty staging folder. A complete
@@ -57,8 +66,8 @@ class TileFolder:
         complete; tiles of a killed run (no .txt) are stale and cleared, and so is whatever
         a killed run left in the staging folder (the tool's own)."""
         self.check_replaceable()
+        self.undo_interrupted()
         shutil.rmtree(self.staging, ignore_errors=True)
-        self.finish_replacing()
         if self.marker.exists() and not overwrite:
             raise TileFolderError(f"{self.out}: slide {self.sid} already has its patches ({self.marker.name}); "
                                   "use --overwrite to cut them again")
@@ -71,13 +80,14 @@ class TileFolder:
         return self.staging
 
     def check_replaceable(self) -> None:
-        """Refuse, before any cutting, a slide folder whose tiles could not be replaced
-        (not a folder, read-only), or a staging path that is not the tool's folder."""
-        staging, folder = self.staging, self.folder
-        if staging.is_symlink() or (staging.exists() and not staging.is_dir()):
-            raise TileFolderError(f"{staging}: not Patch_gen's staging folder (a link or a file); remove it")
-        if folder.exists() and not folder.is_dir():
-            raise TileFolderError(f"{folder}: is a file, not the slide's tile folder")
+        """Refuse, before any cutting, a slide folder whose tiles could not be replaced (a
+        link, a file, read-only), or a link or file where the tool keeps its own folders."""
+        for own in (self.staging, self.aside, self.discarded):
+            if own.is_symlink() or (own.exists() and not own.is_dir()):
+                raise TileFolderError(f"{own}: not a folder of Patch_gen's own (a link or a file); remove it")
+        folder = self.folder
+        if folder.is_symlink() or (folder.exists() and not folder.is_dir()):
+            raise TileFolderError(f"{folder}: is a link or a file, not the slide's tile folder")
         if folder.is_dir():
             try:
                 with tempfile.NamedTemporaryFile(dir=folder, prefix=".probe."):
@@ -85,39 +95,42 @@ class TileFolder:
             except OSError as err:
                 raise TileFolderError(f"{folder}: cannot replace its tiles ({err.strerror or err})") from None
 
-    def replace(self, names: list[str]) -> None:
-        """Put the complete new tiles (`names`, in the staging folder) in place of the old."""
+    def replace(self, names: list[str], marker_text: str) -> None:
+        """Put the complete new tiles (`names`, in the staging folder) in place of the old,
+        and write the new .txt (`marker_text`)."""
         if sorted(p.name for p in tiles_in(self.staging)) != sorted(names):  # e.g. a second run on this slide
             raise TileFolderError(f"{self.staging}: holds other tiles than this run cut; "
                                   f"is another Patch_gen cutting {self.sid}?")
-        self.move_old_aside()
-        self.marker.unlink(missing_ok=True)  # from here until the new .txt, the slide reads as unfinished
-        self.folder.mkdir(exist_ok=True)
-        for p in tiles_in(self.staging):
-            os.replace(p, self.folder / p.name)
-        shutil.rmtree(self.staging)
-        shutil.rmtree(self.held)
-
-    def move_old_aside(self) -> None:
-        """Move the old tiles into the `held` folder, all or none."""
-        self.held.mkdir(exist_ok=True)
-        moved = []
+        self.aside.mkdir()
         try:
-            for p in tiles_in(self.folder):
-                os.replace(p, self.held / p.name)
-                moved.append(p)
-        except OSError:  # an immutable tile, or another user's
-            for p in moved:
-                os.replace(self.held / p.name, p)
-            self.held.rmdir()
-            raise
-
-    def finish_replacing(self) -> None:
-        """After a run killed while replacing: with the .txt still there, the old tiles were
-        being moved aside and go back; without it, they are discarded."""
-        if not self.held.is_dir() or self.held.is_symlink():
-            return
-        if self.marker.exists():
-            for p in tiles_in(self.held):
+            for p in tiles_in(self.folder):  # the .txt last: while it is here, so are its tiles
+                os.replace(p, self.aside / p.name)
+            if self.marker.exists():
+                os.replace(self.marker, self.aside / self.marker.name)
+            self.folder.mkdir(exist_ok=True)
+            for p in tiles_in(self.staging):
                 os.replace(p, self.folder / p.name)
-        shutil.rmtree(self.held)
+        except BaseException:  # a tile that cannot be moved (immutable, another user's), Ctrl-C
+            self.undo_interrupted()
+            raise
+        os.replace(self.aside, self.discarded)  # from here until the new .txt, the slide reads as unfinished
+        atomic_write_text(self.marker, marker_text)
+        shutil.rmtree(self.discarded)
+        shutil.rmtree(self.staging)
+
+    def undo_interrupted(self) -> None:
+        """Put back the old set of a replacement that failed or was killed half-way; drop
+        the old set of one that had finished moving the new tiles in."""
+        shutil.rmtree(self.discarded, ignore_errors=True)
+        if not self.aside.is_dir():
+            return
+        old_marker = self.aside / self.marker.name
+        if old_marker.exists():  # the old tiles were all aside: those in the folder are new
+            for p in tiles_in(self.folder):
+                p.unlink()
+        self.folder.mkdir(exist_ok=True)
+        for p in tiles_in(self.aside):
+            os.replace(p, self.folder / p.name)
+        if old_marker.exists():
+            os.replace(old_marker, self.marker)
+        shutil.rmtree(self.aside)

@@ -52,7 +52,16 @@ def gather(patch_dir: Path) -> tuple[dict[str, list[TileInfo]], list[Path]]:
     `<slide_id>.txt` (Patch_gen writes it last); also the unparsable PNG names."""
     if not patch_dir.is_dir():
         raise TrainSetError(f"{patch_dir}: not a directory")
+    stopped = sorted(p.name[1:-len(".old")] for p in patch_dir.glob(".*.old") if p.is_dir())
+    if stopped:  # crfcore.tilefolder's holding folder: a replacement was killed half-way
+        raise TrainSetError(f"{patch_dir}: Patch_gen.py was stopped while replacing the tiles of "
+                            f"{', '.join(stopped)} (run it again)")
     tiles, bad = collect_tiles(patch_dir)
+    for marker in sorted(patch_dir.glob("*.txt")):
+        sid = marker.stem
+        if (patch_dir / sid).is_dir() and sid not in tiles and any(s == sid for s, _, _ in read_coords(marker)):
+            raise TrainSetError(f"{patch_dir / sid}: no tiles, but {marker.name} lists centres "
+                                "(run Patch_gen.py --overwrite)")
     for sid, infos in tiles.items():
         flat = infos[0].path.parent == patch_dir  # a histolab tiler folder: no marker to check
         marker = patch_dir / f"{sid}.txt"

@@ -327,6 +327,48 @@ def test_a_kill_while_old_tiles_are_moved_aside_is_undone_by_the_next_run(syn_sl
     assert len((tmp_path / "ds" / "list.txt").read_text().split()) == 6
 
 
+def test_a_replacement_that_fails_or_is_killed_after_the_old_txt_went_aside_is_undone(syn_slide, syn_masks, tmp_path,
+                                                                                       monkeypatch):
+    args = [syn_slide.path, "--mask", syn_masks / "syn_tumor_tumor.npy", "-o", tmp_path / "p", "--mode", "random",
+            "--image-size", "64", "--workers", "0", "--quiet"]
+    call("Patch_gen.py", *args, "--num", "6")
+    out, folder = tmp_path / "p", tmp_path / "p" / "syn_tumor"
+    before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    real, moved_in = os.replace, []
+
+    def second_new_tile_fails(src, dst):  # a full disk or Ctrl-C while the new tiles move in
+        if Path(src).parent.name == ".syn_tumor.partial" and Path(dst).parent == folder:
+            if len(moved_in) == 2:
+                raise KeyboardInterrupt
+            moved_in.append(dst)
+        real(src, dst)
+    monkeypatch.setattr(os, "replace", second_new_tile_fails)
+    assert call("Patch_gen.py", *args, "--num", "9", "--seed", "4", "--overwrite", check=False).returncode == 130
+    monkeypatch.undo()
+    assert {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+
+    aside = out / ".syn_tumor.old"  # what a kill -9 at that moment leaves: the old set aside, new tiles in
+    aside.mkdir()
+    for p in folder.glob("tile_*.png"):
+        os.replace(p, aside / p.name)
+    os.replace(out / "syn_tumor.txt", aside / "syn_tumor.txt")
+    (folder / "tile_7_level0_0-0-64-64.png").write_bytes(b"new")
+    res = call("coord_list_gen.py", out, "-o", tmp_path / "ds", check=False)
+    assert res.returncode == 2 and "stopped while replacing the tiles of syn_tumor" in res.stderr
+    res = call("Patch_gen.py", *args, "--num", "9", check=False)  # the next run puts the old set back
+    assert res.returncode == 2 and "--overwrite" in res.stderr
+    assert {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+
+
+def test_a_txt_whose_folder_lost_its_tiles_is_refused_not_skipped(syn_slide, syn_masks, tmp_path):
+    call("Patch_gen.py", syn_slide.path, "--mask", syn_masks / "syn_tumor_tumor.npy", "-o", tmp_path / "p",
+         "--mode", "random", "--num", "4", "--image-size", "64", "--workers", "0", "--quiet")
+    (tmp_path / "p" / "other").mkdir()  # a second slide of the folder, whose tiles are all gone
+    (tmp_path / "p" / "other.txt").write_text("other,100,100\n")
+    res = call("coord_list_gen.py", tmp_path / "p", "-o", tmp_path / "ds", check=False)
+    assert res.returncode == 2 and "other: no tiles, but other.txt lists centres" in res.stderr
+
+
 def test_tiles_that_do_not_match_the_marker_are_refused(syn_slide, syn_masks, tmp_path):
     call("Patch_gen.py", syn_slide.path, "--mask", syn_masks / "syn_tumor_tumor.npy", "-o", tmp_path / "p",
          "--mode", "random", "--num", "4", "--image-size", "64", "--workers", "0", "--quiet")
