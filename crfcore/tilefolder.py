@@ -3,11 +3,11 @@
 `PATCH_DIR/<slide_id>/tile_*.png` are the tiles and `PATCH_DIR/<slide_id>.txt` (the centres)
 marks them complete. A new set is cut into the hidden staging folder `.<slide_id>.partial`
 and replaces the old one only once complete: the old tiles, then the old .txt, are moved
-aside into `.<slide_id>.old` (put back if one cannot be moved), the new tiles move in, and
-the new .txt is written. A run that fails or is stopped keeps the old set; a run killed
-while replacing is undone by the next run (the old set comes back). Only a kill between
-letting the old set go and writing the new .txt leaves the slide unfinished (no .txt),
-which readers refuse and the next run clears.
+aside into `.<slide_id>.old`, the new tiles move in and the new .txt is written; then the
+aside folder is renamed `.<slide_id>.discarded`, the one step that lets the old set go.
+A run that fails or is stopped before that step puts the old set back, and so does the
+next run after a kill (readers refuse the folder while `.old` exists); after it, the new
+set is complete. An undo that is itself killed is finished by the next run.
 """
 from __future__ import annotations
 
@@ -21,6 +21,9 @@ from pathlib import Path
 from .errors import CrfError
 from .io import atomic_write_text
 from .tiling import parse_tile_name
+
+
+RESTORING = "restoring.txt"  # the old .txt, in the aside folder, once the new tiles are gone
 
 
 class TileFolderError(CrfError):
@@ -110,27 +113,28 @@ class TileFolder:
             self.folder.mkdir(exist_ok=True)
             for p in tiles_in(self.staging):
                 os.replace(p, self.folder / p.name)
-        except BaseException:  # a tile that cannot be moved (immutable, another user's), Ctrl-C
+            atomic_write_text(self.marker, marker_text)
+        except BaseException:  # a tile that cannot be moved (immutable, another user's), a full disk, Ctrl-C
             self.undo_interrupted()
             raise
-        os.replace(self.aside, self.discarded)  # from here until the new .txt, the slide reads as unfinished
-        atomic_write_text(self.marker, marker_text)
-        shutil.rmtree(self.discarded)
-        shutil.rmtree(self.staging)
+        os.replace(self.aside, self.discarded)  # the one step that lets the old set go
+        shutil.rmtree(self.discarded, ignore_errors=True)  # leftovers are removed by the next run
+        shutil.rmtree(self.staging, ignore_errors=True)
 
     def undo_interrupted(self) -> None:
-        """Put back the old set of a replacement that failed or was killed half-way; drop
-        the old set of one that had finished moving the new tiles in."""
+        """Put back the old set of a replacement that failed or was killed before it let
+        the old set go (its aside folder still exists); remove what a finished one left."""
         shutil.rmtree(self.discarded, ignore_errors=True)
         if not self.aside.is_dir():
             return
-        old_marker = self.aside / self.marker.name
-        if old_marker.exists():  # the old tiles were all aside: those in the folder are new
+        old_marker, restoring = self.aside / self.marker.name, self.aside / RESTORING
+        if old_marker.exists():  # all old tiles were aside: those in the folder are new
             for p in tiles_in(self.folder):
                 p.unlink()
+            os.replace(old_marker, restoring)  # done: from here the folder holds old tiles only
         self.folder.mkdir(exist_ok=True)
         for p in tiles_in(self.aside):
             os.replace(p, self.folder / p.name)
-        if old_marker.exists():
-            os.replace(old_marker, self.marker)
+        if restoring.exists():
+            os.replace(restoring, self.marker)
         shutil.rmtree(self.aside)

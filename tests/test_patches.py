@@ -360,6 +360,31 @@ def test_a_replacement_that_fails_or_is_killed_after_the_old_txt_went_aside_is_u
     assert {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
 
 
+def test_a_full_disk_at_the_new_txt_and_a_killed_undo_keep_the_old_set(syn_slide, syn_masks, tmp_path, monkeypatch):
+    from crfcore import tilefolder
+    args = [syn_slide.path, "--mask", syn_masks / "syn_tumor_tumor.npy", "-o", tmp_path / "p", "--mode", "random",
+            "--image-size", "64", "--workers", "0", "--quiet"]
+    call("Patch_gen.py", *args, "--num", "6")
+    out, folder = tmp_path / "p", tmp_path / "p" / "syn_tumor"
+    before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+
+    def disk_full(path, text):
+        raise OSError(28, "No space left on device", str(path))
+    monkeypatch.setattr(tilefolder, "atomic_write_text", disk_full)
+    res = call("Patch_gen.py", *args, "--num", "9", "--seed", "4", "--overwrite", check=False)
+    monkeypatch.undo()
+    assert res.returncode == 2 and "No space left" in res.stderr
+    assert {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+
+    aside = out / ".syn_tumor.old"  # an undo killed half-way: new tiles gone, half the old ones back
+    aside.mkdir()
+    for p in sorted(folder.glob("tile_*.png"))[:3]:
+        os.replace(p, aside / p.name)
+    os.replace(out / "syn_tumor.txt", aside / tilefolder.RESTORING)
+    assert call("Patch_gen.py", *args, "--num", "9", check=False).returncode == 2  # refused: complete again
+    assert {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+
+
 def test_a_txt_whose_folder_lost_its_tiles_is_refused_not_skipped(syn_slide, syn_masks, tmp_path):
     call("Patch_gen.py", syn_slide.path, "--mask", syn_masks / "syn_tumor_tumor.npy", "-o", tmp_path / "p",
          "--mode", "random", "--num", "4", "--image-size", "64", "--workers", "0", "--quiet")
