@@ -16,7 +16,6 @@ SLIDE and --mask may be directories: each slide `<stem>.*` takes `<stem>_<kind>.
 from __future__ import annotations
 
 import argparse
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -100,7 +99,7 @@ def cut_slide(args, job: Job, rng) -> None:
                             out_size=args.image_size)
         tiles.replace(names, tiling.format_coords(sid, centres))  # and the completion marker
     except BaseException:  # a failed or interrupted run leaves the old tiles as they were
-        shutil.rmtree(staging, ignore_errors=True)
+        tiles.abandon()
         raise
     write_image(out / f"{sid}_preview.png",
                 tiling.preview_boxes(thumb, boxes, (w0 / thumb.shape[1], h0 / thumb.shape[0])))

@@ -24,6 +24,7 @@ from .tiling import parse_tile_name
 
 
 RESTORING = "restoring.txt"  # the old .txt, in the aside folder, once the new tiles are gone
+ASIDE = ".old"  # suffix of the folder holding the old set while it is replaced
 
 
 class TileFolderError(CrfError):
@@ -33,6 +34,12 @@ class TileFolderError(CrfError):
 def tiles_in(folder: Path) -> list[Path]:
     """The tile PNGs in `folder` (other files are the user's and left alone)."""
     return [p for p in folder.glob("*.png") if parse_tile_name(p)] if folder.is_dir() else []
+
+
+def interrupted(out: Path) -> list[str]:
+    """The slides of PATCH_DIR `out` whose replacement was stopped half-way (readers
+    refuse the folder until the next Patch_gen run puts their old set back)."""
+    return sorted(p.name[1:-len(ASIDE)] for p in out.glob(f".*{ASIDE}") if p.is_dir())
 
 
 @dataclass(frozen=True)
@@ -57,7 +64,7 @@ class TileFolder:
 
     @property
     def aside(self) -> Path:  # the old set while it is being replaced
-        return self.out / f".{self.sid}.old"
+        return self.out / f".{self.sid}{ASIDE}"
 
     @property
     def discarded(self) -> Path:  # the old set once the new one is in
@@ -70,7 +77,7 @@ class TileFolder:
         a killed run left in the staging folder (the tool's own)."""
         self.check_replaceable()
         self.undo_interrupted()
-        shutil.rmtree(self.staging, ignore_errors=True)
+        self.abandon()  # what a killed run cut
         if self.marker.exists() and not overwrite:
             raise TileFolderError(f"{self.out}: slide {self.sid} already has its patches ({self.marker.name}); "
                                   "use --overwrite to cut them again")
@@ -119,6 +126,11 @@ class TileFolder:
             raise
         os.replace(self.aside, self.discarded)  # the one step that lets the old set go
         shutil.rmtree(self.discarded, ignore_errors=True)  # leftovers are removed by the next run
+        self.abandon()  # the emptied staging folder
+
+    def abandon(self) -> None:
+        """Remove the staging folder with what it holds: the new tiles of a cut that failed
+        or was stopped (the old set is untouched), or nothing once they have moved in."""
         shutil.rmtree(self.staging, ignore_errors=True)
 
     def undo_interrupted(self) -> None:

@@ -27,6 +27,7 @@ import numpy as np
 
 from .errors import CrfError
 from .io import atomic_copy, atomic_path, atomic_write_json, atomic_write_text
+from .tilefolder import interrupted
 from .tiling import TileInfo, collect_tiles, read_coords
 
 JOURNAL = ".move-journal.json"
@@ -52,8 +53,8 @@ def gather(patch_dir: Path) -> tuple[dict[str, list[TileInfo]], list[Path]]:
     `<slide_id>.txt` (Patch_gen writes it last); also the unparsable PNG names."""
     if not patch_dir.is_dir():
         raise TrainSetError(f"{patch_dir}: not a directory")
-    stopped = sorted(p.name[1:-len(".old")] for p in patch_dir.glob(".*.old") if p.is_dir())
-    if stopped:  # crfcore.tilefolder's holding folder: a replacement was killed half-way
+    stopped = interrupted(patch_dir)
+    if stopped:
         raise TrainSetError(f"{patch_dir}: Patch_gen.py was stopped while replacing the tiles of "
                             f"{', '.join(stopped)} (run it again)")
     tiles, bad = collect_tiles(patch_dir)
