@@ -194,13 +194,18 @@ def test_group_boxes_covers_every_box_once():
         assert (b[:, 0] >= x0).all() and (b[:, 3] <= y1).all()
 
 
+def random_cut(syn_slide, syn_masks, out):
+    """Patch_gen.py arguments for random 64-px patches of the synthetic tumour slide into `out`."""
+    return [syn_slide.path, "--mask", syn_masks / "syn_tumor_tumor.npy", "-o", out, "--mode", "random",
+            "--image-size", "64", "--workers", "0", "--quiet"]
+
+
 def tiles_of(folder):
     return sorted(p.name for p in (folder / "syn_tumor").glob("tile_*.png"))
 
 
 def test_an_unfinished_patch_folder_is_refused_and_its_tiles_cleared(syn_slide, syn_masks, tmp_path):
-    args = [syn_slide.path, "--mask", syn_masks / "syn_tumor_tumor.npy", "-o", tmp_path / "p", "--mode", "random",
-            "--image-size", "64", "--workers", "0", "--quiet"]
+    args = random_cut(syn_slide, syn_masks, tmp_path / "p")
     call("Patch_gen.py", *args, "--num", "20")
     (tmp_path / "p" / "syn_tumor.txt").unlink()  # what a kill before the marker leaves
     res = call("coord_list_gen.py", tmp_path / "p", "-o", tmp_path / "ds", check=False)
@@ -218,8 +223,7 @@ def test_an_unfinished_patch_folder_is_refused_and_its_tiles_cleared(syn_slide, 
 @pytest.mark.parametrize("failure", [OSError(28, "No space left on device"), KeyboardInterrupt()])
 def test_a_failed_overwrite_keeps_the_complete_set(syn_slide, syn_masks, tmp_path, monkeypatch, failure):
     from crfcore import datasets
-    args = [syn_slide.path, "--mask", syn_masks / "syn_tumor_tumor.npy", "-o", tmp_path / "p", "--mode", "random",
-            "--image-size", "64", "--workers", "0", "--quiet"]
+    args = random_cut(syn_slide, syn_masks, tmp_path / "p")
     call("Patch_gen.py", *args, "--num", "6")
     folder, marker = tmp_path / "p" / "syn_tumor", tmp_path / "p" / "syn_tumor.txt"
     before = {p.name: p.read_bytes() for p in folder.iterdir()}, marker.read_text()
@@ -245,8 +249,7 @@ def test_a_failed_overwrite_keeps_the_complete_set(syn_slide, syn_masks, tmp_pat
 def test_what_a_killed_run_left_in_staging_never_blocks_a_later_run(syn_slide, syn_masks, tmp_path):
     """A kill -9 while cutting leaves the staging folder with new tiles and a writer's
     temporary file; the next run, with other settings, clears it and replaces the set."""
-    args = [syn_slide.path, "--mask", syn_masks / "syn_tumor_tumor.npy", "-o", tmp_path / "p", "--mode", "random",
-            "--image-size", "64", "--workers", "0", "--quiet"]
+    args = random_cut(syn_slide, syn_masks, tmp_path / "p")
     call("Patch_gen.py", *args, "--num", "6")
     staging = tmp_path / "p" / ".syn_tumor.partial"
     staging.mkdir()
@@ -266,8 +269,7 @@ def test_a_slide_folder_whose_tiles_cannot_be_replaced_is_refused_before_cutting
                                                                                    monkeypatch):
     """As root a read-only folder is still writable, so the refusal is simulated where the
     probe file is made; what is tested is that nothing is cut or cleared before it."""
-    args = [syn_slide.path, "--mask", syn_masks / "syn_tumor_tumor.npy", "-o", tmp_path / "p", "--mode", "random",
-            "--image-size", "64", "--workers", "0", "--quiet"]
+    args = random_cut(syn_slide, syn_masks, tmp_path / "p")
     call("Patch_gen.py", *args, "--num", "6")
     before = sorted(p.name for p in (tmp_path / "p").rglob("*"))
 
@@ -293,8 +295,7 @@ def test_hard_links_fall_back_to_copies_across_file_systems(syn_slide, syn_masks
 def test_old_tiles_that_cannot_be_moved_aside_stay_with_their_marker(syn_slide, syn_masks, tmp_path, monkeypatch):
     """An old tile that cannot be moved (immutable, another user's) stops the replacement
     before the .txt goes: the old set stays complete, and the moved ones are put back."""
-    args = [syn_slide.path, "--mask", syn_masks / "syn_tumor_tumor.npy", "-o", tmp_path / "p", "--mode", "random",
-            "--image-size", "64", "--workers", "0", "--quiet"]
+    args = random_cut(syn_slide, syn_masks, tmp_path / "p")
     call("Patch_gen.py", *args, "--num", "6")
     folder = tmp_path / "p" / "syn_tumor"
     before = sorted(p.name for p in (tmp_path / "p").rglob("*"))
@@ -314,8 +315,7 @@ def test_old_tiles_that_cannot_be_moved_aside_stay_with_their_marker(syn_slide, 
 
 
 def test_a_kill_while_old_tiles_are_moved_aside_is_undone_by_the_next_run(syn_slide, syn_masks, tmp_path):
-    args = [syn_slide.path, "--mask", syn_masks / "syn_tumor_tumor.npy", "-o", tmp_path / "p", "--mode", "random",
-            "--image-size", "64", "--workers", "0", "--quiet"]
+    args = random_cut(syn_slide, syn_masks, tmp_path / "p")
     call("Patch_gen.py", *args, "--num", "6")
     held = tmp_path / "p" / ".syn_tumor.old"
     held.mkdir()
@@ -329,8 +329,7 @@ def test_a_kill_while_old_tiles_are_moved_aside_is_undone_by_the_next_run(syn_sl
 
 def test_a_replacement_that_fails_or_is_killed_after_the_old_txt_went_aside_is_undone(syn_slide, syn_masks, tmp_path,
                                                                                        monkeypatch):
-    args = [syn_slide.path, "--mask", syn_masks / "syn_tumor_tumor.npy", "-o", tmp_path / "p", "--mode", "random",
-            "--image-size", "64", "--workers", "0", "--quiet"]
+    args = random_cut(syn_slide, syn_masks, tmp_path / "p")
     call("Patch_gen.py", *args, "--num", "6")
     out, folder = tmp_path / "p", tmp_path / "p" / "syn_tumor"
     before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
@@ -362,8 +361,7 @@ def test_a_replacement_that_fails_or_is_killed_after_the_old_txt_went_aside_is_u
 
 def test_a_full_disk_at_the_new_txt_and_a_killed_undo_keep_the_old_set(syn_slide, syn_masks, tmp_path, monkeypatch):
     from crfcore import tilefolder
-    args = [syn_slide.path, "--mask", syn_masks / "syn_tumor_tumor.npy", "-o", tmp_path / "p", "--mode", "random",
-            "--image-size", "64", "--workers", "0", "--quiet"]
+    args = random_cut(syn_slide, syn_masks, tmp_path / "p")
     call("Patch_gen.py", *args, "--num", "6")
     out, folder = tmp_path / "p", tmp_path / "p" / "syn_tumor"
     before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
