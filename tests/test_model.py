@@ -239,3 +239,50 @@ def test_the_swap_draws_no_random_numbers_and_keeps_devices():
     assert all(torch.equal(v, before[k]) for k, v in features.state_dict().items())
     with torch.device("meta"):
         assert next(CRFNet(ModelConfig(grid=1, width_mult=0.5)).parameters()).is_meta
+
+
+class OpNames(TorchDispatchMode):
+    """Records the name of every op run inside it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.seen.append(func.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+def test_relu6_keeps_its_output_for_backward_instead_of_copying_its_input():
+    """Training copies no activation (torchvision's in-place ReLU6 makes autograd clone
+    each one), and every gradient equals torchvision's exactly, also for inputs at and
+    beyond 0 and 6; the swap keeps the state-dict keys; inference is the plain ReLU6."""
+    import torchvision
+
+    from crfcore.model import ReLU6
+
+    torch.manual_seed(0)
+    model = CRFNet(ModelConfig(grid=1, width_mult=0.5))
+    plain = CRFNet(ModelConfig(grid=1, width_mult=0.5))
+    plain.load_state_dict(model.state_dict())
+    for m in plain.modules():
+        if isinstance(m, ReLU6):
+            m.__class__ = torch.nn.ReLU6  # back to torchvision's
+    assert sum(isinstance(m, ReLU6) for m in model.modules()) == 35
+    tv = torchvision.models.mobilenet_v2(weights=None, width_mult=0.5).features
+    assert model.features.state_dict().keys() == tv.state_dict().keys()
+    x = torch.cat([torch.randn(2, 3, 48, 48) * 8, torch.zeros(1, 3, 48, 48)])
+    for net in (model, plain):
+        with OpNames() as ops:
+            logits, _ = net.embed(x)
+        net.clone_count = ops.seen.count("clone.default")
+        logits.square().sum().backward()
+    assert model.clone_count == 0 < plain.clone_count
+    for a, b in zip(model.parameters(), plain.parameters()):
+        assert torch.equal(a.grad, b.grad)
+    y = torch.tensor([-1.0, 0.0, 3.0, 6.0, 7.0], requires_grad=True)
+    z = y * 1  # in place needs a non-leaf
+    ReLU6(inplace=True)(z).sum().backward()
+    assert y.grad.tolist() == [0.0, 0.0, 1.0, 0.0, 0.0]  # torch's hardtanh: zero at the bounds
+    with torch.no_grad():
+        assert torch.equal(ReLU6(inplace=True)(x.clone()), x.clamp(0, 6))
