@@ -38,13 +38,17 @@ def cmd_lesions(args) -> None:
     found = ev.find_lesions(prob, tuple(meta["downsample"]), args.threshold, args.radius, args.sigma)
     out = args.output
     csv_path = out if out.suffix == ".csv" else out.with_suffix(".csv")
+    export = out.with_suffix("." + args.to)
+    if args.to != "csv" and export.is_file() and not ev.is_lesion_export(export):
+        raise UserError(f"{export}: exists and holds annotations other than predicted lesions (the truth?); "
+                        "the export would replace it: choose another -o")
     atomic_write_text(csv_path, ev.lesions_csv(found))
     if args.to == "xml":
-        atomic_write_text(out.with_suffix(".xml"), ev.lesions_asap_xml(found))
+        atomic_write_text(export, ev.lesions_asap_xml(found))
     elif args.to == "geojson":
-        atomic_write_text(out.with_suffix(".geojson"), json.dumps(ev.lesions_geojson(found)))
+        atomic_write_text(export, json.dumps(ev.lesions_geojson(found)))
     print(f"{meta['slide']}: {len(found)} lesions above {args.threshold} -> {csv_path}"
-          + (f" and {out.with_suffix('.' + args.to)}" if args.to != "csv" else ""))
+          + (f" and {export}" if args.to != "csv" else ""))
 
 
 def find_slide(slides_dir: Path | None, stem: str) -> Path | None:
@@ -83,11 +87,22 @@ def truth_labels(stem: str, truth_dir: Path, level: int, mpp: float,
     tif = companion(truth_dir, stem, "truth_mask")
     if tif is not None:
         with sl.open_slide(tif) as m:
+            check_same_size(tif, m.dimensions, slide_path)
             lvl = min(level, m.level_count - 1)  # a shallow mask pyramid: its deepest level, real downsample
             ds = sl.level_downsamples(m)[lvl]
             tumour = sl.read_level(m, lvl)[..., 0] > 0
         return ev.evaluation_mask(tumour, ds[0], mpp), ds
     return None, (1.0, 1.0)
+
+
+def check_same_size(truth: Path, size: tuple[int, int], slide_path: Path | None) -> None:
+    """Refuse a truth mask TIFF whose level 0 is not its slide's size (another slide's)."""
+    if slide_path is None:
+        return
+    with sl.open_slide(slide_path) as s:
+        if s.dimensions != size:
+            raise UserError(f"{truth}: the truth mask is {size[0]}x{size[1]}, but its slide {slide_path.name} is "
+                            f"{s.dimensions[0]}x{s.dimensions[1]}")
 
 
 def cmd_froc(args) -> None:
@@ -111,6 +126,9 @@ def cmd_froc(args) -> None:
         tps.append(tp)
     if normal:
         print(f"normal slides (no tumour in {args.truth_dir}): {', '.join(normal)}")
+    if not sum(len(t) for t in tps):
+        raise UserError(f"{args.truth_dir}: no tumour to find on these {len(files)} slides (all normal, or every "
+                        "tumour an isolated tumour cell cluster): FROC is undefined")
     avg_fp, sens = ev.froc(fps, tps)
     score, at = ev.froc_score(avg_fp, sens)
     print(f"{len(files)} slides, {sum(len(t) for t in tps)} tumours (ITCs excluded)")

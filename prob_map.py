@@ -18,18 +18,20 @@ are shared out between ranks.
 from __future__ import annotations
 
 import argparse
-import json
 import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+
+import numpy as np
 
 from crfcore import dense, inference, masks
 from crfcore import slide as sl
 from crfcore.cli import UserError, add_workers, for_each, number, parser, run
 from crfcore.device import PRECISIONS, DistEnv, resolve_device, resolve_precision, retain_freed_memory
 from crfcore.heatmap import save_probability_map
-from crfcore.io import check_fits_slide, check_output_path, companion, ensure_free_space, file_sha256, sidecar_path
+from crfcore.io import (check_array_output, check_fits_slide, companion, ensure_free_space, file_sha256, is_sidecar,
+                        read_json, sidecar_path)
 from crfcore.model import model_from_checkpoint
 from crfcore.scale import ReadScale, read_scale
 from crfcore.stain import MacenkoNormaliser
@@ -83,10 +85,7 @@ def up_to_date(out: Path, wanted: dict, overwrite: bool) -> bool:
     """True when `out` exists with these settings; a stale map is an error unless --overwrite."""
     if not (out.exists() and sidecar_path(out).exists()):
         return False
-    try:
-        meta = json.loads(sidecar_path(out).read_text())
-    except ValueError:
-        meta = {}
+    meta = read_json(sidecar_path(out), "sidecar") if is_sidecar(sidecar_path(out)) else {}
     stale = [k for k, v in wanted.items() if meta.get(k, LATER_SETTINGS.get(k)) != v]
     if not stale:
         return True
@@ -117,13 +116,16 @@ def map_slide(job: Job, model, ckpt: dict, args, opts: inference.Options, wanted
         read = read_scale(s, job.slide, **wanted["read_at"])
     warn_off_resolution(job.slide, mpp, read, cfg.get("mpp"))
     ensure_free_space(job.out, mask.size * 4 + 4096, "probability map")
-    check_output_path(sidecar_path(job.out))
+    check_array_output(job.out)
     if not mask.any():
         warnings.warn(f"{job.mask}: the mask is empty; writing an all-zero map")
     t = time.perf_counter()
     prob, method = inference.probability_map(model, job.slide, mask, tuple(meta["downsample"]),
                                              cfg["patch_size"], cfg["crop_size"], args.method, opts, read)
     seconds = round(time.perf_counter() - t, 2)
+    bad = int((~np.isfinite(prob)).sum())
+    if bad:  # an overflowing model: later steps would refuse the map, so it is not written
+        raise UserError(f"{job.slide}: the model gives {bad} NaN or infinite probabilities; no map written")
     save_probability_map(job.out, prob, {
         "slide": job.slide.name, "slide_path": str(job.slide), "slide_dimensions": list(size),
         "mpp": list(mpp) if mpp else None, "level": meta["level"], "downsample": meta["downsample"],
@@ -177,7 +179,7 @@ def main(argv=None) -> int:
     env = DistEnv.from_env()
     device = resolve_device(args.device, env.local_rank)
     precision = resolve_precision(device, args.precision)
-    model, ckpt = model_from_checkpoint(args.ckpt, expect={"mode": "grid"})
+    model, ckpt = model_from_checkpoint(args.ckpt, expect={"mode": "grid"}, needs=("patch_size", "crop_size"))
     ref = ckpt["config"].get("stain_reference")
     opts = inference.Options(batch_size=args.batch_size, workers=args.workers, device=device,
                              precision=precision, tta=args.tta, quiet=args.quiet, dense_tile=args.dense_tile,

@@ -15,7 +15,7 @@ from pathlib import Path
 from crfcore import heatmap
 from crfcore import slide as sl
 from crfcore.cli import PROBABILITY, UserError, number, parser, run
-from crfcore.io import ensure_free_space
+from crfcore.io import check_fits_slide, ensure_free_space
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -62,9 +62,12 @@ def main(argv=None) -> int:
         if out is not None:
             ensure_free_space(out, 0, "picture")  # a path that cannot be written is refused before the work
     if args.slide is not None:
-        sl.open_slide(args.slide).close()  # a file that is not a slide is named as such, not blamed on the map
+        with sl.open_slide(args.slide) as s:  # first: a file that is not a slide is named as such, not blamed on the map
+            size = s.dimensions
     prob, meta = heatmap.load_probability_map(args.prob, slide=args.slide)
     dx, dy = meta["downsample"]
+    if args.slide is not None:  # a map of another slide of the same name, or cut short
+        check_fits_slide(args.prob, prob.shape, (dx, dy), size)
     h, w = prob.shape
     extent = (0, w * dx, h * dy, 0)
     title = f"{meta['slide']}: tumour probability ({meta.get('method', '')}, grid {meta.get('grid', '?')})"

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from .errors import CrfError
+from .io import read_json
 
 # The keys a checkpoint's model is built from: a resumed run must not change them.
 MODEL_KEYS = ("mode", "grid", "crf_iters", "width_mult", "image_size", "patch_size", "crop_size")
@@ -104,30 +105,40 @@ class TrainConfig:
 
     def check(self) -> "TrainConfig":
         """Refuse values and combinations that cannot train; return self."""
-        for name, allowed in CHOICES.items():
-            if getattr(self, name) not in allowed:
-                raise ConfigError(f"config {name}={getattr(self, name)!r}: expected one of {', '.join(allowed)}")
-        for name in ("image_size", "patch_size", "crop_size", "epochs", "batch_size", "grid", "workers"):
-            least = 0 if name == "workers" else 1
-            if getattr(self, name) < least:
-                raise ConfigError(f"config {name}={getattr(self, name)!r}: expected an integer >= {least}")
-        if not math.isfinite(self.lr) or self.lr <= 0:
-            raise ConfigError(f"config lr={self.lr!r}: expected a positive number")
-        if self.mpp is not None and not (math.isfinite(self.mpp) and self.mpp > 0):
-            raise ConfigError(f"config mpp={self.mpp!r}: expected a positive number of microns per pixel")
-        if not (math.isfinite(self.dense_consistency) and self.dense_consistency >= 0):
-            raise ConfigError(f"config dense_consistency={self.dense_consistency!r}: expected a number >= 0")
-        if self.dense_consistency and self.mode != "grid":
-            raise ConfigError("config dense_consistency: grid mode only (classify images have no context)")
-        if self.dense_consistency and not (self.init_from or self.pretrained):
-            raise ConfigError("config dense_consistency fine-tunes a trained model (its batch norm is frozen): "
-                              "set init_from (or pretrained)")
-        if not 0 <= self.hed_jitter < 1:
-            raise ConfigError(f"config hed_jitter={self.hed_jitter!r}: expected a number in [0, 1)")
+        self.check_values()
         self._check_mode()
         return self
 
+    def check_values(self) -> "TrainConfig":
+        """Refuse values that cannot train, whatever the data (what a checkpoint's config
+        must pass too); return self."""
+        for name, allowed in CHOICES.items():
+            if getattr(self, name) not in allowed:
+                raise ConfigError(f"config {name}={getattr(self, name)!r}: expected one of {', '.join(allowed)}")
+        for name, bounds in RANGES.items():
+            value = getattr(self, name)
+            if value is not None and not _in_range(value, *bounds):
+                raise ConfigError(f"config {name}={value!r}: expected {_range_text(*bounds)}")
+        for name, values, bounds in (("class_weights", self.class_weights, (0, None, False)),
+                                     ("color_jitter", (self.color_jitter or ())[:3], (0, None, False)),
+                                     ("color_jitter", (self.color_jitter or ())[3:], (0, 0.5, False))):
+            if not all(_in_range(v, *bounds) for v in values or ()):
+                raise ConfigError(f"config {name}={getattr(self, name)!r}: expected numbers {_range_text(*bounds)}")
+        if self.class_weights is not None and not any(self.class_weights):
+            raise ConfigError(f"config class_weights={self.class_weights!r}: expected some weight above 0")
+        if self.color_jitter is not None and len(self.color_jitter) != 4:
+            raise ConfigError(f"config color_jitter={self.color_jitter!r}: expected 4 numbers (brightness, "
+                              "contrast, saturation, hue) or null")
+        if self.mode == "grid" and self.crop_size > self.patch_size:
+            raise ConfigError("crop_size must not exceed patch_size")
+        if self.dense_consistency and self.mode != "grid":
+            raise ConfigError("config dense_consistency: grid mode only (classify images have no context)")
+        return self
+
     def _check_mode(self) -> None:
+        if self.dense_consistency and not (self.init_from or self.pretrained):
+            raise ConfigError("config dense_consistency fine-tunes a trained model (its batch norm is frozen): "
+                              "set init_from (or pretrained)")
         if self.mode == "classify":
             if not self.data_path_train:
                 raise ConfigError("classify mode needs data_path_train (a folder of class sub-folders)")
@@ -138,8 +149,6 @@ class TrainConfig:
         if self.image_size % self.patch_size or self.grid not in (1, cells):
             raise ConfigError(f"image_size {self.image_size} / patch_size {self.patch_size} must be "
                               f"a whole grid, and grid ({self.grid}) that number or 1")
-        if self.crop_size > self.patch_size:
-            raise ConfigError("crop_size must not exceed patch_size")
         if not (self.data_path_tumor_train and self.data_path_normal_train) and not self.data_path_train:
             raise ConfigError("grid mode needs data_path_tumor_train + data_path_normal_train "
                               "(or data_path_train) and json_path_train")
@@ -161,6 +170,28 @@ class TrainConfig:
 
 
 INTERNAL = ("classes", "num_classes", "stain_reference")
+INT_MAX = 2**31 - 1
+# Each numeric key's range: (least, most or None, whether `least` itself is refused).
+RANGES: dict[str, tuple[float, float | None, bool]] = {
+    "image_size": (1, 2**16, False), "patch_size": (1, 2**16, False), "crop_size": (1, 2**16, False),
+    "grid": (1, 7, False), "crf_iters": (0, 1000, False), "width_mult": (0, 4, True),
+    "epochs": (1, INT_MAX, False), "max_steps": (1, INT_MAX, False), "batch_size": (1, INT_MAX, False),
+    "step_size": (1, INT_MAX, False), "workers": (0, 1024, False), "seed": (0, 2**32 - 1, False),
+    "lr": (0, None, True), "momentum": (0, 1, False), "weight_decay": (0, None, False), "gamma": (0, None, True),
+    "mpp": (0, None, True), "dense_consistency": (0, None, False), "hed_jitter": (0, 0.999, False),
+}
+
+
+def _in_range(value: Any, least: float, most: float | None, open_least: bool) -> bool:
+    """Whether the number `value` (finite; ints of any size) lies in the range."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return False
+    return (value > least if open_least else value >= least) and (most is None or value <= most)
+
+
+def _range_text(least: float, most: float | None, open_least: bool) -> str:
+    low = f"{'above' if open_least else 'at least'} {least:g}"
+    return low if most is None else f"{low} and at most {most:g}"
 
 
 def _check_type(name: str, value: Any, hint: Any) -> None:
@@ -200,7 +231,7 @@ def parse_value(text: str) -> Any:
     """A `--set` value: JSON when it parses (numbers, null, lists), else the plain string."""
     try:
         return json.loads(text)
-    except json.JSONDecodeError:
+    except (ValueError, RecursionError):  # not JSON (or a number of more digits than Python converts)
         return text
 
 
@@ -222,16 +253,7 @@ def load_config(path: str | Path | None, overrides: typing.Sequence[str] = ()) -
 
 
 def _read_json(path: Path) -> dict:
-    try:
-        data = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: no such config file") from None
-    except IsADirectoryError:
-        raise ConfigError(f"{path}: is a directory, not a config file") from None
-    except UnicodeDecodeError:
-        raise ConfigError(f"{path}: not a text file") from None
-    except json.JSONDecodeError as err:
-        raise ConfigError(f"{path}: malformed JSON at line {err.lineno}: {err.msg}") from None
+    data = read_json(path, "config file", ConfigError)
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a JSON object of config keys")
     return data

@@ -3,6 +3,7 @@ FROC, slide-level ROC, pixel-level scores and hard-negative points."""
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 
 import numpy as np
@@ -10,7 +11,7 @@ from sklearn import metrics as skm
 
 from .annotations import LESION_CLASS, LESION_COLOUR, asap_xml, geojson_feature
 from .errors import CrfError
-from .io import atomic_path
+from .io import atomic_path, read_json
 
 
 class EvaluationError(CrfError):
@@ -131,6 +132,22 @@ def lesions_geojson(lesions: np.ndarray) -> dict:
         geojson_feature({"type": "Point", "coordinates": [int(x), int(y)]}, f"lesion {i} p={p:.4f}",
                         LESION_CLASS, LESION_COLOUR, measurements={"probability": round(float(p), 4)})
         for i, (p, x, y) in enumerate(lesions)]}
+
+
+def is_lesion_export(path: Path) -> bool:
+    """Whether the .xml or .geojson file `path` holds nothing but "Predicted lesion"
+    annotations (an earlier export, which a new one may replace; truth may not be)."""
+    if path.suffix.lower() == ".xml":
+        text = path.read_text(errors="replace")
+        groups = (set(re.findall(r'<Annotation\s[^>]*PartOfGroup="([^"]*)"', text))
+                  | set(re.findall(r'<Group\s+Name="([^"]*)"', text)))
+        return "<ASAP_Annotations" in text and groups <= {LESION_CLASS}
+    try:
+        features = read_json(path, "GeoJSON file")["features"]
+        names = {f["properties"]["classification"]["name"] for f in features}
+    except (CrfError, LookupError, TypeError):
+        return False
+    return names <= {LESION_CLASS}
 
 
 # ----------------------------------------------------------------------------- FROC

@@ -148,6 +148,30 @@ def ensure_free_space(path: str | Path, nbytes: int, what: str = "output") -> No
 # ----------------------------------------------------------------------------- arrays + sidecars
 
 
+def read_json(path: str | Path, what: str, error: type[CrfError] = CrfError) -> object:
+    """What the JSON file `path` (a `what`) holds; every way it can be unreadable is an
+    `error` naming the file (a byte-order mark is allowed)."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except FileNotFoundError:
+        raise error(f"{path}: no such {what}") from None
+    except IsADirectoryError:
+        raise error(f"{path}: is a directory, not a {what}") from None
+    except UnicodeDecodeError:
+        raise error(f"{path}: not a text file (expected a {what})") from None
+    except OSError as err:
+        raise error(f"{path}: cannot read ({err.strerror or err})") from None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as err:
+        raise error(f"{path}: malformed JSON at line {err.lineno}: {err.msg}") from None
+    except RecursionError:
+        raise error(f"{path}: malformed JSON (nested too deeply)") from None
+    except ValueError as err:  # e.g. an integer of more digits than Python converts
+        raise error(f"{path}: malformed JSON ({str(err).splitlines()[0]})") from None
+
+
 def sidecar_path(npy: str | Path) -> Path:
     return Path(npy).with_suffix(".json")
 
@@ -156,12 +180,32 @@ class ArrayFileError(CrfError):
     """An array file or sidecar that is missing, malformed or belongs to another slide."""
 
 
+def is_sidecar(path: Path) -> bool:
+    """Whether `path` is a sidecar `save_array` wrote (not, say, an annotation of the same name)."""
+    try:
+        meta = read_json(path, "sidecar")
+    except CrfError:
+        return False
+    return isinstance(meta, dict) and {"shape", "crfcore_version"} <= meta.keys()
+
+
+def check_array_output(path: str | Path) -> None:
+    """Refuse to write the array `path` when saving would replace a file other than an
+    earlier output's sidecar at its sidecar's path (an annotation named like the output)."""
+    side = sidecar_path(check_output_path(path))
+    check_output_path(side)
+    if side.is_file() and not is_sidecar(side):
+        raise OutputError(f"{path}: writing it would replace {side}, which is not a sidecar of crfcore "
+                          "(an annotation?); choose another output name")
+
+
 MAKER = {"probability": "prob_map.py"}  # which script writes each kind (masks: Mask_gen.py)
 
 
 def save_array(path: str | Path, array: np.ndarray, meta: dict) -> None:
     """Write `array` to `path` (.npy) and `meta` (+ shape, version) to its sidecar."""
     path = Path(path)
+    check_array_output(path)
     meta = {**meta, "shape": list(array.shape), "crfcore_version": __version__}
     with atomic_path(path, ".npy") as tmp:
         np.save(tmp, array)
@@ -180,13 +224,10 @@ def load_array(path: str | Path, kind: str | tuple[str, ...] | None = None,
         raise ArrayFileError(f"{path}: no such file")
     if not side.is_file():
         raise ArrayFileError(f"{path}: sidecar {side.name} is missing (write it with {maker})")
-    try:
-        array = np.load(path, allow_pickle=False)
-        meta = json.loads(side.read_text())
-    except (ValueError, OSError, UnicodeDecodeError) as err:  # JSONDecodeError is a ValueError
-        raise ArrayFileError(f"{path}: cannot read array or sidecar ({str(err).splitlines()[0]})") from None
-    if not isinstance(meta, dict):
-        raise ArrayFileError(f"{side}: not a sidecar (expected a JSON object)")
+    array = _read_array(path)
+    meta = read_json(side, "sidecar", ArrayFileError)
+    if not isinstance(meta, dict) or not isinstance(meta.get("slide"), str):
+        raise ArrayFileError(f"{side}: not a sidecar (expected a JSON object naming its slide)")
     if list(array.shape) != meta.get("shape"):
         raise ArrayFileError(f"{path}: shape {array.shape} does not match its sidecar {meta.get('shape')}")
     if array.ndim != 2:
@@ -196,23 +237,48 @@ def load_array(path: str | Path, kind: str | tuple[str, ...] | None = None,
     if slide is not None and meta.get("slide") != Path(slide).name:
         raise ArrayFileError(f"{path}: belongs to slide {meta.get('slide')!r}, not {Path(slide).name!r}")
     meta["downsample"] = _downsample(path, meta)
+    if meta.get("mpp") is not None and not _positive_pair(meta["mpp"]):
+        raise ArrayFileError(f"{side}: 'mpp' must be null or two positive numbers, got {meta['mpp']!r}")
     if array.dtype.kind == "f" and not np.isfinite(array).all():
         bad = int((~np.isfinite(array)).sum())
         raise ArrayFileError(f"{path}: {bad} cell(s) are NaN or infinite; refusing a non-finite map")
     return array, meta
 
 
+ARRAY_KINDS = "biuf"  # bool, int, unsigned, float: what masks and maps hold
+
+
+def _read_array(path: Path) -> np.ndarray:
+    """The array in the .npy file `path`: a non-empty array of numbers, or an ArrayFileError."""
+    try:
+        array = np.load(path, allow_pickle=False)
+    except EOFError:
+        raise ArrayFileError(f"{path}: cannot read the array (empty or truncated file)") from None
+    except (ValueError, OSError) as err:
+        raise ArrayFileError(f"{path}: cannot read the array ({str(err).splitlines()[0]})") from None
+    if not isinstance(array, np.ndarray):  # np.load opens an .npz archive as well
+        array.close()
+        raise ArrayFileError(f"{path}: is an .npz archive, not one .npy array")
+    if array.dtype.kind not in ARRAY_KINDS:
+        raise ArrayFileError(f"{path}: holds {array.dtype} values; masks and maps hold numbers")
+    if array.size == 0:
+        raise ArrayFileError(f"{path}: is an empty {'x'.join(map(str, array.shape))} array")
+    return array
+
+
 def _downsample(path: Path, meta: dict) -> list[float]:
     """The sidecar's per-axis downsample, checked: two positive finite numbers."""
     ds = meta.get("downsample")
-    try:
-        dx, dy = (float(v) for v in ds)
-        ok = all(math.isfinite(v) and v > 0 for v in (dx, dy)) and not any(isinstance(v, (bool, str)) for v in ds)
-    except (TypeError, ValueError):
-        ok = False
-    if not ok:
+    if not _positive_pair(ds):
         raise ArrayFileError(f"{sidecar_path(path)}: 'downsample' must be two positive numbers, got {ds!r}")
-    return [dx, dy]
+    return [float(v) for v in ds]
+
+
+def _positive_pair(value: object) -> bool:
+    """Whether `value` is a list of two positive finite numbers (not bools, not strings)."""
+    return (isinstance(value, list) and len(value) == 2
+            and all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0
+                    for v in value))
 
 
 def check_fits_slide(path: str | Path, shape: tuple[int, ...], downsample: Sequence[float],

@@ -18,9 +18,11 @@ from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from . import __version__
+from .config import TrainConfig
 from .crf import CRF
 from .errors import CrfError, OutputError
 from .io import atomic_path
+from .stain import stain_arrays
 
 GRIDS = (1, 3, 5, 7)
 
@@ -293,20 +295,34 @@ def load_weights_file(path: str | Path, what: str = "checkpoint", map_location: 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
     """Read a checkpoint dict (safe `weights_only` loading)."""
     ckpt = load_weights_file(path, "checkpoint", map_location)
-    if not isinstance(ckpt, dict) or "state_dict" not in ckpt or "config" not in ckpt:
-        raise CheckpointError(f"{path}: not a crfcore checkpoint (no state_dict/config)")
+    if not (isinstance(ckpt, dict) and isinstance(ckpt.get("config"), dict) and isinstance(ckpt.get("state_dict"), dict)
+            and all(isinstance(v, torch.Tensor) for v in ckpt["state_dict"].values())):
+        raise CheckpointError(f"{path}: not a crfcore checkpoint (no state_dict of weights and config)")
+    try:  # a config no training run could have written (a hand-edited or foreign file)
+        TrainConfig.from_dict(ckpt["config"]).check_values()
+        if ckpt["config"].get("stain_reference"):
+            stain_arrays(ckpt["config"]["stain_reference"])
+    except CrfError as err:
+        raise CheckpointError(f"{path}: {err}") from None
+    broken = next((k for k, v in ckpt["state_dict"].items() if v.is_floating_point() and not torch.isfinite(v).all()), None)
+    if broken is not None:
+        raise CheckpointError(f"{path}: weight {broken} is NaN or infinite (a diverged training run?)")
     return ckpt
 
 
 def model_from_checkpoint(path: str | Path, expect: dict | None = None,
-                          map_location: str | torch.device = "cpu") -> tuple[CRFNet, dict]:
+                          map_location: str | torch.device = "cpu", needs: tuple[str, ...] = ()) -> tuple[CRFNet, dict]:
     """Build the model a checkpoint describes and load its weights. `expect`: config
-    values the caller needs; a differing one is refused by name."""
+    values the caller needs; a differing one is refused by name. `needs`: config keys
+    that must be there."""
     ckpt = load_checkpoint(path, map_location)
     cfg = ckpt["config"]
     for key, want in (expect or {}).items():
         if cfg.get(key) != want:
             raise CheckpointError(f"{path}: checkpoint has {key}={cfg.get(key)!r}, expected {want!r}")
+    missing = [k for k in needs if cfg.get(k) is None]
+    if missing:
+        raise CheckpointError(f"{path}: the checkpoint's config has no {', '.join(missing)}")
     model = CRFNet(ModelConfig.from_dict(cfg))
     try:
         model.load_state_dict(ckpt["state_dict"])

@@ -6,21 +6,33 @@ from pathlib import Path
 
 import numpy as np
 
+from .errors import CrfError
 from .io import atomic_path
 
 
+class LogError(CrfError):
+    """A log.csv this package cannot have written."""
+
+
 def read_log(path: Path) -> list[dict]:
-    """The rows of log.csv (none when it does not exist)."""
+    """The rows of log.csv (none when it does not exist), each with a whole-number epoch."""
     if not path.exists():
         return []
-    with path.open(newline="") as fh:
-        return list(csv.DictReader(fh))
+    try:
+        with path.open(newline="") as fh:
+            rows = list(csv.DictReader(fh))
+        for row in rows:
+            row["epoch"] = int(row["epoch"])
+    except (UnicodeDecodeError, csv.Error, KeyError, TypeError, ValueError):
+        raise LogError(f"{path}: not a training log (expected a CSV with an epoch column of whole numbers); "
+                       "move it away to start the log afresh") from None
+    return rows
 
 
 def append_log(path: Path, row: dict) -> None:
     """Add `row` to log.csv, rewriting it atomically (new columns extend the header); a
     row of an epoch already logged (a resumed run redoing it) replaces it and those after."""
-    rows = [r for r in read_log(path) if int(r["epoch"]) < row["epoch"]] + [row]
+    rows = [r for r in read_log(path) if r["epoch"] < row["epoch"]] + [row]
     keys = list(dict.fromkeys(k for r in rows for k in r))
     with atomic_path(path) as tmp, tmp.open("w", newline="") as fh:
         w = csv.DictWriter(fh, fieldnames=keys)
@@ -36,7 +48,7 @@ def plot_curves(log_csv: Path, png: Path) -> None:
     import matplotlib.pyplot as plt
 
     rows = read_log(log_csv)
-    ep = [int(r["epoch"]) for r in rows]
+    ep = [r["epoch"] for r in rows]
 
     def col(k):
         return [float(r[k]) if r.get(k) not in (None, "") else np.nan for r in rows]

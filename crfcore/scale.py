@@ -77,7 +77,7 @@ def read_scale(slide: openslide.OpenSlide, path: str | Path, mpp: float | None =
         raise ScaleError(f"{path}: --mpp {mpp}: expected a positive number of microns per pixel")
     own = sl.slide_mpp(slide)
     if own is None:
-        raise ScaleError(f"{path}: the slide does not record its microns per pixel, so it cannot be read at {mpp:g} um "
+        raise ScaleError(f"{path}: the slide does not record a usable microns per pixel, so it cannot be read at {mpp:g} um "
                          "(--mpp, or the checkpoint's mpp): give --level")
     scale = mpp / own[0]
     lvl = sl.level_for_downsample(slide, scale)

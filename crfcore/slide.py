@@ -70,13 +70,19 @@ def level_for_downsample(slide: openslide.OpenSlide, downsample: float) -> int:
     return best
 
 
+PLAUSIBLE_MPP = (1e-3, 1e3)  # microns per pixel; a value outside is a broken header, not a scanner's
+
+
 def slide_mpp(slide: openslide.OpenSlide) -> tuple[float, float] | None:
-    """Level-0 microns per pixel `(x, y)`, or None when the slide does not say."""
+    """Level-0 microns per pixel `(x, y)`, or None when the slide does not say or says
+    something no scanner writes (0, negative, infinite, 1e-300)."""
     props = slide.properties
     try:
-        return float(props[openslide.PROPERTY_NAME_MPP_X]), float(props[openslide.PROPERTY_NAME_MPP_Y])
+        mpp = float(props[openslide.PROPERTY_NAME_MPP_X]), float(props[openslide.PROPERTY_NAME_MPP_Y])
     except (KeyError, ValueError):
         return None
+    low, high = PLAUSIBLE_MPP
+    return mpp if all(low <= v <= high for v in mpp) else None
 
 
 def rgba_to_rgb(rgba: np.ndarray) -> np.ndarray:

@@ -33,6 +33,18 @@ class HEDJitter:
         return np.clip(hed2rgb(hed) * 255 + 0.5, 0, 255).astype(np.uint8)
 
 
+def stain_arrays(d: object) -> tuple[np.ndarray, np.ndarray]:
+    """A stored reference's stain vectors (3 x 2) and maximum concentrations (2), checked."""
+    try:
+        he, max_c = np.asarray(d["he_ref"], float).reshape(3, 2), np.asarray(d["max_c_ref"], float).reshape(2)
+    except (LookupError, TypeError, ValueError):
+        raise StainError(f"malformed stain reference {str(d)[:80]!r}: expected he_ref (3 x 2) and "
+                         "max_c_ref (2 numbers)") from None
+    if not (np.isfinite(he).all() and np.isfinite(max_c).all()):
+        raise StainError("malformed stain reference: its numbers are not finite")
+    return he, max_c
+
+
 class MacenkoNormaliser:
     """Map an image's H&E stain vectors and concentrations onto a reference's (Macenko et
     al. 2009, via torchstain). Images with too little stain to fit (glass, fat) are left as
@@ -65,7 +77,7 @@ class MacenkoNormaliser:
 
     @classmethod
     def from_dict(cls, d: dict) -> "MacenkoNormaliser":
-        return cls(np.array(d["he_ref"]), np.array(d["max_c_ref"]))
+        return cls(*stain_arrays(d))
 
     def to_dict(self) -> dict:
         return {"he_ref": self._norm.HERef.tolist(), "max_c_ref": self._norm.maxCRef.tolist()}

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import errno
 import hashlib
-import json
 import os
 import re
 import shutil
@@ -26,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import CrfError
-from .io import atomic_copy, atomic_path, atomic_write_json, atomic_write_text
+from .io import atomic_copy, atomic_path, atomic_write_json, atomic_write_text, read_json
 from .tilefolder import interrupted
 from .tiling import TileInfo, collect_tiles, read_coords
 
@@ -107,7 +106,11 @@ def existing_lines(out: Path, append: bool, overwrite: bool) -> list[str]:
 
 def listed(out: Path) -> list[str]:
     """The lines of DATASET_DIR/list.txt (none when there is none)."""
-    return (out / "list.txt").read_text().splitlines() if (out / "list.txt").exists() else []
+    path = out / "list.txt"
+    try:
+        return path.read_text().splitlines() if path.exists() else []
+    except UnicodeDecodeError:
+        raise TrainSetError(f"{path}: not a text file (expected a coords list)") from None
 
 
 class CannotLink(Exception):
@@ -179,7 +182,11 @@ def recover_moves(out: Path) -> None:
     journal = out / JOURNAL
     if not journal.is_file():
         return
-    state = json.loads(journal.read_text())
+    state = read_json(journal, "move journal", TrainSetError)
+    if not (isinstance(state, dict) and isinstance(state.get("list_sha256"), str) and isinstance(state.get("moves"), list)
+            and all(isinstance(m, list) and len(m) == 2 and all(isinstance(p, str) for p in m) for m in state["moves"])):
+        raise TrainSetError(f"{journal}: not a move journal of coord_list_gen.py; if no --move was interrupted, "
+                            "delete it")
     lst = out / "list.txt"
     if lst.exists() and _sha(lst.read_text()) == state["list_sha256"]:
         journal.unlink()  # the move had finished; only the journal was left

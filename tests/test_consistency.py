@@ -74,7 +74,7 @@ def test_geometry_and_config_are_checked():
     base = dict(data_path_train="d", json_path_train="j")
     with pytest.raises(ConfigError, match="init_from"):
         TrainConfig(**base, dense_consistency=1.0).check()
-    with pytest.raises(ConfigError, match=">= 0"):
+    with pytest.raises(ConfigError, match="expected at least 0"):
         TrainConfig(**base, dense_consistency=-1.0, init_from="c").check()
     with pytest.raises(ConfigError, match="grid mode"):
         TrainConfig(mode="classify", grid=1, data_path_train="d", dense_consistency=1.0, init_from="c").check()

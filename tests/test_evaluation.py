@@ -96,6 +96,21 @@ def test_evaluate_cli_end_to_end(truth, tmp_path):
     assert "AUC=1.0000" in proc.stdout and "specificity" in proc.stdout
     proc = call("evaluate.py", "froc", tmp_path / "nothing", tmp_path / "truth", check=False)
     assert proc.returncode == 2 and "not a directory" in proc.stderr
+    # an export never replaces the truth beside it; an earlier export is replaced
+    write_annotation(truth, les / "n1.xml", to="xml")
+    before = (les / "n1.xml").read_text()
+    proc = call("evaluate.py", "lesions", tmp_path / "maps" / "n1_prob.npy", "-o", les / "n1.csv", "--to", "xml",
+                check=False)
+    assert proc.returncode == 2 and "holds annotations other than predicted lesions" in proc.stderr
+    assert (les / "n1.xml").read_text() == before
+    call("evaluate.py", "lesions", tmp_path / "maps" / "t1_prob.npy", "-o", les / "t1.csv", "--to", "xml",
+         "--threshold", "0.85")
+    assert (les / "t1.xml").read_text().count("Dot") == 1
+    call("evaluate.py", "lesions", tmp_path / "maps" / "n1_prob.npy", "-o", les / "n1.csv", "--to", "geojson")
+    # no tumour to find: FROC is undefined, not 0
+    (tmp_path / "truth" / "t1.json").unlink()
+    proc = call("evaluate.py", "froc", les, tmp_path / "truth", check=False)
+    assert proc.returncode == 2 and "no tumour to find on these 2 slides" in proc.stderr
 
 
 def lesion_setup(tmp_path, truth):

@@ -85,6 +85,11 @@ def sidecar(path, **meta):
     ({}, np.full((4, 5), np.nan, np.float32), "20 cell\\(s\\) are NaN or infinite"),
     ({}, np.array([[np.inf] * 5] * 4, np.float32), "NaN or infinite"),
     ({"shape": [5, 4]}, np.zeros((4, 5), np.float32), "does not match its sidecar"),
+    ({"shape": [4, 5]}, np.full((4, 5), "a"), "holds <U1 values; masks and maps hold numbers"),
+    ({"shape": [0, 0]}, np.zeros((0, 0), np.float32), "empty 0x0 array"),
+    ({"slide": None}, np.zeros((4, 5), np.float32), "not a sidecar \\(expected a JSON object naming its slide"),
+    ({"mpp": 0.25}, np.zeros((4, 5), np.float32), "'mpp' must be null or two positive numbers"),
+    ({"mpp": [0, 0]}, np.zeros((4, 5), np.float32), "'mpp' must be null or two positive numbers"),
 ])
 def test_bad_arrays_and_sidecars_are_refused(tmp_path, meta, array, message):
     np.save(tmp_path / "p.npy", array)
@@ -110,3 +115,47 @@ def test_a_lattice_that_does_not_cover_the_slide_is_refused():
     io.check_fits_slide("m.npy", (96, 128), (16.0, 16.0), (2040, 1530))  # rounded up by a pyramid
     with pytest.raises(io.ArrayFileError, match="the slide is 4096x1536"):
         io.check_fits_slide("m.npy", (96, 128), (16.0, 16.0), (4096, 1536))
+
+
+@pytest.mark.parametrize("content, message", [
+    (b"", "cannot read the array \\(empty or truncated file\\)"),
+    ("npz", "is an .npz archive, not one .npy array"),
+])
+def test_unreadable_array_files_are_refused_by_name(tmp_path, content, message):
+    path = tmp_path / "p.npy"
+    if content == "npz":
+        with path.open("wb") as fh:
+            np.savez(fh, a=np.zeros((4, 5)))
+    else:
+        path.write_bytes(content)
+    sidecar(path)
+    with pytest.raises(io.ArrayFileError, match=message):
+        io.load_array(path)
+
+
+@pytest.mark.parametrize("text, message", [
+    ("[" * 100000 + "]" * 100000, "nested too deeply"),
+    ("1" * 5000, "malformed JSON \\(Exceeds the limit"),
+    ("{", "malformed JSON at line 1"),
+    (b"\xff\xfe\x00", "not a text file"),
+])
+def test_every_unreadable_json_is_one_error_naming_the_file(tmp_path, text, message):
+    path = tmp_path / "x.json"
+    path.write_bytes(text if isinstance(text, bytes) else text.encode())
+    with pytest.raises(io.CrfError, match=message) as err:
+        io.read_json(path, "sidecar")
+    assert str(err.value).startswith(str(path)) and "\n" not in str(err.value)
+    assert io.read_json(path.with_name("bom.json").write_text("\ufeff[1]") and path.with_name("bom.json"), "x") == [1]
+
+
+def test_an_output_never_replaces_a_file_that_is_not_its_own_sidecar(tmp_path):
+    out = tmp_path / "s1.npy"
+    annotation = out.with_suffix(".json")
+    annotation.write_text('{"positive": [], "negative": []}')
+    with pytest.raises(OutputError, match="not a sidecar of crfcore \\(an annotation\\?\\)"):
+        io.save_array(out, np.zeros((2, 2), bool), {"slide": "s1.tif"})
+    assert annotation.read_text() == '{"positive": [], "negative": []}' and not out.exists()
+    annotation.unlink()
+    io.save_array(out, np.zeros((2, 2), bool), {"slide": "s1.tif"})
+    io.save_array(out, np.ones((2, 3), bool), {"slide": "s1.tif"})  # its own sidecar is replaced
+    assert io.is_sidecar(annotation) and json.loads(annotation.read_text())["shape"] == [2, 3]

@@ -95,7 +95,7 @@ def test_mask_errors(syn_slide, tmp_path):
     far = tmp_path / "far.json"
     far.write_text(json.dumps({"positive": [{"name": "x", "vertices": [[0, 0], [99999, 0], [0, 500]]}],
                                "negative": []}))
-    proc = call("Mask_gen.py", syn_slide.path, "-o", tmp_path / "far.npy", "--kind", "tumor",
+    proc = call("Mask_gen.py", syn_slide.path, "-o", tmp_path / "far_tumor.npy", "--kind", "tumor",
                       "--annotation", far)
     assert "outside the slide" in proc.stderr and "far.json" in proc.stderr
 

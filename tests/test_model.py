@@ -74,12 +74,29 @@ def test_bad_checkpoints_get_one_line_errors(tmp_path):
     torch.save({"a": 1}, tmp_path / "plain.ckpt")
     (tmp_path / "cut.ckpt").write_bytes(good.read_bytes()[:1000])
     cases = {"missing.ckpt": "no such checkpoint", "mask.npy": "not a file written by torch.save",
-             "object.ckpt": "objects other than weights", "plain.ckpt": "no state_dict/config",
+             "object.ckpt": "objects other than weights", "plain.ckpt": r"no state_dict of weights and config",
              "cut.ckpt": "truncated or corrupt checkpoint"}
+    ckpt = torch.load(good, weights_only=True)  # hand-edited copies of a good one: each is refused by name
+    state, config = ckpt["state_dict"], ckpt["config"]
+    nan = {**state, "fc.bias": torch.tensor([float("nan")])}
+    edits = {"config_str": ({"config": "grid"}, "no state_dict of weights and config"),
+             "state_list": ({"state_dict": [1]}, "no state_dict of weights and config"),
+             "state_str": ({"state_dict": {"fc.bias": "x"}}, "no state_dict of weights and config"),
+             "iters_str": ({"config": {**config, "crf_iters": "a"}}, "crf_iters='a': expected int"),
+             "crop0": ({"config": {**config, "crop_size": 0}}, "crop_size=0: expected at least 1"),
+             "wide": ({"config": {**config, "width_mult": 1e6}}, "width_mult=1000000.0: expected above 0"),
+             "mpp_str": ({"config": {**config, "mpp": "x"}}, "mpp='x': expected float or null"),
+             "stain": ({"config": {**config, "stain_reference": {"x": 1}}}, "malformed stain reference"),
+             "nan": ({"state_dict": nan}, "weight fc.bias is NaN or infinite")}
+    for name, (edit, msg) in edits.items():
+        torch.save({**ckpt, **edit}, tmp_path / f"{name}.ckpt")
+        cases[f"{name}.ckpt"] = msg
     for name, msg in cases.items():
         with pytest.raises(CheckpointError, match=msg) as err:
             model_from_checkpoint(tmp_path / name)
-        assert "\n" not in str(err.value)
+        assert "\n" not in str(err.value) and str(tmp_path / name) in str(err.value)
+    with pytest.raises(CheckpointError, match="config has no patch_size"):
+        model_from_checkpoint(good, needs=("patch_size",))
     with pytest.raises(CheckpointError, match="mode='grid', expected 'classify'"):
         model_from_checkpoint(good, expect={"mode": "classify"})
 

@@ -253,3 +253,29 @@ def test_config_is_typed_and_the_readme_table_is_generated_from_it():
             TrainConfig(**bad)
     with pytest.raises(ConfigError, match="mpp='abc': expected float or null"):
         TrainConfig(mpp="abc")
+
+
+@pytest.mark.parametrize("setting, message", [
+    ("seed=-1", "seed=-1: expected at least 0 and at most 4.29497e\\+09"),
+    ("weight_decay=-1", "weight_decay=-1.0: expected at least 0"),
+    ("weight_decay=NaN", "weight_decay=nan: expected at least 0"),
+    ("momentum=1.5", "momentum=1.5: expected at least 0 and at most 1"),
+    ("width_mult=1e6", "width_mult=1000000.0: expected above 0 and at most 4"),
+    ("max_steps=0", "max_steps=0: expected at least 1"),
+    ("crf_iters=-3", "crf_iters=-3: expected at least 0"),
+    ("class_weights=[-1,1]", "class_weights=\\(-1, 1\\): expected numbers at least 0"),
+    ("class_weights=[0,0]", "expected some weight above 0"),
+    ("color_jitter=[-1,0,0,0]", "color_jitter=.*: expected numbers at least 0"),
+    ("color_jitter=[0,0,0,0.9]", "color_jitter=.*: expected numbers at least 0 and at most 0.5"),
+    ("color_jitter=[0,0]", "expected 4 numbers"),
+    ("epochs=" + "9" * 5000, "epochs='9999.*: expected int"),
+    ("epochs=" + "9" * 40, "epochs=9999.*: expected at least 1 and at most 2.14748e\\+09"),
+])
+def test_every_numeric_config_key_is_range_checked(setting, message):
+    """A value that cannot train is refused by name before anything runs (it used to
+    reach torch or numpy and end in a traceback, or train silently: max_steps -5)."""
+    from crfcore.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match=message) as err:
+        load_config(None, [setting])
+    assert "\n" not in str(err.value)

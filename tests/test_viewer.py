@@ -215,7 +215,7 @@ def test_lesions_and_truth(env):
 
 
 @pytest.mark.parametrize("url, words", [
-    ("/_map/pickled/sub/v.tif.dzi", "cannot read array"),
+    ("/_map/pickled/sub/v.tif.dzi", "cannot read the array"),
     ("/_map/nosidecar/sub/v.tif.dzi", "sidecar v_prob.json is missing"),
     ("/_map/other/sub/v.tif.dzi", "belongs to slide 'w.tif'"),
     ("/_map/nan/sub/v.tif.dzi", "NaN or infinite"),

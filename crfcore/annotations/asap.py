@@ -29,6 +29,8 @@ def read_asap_xml(path: str | Path, positive_groups: Sequence[str] = POSITIVE_GR
                               "which annotations never need") from None
     except (OSError, UnicodeDecodeError) as err:
         raise AnnotationError(f"{path}: cannot read ({getattr(err, 'strerror', None) or err})") from None
+    except LookupError as err:  # an encoding Python does not know, declared in the XML
+        raise AnnotationError(f"{path}: cannot read ({err})") from None
     annos = root.findall("./Annotations/Annotation")
     ann = Annotation()
     for g in root.findall("./AnnotationGroups/Group"):

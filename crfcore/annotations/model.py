@@ -25,6 +25,7 @@ from typing import Iterable, Iterator, NamedTuple, Sequence
 import numpy as np
 
 from ..errors import CrfError
+from ..io import read_json
 
 POSITIVE_GROUPS = ("Tumor", "_0", "_1", "metastases")
 NEGATIVE_GROUPS = ("_2", "Exclusion")
@@ -243,16 +244,7 @@ def warn_unknown(source: str, kind: str, found: Iterable[str | None], known: Seq
 
 
 def load_json(path: Path) -> object:
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise AnnotationError(f"{path}: malformed JSON at line {err.lineno}: {err.msg}") from None
-    except UnicodeDecodeError as err:
-        raise AnnotationError(f"{path}: cannot read ({err})") from None
-    except ValueError as err:  # e.g. an integer of more digits than Python converts
-        raise AnnotationError(f"{path}: malformed JSON: {err}") from None
-    except OSError as err:
-        raise AnnotationError(f"{path}: cannot read ({err.strerror})") from None
+    return read_json(path, "annotation", AnnotationError)
 
 
 def remember_colour(ann: Annotation, group: str | None, colour: str | None) -> None:
