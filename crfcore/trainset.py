@@ -10,6 +10,10 @@ finds the journal completes nothing by guesswork: if list.txt is the promised on
 drops the journal, otherwise it moves the images back, so a kill at any moment leaves
 either the old state or the new one. sides.txt is written before list.txt and read only
 as far as list.txt goes, so a kill between the two leaves the old state readable.
+
+--overwrite builds the new set in a hidden sibling folder and swaps it in with two
+renames (`replace`); until then the old set is untouched, and a run killed between the
+renames is finished (or undone) by the next run (`recover_replacement`).
 """
 from __future__ import annotations
 
@@ -24,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import CrfError
+from .errors import CrfError, OutputError
 from .io import atomic_copy, atomic_path, atomic_write_json, atomic_write_text, read_json
 from .tilefolder import interrupted
 from .tiling import TileInfo, collect_tiles, read_coords
@@ -87,10 +91,7 @@ def existing_lines(out: Path, append: bool, overwrite: bool) -> list[str]:
     if (lines or numbered) and not (append or overwrite):
         raise TrainSetError(f"{out} is not empty; use --append to add to it or --overwrite to replace it")
     if overwrite:
-        (out / "list.txt").unlink(missing_ok=True)  # first: the folder is then plainly incomplete
-        for _, p in numbered:
-            p.unlink()
-        return []
+        return []  # the old set stays until `replace` swaps the new one in
     have = {i for i, _ in numbered}
     missing = [i for i in range(len(lines)) if i not in have]
     if missing:
@@ -177,7 +178,66 @@ def write(out: Path, keep: list[str], new: list[Entry], how: str) -> list[str]:
     return lines
 
 
-def recover_moves(out: Path) -> None:
+def staging(out: Path, tag: str) -> Path:
+    """The hidden sibling `.<name>.<tag>` of DATASET_DIR where `replace` builds (`new`) or
+    parks (`old`) a set: on the same file system, so the swap is two renames."""
+    out = out.resolve()
+    return out.parent / f".{out.name}.{tag}"
+
+
+def replace(out: Path, new: list[Entry], how: str) -> list[str]:
+    """--overwrite: build the new set beside DATASET_DIR, then swap it in; a failure before
+    the swap leaves the old set as it was (moved images go back to their patch folders)."""
+    build = staging(out, "new")
+    try:
+        build.mkdir()
+    except OSError as err:
+        raise OutputError(f"{build}: cannot make the folder the new set is built in ({err.strerror})") from None
+    try:
+        lines = write(build, [], new, how)
+    except BaseException:  # a full disk, Ctrl-C: an unfinished new set is removed, moved images go back
+        discard(build)
+        raise
+    old = staging(out, "old")
+    out.rename(old)
+    build.rename(out)  # a kill between the two renames is finished by `recover_replacement`
+    shutil.rmtree(old, ignore_errors=True)
+    return lines
+
+
+def complete(build: Path) -> bool:
+    """Whether a new set `replace` built is whole (list.txt is written last, then the journal goes)."""
+    return (build / "list.txt").is_file() and not (build / JOURNAL).exists()
+
+
+def discard(build: Path) -> None:
+    """Remove an unfinished new set, first moving back what it took from patch folders (a
+    complete one is left for `recover_replacement` to swap in: after --move its images are
+    nowhere else)."""
+    if build.is_dir():
+        recover_moves(build, quiet=True)  # a finished move drops its journal: the set is then complete
+        if not complete(build):
+            shutil.rmtree(build)
+
+
+def recover_replacement(out: Path) -> None:
+    """Finish the business of a killed `replace`: a complete new set is swapped in, else
+    the old set is kept (or put back); leftovers are removed."""
+    build, old = staging(out, "new"), staging(out, "old")
+    discard(build)
+    if build.is_dir():  # complete
+        if out.exists() and not old.exists():
+            out.rename(old)
+        if not out.exists():
+            build.rename(out)
+            warnings.warn(f"{out}: an earlier --overwrite was interrupted after building the new set; swapped it in")
+    elif old.is_dir() and not out.exists():
+        old.rename(out)
+        warnings.warn(f"{out}: an earlier --overwrite was interrupted; kept the old set")
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def recover_moves(out: Path, quiet: bool = False) -> None:
     """Finish the business of an interrupted --move (see the module docstring)."""
     journal = out / JOURNAL
     if not journal.is_file():
@@ -198,7 +258,8 @@ def recover_moves(out: Path) -> None:
             shutil.move(dst, src)
             back += 1
     journal.unlink()
-    warnings.warn(f"{out}: an earlier --move was interrupted; moved {back} images back to their patch folders")
+    if not quiet:
+        warnings.warn(f"{out}: an earlier --move was interrupted; moved {back} images back to their patch folders")
 
 
 def _sha(text: str) -> str:

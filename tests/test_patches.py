@@ -1,5 +1,6 @@
 import os
 import tempfile
+import warnings
 from pathlib import Path
 
 import cv2
@@ -11,7 +12,7 @@ from crfcore import slide as sl
 from crfcore.annotations import write_annotation
 from crfcore.datasets import GridDataset
 from crfcore.errors import CrfError
-from conftest import call, shared
+from conftest import call, file_size_limit, shared
 
 
 @pytest.fixture(scope="module")
@@ -441,3 +442,83 @@ def test_directory_mode_pairs_masks_by_exact_stem(syn_slide, syn_masks, tmp_path
     call("Patch_gen.py", slides, "--mask", mdir, "--mask-kind", "tumor", "-o", tmp_path / "p", "--image-size",
          "64", "--workers", "0", "--quiet")
     assert (tmp_path / "p" / "syn_tumor.txt").exists()
+
+
+KILL_AFTER = """
+import os, runpy, signal, sys
+steps = [0]
+def counted(real):
+    def step(*a, **k):
+        out = real(*a, **k)
+        steps[0] += 1
+        if steps[0] == int(os.environ["KILL_AFTER"]):
+            os.kill(os.getpid(), signal.SIGKILL)  # as a kill -9 landing right after this rename or link
+        return out
+    return step
+os.rename, os.replace, os.link = counted(os.rename), counted(os.replace), counted(os.link)
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def two_tile_folders(syn_slide, syn_masks, tmp_path):
+    for name, seed, num in (("a", "0", "5"), ("b", "1", "4")):
+        call("Patch_gen.py", syn_slide.path, "--mask", syn_masks / "syn_tumor_tumor.npy", "-o", tmp_path / name,
+             "--mode", "random", "--num", num, "--image-size", "64", "--seed", seed, "--workers", "0", "--quiet")
+
+
+def dataset(folder):
+    """list.txt and every image's bytes, in order."""
+    lines = (folder / "list.txt").read_text().split()
+    return lines, [(folder / f"{i}.png").read_bytes() for i in range(len(lines))]
+
+
+def test_a_failed_overwrite_of_a_training_set_keeps_the_old_set(syn_slide, syn_masks, tmp_path):
+    """--overwrite builds the new set beside the old one: a full disk while copying leaves
+    the old set whole and no staging folder; a run that succeeds then replaces it."""
+    two_tile_folders(syn_slide, syn_masks, tmp_path)
+    call("coord_list_gen.py", tmp_path / "a", "-o", tmp_path / "ds", "--copy")
+    old = dataset(tmp_path / "ds")
+    with file_size_limit(100):  # a real failing file system: every image is larger
+        res = call("coord_list_gen.py", tmp_path / "b", "-o", tmp_path / "ds", "--overwrite", "--copy", check=False)
+    assert res.returncode == 2 and "cannot write" in res.stderr and "Traceback" not in res.stderr
+    assert dataset(tmp_path / "ds") == old and sorted(p.name for p in tmp_path.glob(".ds*")) == []
+    call("coord_list_gen.py", tmp_path / "b", "-o", tmp_path / "ds", "--overwrite", "--copy")
+    assert len(dataset(tmp_path / "ds")[0]) == 4
+
+
+def test_a_killed_overwrite_leaves_the_old_set_or_the_new_one(syn_slide, syn_masks, tmp_path):
+    """SIGKILL after each rename, replace or link of `--overwrite --move`: the next run's
+    recovery leaves the folder holding exactly the old set or exactly the new one, and
+    every moved image is either back in its patch folder or in the new set."""
+    import shutil
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+    two_tile_folders(syn_slide, syn_masks, tmp_path)
+    call("coord_list_gen.py", tmp_path / "a", "-o", tmp_path / "ds", "--copy")
+    old = dataset(tmp_path / "ds")
+    tiles = {p.name: p.read_bytes() for p in (tmp_path / "b" / "syn_tumor").iterdir()}
+    seen = set()
+    for k in range(1, 13):
+        run = tmp_path / f"k{k}"
+        for name in ("ds", "b"):
+            shutil.copytree(tmp_path / name, run / name)
+        args = [str(ROOT / "coord_list_gen.py"), str(run / "b"), "-o", str(run / "ds"), "--overwrite", "--move"]
+        proc = subprocess.run([sys.executable, "-c", KILL_AFTER, *args], env={**os.environ, "KILL_AFTER": str(k)},
+                              capture_output=True, text=True, cwd=ROOT)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "an earlier --overwrite was interrupted"
+            trainset.recover_replacement(run / "ds")  # what the next run does first
+            trainset.recover_moves(run / "ds")
+        state = dataset(run / "ds")
+        left = {p.name: p.read_bytes() for p in (run / "b" / "syn_tumor").iterdir()}
+        if state == old:
+            seen.add("old")
+            assert left == tiles, k  # every moved image went back
+        else:
+            seen.add("new" if proc.returncode else "finished")
+            assert len(state[0]) == 4 and sorted(state[1]) == sorted(tiles.values()) and not left, k
+        assert not list(run.glob(".ds.*")), k
+    assert seen == {"old", "new", "finished"}
