@@ -18,8 +18,6 @@ from typing import Any, Optional
 from .errors import CrfError
 from .io import read_json
 
-# The keys a checkpoint's model is built from: a resumed run must not change them.
-MODEL_KEYS = ("mode", "grid", "crf_iters", "width_mult", "image_size", "patch_size", "crop_size")
 CHOICES = {"mode": ("grid", "classify"), "optimizer": ("sgd", "adamw"),
            "schedule": ("none", "cosine", "step"), "device": ("auto", "cpu", "cuda"),
            "precision": ("auto", "fp32", "bf16", "fp16"),

@@ -304,7 +304,8 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
             stain_arrays(ckpt["config"]["stain_reference"])
     except CrfError as err:
         raise CheckpointError(f"{path}: {err}") from None
-    broken = next((k for k, v in ckpt["state_dict"].items() if v.is_floating_point() and not torch.isfinite(v).all()), None)
+    weights = ckpt["state_dict"].items()
+    broken = next((k for k, v in weights if v.is_floating_point() and not torch.isfinite(v).all()), None)
     if broken is not None:
         raise CheckpointError(f"{path}: weight {broken} is NaN or infinite (a diverged training run?)")
     return ckpt

@@ -19,7 +19,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from .config import MODEL_KEYS, ConfigError, TrainConfig
+from .config import INTERNAL, ConfigError, TrainConfig
 from .consistency import DenseConsistent, check_geometry
 from .datasets import FolderDataset, GridDataset
 from .device import DistEnv, autocast, reader_workers, resolve_device, resolve_precision
@@ -30,6 +30,12 @@ from .model import CRFNet, ModelConfig, init_from_checkpoint, load_checkpoint, l
 from .model import inference_copy, model_from_checkpoint, save_checkpoint
 from .loaders import build_loaders, collate, stain_normaliser
 from .runlog import append_log, plot_curves, read_log
+
+
+PENDING_BEST = ".best.pending.ckpt"  # a new best.ckpt until train.ckpt commits its epoch
+# What --resume may change; any other key would make the resumed run a different one
+# (the optimiser's state overrides a new weight_decay, best_metric compares unlike values).
+RESUME_MAY_CHANGE = ("epochs", "lr", "workers", "device", "precision", "pretrained", "init_from")
 
 
 class TrainingError(CrfError):
@@ -147,9 +153,11 @@ def better(metric: str, new: float, old: float | None) -> bool:
 class Run:
     """One training run in SAVE_DIR (resumable). Under torchrun, rank 0 writes the files.
 
-    An epoch's outputs are written best.ckpt, log.csv, curves.png, then train.ckpt: the
-    last is the epoch's commit point. A run killed anywhere in between resumes from the
-    previous train.ckpt and redoes the epoch, rewriting the others (resume is exact)."""
+    An epoch's outputs are written: a new best as `.best.pending.ckpt`, log.csv,
+    curves.png, then train.ckpt, the epoch's commit point, and last the pending best
+    renamed to best.ckpt. A run killed before the commit resumes from the previous
+    train.ckpt, drops the pending best (so best.ckpt stays the best train.ckpt records)
+    and redoes the epoch; one killed after it renames the pending best on resume."""
 
     def __init__(self, cfg: TrainConfig, save_dir: str | Path, resume: bool = False, quiet: bool = False) -> None:
         self.save_dir, self.quiet = Path(save_dir), quiet
@@ -187,10 +195,13 @@ class Run:
         if not path.exists():
             raise ConfigError(f"--resume: {path} does not exist")
         ckpt = load_checkpoint(path)
-        # mpp: the resolution the data was cut at is part of what the model learns
-        diff = [k for k in (*MODEL_KEYS, "mpp", "optimizer") if ckpt["config"].get(k) != getattr(cfg, k)]
+        stored = TrainConfig.from_dict(ckpt["config"]).to_dict()
+        diff = [k for k, v in cfg.to_dict().items()
+                if k not in (*INTERNAL, *RESUME_MAY_CHANGE) and not k.startswith(("data_path", "json_path"))
+                and stored[k] != v]
         if diff:
-            raise ConfigError(f"--resume: the config differs from the checkpoint's in {diff}")
+            raise ConfigError(f"--resume: the config differs from the checkpoint's in {diff}; only "
+                              f"{', '.join(RESUME_MAY_CHANGE)} and the data folders may change on resume")
         return ckpt
 
     def _build_model(self, fresh: bool) -> CRFNet:
@@ -222,10 +233,14 @@ class Run:
         train.ckpt (files deleted or replaced by hand)."""
         if not self.main or not self.epoch:
             return
-        best = self.save_dir / "best.ckpt"
-        # a best.ckpt newer than train.ckpt comes from the epoch being redone: it is rewritten
+        best, pending = self.save_dir / "best.ckpt", self.save_dir / PENDING_BEST
+        if pending.exists():  # committed by train.ckpt (killed before the rename), or not (dropped)
+            if load_checkpoint(pending).get("epoch") == self.best_epoch == self.epoch:
+                pending.replace(best)
+            else:
+                pending.unlink()
         got = load_checkpoint(best).get("epoch", 0) if best.exists() else None
-        if self.best_epoch and (got is None or not (got == self.best_epoch or got > self.epoch)):
+        if self.best_epoch and got != self.best_epoch:
             raise ConfigError(f"--resume: {best} is missing or is not epoch {self.best_epoch}, the best "
                               "that train.ckpt records; restore it or start a new run")
         logged = [int(r["epoch"]) for r in read_log(self.save_dir / "log.csv")]
@@ -341,7 +356,7 @@ class Run:
             torch.distributed.barrier()
 
     def save(self, row: dict) -> None:
-        """Write the epoch's outputs, train.ckpt last (see the class docstring)."""
+        """Write the epoch's outputs, train.ckpt as the commit point (see the class docstring)."""
         metric = self.cfg.best_metric
         value = row.get(f"valid_{metric}", row["train_loss"] if metric == "loss" else row["train_acc"])
         is_best = better(metric, value, self.best)
@@ -350,11 +365,13 @@ class Run:
         config = self.cfg.to_dict()
         common = dict(epoch=self.epoch, step=self.step, best=self.best, best_metric=metric, best_epoch=self.best_epoch)
         if is_best:
-            save_checkpoint(self.save_dir / "best.ckpt", self.model, config, **common)
+            save_checkpoint(self.save_dir / PENDING_BEST, self.model, config, **common)
         append_log(self.save_dir / "log.csv", row)
         plot_curves(self.save_dir / "log.csv", self.save_dir / "curves.png")
         save_checkpoint(self.save_dir / "train.ckpt", self.model, config, **common, optimizer=self.opt.state_dict(),
                         scheduler=self.sched.state_dict(), rng=rng_state())
+        if is_best:
+            (self.save_dir / PENDING_BEST).replace(self.save_dir / "best.ckpt")
         shown = ", ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items())
         self.log(shown + ("  (best)" if is_best else ""))
 

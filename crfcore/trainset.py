@@ -243,8 +243,9 @@ def recover_moves(out: Path, quiet: bool = False) -> None:
     if not journal.is_file():
         return
     state = read_json(journal, "move journal", TrainSetError)
-    if not (isinstance(state, dict) and isinstance(state.get("list_sha256"), str) and isinstance(state.get("moves"), list)
-            and all(isinstance(m, list) and len(m) == 2 and all(isinstance(p, str) for p in m) for m in state["moves"])):
+    moves = state.get("moves") if isinstance(state, dict) else None
+    if not (isinstance(moves, list) and isinstance(state.get("list_sha256"), str)
+            and all(isinstance(m, list) and len(m) == 2 and all(isinstance(p, str) for p in m) for m in moves)):
         raise TrainSetError(f"{journal}: not a move journal of coord_list_gen.py; if no --move was interrupted, "
                             "delete it")
     lst = out / "list.txt"

@@ -2,6 +2,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -80,6 +81,10 @@ def test_resume_continues_exactly(grid_data, tmp_path):
     proc = call("train.py", grid_data / "cfg.json", tmp_path / "b", "--set", "epochs=3", "--set", "mpp=0.5",
                 "--resume", check=False)  # another resolution is another model
     assert proc.returncode == 2 and "['mpp']" in proc.stderr
+    for change in ("weight_decay=0.5", "best_metric=loss", "schedule=cosine", "seed=3"):  # another run
+        proc = call("train.py", grid_data / "cfg.json", tmp_path / "b", "--set", "epochs=3", "--set", change,
+                    "--resume", check=False)
+        assert proc.returncode == 2 and f"['{change.split('=')[0]}']" in proc.stderr, change
 
 
 def test_config_errors_are_one_line(grid_data, tmp_path):
@@ -194,15 +199,15 @@ def test_reduced_pipeline_chain(grid_data, syn_slide, tmp_path):
     assert (tmp_path / "o.png").stat().st_size > 1000
 
 
-@pytest.mark.parametrize("crash_before", ["log.csv", "curves.png", "train.ckpt"])
+@pytest.mark.parametrize("crash_before", ["log.csv", "curves.png", "train.ckpt", "best.ckpt"])
 def test_a_kill_between_an_epochs_writes_resumes_consistently(grid_data, tmp_path, monkeypatch, crash_before):
     """Epoch 2 dies just before one of its outputs is written (as a kill -9 would leave
-    it); --resume then ends with best.ckpt, log.csv and train.ckpt of epoch 2, equal to
-    an uninterrupted run."""
-    call("train.py", grid_data / "cfg.json", tmp_path / "ref", "--set", "epochs=2", "--set", "best_metric=loss",
-         "--quiet")
-    call("train.py", grid_data / "cfg.json", tmp_path / "r", "--set", "epochs=1", "--set", "best_metric=loss",
-         "--quiet")
+    it; best.ckpt: the rename of the pending best after train.ckpt); best.ckpt is then
+    always the best that train.ckpt records (never the uncommitted epoch's), and --resume
+    ends with best.ckpt, log.csv and train.ckpt of epoch 2, equal to an uninterrupted run."""
+    slow = ("--set", "best_metric=loss", "--set", "lr=0.0001")
+    call("train.py", grid_data / "cfg.json", tmp_path / "ref", "--set", "epochs=2", *slow, "--quiet")
+    call("train.py", grid_data / "cfg.json", tmp_path / "r", "--set", "epochs=1", *slow, "--quiet")
     real_ckpt, real_log, real_plot = training.save_checkpoint, training.append_log, training.plot_curves
 
     def killed_at(name, real):
@@ -215,15 +220,19 @@ def test_a_kill_between_an_epochs_writes_resumes_consistently(grid_data, tmp_pat
     monkeypatch.setattr(training, "append_log", killed_at("log.csv", real_log))
     monkeypatch.setattr(training, "plot_curves", lambda log, png: killed_at("curves.png", real_plot)(png, log)
                         if png.name == crash_before else real_plot(log, png))
+    real_replace = Path.replace
+    monkeypatch.setattr(Path, "replace", lambda src, dst: killed_at("best.ckpt", real_replace)(Path(dst), src)
+                        if Path(dst).name == crash_before else real_replace(src, dst))
     with pytest.raises(SystemExit) as died:
         from crfcore.cli import run
         run(load_script("train.py").main, [str(grid_data / "cfg.json"), str(tmp_path / "r"), "--resume", "--set",
-                                           "epochs=2", "--set", "best_metric=loss", "--quiet"])
+                                           "epochs=2", *slow, "--quiet"])
     assert died.value.code == 130
     monkeypatch.undo()
-    assert load_checkpoint(tmp_path / "r" / "train.ckpt")["epoch"] == 1  # the epoch was not committed
-    res = call("train.py", grid_data / "cfg.json", tmp_path / "r", "--resume", "--set", "epochs=2", "--set",
-               "best_metric=loss", "--quiet")
+    committed = load_checkpoint(tmp_path / "r" / "train.ckpt")
+    assert committed["epoch"] == (2 if crash_before == "best.ckpt" else 1)  # train.ckpt commits the epoch
+    assert load_checkpoint(tmp_path / "r" / "best.ckpt")["epoch"] == 1  # never an uncommitted best
+    res = call("train.py", grid_data / "cfg.json", tmp_path / "r", "--resume", "--set", "epochs=2", *slow, "--quiet")
     assert "best.ckpt" in res.stdout
     for name in ("train.ckpt", "best.ckpt"):
         a, b = load_checkpoint(tmp_path / "ref" / name), load_checkpoint(tmp_path / "r" / name)
