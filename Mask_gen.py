@@ -63,9 +63,9 @@ def mask_slide(job: Job, args) -> None:
     mask, meta = masks.make_mask(job.slide, args.kind, ann, args.level, args.downsample, args.method)
     if job.annotation:
         meta.update(annotation=str(job.annotation), annotation_sha256=file_sha256(job.annotation))
-    masks.save_mask(job.out, mask, meta)
-    with sl.open_slide(job.slide) as s:
+    with sl.open_slide(job.slide) as s:  # the preview first: a full disk then leaves the old mask whole
         write_image(job.out.with_suffix(".png"), masks.preview(s, mask, tuple(meta["downsample"])))
+    masks.save_mask(job.out, mask, meta)
     print(f"{job.slide.name}: {args.kind} mask {mask.shape[1]}x{mask.shape[0]} at downsample "
           f"{meta['downsample'][0]:.2f}, {mask.mean():.1%} set -> {job.out}")
 

@@ -73,6 +73,7 @@ def resolution(args, cfg: dict) -> dict:
 
 
 LATER_SETTINGS = {"read_at": {}}  # settings newer than some sidecars: absent there means this value
+UNRECORDED = ("mask_sha256", "slide_bytes")  # inputs older sidecars do not record: not compared there
 
 
 def settings(args, ckpt_sha: str, precision: str, read_at: dict) -> dict:
@@ -86,7 +87,8 @@ def up_to_date(out: Path, wanted: dict, overwrite: bool) -> bool:
     if not (out.exists() and sidecar_path(out).exists()):
         return False
     meta = read_json(sidecar_path(out), "sidecar") if is_sidecar(sidecar_path(out)) else {}
-    stale = [k for k, v in wanted.items() if meta.get(k, LATER_SETTINGS.get(k)) != v]
+    stale = [k for k, v in wanted.items()
+             if (k in meta or k not in UNRECORDED) and meta.get(k, LATER_SETTINGS.get(k)) != v]
     if not stale:
         return True
     if not overwrite:
@@ -104,7 +106,15 @@ def warn_off_resolution(slide: Path, slide_mpp: tuple | None, read: ReadScale, t
                       "(its config mpp)")
 
 
+def inputs(job: Job) -> dict:
+    """What identifies a slide's inputs: another mask, or another slide of the same name,
+    makes its map stale."""
+    return {"mask_sha256": file_sha256(job.mask) if job.mask.is_file() else None,
+            "slide_bytes": job.slide.stat().st_size if job.slide.is_file() else None}
+
+
 def map_slide(job: Job, model, ckpt: dict, args, opts: inference.Options, wanted: dict) -> None:
+    wanted = {**wanted, **inputs(job)}
     if up_to_date(job.out, wanted, args.overwrite):
         print(f"{job.out}: up to date, skipped")
         return

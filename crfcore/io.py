@@ -116,13 +116,14 @@ def atomic_write_json(path: str | Path, obj: object) -> None:
 def write_image(path: str | Path, rgb: np.ndarray) -> None:
     """Write an RGB uint8 array as an image (format from the suffix), atomically; a
     failed encode or write (a full disk) is an `OutputError`, never a silent success."""
+    try:  # encoded in memory: a full disk is then one OSError, not libpng's own message as well
+        ok, encoded = cv2.imencode(Path(path).suffix, np.ascontiguousarray(rgb[..., ::-1]))
+    except cv2.error as err:
+        raise OutputError(f"{path}: cannot encode the image ({str(err).strip().splitlines()[-1]})") from None
+    if not ok:
+        raise OutputError(f"{path}: cannot encode the image")
     with atomic_path(path) as tmp:
-        try:
-            ok = cv2.imwrite(str(tmp), np.ascontiguousarray(rgb[..., ::-1]))
-        except cv2.error as err:
-            raise OutputError(f"{path}: cannot encode the image ({str(err).strip().splitlines()[-1]})") from None
-        if not ok or tmp.stat().st_size == 0:
-            raise OutputError(f"{path}: cannot write the image (disk full or not writable?)")
+        tmp.write_bytes(encoded.tobytes())
 
 
 def atomic_copy(src: str | Path, dst: str | Path) -> None:
@@ -209,6 +210,9 @@ def save_array(path: str | Path, array: np.ndarray, meta: dict) -> None:
     meta = {**meta, "shape": list(array.shape), "crfcore_version": __version__}
     with atomic_path(path, ".npy") as tmp:
         np.save(tmp, array)
+        # before the new array goes in: a kill before the new sidecar then leaves an array
+        # without one (refused, recomputed), never new numbers under the old settings
+        sidecar_path(path).unlink(missing_ok=True)
     atomic_write_json(sidecar_path(path), meta)
 
 

@@ -154,7 +154,8 @@ SLIDE_EXTENSIONS = (".svs", ".tif", ".tiff", ".ndpi", ".mrxs", ".vms", ".vmu", "
 
 
 def find_slides(folder: str | Path) -> list[Path]:
-    """Slide files directly inside `folder`, sorted by name (DICOM: one file per series)."""
+    """Slide files directly inside `folder`, sorted by name (DICOM: one file per series);
+    hidden files (a writer's temporary file, say) are not slides."""
     found = sorted(p for p in Path(folder).iterdir()
-                   if p.is_file() and p.suffix.lower() in SLIDE_EXTENSIONS)
+                   if p.is_file() and p.suffix.lower() in SLIDE_EXTENSIONS and not p.name.startswith("."))
     return found

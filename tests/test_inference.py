@@ -172,6 +172,15 @@ def test_a_map_of_another_checkpoint_is_not_kept(border_slide, grid_ckpt, few_po
     assert meta2["checkpoint_sha256"] != meta["checkpoint_sha256"] and np.abs(second - first).max() > 1e-3
     again = call("prob_map.py", s.path, other, few_points, out, "--workers", "0", "--quiet")
     assert "up to date, skipped" in again.stdout
+    fewer = tmp_path / "fewer" / "edge_tissue.npy"  # another mask of the slide: the map is stale
+    mask, mask_meta = masks.load_mask(few_points)
+    masks.save_mask(fewer, mask & (np.cumsum(mask.ravel()).reshape(mask.shape) <= 10), mask_meta)
+    res = call("prob_map.py", s.path, other, fewer, out, "--workers", "0", "--quiet", check=False)
+    assert res.returncode == 2 and "its mask_sha256 differ" in res.stderr
+    twin = tmp_path / "twin" / s.path.name  # another slide of the same name and size
+    synthetic.write_slide(twin, 768, 640, tumours=1, seed=6, tumour_radius=0.15, tissue=[(0.2, 0.3, 0.45, 0.5)])
+    res = call("prob_map.py", twin, other, few_points, out, "--workers", "0", "--quiet", check=False)
+    assert res.returncode == 2 and "slide_bytes" in res.stderr
 
 
 def test_overlay_puts_the_map_where_the_tumour_is(syn_slide, tmp_path):

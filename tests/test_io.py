@@ -159,3 +159,18 @@ def test_an_output_never_replaces_a_file_that_is_not_its_own_sidecar(tmp_path):
     io.save_array(out, np.zeros((2, 2), bool), {"slide": "s1.tif"})
     io.save_array(out, np.ones((2, 3), bool), {"slide": "s1.tif"})  # its own sidecar is replaced
     assert io.is_sidecar(annotation) and json.loads(annotation.read_text())["shape"] == [2, 3]
+
+
+def test_an_array_written_without_its_sidecar_is_refused_not_read_with_the_old_one(tmp_path, monkeypatch):
+    """save_array drops the old sidecar before the new array goes in: a kill between the
+    two renames leaves an array without a sidecar, never new numbers under old settings."""
+    out = tmp_path / "m.npy"
+    io.save_array(out, np.zeros((2, 2), np.float32), {"slide": "s.tif", "downsample": [1, 1], "checkpoint": "old"})
+
+    def killed(*_):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(io, "atomic_write_json", killed)
+    with pytest.raises(KeyboardInterrupt):
+        io.save_array(out, np.ones((2, 2), np.float32), {"slide": "s.tif", "downsample": [1, 1], "checkpoint": "new"})
+    with pytest.raises(io.ArrayFileError, match="sidecar m.json is missing"):
+        io.load_array(out)

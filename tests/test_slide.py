@@ -112,3 +112,11 @@ def test_a_corrupt_tile_is_an_error_naming_the_slide_and_the_region(syn_slide, t
                                             r"OpenSlide cannot read its pixels)"):
         with sl.open_slide(path) as s:
             sl.read_rgb(s, (0, 0), 0, s.dimensions)
+
+
+def test_hidden_files_are_not_slides(syn_slide, tmp_path):
+    """A writer's temporary file left in a slide folder (`.x.tif.PID.tmp.tif`) is skipped."""
+    (tmp_path / "a.tif").symlink_to(syn_slide.path)
+    (tmp_path / ".a.tif.4242.x.tif").write_bytes(b"half a slide")
+    (tmp_path / "notes.txt").write_text("x")
+    assert sl.find_slides(tmp_path) == [tmp_path / "a.tif"]
