@@ -11,6 +11,10 @@ that fails is reported and the others go on.
 """
 from __future__ import annotations
 
+from crfcore.startup import quiet_ctrl_c
+
+quiet_ctrl_c()  # first: Ctrl-C while the libraries below load is one line
+
 import argparse
 import warnings
 from dataclasses import dataclass

@@ -15,6 +15,10 @@ SLIDE and --mask may be directories: each slide `<stem>.*` takes `<stem>_<kind>.
 """
 from __future__ import annotations
 
+from crfcore.startup import quiet_ctrl_c
+
+quiet_ctrl_c()  # first: Ctrl-C while the libraries below load is one line
+
 import argparse
 from dataclasses import dataclass
 from pathlib import Path

@@ -12,6 +12,10 @@ are taken. list.txt is written last; an interrupted --move is undone on the next
 """
 from __future__ import annotations
 
+from crfcore.startup import quiet_ctrl_c
+
+quiet_ctrl_c()  # first: Ctrl-C while the libraries below load is one line
+
 import argparse
 import warnings
 from pathlib import Path

@@ -14,6 +14,10 @@ Files are paired with slides by the slide's exact stem: lesions `<stem>.csv`, ma
 """
 from __future__ import annotations
 
+from crfcore.startup import quiet_ctrl_c
+
+quiet_ctrl_c()  # first: Ctrl-C while the libraries below load is one line
+
 import argparse
 import csv
 import json

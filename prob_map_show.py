@@ -9,6 +9,10 @@ your own) or `colour` (the colour map as RGB).
 """
 from __future__ import annotations
 
+from crfcore.startup import quiet_ctrl_c
+
+quiet_ctrl_c()  # first: Ctrl-C while the libraries below load is one line
+
 import argparse
 from pathlib import Path
 

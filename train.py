@@ -8,6 +8,10 @@
 """
 from __future__ import annotations
 
+from crfcore.startup import quiet_ctrl_c
+
+quiet_ctrl_c()  # first: Ctrl-C while the libraries below load is one line
+
 import argparse
 import sys
 from pathlib import Path

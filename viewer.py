@@ -11,9 +11,15 @@ Binds to 127.0.0.1 unless told otherwise; paths outside SLIDE_DIR are refused.
 """
 from __future__ import annotations
 
+from crfcore.startup import quiet_ctrl_c
+
+quiet_ctrl_c()  # first: Ctrl-C while the libraries below load is one line
+
 import argparse
+import errno
 import math
 import os
+import socket
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -406,7 +412,20 @@ def main(argv=None) -> int:
         raise UserError(f"{args.maps}: not a directory")
     if not (OSD / "openseadragon.min.js").exists():
         print("note: OpenSeadragon is missing; run `npm install` here (pages will say so)")
+    check_port_free(args.host, args.port)
     create_app(args.slide_dir, args.maps).run(host=args.host, port=args.port, threaded=True)
+
+
+def check_port_free(host: str, port: int) -> None:
+    """Refuse a port another program holds with one line (werkzeug would print its own
+    several and exit 1)."""
+    try:
+        with socket.create_server((host, port)):
+            pass
+    except OSError as err:
+        why = os.strerror(err.errno) if err.errno else str(err)
+        hint = "; another viewer running? give another --port" if err.errno == errno.EADDRINUSE else ""
+        raise UserError(f"cannot serve on {host}:{port} ({why}{hint})") from None
     return 0
 
 

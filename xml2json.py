@@ -11,6 +11,10 @@ they are) unless --rename-groups is given; NCRF JSON has no groups.
 """
 from __future__ import annotations
 
+from crfcore.startup import quiet_ctrl_c
+
+quiet_ctrl_c()  # first: Ctrl-C while the libraries below load is one line
+
 import argparse
 import warnings
 from pathlib import Path

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import signal
 import sys
 import warnings
 from typing import Callable, Sequence
@@ -42,6 +43,7 @@ def run(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[str] 
     """Call `main(argv)` and exit with its status; user errors become `error: ...` on
     stderr and exit status 2."""
     warnings.showwarning = _one_line_warning
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # KeyboardInterrupt again (crfcore.startup)
     try:
         status = main(argv)
     except (CrfError, OSError) as err:

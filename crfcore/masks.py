@@ -66,8 +66,7 @@ class Lattice:
         """The slide's RGB pixels on this lattice."""
         if self.level is not None:
             return sl.read_level(slide, self.level)
-        img = sl.read_level(slide, sl.level_for_downsample(slide, min(self.downsample)))
-        return cv2.resize(img, self.shape[::-1], interpolation=cv2.INTER_AREA)
+        return sl.read_resized(slide, sl.level_for_downsample(slide, min(self.downsample)), self.shape)
 
 
 def tissue_mask_otsu(rgb: np.ndarray, rgb_min: int = 50) -> np.ndarray:

@@ -117,6 +117,33 @@ def read_level(slide: openslide.OpenSlide, level: int) -> np.ndarray:
     return read_rgb(slide, (0, 0), level, slide.level_dimensions[level])
 
 
+WHOLE_LEVEL_PIXELS = 2**27  # 512 MiB as RGBA: a larger level is read block by block
+BLOCK = 4096  # level pixels on a side of one block
+
+
+def read_resized(slide: openslide.OpenSlide, level: int, shape: tuple[int, int]) -> np.ndarray:
+    """`level` area-averaged (cv2 INTER_AREA) to `shape` `(H, W)`. A level larger than
+    WHOLE_LEVEL_PIXELS (a single-level 100k x 100k TIFF is 40 GB) is read in blocks of
+    about BLOCK pixels, each resized to its part of the output: memory stays bounded."""
+    (lw, lh), (h, w) = slide.level_dimensions[level], shape
+    if lw * lh <= WHOLE_LEVEL_PIXELS:
+        img = read_level(slide, level)
+        return img if img.shape[:2] == (h, w) else cv2.resize(img, (w, h), interpolation=cv2.INTER_AREA)
+    out = np.empty((h, w, 3), np.uint8)
+    sx, sy = lw / w, lh / h  # level pixels per output pixel
+    step = max(1, int(BLOCK / max(sx, sy)))  # output pixels per block side
+    dx, dy = level_downsamples(slide)[level]
+    for r0 in range(0, h, step):
+        r1 = min(h, r0 + step)
+        y0, y1 = round(r0 * sy), max(round(r0 * sy) + 1, min(lh, round(r1 * sy)))
+        for c0 in range(0, w, step):
+            c1 = min(w, c0 + step)
+            x0, x1 = round(c0 * sx), max(round(c0 * sx) + 1, min(lw, round(c1 * sx)))
+            block = read_rgb(slide, (x0 * dx, y0 * dy), level, (x1 - x0, y1 - y0))
+            out[r0:r1, c0:c1] = cv2.resize(block, (c1 - c0, r1 - r0), interpolation=cv2.INTER_AREA)
+    return out
+
+
 def thumbnail_shape(slide: openslide.OpenSlide, downsample: float) -> tuple[int, int]:
     """`(H, W)` of a picture of the slide at `downsample`: the level's own size when a
     level is within 1 % of it, else the level-0 size divided and rounded up."""
@@ -132,11 +159,7 @@ def thumbnail(slide: openslide.OpenSlide, downsample: float) -> np.ndarray:
 
     Reads the best level at or below `downsample` and resizes by area averaging.
     """
-    h, w = thumbnail_shape(slide, downsample)
-    img = read_level(slide, level_for_downsample(slide, downsample))
-    if img.shape[:2] != (h, w):
-        img = cv2.resize(img, (w, h), interpolation=cv2.INTER_AREA)
-    return img
+    return read_resized(slide, level_for_downsample(slide, downsample), thumbnail_shape(slide, downsample))
 
 
 def lattice_picture(slide: openslide.OpenSlide, shape: tuple[int, int], downsample: tuple[float, float],

@@ -358,3 +358,26 @@ def test_directory_mode_goes_on_past_a_bad_file_and_names_it(world, tmp_path):
                "--quiet", check=False)
     assert res.returncode == 2 and (tmp_path / "masks" / "syn_tumor_tissue.npy").exists()
     assert "1 of 2 failed: a_broken.svs" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_ctrl_c_while_the_libraries_load_is_one_line():
+    """Every script calls quiet_ctrl_c first: a Ctrl-C before `run` (torch takes seconds to
+    import) is `interrupted` and status 130, not a traceback from inside an import; `run`
+    gives Ctrl-C back to Python, so the work's own clean-up still runs."""
+    import signal
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+    code = ("from crfcore.startup import quiet_ctrl_c; quiet_ctrl_c(); import os, signal, time; "
+            "os.kill(os.getpid(), signal.SIGINT); time.sleep(30)")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert proc.returncode == 130 and proc.stderr == "interrupted\n"
+    for script in ROOT.glob("*.py"):
+        assert "\nquiet_ctrl_c()" in script.read_text(), script.name
+    from crfcore.cli import run
+    from crfcore.startup import quiet_ctrl_c
+    quiet_ctrl_c()
+    with pytest.raises(SystemExit):
+        run(lambda argv: 0, [])
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler

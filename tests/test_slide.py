@@ -120,3 +120,18 @@ def test_hidden_files_are_not_slides(syn_slide, tmp_path):
     (tmp_path / ".a.tif.4242.x.tif").write_bytes(b"half a slide")
     (tmp_path / "notes.txt").write_text("x")
     assert sl.find_slides(tmp_path) == [tmp_path / "a.tif"]
+
+
+def test_a_level_too_large_to_hold_is_pictured_block_by_block(syn_slide, monkeypatch):
+    """Above WHOLE_LEVEL_PIXELS a level is read in blocks (a single-level 100k x 100k TIFF
+    would need 40 GB at once): the picture is the whole-level resize, up to rounding at
+    the block seams, at an integer and at a fractional downsample."""
+    with sl.open_slide(syn_slide.path) as s:
+        for shape in ((48, 64), (41, 55)):
+            whole = sl.read_resized(s, 0, shape)
+            monkeypatch.setattr(sl, "WHOLE_LEVEL_PIXELS", 1000)
+            monkeypatch.setattr(sl, "BLOCK", 300)
+            blocks = sl.read_resized(s, 0, shape)
+            monkeypatch.undo()
+            diff = np.abs(whole.astype(int) - blocks.astype(int))
+            assert blocks.shape == whole.shape == (*shape, 3) and diff.mean() < 0.5 and diff.max() <= 8, shape

@@ -290,3 +290,14 @@ def test_main_refuses_a_missing_folder(env, tmp_path):
         viewer.main([str(tmp_path / "none")])
     with pytest.raises(viewer.UserError, match="not a directory"):
         viewer.main([str(tmp_path), "--maps", str(tmp_path / "none")])
+
+
+def test_a_port_in_use_is_one_line(tmp_path):
+    import socket
+
+    from conftest import call
+    with socket.create_server(("127.0.0.1", 0)) as held:
+        port = held.getsockname()[1]
+        res = call("viewer.py", tmp_path, "--port", port, check=False)
+    assert res.returncode == 2 and res.stderr.startswith(f"error: cannot serve on 127.0.0.1:{port} (")
+    assert "another viewer running?" in res.stderr and res.stderr.count("\n") == 1
