@@ -20,6 +20,7 @@ from crfcore.startup import quiet_ctrl_c
 quiet_ctrl_c()  # first: Ctrl-C while the libraries below load is one line
 
 import argparse
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -70,11 +71,17 @@ def centres_for(args, slide_path: Path, mask: np.ndarray, meta: dict, rng, side:
     if args.mode == "random":
         return tiling.random_centres(mask, ds, args.num, rng)
     sid = sl.slide_id(slide_path)
-    return np.array([(x, y) for s, x, y in tiling.read_coords(args.coords) if s == sid], int).reshape(-1, 2)
+    listed = [(x, y) for s, x, y in tiling.read_coords(args.coords) if s == sid]
+    unique = list(dict.fromkeys(listed))  # a centre twice would be two equal tiles, refused later
+    if len(unique) < len(listed):
+        warnings.warn(f"{args.coords}: {len(listed) - len(unique)} repeated centre(s) of {sid} cut once")
+    return np.array(unique, int).reshape(-1, 2)
 
 
 def cut_slide(args, job: Job, rng) -> None:
     sid = sl.slide_id(job.slide)
+    if "," in sid:  # coords lists are `slide_id,x,y`
+        raise UserError(f"{job.slide}: a comma in the slide's name cannot go in a coords list; rename the file")
     with sl.open_slide(job.slide) as s:  # first: a file that is not a slide is named as such
         mask, meta = masks.load_mask(job.mask, slide=job.slide)
         check_fits_slide(job.mask, mask.shape, meta["downsample"], s.dimensions)

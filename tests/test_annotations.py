@@ -282,6 +282,18 @@ def test_hole_of_a_negative_polygon_is_ignored_with_a_warning(tmp_path):
     assert ann.negative_names == ["E"] and not ann.positive
 
 
+def test_a_tumour_island_inside_a_hole_is_warned_of(tmp_path):
+    """Valid QuPath GeoJSON that NCRF's format cannot hold (every hole is subtracted from
+    every tumour): the island is not tumour in the mask, and the warning says so."""
+    ring = qupath_feature({"type": "Polygon", "coordinates": [closed(square(0, 0, 100)),
+                                                              closed(square(20, 20, 60, True))]}, "Tumor", "R")
+    island = qupath_feature({"type": "Polygon", "coordinates": [closed(square(40, 40, 20))]}, "Tumor", "I")
+    outside = qupath_feature({"type": "Polygon", "coordinates": [closed(square(200, 0, 20))]}, "Tumor", "O")
+    with pytest.warns(an.AnnotationWarning, match="polygon 'I' lies inside 'R hole 1'") as seen:
+        ann = an.load_annotation(_write(tmp_path / "i.geojson", json.dumps([ring, island, outside])))
+    assert len(seen) == 1 and not ann.contains(np.array([[50.0, 50.0]]))[0] and ann.contains(np.array([[10.0, 10.0]]))[0]
+
+
 # ----------------------------------------------------------------------------- predicted lesions
 
 
@@ -386,3 +398,13 @@ def test_qupath_derived_classes_are_read_by_their_full_name(tmp_path):
     (tmp_path / "d.geojson").write_text(json.dumps(feats))
     ann = an.load_annotation(tmp_path / "d.geojson", positive_groups=["Tumor: Positive"])
     assert len(ann.positive) == 1 and ann.contains(np.array([[50, 50]])).all()
+
+
+def test_asap_xml_drops_control_characters_it_cannot_hold(tmp_path):
+    """A name from JSON may hold control characters, which XML 1.0 cannot: the XML written
+    drops them and reads back (it used to be a file no reader could open)."""
+    ann = an.Annotation()
+    ann.add("positive", "bad\x01name\x1f", np.array([[0.0, 0.0], [10.0, 0.0], [0.0, 10.0]]), "Tu\x02mor")
+    an.write_annotation(ann, tmp_path / "c.xml", to="xml")
+    back = an.load_annotation(tmp_path / "c.xml", positive_groups=("Tumor",))
+    assert back.positive_names == ["badname"] and np.array_equal(back.positive[0], ann.positive[0])

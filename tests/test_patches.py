@@ -62,9 +62,11 @@ def test_grid_squares_pass_the_fraction_rule_and_match_read_rgb(syn_slide, syn_m
 
 def test_coords_mode_and_dataset_folder(syn_slide, syn_masks, tmp_path):
     coords = tmp_path / "hard.txt"
-    coords.write_text("syn_tumor,1000,800\nother_slide,5,5\nsyn_tumor,1100,700\nsyn_tumor,10,10\n")
-    call("Patch_gen.py", syn_slide.path, "--mask", syn_masks / "syn_tumor_tissue.npy", "-o",
+    coords.write_text("syn_tumor,1000,800\nother_slide,5,5\nsyn_tumor,1100,700\nsyn_tumor,10,10\n"
+                      "syn_tumor,1000,800\n")  # listed twice: cut once, or the next step refuses the pair
+    res = call("Patch_gen.py", syn_slide.path, "--mask", syn_masks / "syn_tumor_tissue.npy", "-o",
                tmp_path / "p", "--mode", "coords", "--coords", coords, "--workers", "0", "--quiet")
+    assert "1 repeated centre(s) of syn_tumor cut once" in res.stderr
     proc = call("coord_list_gen.py", tmp_path / "p", "-o", tmp_path / "ds")
     lines = (tmp_path / "ds" / "list.txt").read_text().split()
     assert lines == ["syn_tumor,1000,800", "syn_tumor,1100,700"]  # (10, 10) runs off the slide
@@ -522,3 +524,10 @@ def test_a_killed_overwrite_leaves_the_old_set_or_the_new_one(syn_slide, syn_mas
             assert len(state[0]) == 4 and sorted(state[1]) == sorted(tiles.values()) and not left, k
         assert not list(run.glob(".ds.*")), k
     assert seen == {"old", "new", "finished"}
+
+
+def test_a_slide_whose_name_has_a_comma_is_refused_before_cutting(syn_slide, syn_masks, tmp_path):
+    (tmp_path / "a,b.tif").symlink_to(syn_slide.path)  # its coords lines would not parse
+    res = call("Patch_gen.py", tmp_path / "a,b.tif", "--mask", syn_masks / "syn_tumor_tissue.npy", "-o",
+               tmp_path / "p", "--workers", "0", check=False)
+    assert res.returncode == 2 and "a comma in the slide's name" in res.stderr and not (tmp_path / "p").exists()

@@ -2,6 +2,7 @@
 expanded) and written with an AnnotationGroups list of group colours."""
 from __future__ import annotations
 
+import re
 import xml.etree.ElementTree as ET
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -57,13 +58,15 @@ def asap_xml(items: Iterable[tuple[str, str, str, np.ndarray]], colours: dict[st
     root = ET.Element("ASAP_Annotations")
     annos = ET.SubElement(root, "Annotations")
     for name, kind, group, verts in items:
-        el = ET.SubElement(annos, "Annotation", Name=name, Type=kind, PartOfGroup=group, Color=colours[group])
+        el = ET.SubElement(annos, "Annotation", Name=_xml_text(name), Type=kind, PartOfGroup=_xml_text(group),
+                           Color=colours[group])
         coords = ET.SubElement(el, "Coordinates")
         for i, (x, y) in enumerate(verts):
             ET.SubElement(coords, "Coordinate", Order=str(i), X=_num(x), Y=_num(y))
     groups = ET.SubElement(root, "AnnotationGroups")
     for group, colour in colours.items():
-        ET.SubElement(ET.SubElement(groups, "Group", Name=group, PartOfGroup="None", Color=colour), "Attributes")
+        ET.SubElement(ET.SubElement(groups, "Group", Name=_xml_text(group), PartOfGroup="None", Color=colour),
+                      "Attributes")
     ET.indent(root, space="\t")
     return '<?xml version="1.0"?>\n' + ET.tostring(root, encoding="unicode") + "\n"
 
@@ -72,6 +75,12 @@ def to_asap_xml(ann: Annotation) -> str:
     """ASAP XML keeping each polygon's group; AnnotationGroups lists the groups used."""
     colours = {p.group: ann.colour(p.group, p.part) for p in ann.parts()}
     return asap_xml(((p.name, "Polygon", p.group, p.vertices) for p in ann.parts()), colours)
+
+
+def _xml_text(text: str) -> str:
+    """`text` without the control characters XML 1.0 cannot hold (a name from JSON may have
+    them); ElementTree would write them and no reader, ours included, could read the file."""
+    return re.sub(r"[\x00-\x08\x0b\x0c\x0e-\x1f\ud800-\udfff\ufffe\uffff]", "", text)
 
 
 def _num(v: float) -> str:

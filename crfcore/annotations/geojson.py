@@ -60,6 +60,7 @@ class _Ring(NamedTuple):
     name: str
     group: str | None
     vertices: np.ndarray
+    hole: bool = False  # a hole of a positive polygon (a negative ring of its own)
 
 
 def _features(path: Path, data: object) -> list[dict]:
@@ -108,7 +109,21 @@ def from_geojson(path: Path, data: object, positive_groups: Sequence[str],
     if holed:
         warnings.warn(f"{path}: the holes of {holed} negative polygon(s) ignored (what lies inside a "
                       "negative polygon is never tumour)", AnnotationWarning, stacklevel=3)
+    _warn_islands(path, rings)
     return ann
+
+
+def _warn_islands(path: Path, rings: list[_Ring]) -> None:
+    """Warn of a tumour polygon drawn inside another's hole: NCRF's format subtracts every
+    negative polygon from every positive one, so the island is not tumour in the mask."""
+    holes = [(h, shapely.Polygon(h.vertices)) for h in rings if h.hole and len(h.vertices) >= 3]
+    for r in (r for r in rings if r.part == "positive"):
+        x, y = r.vertices[:, 0], r.vertices[:, 1]
+        hole = next((h for h, area in holes if shapely.contains_xy(area, x, y).all()), None)
+        if hole is not None:
+            warnings.warn(f"{path}: tumour polygon {r.name!r} lies inside {hole.name!r}; NCRF's format "
+                          "subtracts every hole from every tumour polygon, so it is not tumour in the mask "
+                          "(draw the ring around it as two polygons instead)", AnnotationWarning, stacklevel=4)
 
 
 def _polygon_rings(path: Path, part: str, name: str, cls: str, poly: object,
@@ -125,7 +140,7 @@ def _polygon_rings(path: Path, part: str, name: str, cls: str, poly: object,
         hm = holes[k] if k < len(holes) and isinstance(holes[k], dict) else {}
         hname = str(hm.get("name") or f"{name} hole {k + 1}")
         group = hm.get("group") if isinstance(hm.get("group"), str) else None
-        rings.append(_Ring("negative", hm.get("index"), hname, group, _ring(path, hname, hole, hm)))
+        rings.append(_Ring("negative", hm.get("index"), hname, group, _ring(path, hname, hole, hm), True))
     return rings, 0
 
 
