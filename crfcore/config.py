@@ -107,16 +107,26 @@ class TrainConfig:
         self._check_mode()
         return self
 
+    def check_model_values(self) -> "TrainConfig":
+        """Refuse values of the keys a model is built from that no training run writes
+        (what a checkpoint's config must pass; its training-only keys are not its user's
+        business); return self."""
+        if self.mode not in CHOICES["mode"]:
+            raise ConfigError(f"config mode={self.mode!r}: expected one of {', '.join(CHOICES['mode'])}")
+        for name in MODEL_KEYS:
+            self._check_range(name)
+        if self.mode == "grid" and self.crop_size > self.patch_size:
+            raise ConfigError("crop_size must not exceed patch_size")
+        return self
+
     def check_values(self) -> "TrainConfig":
-        """Refuse values that cannot train, whatever the data (what a checkpoint's config
-        must pass too); return self."""
+        """Refuse values that cannot train, whatever the data; return self."""
+        self.check_model_values()
         for name, allowed in CHOICES.items():
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"config {name}={getattr(self, name)!r}: expected one of {', '.join(allowed)}")
-        for name, bounds in RANGES.items():
-            value = getattr(self, name)
-            if value is not None and not _in_range(value, *bounds):
-                raise ConfigError(f"config {name}={value!r}: expected {_range_text(*bounds)}")
+        for name in RANGES:
+            self._check_range(name)
         for name, values, bounds in (("class_weights", self.class_weights, (0, None, False)),
                                      ("color_jitter", (self.color_jitter or ())[:3], (0, None, False)),
                                      ("color_jitter", (self.color_jitter or ())[3:], (0, 0.5, False))):
@@ -127,11 +137,14 @@ class TrainConfig:
         if self.color_jitter is not None and len(self.color_jitter) != 4:
             raise ConfigError(f"config color_jitter={self.color_jitter!r}: expected 4 numbers (brightness, "
                               "contrast, saturation, hue) or null")
-        if self.mode == "grid" and self.crop_size > self.patch_size:
-            raise ConfigError("crop_size must not exceed patch_size")
         if self.dense_consistency and self.mode != "grid":
             raise ConfigError("config dense_consistency: grid mode only (classify images have no context)")
         return self
+
+    def _check_range(self, name: str) -> None:
+        value = getattr(self, name)
+        if value is not None and not _in_range(value, *RANGES[name]):
+            raise ConfigError(f"config {name}={value!r}: expected {_range_text(*RANGES[name])}")
 
     def _check_mode(self) -> None:
         if self.dense_consistency and not (self.init_from or self.pretrained):
@@ -169,6 +182,8 @@ class TrainConfig:
 
 INTERNAL = ("classes", "num_classes", "stain_reference")
 INT_MAX = 2**31 - 1
+# The numeric keys a checkpoint's model and maps are built from.
+MODEL_KEYS = ("grid", "crf_iters", "width_mult", "image_size", "patch_size", "crop_size", "mpp")
 # Each numeric key's range: (least, most or None, whether `least` itself is refused).
 RANGES: dict[str, tuple[float, float | None, bool]] = {
     "image_size": (1, 2**16, False), "patch_size": (1, 2**16, False), "crop_size": (1, 2**16, False),

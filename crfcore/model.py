@@ -299,7 +299,7 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
             and all(isinstance(v, torch.Tensor) for v in ckpt["state_dict"].values())):
         raise CheckpointError(f"{path}: not a crfcore checkpoint (no state_dict of weights and config)")
     try:  # a config no training run could have written (a hand-edited or foreign file)
-        TrainConfig.from_dict(ckpt["config"]).check_values()
+        TrainConfig.from_dict(ckpt["config"]).check_model_values()
         if ckpt["config"].get("stain_reference"):
             stain_arrays(ckpt["config"]["stain_reference"])
     except CrfError as err:
