@@ -274,14 +274,20 @@ def load_pretrained_backbone(model: CRFNet, path: str | Path) -> None:
                               f"{model.cfg.width_mult}?): {str(err).splitlines()[0]}") from None
 
 
+LEGACY_TORCH_FILE = b"\x80\x02\x8a\x0a"  # pickle protocol 2, then torch's 10-byte magic number
+
+
 def load_weights_file(path: str | Path, what: str = "checkpoint", map_location: str | torch.device = "cpu"):
     """What a `torch.save` file holds, loaded safely (`weights_only`); every way it can be
     wrong is a `CheckpointError` naming the file."""
     if not Path(path).is_file():
         raise CheckpointError(f"{path}: no such {what}")
-    if not zipfile.is_zipfile(path):  # torch.save writes a zip archive, directory at the end
-        with open(path, "rb") as fh:
-            truncated = fh.read(4) == b"PK\x03\x04"
+    with open(path, "rb") as fh:
+        head = fh.read(4)
+    # torch.save writes a zip archive (directory at the end), or before torch 1.6 a pickle
+    # starting with its magic number, which torch still reads
+    if not zipfile.is_zipfile(path) and head != LEGACY_TORCH_FILE:
+        truncated = head == b"PK\x03\x04"
         raise CheckpointError(f"{path}: truncated or corrupt {what} (an interrupted copy?)" if truncated
                               else f"{path}: not a {what} (not a file written by torch.save)")
     try:

@@ -97,6 +97,11 @@ def test_bad_checkpoints_get_one_line_errors(tmp_path):
         assert "\n" not in str(err.value) and str(tmp_path / name) in str(err.value)
     with pytest.raises(CheckpointError, match="config has no patch_size"):
         model_from_checkpoint(good, needs=("patch_size",))
+    torch.save(ckpt, tmp_path / "legacy.ckpt", _use_new_zipfile_serialization=False)  # torch < 1.6's format
+    assert model_from_checkpoint(tmp_path / "legacy.ckpt")[0].cfg.grid == 1
+    torch.save({"a": argparse.Namespace(x=1)}, tmp_path / "legacy_object.ckpt", _use_new_zipfile_serialization=False)
+    with pytest.raises(CheckpointError, match="objects other than weights"):
+        model_from_checkpoint(tmp_path / "legacy_object.ckpt")
     # training-only keys are the training run's business: values older versions allowed still load
     torch.save({**ckpt, "config": {**config, "max_steps": 0, "weight_decay": -1.0}}, tmp_path / "older.ckpt")
     assert model_from_checkpoint(tmp_path / "older.ckpt")[0].cfg.grid == 1
