@@ -97,8 +97,8 @@ def grid_centres(mask: np.ndarray, downsample: tuple[float, float], size: float,
 
 def random_centres(mask: np.ndarray, downsample: tuple[float, float], n: int,
                    rng: np.random.Generator) -> np.ndarray:
-    """`n` level-0 centres uniform inside the mask: mask pixels drawn (without replacement
-    while there are enough), then a uniform point inside each pixel."""
+    """Up to `n` distinct level-0 centres uniform inside the mask: mask pixels drawn
+    (without replacement while there are enough), then a uniform point inside each pixel."""
     rows, cols = np.nonzero(mask)
     if not rows.size:
         return np.zeros((0, 2), int)
@@ -106,7 +106,9 @@ def random_centres(mask: np.ndarray, downsample: tuple[float, float], n: int,
     u = rng.uniform(0, 1, (n, 2))
     xs = np.floor((cols[pick] + u[:, 0]) * downsample[0])
     ys = np.floor((rows[pick] + u[:, 1]) * downsample[1])
-    return np.stack([xs, ys], 1).astype(int)
+    centres = np.stack([xs, ys], 1).astype(int)
+    _, first = np.unique(centres, axis=0, return_index=True)  # a pixel drawn twice may give one centre twice
+    return centres[np.sort(first)]
 
 
 MAX_COORD = 2**31  # no slide is larger; a bigger coordinate is a corrupt line
@@ -170,6 +172,9 @@ def parse_tile_name(path: Path) -> TileInfo | None:
     if not m:
         return None
     box = tuple(int(m[k]) for k in ("x0", "y0", "x1", "y1"))
+    x0, y0, x1, y1 = box
+    if not (x0 < x1 < MAX_COORD and y0 < y1 < MAX_COORD):  # an empty or absurd box: not a tile we cut
+        return None
     return TileInfo(path, int(m["index"]), int(m["level"]), box)  # type: ignore[arg-type]
 
 

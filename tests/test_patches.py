@@ -531,3 +531,17 @@ def test_a_slide_whose_name_has_a_comma_is_refused_before_cutting(syn_slide, syn
     res = call("Patch_gen.py", tmp_path / "a,b.tif", "--mask", syn_masks / "syn_tumor_tissue.npy", "-o",
                tmp_path / "p", "--workers", "0", check=False)
     assert res.returncode == 2 and "a comma in the slide's name" in res.stderr and not (tmp_path / "p").exists()
+
+
+def test_random_centres_are_distinct_and_odd_tile_names_are_not_tiles():
+    """A one-pixel mask at downsample 1 draws its pixel again and again: one centre, not
+    five equal tiles that coord_list_gen would refuse; a name with an empty or reversed
+    box is not a tile (it would put a side of 0 or less in sides.txt)."""
+    mask = np.zeros((4, 4), bool)
+    mask[1, 2] = True
+    assert tiling.random_centres(mask, (1.0, 1.0), 5, np.random.default_rng(0)).tolist() == [[2, 1]]
+    many = tiling.random_centres(np.ones((64, 64), bool), (16.0, 16.0), 50, np.random.default_rng(1))
+    assert len(many) == 50 and len(np.unique(many, axis=0)) == 50
+    for name in ("tile_0_level0_100-100-0-0.png", "tile_0_level0_5-5-5-9.png", "tile_0_level0_0-0-9999999999-9.png"):
+        assert tiling.parse_tile_name(Path(name)) is None, name
+    assert tiling.parse_tile_name(Path("tile_3_level1_0-0-128-128.png")).side == (128, 128)
