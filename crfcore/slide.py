@@ -181,4 +181,22 @@ def find_slides(folder: str | Path) -> list[Path]:
     hidden files (a writer's temporary file, say) are not slides."""
     found = sorted(p for p in Path(folder).iterdir()
                    if p.is_file() and p.suffix.lower() in SLIDE_EXTENSIONS and not p.name.startswith("."))
-    return found
+    series: set[str] = set()
+    slides = []
+    for path in found:  # the files of one DICOM series are one slide: its first file stands for it
+        uid = dicom_series(path)
+        if uid is None or uid not in series:
+            slides.append(path)
+            series.add(uid)
+    return slides
+
+
+def dicom_series(path: Path) -> str | None:
+    """The SeriesInstanceUID of a DICOM slide file (None for other files, or unreadable)."""
+    if path.suffix.lower() != ".dcm":
+        return None
+    try:
+        with openslide.OpenSlide(str(path)) as slide:
+            return slide.properties.get("dicom.SeriesInstanceUID")
+    except (openslide.OpenSlideError, OSError):
+        return None

@@ -135,3 +135,10 @@ def test_a_level_too_large_to_hold_is_pictured_block_by_block(syn_slide, monkeyp
             monkeypatch.undo()
             diff = np.abs(whole.astype(int) - blocks.astype(int))
             assert blocks.shape == whole.shape == (*shape, 3) and diff.mean() < 0.5 and diff.max() <= 8, shape
+
+
+def test_the_files_of_one_dicom_series_are_one_slide(tmp_path):
+    """OpenSlide opens a DICOM series from any of its files: a folder with two is one slide."""
+    for name in ("boxes_0.dcm", "boxes_1.dcm"):
+        (tmp_path / name).symlink_to(shared("slides", name))
+    assert sl.find_slides(tmp_path) == [tmp_path / "boxes_0.dcm"]
