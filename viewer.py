@@ -420,10 +420,11 @@ def check_port_free(host: str, port: int) -> None:
     """Refuse a port another program holds with one line (werkzeug would print its own
     several and exit 1)."""
     try:
-        with socket.create_server((host, port)):
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]  # IPv4, IPv6, a host name
+        with socket.create_server((host, port), family=family):
             pass
-    except OSError as err:
-        why = os.strerror(err.errno) if err.errno else str(err)
+    except OSError as err:  # socket.gaierror too
+        why = os.strerror(err.errno) if isinstance(err.errno, int) and err.errno > 0 else (err.strerror or str(err))
         hint = "; another viewer running? give another --port" if err.errno == errno.EADDRINUSE else ""
         raise UserError(f"cannot serve on {host}:{port} ({why}{hint})") from None
     return 0

@@ -3,10 +3,10 @@ FROC, slide-level ROC, pixel-level scores and hard-negative points."""
 from __future__ import annotations
 
 import math
-import re
 from pathlib import Path
 
 import numpy as np
+from defusedxml import ElementTree as SafeET
 from sklearn import metrics as skm
 
 from .annotations import LESION_CLASS, LESION_COLOUR, asap_xml, geojson_feature
@@ -135,19 +135,19 @@ def lesions_geojson(lesions: np.ndarray) -> dict:
 
 
 def is_lesion_export(path: Path) -> bool:
-    """Whether the .xml or .geojson file `path` holds nothing but "Predicted lesion"
-    annotations (an earlier export, which a new one may replace; truth may not be)."""
-    if path.suffix.lower() == ".xml":
-        text = path.read_text(errors="replace")
-        groups = (set(re.findall(r'<Annotation\s[^>]*PartOfGroup="([^"]*)"', text))
-                  | set(re.findall(r'<Group\s+Name="([^"]*)"', text)))
-        return "<ASAP_Annotations" in text and groups <= {LESION_CLASS}
+    """Whether the .xml or .geojson file `path` is an earlier export of predicted lesions
+    (which a new one may replace; truth may not be): every annotation, and the one group,
+    "Predicted lesion"."""
     try:
+        if path.suffix.lower() == ".xml":
+            root = SafeET.parse(str(path)).getroot()
+            groups = {g.get("Name") for g in root.iter("Group")}
+            return root.tag == "ASAP_Annotations" and groups == {LESION_CLASS} and all(
+                a.get("PartOfGroup") == LESION_CLASS for a in root.iter("Annotation"))
         features = read_json(path, "GeoJSON file")["features"]
-        names = {f["properties"]["classification"]["name"] for f in features}
-    except (CrfError, LookupError, TypeError):
+        return all(f["properties"]["classification"]["name"] == LESION_CLASS for f in features)
+    except Exception:  # unreadable, or not shaped as an export: not one of ours
         return False
-    return names <= {LESION_CLASS}
 
 
 # ----------------------------------------------------------------------------- FROC

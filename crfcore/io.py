@@ -258,8 +258,8 @@ def _read_array(path: Path) -> np.ndarray:
         array = np.load(path, allow_pickle=False)
     except EOFError:
         raise ArrayFileError(f"{path}: cannot read the array (empty or truncated file)") from None
-    except (ValueError, OSError) as err:
-        raise ArrayFileError(f"{path}: cannot read the array ({str(err).splitlines()[0]})") from None
+    except Exception as err:  # numpy parses the header as Python: a corrupt one raises many types
+        raise ArrayFileError(f"{path}: cannot read the array ({(str(err).splitlines() or [type(err).__name__])[0]})") from None
     if not isinstance(array, np.ndarray):  # np.load opens an .npz archive as well
         array.close()
         raise ArrayFileError(f"{path}: is an .npz archive, not one .npy array")

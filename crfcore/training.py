@@ -11,6 +11,7 @@ import json
 import math
 import random
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -240,7 +241,12 @@ class Run:
             else:
                 pending.unlink()
         got = load_checkpoint(best).get("epoch", 0) if best.exists() else None
-        if self.best_epoch and got != self.best_epoch:
+        if self.best_epoch and got is not None and got > self.epoch:  # older versions wrote best.ckpt first
+            warnings.warn(f"{best} is epoch {got}, which a kill cut short (an older version wrote it before "
+                          f"train.ckpt); epoch {self.best_epoch}'s weights, the best train.ckpt records, are gone, "
+                          "so the best is chosen again from the redone epoch on")
+            self.best, self.best_epoch = None, 0
+        elif self.best_epoch and got != self.best_epoch:
             raise ConfigError(f"--resume: {best} is missing or is not epoch {self.best_epoch}, the best "
                               "that train.ckpt records; restore it or start a new run")
         logged = [int(r["epoch"]) for r in read_log(self.save_dir / "log.csv")]

@@ -103,6 +103,12 @@ def test_evaluate_cli_end_to_end(truth, tmp_path):
                 check=False)
     assert proc.returncode == 2 and "holds annotations other than predicted lesions" in proc.stderr
     assert (les / "n1.xml").read_text() == before
+    for truth_xml in (before.replace('"', "'"),  # valid ASAP XML too, single-quoted
+                      "<ASAP_Annotations><Annotations/><AnnotationGroups/></ASAP_Annotations>"):  # empty truth
+        (les / "n1.xml").write_text(truth_xml)
+        proc = call("evaluate.py", "lesions", tmp_path / "maps" / "n1_prob.npy", "-o", les / "n1.csv", "--to",
+                    "xml", check=False)
+        assert proc.returncode == 2 and (les / "n1.xml").read_text() == truth_xml
     call("evaluate.py", "lesions", tmp_path / "maps" / "t1_prob.npy", "-o", les / "t1.csv", "--to", "xml",
          "--threshold", "0.85")
     assert (les / "t1.xml").read_text().count("Dot") == 1

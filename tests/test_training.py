@@ -242,6 +242,21 @@ def test_a_kill_between_an_epochs_writes_resumes_consistently(grid_data, tmp_pat
     assert [r.split(",")[0] for r in (tmp_path / "r" / "log.csv").read_text().splitlines()[1:]] == ["1", "2"]
 
 
+def test_a_run_killed_under_the_older_write_order_resumes(grid_data, tmp_path):
+    """Older versions wrote best.ckpt before train.ckpt: a kill between left best.ckpt one
+    epoch ahead. Resume warns, chooses the best again from the redone epoch on, and ends
+    consistent (best.ckpt is the epoch train.ckpt records)."""
+    import shutil
+    slow = ("--set", "best_metric=loss", "--set", "lr=0.0001")  # epoch 2 is the best at this lr
+    call("train.py", grid_data / "cfg.json", tmp_path / "ref", "--set", "epochs=2", *slow, "--quiet")
+    call("train.py", grid_data / "cfg.json", tmp_path / "r", "--set", "epochs=1", *slow, "--quiet")
+    shutil.copy(tmp_path / "ref" / "best.ckpt", tmp_path / "r" / "best.ckpt")  # as the old order left it
+    res = call("train.py", grid_data / "cfg.json", tmp_path / "r", "--resume", "--set", "epochs=2", *slow, "--quiet")
+    assert "which a kill cut short" in res.stderr
+    best, last = load_checkpoint(tmp_path / "r" / "best.ckpt"), load_checkpoint(tmp_path / "r" / "train.ckpt")
+    assert best["epoch"] == last["best_epoch"] == 2
+
+
 def test_resume_refuses_outputs_that_do_not_match(grid_data, tmp_path):
     call("train.py", grid_data / "cfg.json", tmp_path / "r", "--set", "epochs=1", "--quiet")
     (tmp_path / "r" / "best.ckpt").unlink()
