@@ -11,9 +11,11 @@ drops the journal, otherwise it moves the images back, so a kill at any moment l
 either the old state or the new one. sides.txt is written before list.txt and read only
 as far as list.txt goes, so a kill between the two leaves the old state readable.
 
---overwrite builds the new set in a hidden sibling folder and swaps it in with two
-renames (`replace`); until then the old set is untouched, and a run killed between the
-renames is finished (or undone) by the next run (`recover_replacement`).
+--overwrite builds the new set in DATASET_DIR/.overwrite.new (`replace`); until it is
+complete the old set is untouched, and a run killed while building is undone by the next
+run. Then the new set is moved over the old one by renames within the folder
+(`swap_in`), which a killed run's successor finishes (`recover_replacement`). Moves across
+file systems copy atomically before deleting, so a kill never leaves only part of an image.
 """
 from __future__ import annotations
 
@@ -34,6 +36,7 @@ from .tilefolder import interrupted
 from .tiling import TileInfo, collect_tiles, read_coords
 
 JOURNAL = ".move-journal.json"
+BUILD = ".overwrite.new"  # inside DATASET_DIR: where --overwrite builds the new set
 SIDES = "sides.txt"
 LEGACY_FIX = (f"if they were cut at level 0, write {SIDES} with one `S,S` line per image (S: the image side); "
               "else make the folder again (coord_list_gen.py --overwrite)")
@@ -136,7 +139,19 @@ def place(src: Path, dst: Path, how: str) -> None:
     if how == "copy":
         atomic_copy(src, dst)
     else:
-        shutil.move(src, dst)  # a rename on one file system; copy + delete across them
+        move_file(src, dst)
+
+
+def move_file(src: Path, dst: Path) -> None:
+    """A rename on one file system; across them an atomic copy, then `src` deleted: at
+    every moment a whole copy is at `src` or at `dst` (a kill never leaves only a part)."""
+    try:
+        os.replace(src, dst)
+    except OSError as err:
+        if err.errno != errno.EXDEV:
+            raise
+        atomic_copy(src, dst)
+        Path(src).unlink()
 
 
 def read_sides(folder: Path, n: int) -> np.ndarray | None:
@@ -178,17 +193,12 @@ def write(out: Path, keep: list[str], new: list[Entry], how: str) -> list[str]:
     return lines
 
 
-def staging(out: Path, tag: str) -> Path:
-    """The hidden sibling `.<name>.<tag>` of DATASET_DIR where `replace` builds (`new`) or
-    parks (`old`) a set: on the same file system, so the swap is two renames."""
-    out = out.resolve()
-    return out.parent / f".{out.name}.{tag}"
-
-
 def replace(out: Path, new: list[Entry], how: str) -> list[str]:
-    """--overwrite: build the new set beside DATASET_DIR, then swap it in; a failure before
-    the swap leaves the old set as it was (moved images go back to their patch folders)."""
-    build = staging(out, "new")
+    """--overwrite: build the new set in DATASET_DIR/.overwrite.new, then move it over the
+    old one (`swap_in`). A failure while building leaves the old set as it was (moved
+    images go back to their patch folders); the rest of DATASET_DIR is never touched."""
+    build = out / BUILD
+    discard(build)
     try:
         build.mkdir()
     except OSError as err:
@@ -198,11 +208,26 @@ def replace(out: Path, new: list[Entry], how: str) -> list[str]:
     except BaseException:  # a full disk, Ctrl-C: an unfinished new set is removed, moved images go back
         discard(build)
         raise
-    old = staging(out, "old")
-    out.rename(old)
-    build.rename(out)  # a kill between the two renames is finished by `recover_replacement`
-    shutil.rmtree(old, ignore_errors=True)
+    swap_in(out)
     return lines
+
+
+def swap_in(out: Path) -> None:
+    """Move the complete new set in DATASET_DIR/.overwrite.new over the old one: the old
+    list.txt first (readers then refuse the folder until the end), the images and
+    sides.txt, the old set's surplus images out, the new list.txt last. Renames within one
+    folder, and each step can be done again: a run killed here is finished by the next."""
+    build = out / BUILD
+    n = len(listed(build))
+    (out / "list.txt").unlink(missing_ok=True)
+    for path in build.iterdir():
+        if path.name != "list.txt":
+            os.replace(path, out / path.name)
+    for path in out.glob("*.png"):
+        if path.stem.isdigit() and int(path.stem) >= n:
+            path.unlink()
+    os.replace(build / "list.txt", out / "list.txt")
+    shutil.rmtree(build)
 
 
 def complete(build: Path) -> bool:
@@ -221,20 +246,13 @@ def discard(build: Path) -> None:
 
 
 def recover_replacement(out: Path) -> None:
-    """Finish the business of a killed `replace`: a complete new set is swapped in, else
-    the old set is kept (or put back); leftovers are removed."""
-    build, old = staging(out, "new"), staging(out, "old")
+    """Finish the business of a killed --overwrite: a complete new set is swapped in; an
+    unfinished one is removed, its moved images put back (the old set was never touched)."""
+    build = out / BUILD
     discard(build)
-    if build.is_dir():  # complete
-        if out.exists() and not old.exists():
-            out.rename(old)
-        if not out.exists():
-            build.rename(out)
-            warnings.warn(f"{out}: an earlier --overwrite was interrupted after building the new set; swapped it in")
-    elif old.is_dir() and not out.exists():
-        old.rename(out)
-        warnings.warn(f"{out}: an earlier --overwrite was interrupted; kept the old set")
-    shutil.rmtree(old, ignore_errors=True)
+    if build.is_dir():
+        swap_in(out)
+        warnings.warn(f"{out}: an earlier --overwrite was interrupted after building the new set; swapped it in")
 
 
 def recover_moves(out: Path, quiet: bool = False) -> None:
@@ -253,10 +271,12 @@ def recover_moves(out: Path, quiet: bool = False) -> None:
         journal.unlink()  # the move had finished; only the journal was left
         return
     back = 0
-    for src, dst in state["moves"]:
-        if Path(dst).exists() and not Path(src).exists():
-            Path(src).parent.mkdir(parents=True, exist_ok=True)
-            shutil.move(dst, src)
+    for src, dst in map(lambda m: (Path(m[0]), Path(m[1])), moves):
+        if dst.exists() and src.exists():  # killed between the copy and the delete: both are whole
+            dst.unlink()
+        elif dst.exists():
+            src.parent.mkdir(parents=True, exist_ok=True)
+            move_file(dst, src)
             back += 1
     journal.unlink()
     if not quiet:

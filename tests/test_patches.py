@@ -484,29 +484,45 @@ def test_a_failed_overwrite_of_a_training_set_keeps_the_old_set(syn_slide, syn_m
     with file_size_limit(100):  # a real failing file system: every image is larger
         res = call("coord_list_gen.py", tmp_path / "b", "-o", tmp_path / "ds", "--overwrite", "--copy", check=False)
     assert res.returncode == 2 and "cannot write" in res.stderr and "Traceback" not in res.stderr
-    assert dataset(tmp_path / "ds") == old and sorted(p.name for p in tmp_path.glob(".ds*")) == []
+    assert dataset(tmp_path / "ds") == old and not (tmp_path / "ds" / trainset.BUILD).exists()
+    (tmp_path / "ds" / "notes.txt").write_text("mine")  # the rest of the folder is the user's
     call("coord_list_gen.py", tmp_path / "b", "-o", tmp_path / "ds", "--overwrite", "--copy")
-    assert len(dataset(tmp_path / "ds")[0]) == 4
+    assert len(dataset(tmp_path / "ds")[0]) == 4 and (tmp_path / "ds" / "notes.txt").read_text() == "mine"
+    assert sorted(p.name for p in (tmp_path / "ds").iterdir()) == [f"{i}.png" for i in range(4)] + [
+        "list.txt", "notes.txt", "sides.txt"]  # the old set's surplus images are gone
 
 
-def test_a_killed_overwrite_leaves_the_old_set_or_the_new_one(syn_slide, syn_masks, tmp_path):
+@pytest.mark.parametrize("across", [False, True])
+def test_a_killed_overwrite_leaves_the_old_set_or_the_new_one(syn_slide, syn_masks, tmp_path, across):
     """SIGKILL after each rename, replace or link of `--overwrite --move`: the next run's
     recovery leaves the folder holding exactly the old set or exactly the new one, and
-    every moved image is either back in its patch folder or in the new set."""
+    every moved image is whole, either back in its patch folder or in the new set; also
+    with the patch folder on another file system (moves are copies there)."""
     import shutil
     import subprocess
     import sys
 
     from conftest import ROOT
+    if across:
+        shm = Path("/dev/shm")
+        if not shm.is_dir() or shm.stat().st_dev == tmp_path.stat().st_dev:
+            pytest.skip("needs /dev/shm on a file system of its own")
+        patches = Path(tempfile.mkdtemp(dir=shm))
+        tmp_path = tmp_path / "x"
+        tmp_path.mkdir()
+        (tmp_path / "b").symlink_to(patches)  # b's tiles live on the other file system
     two_tile_folders(syn_slide, syn_masks, tmp_path)
     call("coord_list_gen.py", tmp_path / "a", "-o", tmp_path / "ds", "--copy")
     old = dataset(tmp_path / "ds")
     tiles = {p.name: p.read_bytes() for p in (tmp_path / "b" / "syn_tumor").iterdir()}
     seen = set()
-    for k in range(1, 13):
+    for k in range(1, 20):
         run = tmp_path / f"k{k}"
-        for name in ("ds", "b"):
-            shutil.copytree(tmp_path / name, run / name)
+        shutil.copytree(tmp_path / "ds", run / "ds")
+        if across:
+            (run / "b").symlink_to(shutil.copytree(tmp_path / "b", patches.with_name(f"{patches.name}{k}")))
+        else:
+            shutil.copytree(tmp_path / "b", run / "b")
         args = [str(ROOT / "coord_list_gen.py"), str(run / "b"), "-o", str(run / "ds"), "--overwrite", "--move"]
         proc = subprocess.run([sys.executable, "-c", KILL_AFTER, *args], env={**os.environ, "KILL_AFTER": str(k)},
                               capture_output=True, text=True, cwd=ROOT)
@@ -522,8 +538,35 @@ def test_a_killed_overwrite_leaves_the_old_set_or_the_new_one(syn_slide, syn_mas
         else:
             seen.add("new" if proc.returncode else "finished")
             assert len(state[0]) == 4 and sorted(state[1]) == sorted(tiles.values()) and not left, k
-        assert not list(run.glob(".ds.*")), k
+        assert not (run / "ds" / trainset.BUILD).exists(), k
+        assert sorted(p.name for p in (run / "ds").glob("*.png")) == sorted(f"{i}.png" for i in range(len(state[0])))
     assert seen == {"old", "new", "finished"}
+    if across:
+        for folder in patches.parent.glob(f"{patches.name}*"):
+            shutil.rmtree(folder)
+
+
+@pytest.mark.parametrize("where", ["dot", "symlink"])
+def test_overwrite_works_in_place_for_dot_and_a_linked_folder(syn_slide, syn_masks, tmp_path, where):
+    """The new set is moved over the old one inside DATASET_DIR, so `-o .` and a symlink
+    (the target is replaced, the link stays a link) work as a plain folder does."""
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+    two_tile_folders(syn_slide, syn_masks, tmp_path)
+    real = tmp_path / "store" / "real"
+    call("coord_list_gen.py", tmp_path / "a", "-o", real, "--copy")
+    target = real if where == "dot" else tmp_path / "ds"
+    if where == "symlink":
+        target.symlink_to(real)
+    args = [str(ROOT / "coord_list_gen.py"), str(tmp_path / "b"), "-o", "." if where == "dot" else str(target),
+            "--overwrite", "--move"]
+    proc = subprocess.run([sys.executable, *args], capture_output=True, text=True, cwd=real if where == "dot" else ROOT)
+    assert proc.returncode == 0, proc.stderr
+    assert len(dataset(real)[0]) == 4 and (where == "dot" or target.is_symlink())
+    assert sorted(p.name for p in real.iterdir()) == [f"{i}.png" for i in range(4)] + ["list.txt", "sides.txt"]
+    assert sorted(p.name for p in (tmp_path / "store").iterdir()) == ["real"]
 
 
 def test_a_slide_whose_name_has_a_comma_is_refused_before_cutting(syn_slide, syn_masks, tmp_path):
