@@ -124,24 +124,29 @@ BLOCK = 4096  # level pixels on a side of one block
 def read_resized(slide: openslide.OpenSlide, level: int, shape: tuple[int, int]) -> np.ndarray:
     """`level` area-averaged (cv2 INTER_AREA) to `shape` `(H, W)`. A level larger than
     WHOLE_LEVEL_PIXELS (a single-level 100k x 100k TIFF is 40 GB) is read in blocks of
-    about BLOCK pixels, each resized to its part of the output: memory stays bounded."""
+    about BLOCK pixels, each averaged over k x k cells, `k` the integer part of the scale
+    (blocks are multiples of `k`, so they meet exactly), and that picture, `k` times
+    smaller, resized to `shape`: memory stays bounded and the result does not depend on
+    the blocks. It differs from one resize of the whole level where the scale is not a
+    whole number (two averagings instead of one)."""
     (lw, lh), (h, w) = slide.level_dimensions[level], shape
     if lw * lh <= WHOLE_LEVEL_PIXELS:
         img = read_level(slide, level)
         return img if img.shape[:2] == (h, w) else cv2.resize(img, (w, h), interpolation=cv2.INTER_AREA)
-    out = np.empty((h, w, 3), np.uint8)
-    sx, sy = lw / w, lh / h  # level pixels per output pixel
-    step = max(1, int(BLOCK / max(sx, sy)))  # output pixels per block side
+    k = max(1, int(min(lw / w, lh / h)))
+    step = max(k, BLOCK // k * k)  # level pixels on a side of a block
     dx, dy = level_downsamples(slide)[level]
-    for r0 in range(0, h, step):
-        r1 = min(h, r0 + step)
-        y0, y1 = round(r0 * sy), max(round(r0 * sy) + 1, min(lh, round(r1 * sy)))
-        for c0 in range(0, w, step):
-            c1 = min(w, c0 + step)
-            x0, x1 = round(c0 * sx), max(round(c0 * sx) + 1, min(lw, round(c1 * sx)))
-            block = read_rgb(slide, (x0 * dx, y0 * dy), level, (x1 - x0, y1 - y0))
-            out[r0:r1, c0:c1] = cv2.resize(block, (c1 - c0, r1 - r0), interpolation=cv2.INTER_AREA)
-    return out
+    small = np.empty((math.ceil(lh / k), math.ceil(lw / k), 3), np.uint8)
+    for y0 in range(0, lh, step):
+        for x0 in range(0, lw, step):
+            bw, bh = min(step, lw - x0), min(step, lh - y0)
+            block = read_rgb(slide, (x0 * dx, y0 * dy), level, (bw, bh))
+            pw, ph = math.ceil(bw / k), math.ceil(bh / k)
+            # the level's last cells are partial: edge pixels repeated, so every cell is k x k
+            block = cv2.copyMakeBorder(block, 0, ph * k - bh, 0, pw * k - bw, cv2.BORDER_REPLICATE)
+            small[y0 // k:y0 // k + ph, x0 // k:x0 // k + pw] = cv2.resize(block, (pw, ph),
+                                                                           interpolation=cv2.INTER_AREA)
+    return small if small.shape[:2] == (h, w) else cv2.resize(small, (w, h), interpolation=cv2.INTER_AREA)
 
 
 def thumbnail_shape(slide: openslide.OpenSlide, downsample: float) -> tuple[int, int]:
