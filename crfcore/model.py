@@ -119,20 +119,22 @@ class ReLU6(nn.ReLU6):
     0 < x < 6."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.inplace and torch.is_grad_enabled() and x.requires_grad:
+        if self.inplace and torch.is_grad_enabled() and x.requires_grad and not torch.jit.is_tracing():
             return ReLU6FromOutput.apply(x)
-        return super().forward(x)
+        return super().forward(x)  # also what torch.jit traces: it cannot trace a Python Function
 
 
 class ReLU6FromOutput(torch.autograd.Function):
-    """In-place ReLU6 whose backward pass reads the output."""
+    """In-place ReLU6 whose backward pass reads the output (setup_context: torch.func works too)."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
-        ctx.mark_dirty(x)
-        y = x.clamp_(0.0, 6.0)
-        ctx.save_for_backward(y)
-        return y
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        return x.clamp_(0.0, 6.0)
+
+    @staticmethod
+    def setup_context(ctx, inputs: tuple[torch.Tensor], output: torch.Tensor) -> None:
+        ctx.mark_dirty(inputs[0])
+        ctx.save_for_backward(output)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> torch.Tensor:

@@ -1,3 +1,5 @@
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -311,3 +313,13 @@ def test_relu6_keeps_its_output_for_backward_instead_of_copying_its_input():
     assert y.grad.tolist() == [0.0, 0.0, 1.0, 0.0, 0.0]  # torch's hardtanh: zero at the bounds
     with torch.no_grad():
         assert torch.equal(ReLU6(inplace=True)(x.clone()), x.clamp(0, 6))
+    # torch.func and torch.jit.trace work as with torchvision's (eval: batch norm updates no buffers)
+    from torch.func import functional_call, grad
+    model.eval().zero_grad()
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    g = grad(lambda p: functional_call(model, p, (x.unsqueeze(1),)).square().sum())(params)
+    model(x.unsqueeze(1)).square().sum().backward()
+    assert all(torch.equal(g[k], p.grad) for k, p in model.named_parameters())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # torch.jit.trace is deprecated, still used
+        torch.jit.trace(model.features, x.requires_grad_(), check_trace=False)
