@@ -67,14 +67,15 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     p = build_parser()
     args = p.parse_args(argv)
-    trainset.recover_replacement(args.output)  # first: they may put images back into the patch folders
-    trainset.recover_moves(args.output)
-    new, slides = entries(args.patch_dirs, trainset.listed(args.output) if args.append else [])
-    keep = trainset.existing_lines(args.output, args.append, args.overwrite)
-    if args.overwrite:
-        lines = trainset.replace(args.output, new, args.how or "link")
-    else:
-        lines = trainset.write(args.output, keep, new, args.how or "link")
+    with trainset.locked(args.output):
+        trainset.recover_replacement(args.output)  # first: they may put images back into the patch folders
+        trainset.recover_moves(args.output)
+        new, slides = entries(args.patch_dirs, trainset.listed(args.output) if args.append else [])
+        keep = trainset.existing_lines(args.output, args.append, args.overwrite)
+        if args.overwrite:
+            lines = trainset.replace(args.output, new, args.how or "link")
+        else:
+            lines = trainset.write(args.output, keep, new, args.how or "link")
     print(f"{len(new)} patches from {slides} slide(s) -> {args.output} ({len(lines)} in all)")
     return 0
 

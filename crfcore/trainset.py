@@ -20,13 +20,16 @@ file systems copy atomically before deleting, so a kill never leaves only part o
 from __future__ import annotations
 
 import errno
+import fcntl
 import hashlib
 import os
 import re
 import shutil
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 
@@ -37,6 +40,7 @@ from .tiling import TileInfo, collect_tiles, read_coords
 
 JOURNAL = ".move-journal.json"
 BUILD = ".overwrite.new"  # inside DATASET_DIR: where --overwrite builds the new set
+MARK = ".made-by-coord_list_gen"  # inside BUILD: a folder of that name the user made is never touched
 SIDES = "sides.txt"
 LEGACY_FIX = (f"if they were cut at level 0, write {SIDES} with one `S,S` line per image (S: the image side); "
               "else make the folder again (coord_list_gen.py --overwrite)")
@@ -90,7 +94,7 @@ def existing_lines(out: Path, append: bool, overwrite: bool) -> list[str]:
     the two. Images beyond list.txt (an interrupted earlier run) are removed."""
     out.mkdir(parents=True, exist_ok=True)
     lines = listed(out)
-    numbered = sorted((int(p.stem), p) for p in out.glob("*.png") if p.stem.isdigit())
+    numbered = sorted((image_index(p), p) for p in out.glob("*.png") if image_index(p) is not None)
     if (lines or numbered) and not (append or overwrite):
         raise TrainSetError(f"{out} is not empty; use --append to add to it or --overwrite to replace it")
     if overwrite:
@@ -106,6 +110,11 @@ def existing_lines(out: Path, append: bool, overwrite: bool) -> list[str]:
         for p in extra:
             p.unlink()
     return lines
+
+
+def image_index(path: Path) -> int | None:
+    """N for the set's own image `N.png` (a file named 0, 1, ... exactly), else None."""
+    return int(path.stem) if path.is_file() and re.fullmatch(r"0|[1-9][0-9]*", path.stem) else None
 
 
 def listed(out: Path) -> list[str]:
@@ -182,7 +191,8 @@ def write(out: Path, keep: list[str], new: list[Entry], how: str) -> list[str]:
     lines = keep + [e.line for e in new]
     text = "".join(f"{ln}\n" for ln in lines)
     sides = [tuple(s) for s in kept.tolist()] + [e.side for e in new]
-    moves = [(str(e.source), str(out / f"{i}.png")) for i, e in enumerate(new, len(keep))]
+    # absolute: a later run from another folder must find them to undo the move
+    moves = [(str(Path(e.source).absolute()), str((out / f"{i}.png").absolute())) for i, e in enumerate(new, len(keep))]
     if how == "move":
         atomic_write_json(out / JOURNAL, {"moves": moves, "list_sha256": _sha(text)})
     for src, dst in moves:
@@ -193,14 +203,32 @@ def write(out: Path, keep: list[str], new: list[Entry], how: str) -> list[str]:
     return lines
 
 
+@contextmanager
+def locked(out: Path) -> Iterator[None]:
+    """Hold DATASET_DIR's lock for a run: a second coord_list_gen.py on the same folder is
+    refused instead of mixing two sets."""
+    out.mkdir(parents=True, exist_ok=True)
+    fd = os.open(out, os.O_RDONLY)  # the folder itself is locked: no lock file to leave behind
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise TrainSetError(f"{out}: another coord_list_gen.py is writing this folder; wait for it") from None
+    try:
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
 def replace(out: Path, new: list[Entry], how: str) -> list[str]:
     """--overwrite: build the new set in DATASET_DIR/.overwrite.new, then move it over the
     old one (`swap_in`). A failure while building leaves the old set as it was (moved
     images go back to their patch folders); the rest of DATASET_DIR is never touched."""
+    check_names_free(out, [f"{i}.png" for i in range(len(new))] + [SIDES, "list.txt"])
     build = out / BUILD
-    discard(build)
     try:
         build.mkdir()
+        (build / MARK).touch()
     except OSError as err:
         raise OutputError(f"{build}: cannot make the folder the new set is built in ({err.strerror})") from None
     try:
@@ -219,15 +247,23 @@ def swap_in(out: Path) -> None:
     folder, and each step can be done again: a run killed here is finished by the next."""
     build = out / BUILD
     n = len(listed(build))
+    names = [p.name for p in build.iterdir() if p.name not in ("list.txt", MARK)]
+    check_names_free(out, names)  # before anything moves: the old set stays whole
     (out / "list.txt").unlink(missing_ok=True)
-    for path in build.iterdir():
-        if path.name != "list.txt":
-            os.replace(path, out / path.name)
+    for name in names:
+        os.replace(build / name, out / name)
     for path in out.glob("*.png"):
-        if path.stem.isdigit() and int(path.stem) >= n:
+        if (index := image_index(path)) is not None and index >= n:
             path.unlink()
     os.replace(build / "list.txt", out / "list.txt")
     shutil.rmtree(build)
+
+
+def check_names_free(out: Path, names: list[str]) -> None:
+    """Refuse a folder or other non-file at a name the new set puts in DATASET_DIR."""
+    blocked = next((out / n for n in names if (out / n).exists() and not (out / n).is_file()), None)
+    if blocked is not None:
+        raise OutputError(f"{blocked}: is not a file, and the new set's {blocked.name} goes there; move it away")
 
 
 def complete(build: Path) -> bool:
@@ -239,7 +275,9 @@ def discard(build: Path) -> None:
     """Remove an unfinished new set, first moving back what it took from patch folders (a
     complete one is left for `recover_replacement` to swap in: after --move its images are
     nowhere else)."""
-    if build.is_dir():
+    if build.is_symlink() or build.exists():
+        if build.is_symlink() or not (build / MARK).is_file():
+            raise TrainSetError(f"{build}: not a folder coord_list_gen.py made; move it away")
         recover_moves(build, quiet=True)  # a finished move drops its journal: the set is then complete
         if not complete(build):
             shutil.rmtree(build)
@@ -250,7 +288,7 @@ def recover_replacement(out: Path) -> None:
     unfinished one is removed, its moved images put back (the old set was never touched)."""
     build = out / BUILD
     discard(build)
-    if build.is_dir():
+    if build.exists():
         swap_in(out)
         warnings.warn(f"{out}: an earlier --overwrite was interrupted after building the new set; swapped it in")
 
@@ -270,6 +308,10 @@ def recover_moves(out: Path, quiet: bool = False) -> None:
     if lst.exists() and _sha(lst.read_text()) == state["list_sha256"]:
         journal.unlink()  # the move had finished; only the journal was left
         return
+    lost = [src for src, dst in moves if not (Path(src).exists() or Path(dst).exists())]
+    if lost:  # journals of older versions held paths relative to the folder they ran in
+        raise TrainSetError(f"{journal}: an interrupted --move, but {lost[0]} is neither in its patch folder "
+                            "nor here; run coord_list_gen.py from the folder the interrupted run started in")
     back = 0
     for src, dst in map(lambda m: (Path(m[0]), Path(m[1])), moves):
         if dst.exists() and src.exists():  # killed between the copy and the delete: both are whole

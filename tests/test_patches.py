@@ -588,3 +588,53 @@ def test_random_centres_are_distinct_and_odd_tile_names_are_not_tiles():
     for name in ("tile_0_level0_100-100-0-0.png", "tile_0_level0_5-5-5-9.png", "tile_0_level0_0-0-9999999999-9.png"):
         assert tiling.parse_tile_name(Path(name)) is None, name
     assert tiling.parse_tile_name(Path("tile_3_level1_0-0-128-128.png")).side == (128, 128)
+
+
+def test_overwrite_leaves_what_is_not_its_own_and_runs_one_at_a_time(syn_slide, syn_masks, tmp_path):
+    """Files that only look numbered (007.png), a folder at a name the new set needs, a
+    .overwrite.new the user made (or linked) and a second concurrent run: each is left
+    alone or refused before the old set is touched."""
+    two_tile_folders(syn_slide, syn_masks, tmp_path)
+    ds = tmp_path / "ds"
+    call("coord_list_gen.py", tmp_path / "a", "-o", ds, "--copy")
+    old = dataset(ds)
+    (ds / "007.png").write_bytes(b"mine")
+    (ds / "2.png").unlink()
+    (ds / "2.png").mkdir()  # the new set's 2.png goes there
+    res = call("coord_list_gen.py", tmp_path / "b", "-o", ds, "--overwrite", "--copy", check=False)
+    assert res.returncode == 2 and "2.png: is not a file" in res.stderr and (ds / "list.txt").exists()
+    (ds / "2.png").rmdir()
+    (ds / "2.png").write_bytes(old[1][2])
+    for made in ("folder", "link"):
+        build = ds / trainset.BUILD
+        if made == "folder":
+            build.mkdir()
+        else:
+            build.rmdir()
+            build.symlink_to(tmp_path / "a")
+        res = call("coord_list_gen.py", tmp_path / "b", "-o", ds, "--overwrite", "--copy", check=False)
+        assert res.returncode == 2 and "not a folder coord_list_gen.py made" in res.stderr, made
+        assert dataset(ds) == old and (tmp_path / "a" / "syn_tumor").is_dir()
+    (ds / trainset.BUILD).unlink()
+    with trainset.locked(ds):
+        res = call("coord_list_gen.py", tmp_path / "b", "-o", ds, "--overwrite", "--copy", check=False)
+    assert res.returncode == 2 and "another coord_list_gen.py is writing this folder" in res.stderr
+    call("coord_list_gen.py", tmp_path / "b", "-o", ds, "--overwrite", "--copy")
+    assert len(dataset(ds)[0]) == 4 and (ds / "007.png").read_bytes() == b"mine"
+
+
+def test_an_interrupted_move_is_undone_from_any_folder(syn_slide, syn_masks, tmp_path):
+    """The move journal holds absolute paths: a run killed mid-move with relative paths is
+    undone by a next run started elsewhere, every image back in its patch folder."""
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+    two_tile_folders(syn_slide, syn_masks, tmp_path)
+    tiles = {p.name: p.read_bytes() for p in (tmp_path / "b" / "syn_tumor").iterdir()}
+    proc = subprocess.run([sys.executable, "-c", KILL_AFTER, str(ROOT / "coord_list_gen.py"), "b", "-o", "ds",
+                           "--overwrite", "--move"], env={**os.environ, "KILL_AFTER": "3"}, cwd=tmp_path,
+                          capture_output=True, text=True)
+    assert proc.returncode == -9 and len(list((tmp_path / "b" / "syn_tumor").iterdir())) < len(tiles)
+    call("coord_list_gen.py", tmp_path / "a", "-o", tmp_path / "ds", "--overwrite", "--copy")  # cwd: elsewhere
+    assert {p.name: p.read_bytes() for p in (tmp_path / "b" / "syn_tumor").iterdir()} == tiles
