@@ -25,6 +25,7 @@ import hashlib
 import os
 import re
 import shutil
+import tempfile
 import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -226,9 +227,12 @@ def replace(out: Path, new: list[Entry], how: str) -> list[str]:
     images go back to their patch folders); the rest of DATASET_DIR is never touched."""
     check_names_free(out, [f"{i}.png" for i in range(len(new))] + [SIDES, "list.txt"])
     build = out / BUILD
-    try:
-        build.mkdir()
-        (build / MARK).touch()
+    for leftover in out.glob(f"{BUILD}.*"):  # a kill while making the folder below
+        shutil.rmtree(leftover)
+    try:  # made with its marker, then renamed: a kill never leaves a build folder without it
+        made = Path(tempfile.mkdtemp(prefix=f"{BUILD}.", dir=out))
+        (made / MARK).touch()
+        made.rename(build)
     except OSError as err:
         raise OutputError(f"{build}: cannot make the folder the new set is built in ({err.strerror})") from None
     try:
