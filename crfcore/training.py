@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import random
 import time
 import warnings
@@ -31,6 +32,7 @@ from .model import CRFNet, ModelConfig, init_from_checkpoint, load_checkpoint, l
 from .model import inference_copy, model_from_checkpoint, save_checkpoint
 from .loaders import build_loaders, collate, stain_normaliser
 from .runlog import append_log, plot_curves, read_log
+from .trainset import read_lock
 
 
 PENDING_BEST = ".best.pending.ckpt"  # a new best.ckpt until train.ckpt commits its epoch
@@ -172,6 +174,8 @@ class Run:
                               stain_reference=ckpt["config"].get("stain_reference"))
         set_seed(cfg.seed)
         norm = stain_normaliser(cfg)
+        # held until close(): coord_list_gen.py must not replace a set while it is read
+        self.locks = [read_lock(Path(p)) for p in training_set_folders(cfg)]
         self.train_loader, self.valid_loader, classes = build_loaders(cfg, self.env, norm)
         self.cfg = cfg.replace(classes=tuple(classes), num_classes=1 if cfg.mode == "grid" else len(classes),
                                stain_reference=norm.to_dict() if norm else None)
@@ -398,6 +402,18 @@ class Run:
     def close(self) -> None:
         if self.env.world > 1 and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
+        for fd in self.locks:
+            os.close(fd)
+        self.locks = []
+
+
+def training_set_folders(cfg: TrainConfig) -> list[str]:
+    """The coord_list_gen.py folders (list.txt + images) a grid-mode run reads."""
+    if cfg.mode != "grid":
+        return []
+    keys = ("data_path_tumor_train", "data_path_normal_train", "data_path_tumor_valid", "data_path_normal_valid",
+            "data_path_train", "data_path_valid")
+    return [getattr(cfg, k) for k in keys if getattr(cfg, k) and Path(getattr(cfg, k)).is_dir()]
 
 
 def write_config(cfg: TrainConfig, save_dir: Path) -> None:

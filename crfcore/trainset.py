@@ -214,11 +214,25 @@ def locked(out: Path) -> Iterator[None]:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         os.close(fd)
-        raise TrainSetError(f"{out}: another coord_list_gen.py is writing this folder; wait for it") from None
+        raise TrainSetError(f"{out}: another coord_list_gen.py, or a train.py run, is using this folder; "
+                            "wait for it") from None
     try:
         yield
     finally:
         os.close(fd)  # releases the lock
+
+
+def read_lock(folder: Path) -> int:
+    """A shared lock on a training-set folder for as long as a training run reads it (the
+    returned descriptor holds it; closing it lets go): coord_list_gen.py refuses to write
+    the folder meanwhile, and a folder being written is refused here."""
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise TrainSetError(f"{folder}: coord_list_gen.py is writing this folder; wait for it") from None
+    return fd
 
 
 def replace(out: Path, new: list[Entry], how: str) -> list[str]:

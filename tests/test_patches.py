@@ -618,7 +618,13 @@ def test_overwrite_leaves_what_is_not_its_own_and_runs_one_at_a_time(syn_slide, 
     (ds / trainset.BUILD).unlink()
     with trainset.locked(ds):
         res = call("coord_list_gen.py", tmp_path / "b", "-o", ds, "--overwrite", "--copy", check=False)
-    assert res.returncode == 2 and "another coord_list_gen.py is writing this folder" in res.stderr
+        with pytest.raises(trainset.TrainSetError, match="coord_list_gen.py is writing this folder"):
+            trainset.read_lock(ds)  # what a training run takes first
+    assert res.returncode == 2 and "another coord_list_gen.py, or a train.py run, is using" in res.stderr
+    reading = trainset.read_lock(ds)  # a training run reads the set
+    res = call("coord_list_gen.py", tmp_path / "b", "-o", ds, "--overwrite", "--copy", check=False)
+    os.close(reading)
+    assert res.returncode == 2 and "or a train.py run, is using this folder" in res.stderr
     call("coord_list_gen.py", tmp_path / "b", "-o", ds, "--overwrite", "--copy")
     assert len(dataset(ds)[0]) == 4 and (ds / "007.png").read_bytes() == b"mine"
 
