@@ -57,8 +57,12 @@ def write_faults(d: Path, s: synthetic.SyntheticSlide) -> None:
     good = d / "maps" / "v_prob.npy"
     meta = json.loads(good.with_suffix(".json").read_text())
     prob = np.load(good)
-    for name in ("pickled", "nosidecar", "other", "nan", "crf"):
+    for name in ("pickled", "nosidecar", "other", "nan", "crf", "empty", "deep"):
         (d / "maps" / name).mkdir()
+    (d / "maps" / "empty" / "v_prob.npy").write_bytes(b"")  # a zero-byte map
+    shutil.copy(good.with_suffix(".json"), d / "maps" / "empty" / "v_prob.json")
+    np.save(d / "maps" / "deep" / "v_prob.npy", prob)
+    (d / "maps" / "deep" / "v_prob.json").write_text("[" * 100000 + "]" * 100000)  # a sidecar nested too deeply
     np.save(d / "maps" / "pickled" / "v_prob.npy", np.array([{"a": 1}], dtype=object), allow_pickle=True)
     shutil.copy(good.with_suffix(".json"), d / "maps" / "pickled" / "v_prob.json")
     np.save(d / "maps" / "nosidecar" / "v_prob.npy", prob)
@@ -136,7 +140,7 @@ def test_page_has_the_review_controls_and_neighbours(env):
                     'id="legend"', 'id="help"', "next / previous slide", "/_static/viewer.js"):
         assert control in html, control
     cfg = config(c, "/sub/v.tif")
-    assert [m["name"] for m in cfg["maps"]] == ["_", "crf", "nan", "nosidecar", "other", "pickled"]
+    assert [m["name"] for m in cfg["maps"]] == ["_", "crf", "deep", "empty", "nan", "nosidecar", "other", "pickled"]
     assert [s["name"] for s in cfg["lesions"]] == ["maps", "crf"] and cfg["truth"] == "/_truth/sub/v.tif"
     assert (cfg["prev"], cfg["next"]) == ("/linked.tif", "/w.tif")  # sorted by path; broken.svs is skipped
     assert (config(c, "/w.tif")["prev"], config(c, "/w.tif")["next"]) == ("/sub/v.tif", None)
@@ -216,6 +220,8 @@ def test_lesions_and_truth(env):
 
 @pytest.mark.parametrize("url, words", [
     ("/_map/pickled/sub/v.tif.dzi", "cannot read the array"),
+    ("/_map/empty/sub/v.tif.dzi", "cannot read the array (empty or truncated file)"),
+    ("/_map/deep/sub/v.tif.dzi", "malformed JSON (nested too deeply)"),
     ("/_map/nosidecar/sub/v.tif.dzi", "sidecar v_prob.json is missing"),
     ("/_map/other/sub/v.tif.dzi", "belongs to slide 'w.tif'"),
     ("/_map/nan/sub/v.tif.dzi", "NaN or infinite"),
