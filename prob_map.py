@@ -34,8 +34,8 @@ from crfcore import slide as sl
 from crfcore.cli import UserError, add_workers, for_each, number, parser, run
 from crfcore.device import PRECISIONS, DistEnv, resolve_device, resolve_precision, retain_freed_memory
 from crfcore.heatmap import save_probability_map
-from crfcore.io import (check_array_output, check_fits_slide, companion, ensure_free_space, file_sha256, is_sidecar,
-                        read_json, sidecar_path)
+from crfcore.io import (check_array_output, check_fits_slide, companion, ensure_free_space, file_sha256, own_sidecar,
+                        sidecar_path)
 from crfcore.model import model_from_checkpoint
 from crfcore.scale import ReadScale, read_scale
 from crfcore.stain import MacenkoNormaliser
@@ -90,7 +90,7 @@ def up_to_date(out: Path, wanted: dict, overwrite: bool) -> bool:
     """True when `out` exists with these settings; a stale map is an error unless --overwrite."""
     if not (out.exists() and sidecar_path(out).exists()):
         return False
-    meta = read_json(sidecar_path(out), "sidecar") if is_sidecar(sidecar_path(out)) else {}
+    meta = own_sidecar(sidecar_path(out)) or {}  # a foreign file there is refused before writing
     stale = [k for k, v in wanted.items()
              if (k in meta or k not in UNRECORDED) and meta.get(k, LATER_SETTINGS.get(k)) != v]
     if not stale:

@@ -125,7 +125,7 @@ class TrainConfig:
         for name, allowed in CHOICES.items():
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"config {name}={getattr(self, name)!r}: expected one of {', '.join(allowed)}")
-        for name in RANGES:
+        for name in (n for n in RANGES if n not in MODEL_KEYS):  # the model's were checked above
             self._check_range(name)
         for name, values, bounds in (("class_weights", self.class_weights, (0, None, False)),
                                      ("color_jitter", (self.color_jitter or ())[:3], (0, None, False)),

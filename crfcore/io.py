@@ -181,13 +181,14 @@ class ArrayFileError(CrfError):
     """An array file or sidecar that is missing, malformed or belongs to another slide."""
 
 
-def is_sidecar(path: Path) -> bool:
-    """Whether `path` is a sidecar `save_array` wrote (not, say, an annotation of the same name)."""
+def own_sidecar(path: Path) -> dict | None:
+    """What `path` holds when it is a sidecar `save_array` wrote, else None (an annotation
+    of the same name, say, or an unreadable file)."""
     try:
         meta = read_json(path, "sidecar")
     except CrfError:
-        return False
-    return isinstance(meta, dict) and {"shape", "crfcore_version"} <= meta.keys()
+        return None
+    return meta if isinstance(meta, dict) and {"shape", "crfcore_version"} <= meta.keys() else None
 
 
 def check_array_output(path: str | Path) -> None:
@@ -195,7 +196,7 @@ def check_array_output(path: str | Path) -> None:
     earlier output's sidecar at its sidecar's path (an annotation named like the output)."""
     side = sidecar_path(check_output_path(path))
     check_output_path(side)
-    if side.is_file() and not is_sidecar(side):
+    if side.is_file() and own_sidecar(side) is None:
         raise OutputError(f"{path}: writing it would replace {side}, which is not a sidecar of crfcore "
                           "(an annotation?); choose another output name")
 

@@ -158,7 +158,7 @@ def test_an_output_never_replaces_a_file_that_is_not_its_own_sidecar(tmp_path):
     annotation.unlink()
     io.save_array(out, np.zeros((2, 2), bool), {"slide": "s1.tif"})
     io.save_array(out, np.ones((2, 3), bool), {"slide": "s1.tif"})  # its own sidecar is replaced
-    assert io.is_sidecar(annotation) and json.loads(annotation.read_text())["shape"] == [2, 3]
+    assert io.own_sidecar(annotation)["shape"] == [2, 3] and json.loads(annotation.read_text())["shape"] == [2, 3]
 
 
 def test_an_array_written_without_its_sidecar_is_refused_not_read_with_the_old_one(tmp_path, monkeypatch):
