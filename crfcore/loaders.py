@@ -32,10 +32,14 @@ def grid_sets(cfg: TrainConfig, split: str, augment: Augment | None,
     the whole image too when the dense-consistency loss is on."""
     context = split == "train" and cfg.dense_consistency > 0
     js = getattr(cfg, f"json_path_{split}") or cfg.json_path_train
-    paths = [getattr(cfg, f"data_path_tumor_{split}"), getattr(cfg, f"data_path_normal_{split}")]
-    paths = [p for p in paths if p] or [getattr(cfg, f"data_path_{split}")]
     return [GridDataset(p, js, cfg.image_size, cfg.patch_size, cfg.crop_size, augment, normalise, context,
-                        mpp_set=cfg.mpp is not None) for p in paths if p]
+                        mpp_set=cfg.mpp is not None) for p in grid_folders(cfg, split)]
+
+
+def grid_folders(cfg: TrainConfig, split: str) -> list[str]:
+    """The coord_list_gen.py folders of `split`: tumour and normal, or the single one."""
+    paths = [getattr(cfg, f"data_path_tumor_{split}"), getattr(cfg, f"data_path_normal_{split}")]
+    return [p for p in paths if p] or [p for p in [getattr(cfg, f"data_path_{split}")] if p]
 
 
 class BalancedBatches(Sampler):
@@ -88,8 +92,7 @@ def build_loaders(cfg: TrainConfig, env: DistEnv = DistEnv(), norm: MacenkoNorma
     and the class names; `norm` stain-normalises every image."""
     if cfg.mode == "grid":
         train_sets = grid_sets(cfg, "train", augment_for(cfg), norm)
-        has_valid = cfg.data_path_tumor_valid or cfg.data_path_normal_valid or cfg.data_path_valid
-        valid_sets = grid_sets(cfg, "valid", None, norm) if has_valid else []
+        valid_sets = grid_sets(cfg, "valid", None, norm)  # none when no validation folder is set
         classes = ["normal", "tumor"]
     else:
         train = FolderDataset(cfg.data_path_train, cfg.patch_size, augment_for(cfg), cfg.classes, norm)

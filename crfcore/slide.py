@@ -190,8 +190,9 @@ def find_slides(folder: str | Path) -> list[Path]:
     slides = []
     for path in found:  # the files of one DICOM series are one slide: its first file stands for it
         uid = dicom_series(path)
-        if uid is None or uid not in series:
+        if uid not in series:
             slides.append(path)
+        if uid is not None:
             series.add(uid)
     return slides
 

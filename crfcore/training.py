@@ -30,7 +30,7 @@ from .evaluation import patch_metrics, patch_report
 from .io import atomic_write_json, atomic_write_text
 from .model import CRFNet, ModelConfig, init_from_checkpoint, load_checkpoint, load_pretrained_backbone
 from .model import inference_copy, model_from_checkpoint, save_checkpoint
-from .loaders import build_loaders, collate, stain_normaliser
+from .loaders import build_loaders, collate, grid_folders, stain_normaliser
 from .runlog import append_log, plot_curves, read_log
 from .trainset import read_lock
 
@@ -253,7 +253,7 @@ class Run:
         elif self.best_epoch and got != self.best_epoch:
             raise ConfigError(f"--resume: {best} is missing or is not epoch {self.best_epoch}, the best "
                               "that train.ckpt records; restore it or start a new run")
-        logged = [int(r["epoch"]) for r in read_log(self.save_dir / "log.csv")]
+        logged = [r["epoch"] for r in read_log(self.save_dir / "log.csv")]
         if [e for e in logged if e <= self.epoch] != list(range(1, self.epoch + 1)):
             raise ConfigError(f"--resume: {self.save_dir / 'log.csv'} does not hold epochs 1..{self.epoch}")
 
@@ -411,9 +411,7 @@ def training_set_folders(cfg: TrainConfig) -> list[str]:
     """The coord_list_gen.py folders (list.txt + images) a grid-mode run reads."""
     if cfg.mode != "grid":
         return []
-    keys = ("data_path_tumor_train", "data_path_normal_train", "data_path_tumor_valid", "data_path_normal_valid",
-            "data_path_train", "data_path_valid")
-    return [getattr(cfg, k) for k in keys if getattr(cfg, k) and Path(getattr(cfg, k)).is_dir()]
+    return [p for split in ("train", "valid") for p in grid_folders(cfg, split) if Path(p).is_dir()]
 
 
 def write_config(cfg: TrainConfig, save_dir: Path) -> None:

@@ -95,7 +95,7 @@ def existing_lines(out: Path, append: bool, overwrite: bool) -> list[str]:
     the two. Images beyond list.txt (an interrupted earlier run) are removed."""
     out.mkdir(parents=True, exist_ok=True)
     lines = listed(out)
-    numbered = sorted((image_index(p), p) for p in out.glob("*.png") if image_index(p) is not None)
+    numbered = sorted((i, p) for p in out.glob("*.png") if (i := image_index(p)) is not None)
     if (lines or numbered) and not (append or overwrite):
         raise TrainSetError(f"{out} is not empty; use --append to add to it or --overwrite to replace it")
     if overwrite:
@@ -204,35 +204,35 @@ def write(out: Path, keep: list[str], new: list[Entry], how: str) -> list[str]:
     return lines
 
 
+def _lock_folder(folder: Path, how: int, busy: str) -> int:
+    """A descriptor of `folder` holding flock `how` (the folder itself: no lock file to
+    leave behind; closing it lets go); a folder locked against it is a TrainSetError."""
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, how | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise TrainSetError(f"{folder}: {busy} this folder; wait for it") from None
+    return fd
+
+
 @contextmanager
 def locked(out: Path) -> Iterator[None]:
     """Hold DATASET_DIR's lock for a run: a second coord_list_gen.py on the same folder is
     refused instead of mixing two sets."""
     out.mkdir(parents=True, exist_ok=True)
-    fd = os.open(out, os.O_RDONLY)  # the folder itself is locked: no lock file to leave behind
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        raise TrainSetError(f"{out}: another coord_list_gen.py, or a train.py run, is using this folder; "
-                            "wait for it") from None
+    fd = _lock_folder(out, fcntl.LOCK_EX, "another coord_list_gen.py, or a train.py run, is using")
     try:
         yield
     finally:
-        os.close(fd)  # releases the lock
+        os.close(fd)
 
 
 def read_lock(folder: Path) -> int:
     """A shared lock on a training-set folder for as long as a training run reads it (the
-    returned descriptor holds it; closing it lets go): coord_list_gen.py refuses to write
-    the folder meanwhile, and a folder being written is refused here."""
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        raise TrainSetError(f"{folder}: coord_list_gen.py is writing this folder; wait for it") from None
-    return fd
+    returned descriptor holds it): coord_list_gen.py refuses to write the folder
+    meanwhile, and a folder being written is refused here."""
+    return _lock_folder(folder, fcntl.LOCK_SH, "coord_list_gen.py is writing")
 
 
 def replace(out: Path, new: list[Entry], how: str) -> list[str]:
@@ -331,7 +331,7 @@ def recover_moves(out: Path, quiet: bool = False) -> None:
         raise TrainSetError(f"{journal}: an interrupted --move, but {lost[0]} is neither in its patch folder "
                             "nor here; run coord_list_gen.py from the folder the interrupted run started in")
     back = 0
-    for src, dst in map(lambda m: (Path(m[0]), Path(m[1])), moves):
+    for src, dst in ((Path(a), Path(b)) for a, b in moves):
         if dst.exists() and src.exists():  # killed between the copy and the delete: both are whole
             dst.unlink()
         elif dst.exists():
