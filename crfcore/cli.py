@@ -93,12 +93,17 @@ def number(kind: type = float, least: float | None = None, most: float | None = 
             raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
         if kind is int and most is None and value > INT_MAX:
             raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r} (more than {INT_MAX})")
-        ok = ((kind is int or math.isfinite(value)) and (least is None or value >= least)
-              and (most is None or value <= most) and (above is None or value > above))
-        if not ok:
+        if not within(value, least, most, above):
             raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
         return value
     return parse
+
+
+def within(value: float, least: float | None = None, most: float | None = None, above: float | None = None) -> bool:
+    """Whether the number `value` is finite (ints of any size are) and >= `least`, <= `most`
+    and > `above`, each where given: the range check of options and of config keys alike."""
+    return ((not isinstance(value, float) or math.isfinite(value)) and (least is None or value >= least)
+            and (most is None or value <= most) and (above is None or value > above))
 
 
 PROBABILITY = number(float, 0, 1)

@@ -8,13 +8,13 @@ Checkpoints store `TrainConfig.to_dict()`.
 from __future__ import annotations
 
 import json
-import math
 import types
 import typing
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Optional
 
+from .cli import INT_MAX, within
 from .errors import CrfError
 from .io import read_json
 
@@ -181,7 +181,6 @@ class TrainConfig:
 
 
 INTERNAL = ("classes", "num_classes", "stain_reference")
-INT_MAX = 2**31 - 1
 # The numeric keys a checkpoint's model and maps are built from.
 MODEL_KEYS = ("grid", "crf_iters", "width_mult", "image_size", "patch_size", "crop_size", "mpp")
 # Each numeric key's range: (least, most or None, whether `least` itself is refused).
@@ -196,10 +195,8 @@ RANGES: dict[str, tuple[float, float | None, bool]] = {
 
 
 def _in_range(value: Any, least: float, most: float | None, open_least: bool) -> bool:
-    """Whether the number `value` (finite; ints of any size) lies in the range."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return False
-    return (value > least if open_least else value >= least) and (most is None or value <= most)
+    """Whether the number `value` lies in a RANGES range."""
+    return within(value, None if open_least else least, most, least if open_least else None)
 
 
 def _range_text(least: float, most: float | None, open_least: bool) -> str:
