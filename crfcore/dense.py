@@ -50,7 +50,7 @@ from tqdm import tqdm
 
 from .datasets import Normaliser, SlideDataset, normalise_batch
 from .device import autocast
-from .inference import DIHEDRAL, Geometry, LatticeJob, Options, dihedral_images, slide_loader
+from .inference import DIHEDRAL, Geometry, LatticeJob, Options, dihedral_boxes, dihedral_images, slide_loader
 from .model import CRFNet
 from .scale import ReadScale
 
@@ -142,17 +142,6 @@ def dense_applies(geom: Geometry, stride: int) -> str | None:
         return (f"the lattice stride ({s} model pixels) is not a multiple of the feature stride {stride}: dense "
                 f"would need {n} shifted passes over the slide, more backbone work than the lattice")
     return None
-
-
-def dihedral_boxes(x0: np.ndarray, y0: np.ndarray, size: int, h: int, w: int, k: int,
-                   flip: bool) -> tuple[np.ndarray, np.ndarray]:
-    """Top-left corners of `size` squares at `(x0, y0)` in an `(h, w)` image, after the
-    transform `inference.dihedral` (flip left-right, then k quarter turns as np.rot90)."""
-    if flip:
-        x0 = w - x0 - size
-    for _ in range(k):
-        x0, y0, h, w = y0, w - x0 - size, w, h
-    return x0, y0
 
 
 @dataclass(frozen=True)

@@ -163,9 +163,11 @@ class CRFNet(nn.Module):
         self.fc = nn.Linear(self.feature_dim, cfg.num_classes)
         self.crf = CRF(cfg.grid * cfg.grid, cfg.crf_iters) if cfg.grid > 1 else None
 
-    def embed(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Patches `[M, 3, H, W]` -> logits `[M]` (or `[M, C]`) and pooled features `[M, D]`."""
-        feats = nn.functional.adaptive_avg_pool2d(self.features(x), 1).flatten(1)
+    def embed(self, x: torch.Tensor, first_block: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """Patches `[M, 3, H, W]` -> logits `[M]` (or `[M, C]`) and pooled features `[M, D]`;
+        from `first_block` on, `x` is what the blocks before it gave (crfcore.shared_stem)."""
+        body = self.features[first_block:] if first_block else self.features
+        feats = nn.functional.adaptive_avg_pool2d(body(x), 1).flatten(1)
         logits = self.fc(feats)
         return (logits.squeeze(1) if self.cfg.num_classes == 1 else logits), feats
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from crfcore import synthetic
+from crfcore import masks, synthetic
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("CRF_SHARED_DATA", ROOT.parent / "shared" / "data"))
@@ -41,6 +41,18 @@ class Result:
     returncode: int
     stdout: str
     stderr: str
+
+
+@pytest.fixture(scope="session")
+def border_slide(tmp_path_factory):
+    """Tissue running off the left and top edges, a tumour inside, and its tissue mask."""
+    d = tmp_path_factory.mktemp("border")
+    s = synthetic.write_slide(d / "edge.tif", 768, 640, tumours=1, seed=5, tumour_radius=0.15,
+                              tissue=[(0.2, 0.3, 0.45, 0.5)])
+    mask, meta = masks.make_mask(s.path, "tissue", downsample=16)
+    masks.save_mask(d / "edge_tissue.npy", mask, meta)
+    assert mask[:, 0].any() and mask[0, :].any()
+    return s, mask, meta
 
 
 def load_script(name: str):

@@ -45,7 +45,7 @@ def test_dihedral_boxes_follow_the_image():
     x0, y0 = rng.integers(0, 56 - 8, 20), rng.integers(0, 40 - 8, 20)
     for k, flip in inference.DIHEDRAL:
         t = inference.dihedral(img, k, flip)
-        bx, by = dense.dihedral_boxes(x0, y0, 8, 40, 56, k, flip)
+        bx, by = inference.dihedral_boxes(x0, y0, 8, 40, 56, k, flip)
         for i in range(20):
             want = inference.dihedral(img[y0[i]:y0[i] + 8, x0[i]:x0[i] + 8], k, flip)
             assert np.array_equal(t[by[i]:by[i] + 8, bx[i]:bx[i] + 8], want)

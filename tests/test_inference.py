@@ -13,18 +13,6 @@ from conftest import call
 PATCH, CROP = 32, 28
 
 
-@pytest.fixture(scope="module")
-def border_slide(tmp_path_factory):
-    """Tissue running off the left and top edges, a tumour inside, and its tissue mask."""
-    d = tmp_path_factory.mktemp("border")
-    s = synthetic.write_slide(d / "edge.tif", 768, 640, tumours=1, seed=5, tumour_radius=0.15,
-                              tissue=[(0.2, 0.3, 0.45, 0.5)])
-    mask, meta = masks.make_mask(s.path, "tissue", downsample=16)
-    masks.save_mask(d / "edge_tissue.npy", mask, meta)
-    assert mask[:, 0].any() and mask[0, :].any()
-    return s, mask, meta
-
-
 def small_model(grid: int, slide_path) -> CRFNet:
     return varied_model(slide_path, CROP, grid, width=0.25, head_scale=20, crf_std=0.3, seed=grid)
 
