@@ -6,8 +6,10 @@ sigmoid tumour probability; no CRF, which TIAToolbox has not) over the same patc
 the same synthetic slide, on the same device with the same torch threads, batch size,
 DataLoader workers, precision (fp32), memory format (channels-last) and memory allocator
 settings (freed memory kept for reuse, as prob_map.py keeps it). Ours folds batch norm
-into the convolutions and fuses each convolution + ReLU6, as prob_map.py does
-(`crfcore.model.inference_copy`); TIAToolbox runs the network as given. Prints patches/s
+into the convolutions and fuses each convolution + ReLU6 (`crfcore.model.inference_copy`),
+and runs the network's first blocks once per slide region for the overlapping crops read
+from it (`crfcore.shared_stem`: each crop's own numbers), as prob_map.py does; TIAToolbox
+runs each patch through the network as given. Prints patches/s
 of each (best of `--passes` passes, the two taken in turn, so both see the same load of
 a shared machine), their ratio and the largest difference of the probabilities at
 matching points. The last line:

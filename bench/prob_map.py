@@ -13,7 +13,10 @@ full-width strip among it, so the band cache is at its widest), and ends with tw
   dense: speedup_vs_naive=<x> speedup_vs_lattice=<y> pearson=<r> max_abs_diff=<d>
 
 (`max_abs_diff` of the first line: lattice against naive; of the second: dense against
-lattice, over the whole map; `pearson` over the tissue.)
+lattice, over the whole map; `pearson` over the tissue. `lattice` runs as prob_map.py
+runs it, its stem shared between crops (crfcore.shared_stem); it is also timed with
+`share_stem` off, each crop through the whole CNN, and `io_efficiency` is that run's
+patches/s over the model's alone on ready tensors: how little reading costs.)
 
 Geometry: patch 256, crop 224, lattice stride 64, grid 3 (NCRF's). The default model is
 `crfcore.testing.varied_model` (random weights, batch-norm statistics from crops of the
@@ -188,6 +191,7 @@ def main() -> None:
             return inference.probability_map(model, path, mask, meta["downsample"], args.patch, args.crop, method, o)[0]
 
         lat, t_lat = timed(run, "lattice", opts)
+        whole, t_whole = timed(run, "lattice", replace(opts, share_stem=False))
         n_lat = len(inference.needed_points(mask, geom.node_offsets()))
         pick = np.random.default_rng(0).choice(len(rows), min(args.naive_points, len(rows)), replace=False)
         sub = (rows[pick], cols[pick])
@@ -204,6 +208,8 @@ def main() -> None:
         e2e = n_lat / t_lat
         print(f"lattice: {t_lat:.1f} s, {n_lat} CNN patches ({n_lat / len(rows):.2f} per tissue point), "
               f"{e2e:.1f} patches/s end to end")
+        print(f"lattice, each crop whole (share_stem off): {t_whole:.1f} s, {n_lat / t_whole:.1f} patches/s; the "
+              f"shared stem: {t_whole / t_lat:.2f}x, max abs diff {np.abs(lat - whole).max():.2e}")
         print(f"naive:   {t_naive:.1f} s (scaled from {len(pick)} points), "
               f"{9 * len(rows)} CNN patches (9 per tissue point)")
         print(f"dense:   {t_den:.1f} s, {len(job.tiles)} tiles (--dense-tile {args.dense_tile}), "
@@ -221,7 +227,7 @@ def main() -> None:
               f"{args.model_only_patches} real crops)")
         if args.large_side:
             large_slide_memory(args, ckpt, Path(tmp), precision)
-        print(f"speedup={t_naive / t_lat:.2f} max_abs_diff={diff:.2e} io_efficiency={e2e / model_rate:.2f}")
+        print(f"speedup={t_naive / t_lat:.2f} max_abs_diff={diff:.2e} io_efficiency={n_lat / t_whole / model_rate:.2f}")
         r = np.corrcoef(lat[mask], den[mask])[0, 1]
         print(f"dense: speedup_vs_naive={t_naive / t_den:.2f} speedup_vs_lattice={t_lat / t_den:.2f} "
               f"pearson={r:.4f} max_abs_diff={np.abs(den - lat).max():.2e}")
