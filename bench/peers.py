@@ -248,8 +248,9 @@ def reading_rates(b: Bench) -> tuple[float, float]:
     """Patches/s of each side's reader alone, same workers."""
     g = b.geom
     origins = g.crop_origin(g.centres(b.rows, b.cols))
-    ours = DataLoader(inference.LatticePatches(b.slide, origins, g.crop, inference.region_groups(b.rows, b.cols)),
-                      batch_size=None, num_workers=b.args.workers)
+    regions = inference.lattice_stem(b.cnn, g, b.opts) is not None  # regions, as the lattice reads them then
+    ours = DataLoader(inference.LatticePatches(b.slide, origins, g.crop, inference.region_groups(b.rows, b.cols),
+                                               regions=regions), batch_size=None, num_workers=b.args.workers)
     from tiatoolbox.models.engine.io_config import ModelIOConfigABC
 
     c, s = b.args.crop, b.args.stride

@@ -118,17 +118,17 @@ class Geometry:
 
 
 class LatticePatches(SlideDataset):
-    """Items: one region of the slide, read once, and its lattice points' crops:
-    `(indices [n], uint8 region [H, W, 3], crop corners [n, 2] (x, y) in the region)`.
-    Stain-normalised crop by crop, or read at another scale than level 0 (then each crop on
-    its own, as `naive` reads them), the crops instead: `(indices [n], uint8 crops [n, crop,
-    crop, 3], None)`.
+    """Items: one region of the slide, read once, and its lattice points' crops, as
+    `(indices [n], uint8 crops [n, crop, crop, 3], None)`; with `regions` (for the shared
+    stem), the region itself instead: `(indices [n], uint8 region [H, W, 3], crop corners
+    [n, 2] (x, y) in the region)`. Stain-normalised crop by crop, or read at another scale
+    than level 0 (then each crop on its own, as `naive` reads them), always the crops.
     Slides open once per worker."""
 
     def __init__(self, slide_path: Path, origins: np.ndarray, crop: int, groups: list[np.ndarray],
-                 normalise: Normaliser | None = None, read: ReadScale = ReadScale()) -> None:
+                 normalise: Normaliser | None = None, read: ReadScale = ReadScale(), regions: bool = False) -> None:
         self.slide_path, self.origins, self.crop, self.groups = slide_path, origins, crop, groups
-        self.normalise, self.read = normalise, read
+        self.normalise, self.read, self.regions = normalise, read, regions
 
     def __len__(self) -> int:
         return len(self.groups)
@@ -141,12 +141,14 @@ class LatticePatches(SlideDataset):
             return torch.from_numpy(idx), torch.from_numpy(np.stack(crops)), None
         x0, y0 = o.min(0)
         x1, y1 = o.max(0) + self.crop
-        region = sl.read_rgb(self.slide, (int(x0), int(y0)), 0, (int(x1 - x0), int(y1 - y0)))
+        region = torch.from_numpy(sl.read_rgb(self.slide, (int(x0), int(y0)), 0, (int(x1 - x0), int(y1 - y0))))
         corners = torch.from_numpy(o - (x0, y0))
-        if self.normalise is None:
-            return torch.from_numpy(idx), torch.from_numpy(region), corners
-        crops = [self._crop(c.numpy()) for c in cut_crops(torch.from_numpy(region), corners, self.crop)]
-        return torch.from_numpy(idx), torch.from_numpy(np.stack(crops)), None
+        if self.regions and self.normalise is None:
+            return torch.from_numpy(idx), region, corners
+        crops = cut_crops(region, corners, self.crop)
+        if self.normalise is not None:
+            crops = torch.from_numpy(np.stack([self._crop(c.numpy()) for c in crops]))
+        return torch.from_numpy(idx), crops, None
 
     def _crop(self, crop: np.ndarray) -> np.ndarray:
         return crop if self.normalise is None else self.normalise(crop)
@@ -369,7 +371,7 @@ def embed_region(model: CRFNet, plan: StemPlan, region: torch.Tensor, corners: n
         xt = dihedral_images(x, k, flip).contiguous(memory_format=torch.channels_last)
         bx, by = dihedral_boxes(corners[:, 0], corners[:, 1], plan.crop, h, w, k, flip)
         with autocast(opts.device, opts.precision):
-            cells = stem_cells(model.features, plan, xt, np.stack([bx, by], 1))
+            cells = stem_cells(model.features, plan, xt, np.stack([bx, by], 1), opts.batch_size)
             out = [model.embed(cells[s:s + opts.batch_size], plan.blocks)
                    for s in range(0, len(cells), opts.batch_size)]
         logits.append(torch.cat([lo for lo, _ in out]).float().cpu())
@@ -414,7 +416,7 @@ class LatticeJob:
         origins = self.geom.crop_origin(self.geom.centres(self.need[:, 0], self.need[:, 1]))
         groups = region_groups(self.need[:, 0], self.need[:, 1])
         patches = LatticePatches(self.slide_path, origins, self.geom.crop, groups, self.opts.normaliser,
-                                 self.geom.read)
+                                 self.geom.read, regions=self.stem is not None)
         loader = slide_loader(patches, self.opts, None)
         band = None
         with tqdm(total=len(self.need), desc=f"lattice {self.slide_path.name}", disable=self.opts.quiet) as bar:
@@ -432,7 +434,8 @@ class LatticeJob:
 
     def take(self, band: Band, idx: torch.Tensor, pixels: torch.Tensor, corners: torch.Tensor | None) -> int:
         """Run or queue one `LatticePatches` item; return how many points got their CNN outputs."""
-        if corners is not None and self.stem is not None and self.stem.worth_sharing(pixels.shape[:2], len(idx)):
+        share = self.stem is not None and corners is not None
+        if share and self.stem.worth_sharing(pixels.shape[:2], len(idx), self.opts.batch_size):
             band.store(idx, *embed_region(self.model, self.stem, pixels, corners.numpy(), self.opts))
             return len(idx)
         patches = pixels if corners is None else cut_crops(pixels, corners, self.geom.crop)

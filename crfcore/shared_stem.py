@@ -15,11 +15,12 @@ edge does not reach the band). Then the rest of the network runs per crop, as be
 These are the same convolutions over the same pixels, so the numbers are the same
 (equal in the tests; at most float rounding where a library splits work by shape).
 
-It pays where the region and the strips cost less stem work than the crops themselves
-(`worth_sharing`): at crop 224, stride 64, a full block of 8 x 16 crops runs the CNN
-1.2x faster on this project's CPU (bench/prob_map.py). At crop 112 and stride 32 it
-gains nothing, and at the demo's crop of 56 the strips alone cost more than the crops.
-It is used on the CPU only: on CUDA it was never measured.
+It is used where the region and the strips cost clearly less stem work than the crops
+themselves, and the region is no larger than a batch of crops, so memory still follows
+`--batch-size` (`worth_sharing`). At crop 224, stride 64, a full block of 8 x 16 crops
+then runs the CNN 1.2x faster on this project's CPU (bench/prob_map.py). At crop 112 and
+stride 32 it gains nothing, and at the demo's crop of 56 the strips alone cost more than
+the crops. It is used on the CPU only: on CUDA it was never measured.
 """
 from __future__ import annotations
 
@@ -54,11 +55,13 @@ class StemPlan:
         """Input pixels across an edge strip: its own far edge then stays out of the band."""
         return (self.top + self.bottom) * self.stride
 
-    def worth_sharing(self, region: tuple[int, int], n: int) -> bool:
+    def worth_sharing(self, region: tuple[int, int], n: int, batch: int) -> bool:
         """Whether the stem over a `region` (h, w) and four strips per crop costs clearly
-        less than over its `n` crops (strips are thin, so they run slower per pixel)."""
-        shared = region[0] * region[1] + n * 4 * self.strip * self.crop
-        return shared <= SHARE_BELOW * n * self.crop ** 2
+        less than over its `n` crops (strips are thin, so they run slower per pixel), and
+        the region is no larger than a `batch` of crops: the memory then follows the batch size."""
+        pixels = region[0] * region[1]
+        shared = pixels + n * 4 * self.strip * self.crop
+        return shared <= SHARE_BELOW * n * self.crop ** 2 and pixels <= batch * self.crop ** 2
 
 
 def stem_plan(features: nn.Sequential, crop: int, blocks: int = STEM_BLOCKS) -> StemPlan | None:
@@ -87,39 +90,56 @@ def edge_bands(convs: list[nn.Conv2d], n: int) -> tuple[int, int, int, int]:
     """(stride, top, bottom, cells) of a chain of square convolutions over an `n`-pixel
     side: input pixels per cell, how many cells along the near and the far edge read the
     zero padding (directly or through an earlier such cell), and the cells across.
-    Residual additions need no count: a block's input band is never wider than its output's."""
+    Residual additions need no count: MobileNetV2 adds a block's input only in stride-1
+    blocks, whose convolutions never narrow a band (the tests compare every cell)."""
     stride, top, bottom = 1, 0, 0
     for conv in convs:
         k, s, p = conv.kernel_size[0], conv.stride[0], conv.padding[0]
         out = (n + 2 * p - k) // s + 1
-        top = math.ceil((top + p) / s)  # cell i reads rows s*i - p ...: before `top` of the last
-        bottom = out - math.ceil((n - bottom + p - k + 1) / s)  # ... s*i - p + k - 1: past n - bottom
+        # Output cell i reads input rows s*i - p to s*i - p + k - 1. It differs from the
+        # region's where it reads padding or a differing row: near the top, a row below
+        # `top` (s*i - p < top); near the bottom, a row from n - bottom on.
+        top = math.ceil((top + p) / s)
+        bottom = out - math.ceil((n - bottom + p - k + 1) / s)
         n, stride = out, stride * s
     return stride, top, bottom, n
 
 
-def stem_cells(features: nn.Sequential, plan: StemPlan, region: torch.Tensor, corners: np.ndarray) -> torch.Tensor:
+def stem_cells(features: nn.Sequential, plan: StemPlan, region: torch.Tensor, corners: np.ndarray,
+               batch: int) -> torch.Tensor:
     """The stem cells `[n, C, side, side]` of the crops with top-left `corners` (n, 2) x, y
-    in a normalised `region [1, 3, H, W]`, as each crop's own stem would give them.
-    Corners must be multiples of `plan.stride`."""
-    stem, c, s, f = features[:plan.blocks], plan.crop, plan.side, plan.stride
+    in a normalised `region [1, 3, H, W]`, as each crop's own stem would give them; edge
+    strips go through the stem `batch` crops at a time. Corners must be multiples of
+    `plan.stride`."""
+    stem, s, f = features[:plan.blocks], plan.side, plan.stride
     whole = stem(region)[0]
     cells = torch.stack([whole[:, y // f:y // f + s, x // f:x // f + s] for x, y in corners.tolist()])
-    n, w, top, bottom = len(corners), plan.strip, plan.top, plan.bottom
-    # the edge bands: the top and bottom strips of every crop in one pass, then left and right
-    rows = stem(_strips(region, corners, c, w, vertical=True))
-    cells[:, :, :top], cells[:, :, s - bottom:] = rows[:n, :, :top], rows[n:, :, w // f - bottom:]
-    cols = stem(_strips(region, corners, c, w, vertical=False))
-    cells[:, :, :, :top], cells[:, :, :, s - bottom:] = cols[:n, :, :, :top], cols[n:, :, :, w // f - bottom:]
+    for i in range(0, len(corners), batch):
+        _mend_edges(stem, plan, region, cells[i:i + batch], corners[i:i + batch])
     return cells.contiguous(memory_format=torch.channels_last)
 
 
-def _strips(region: torch.Tensor, corners: np.ndarray, crop: int, width: int, vertical: bool) -> torch.Tensor:
-    """Each crop's first `width` rows, then each one's last (`vertical`); else columns."""
+def _mend_edges(stem: nn.Sequential, plan: StemPlan, region: torch.Tensor, cells: torch.Tensor,
+                corners: np.ndarray) -> None:
+    """Overwrite the edge bands of these crops' `cells` (in place) with the stem of strips
+    cut from the crops themselves: a strip shares the crop's near edge (or far edge), so its
+    cells there are the crop's own."""
+    n, s, strip_cells = len(corners), plan.side, plan.strip // plan.stride
+    near = slice(0, plan.top)  # the band along the near edge, in a crop's cells and in a near strip's
+    far, far_in_strip = slice(s - plan.bottom, s), slice(strip_cells - plan.bottom, strip_cells)
+    # the near and the far strips of every crop in one pass: first along the rows, then the columns
+    out = stem(_strips(region, corners, plan.crop, plan.strip, along_rows=True))
+    cells[:, :, near], cells[:, :, far] = out[:n, :, near], out[n:, :, far_in_strip]
+    out = stem(_strips(region, corners, plan.crop, plan.strip, along_rows=False))
+    cells[:, :, :, near], cells[:, :, :, far] = out[:n, :, :, near], out[n:, :, :, far_in_strip]
+
+
+def _strips(region: torch.Tensor, corners: np.ndarray, crop: int, width: int, along_rows: bool) -> torch.Tensor:
+    """`[2n, 3, ...]`: each crop's first `width` rows (`along_rows`; else columns), then each
+    one's last `width`."""
     x = region[0]
-    near, far = (0, crop - width)
-    if vertical:
-        parts = [x[:, y + o:y + o + width, cx:cx + crop] for o in (near, far) for cx, y in corners.tolist()]
+    if along_rows:
+        parts = [x[:, y + o:y + o + width, cx:cx + crop] for o in (0, crop - width) for cx, y in corners.tolist()]
     else:
-        parts = [x[:, y:y + crop, cx + o:cx + o + width] for o in (near, far) for cx, y in corners.tolist()]
+        parts = [x[:, y:y + crop, cx + o:cx + o + width] for o in (0, crop - width) for cx, y in corners.tolist()]
     return torch.stack(parts).contiguous(memory_format=torch.channels_last)

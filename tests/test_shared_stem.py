@@ -28,7 +28,7 @@ def test_stem_cells_are_each_crops_own(width, crop, step):
     region = torch.randn(1, 3, h, w).contiguous(memory_format=torch.channels_last)
     corners = np.array([(x, y) for y in range(0, h - crop + 1, step) for x in range(0, w - crop + 1, step)])
     with torch.no_grad():
-        got = stem_cells(model.features, plan, region, corners)
+        got = stem_cells(model.features, plan, region, corners, batch=5)
         want = crop_stems(model.features, plan, region, corners)
         whole = model.features[:plan.blocks](region)[0]
     assert torch.equal(got, want)
@@ -51,9 +51,11 @@ def test_no_plan_where_it_cannot_apply():
 def test_it_is_used_only_where_it_saves_work():
     features = CRFNet(ModelConfig(grid=1, width_mult=0.25)).features
     ncrf, demo = stem_plan(features, 224), stem_plan(features, 56)
-    assert ncrf.worth_sharing((7 * 64 + 224, 15 * 64 + 224), 128)  # a full block at NCRF's geometry
-    assert not ncrf.worth_sharing((224, 224 + 15 * 64), 2)  # two crops far apart
-    assert not demo.worth_sharing((7 * 32 + 56, 15 * 32 + 56), 128)  # the strips cost more than the crops
+    block = (7 * 64 + 224, 15 * 64 + 224)  # a full block of 8 x 16 crops at NCRF's geometry
+    assert ncrf.worth_sharing(block, 128, batch=64)
+    assert not ncrf.worth_sharing(block, 128, batch=4)  # its stem would hold more than a batch of crops
+    assert not ncrf.worth_sharing((224, 224 + 15 * 64), 2, batch=64)  # two crops far apart
+    assert not demo.worth_sharing((7 * 32 + 56, 15 * 32 + 56), 128, batch=64)  # the strips cost more than the crops
 
 
 @pytest.mark.parametrize("tta, precision", [(1, "fp32"), (8, "fp32"), (1, "bf16")])
