@@ -171,11 +171,15 @@ class Library:
         self._lock = threading.Lock()
 
     def resolve(self, rel: str) -> Path:
-        """The slide file `rel` names under slide_dir; 404 for anything else. `..` is
-        resolved by name, so a URL cannot climb out, yet a slide that the user linked into
-        SLIDE_DIR (a symbolic link to elsewhere) is served like the index lists it."""
+        """The slide file `rel` names under slide_dir, as the index lists them; 404 for
+        anything else. `..` is resolved by name, so a URL cannot climb out; a slide that the
+        user linked into SLIDE_DIR (a symbolic link to elsewhere) is served, but never a
+        file through a linked folder (a link to / would open the whole disk) or a hidden one."""
         path = Path(os.path.normpath(self.slide_dir / rel))
-        if self.slide_dir not in path.parents or not path.is_file():
+        parts = path.relative_to(self.slide_dir).parts if self.slide_dir in path.parents else ()
+        folders = (self.slide_dir.joinpath(*parts[:i]) for i in range(1, len(parts)))
+        if (not parts or path.suffix.lower() not in sl.SLIDE_EXTENSIONS or any(p.startswith(".") for p in parts)
+                or any(f.is_symlink() for f in folders) or not path.is_file()):
             abort(404)
         return path
 

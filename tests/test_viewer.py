@@ -307,3 +307,20 @@ def test_a_port_in_use_is_one_line(tmp_path):
         res = call("viewer.py", tmp_path, "--port", port, check=False)
     assert res.returncode == 2 and res.stderr.startswith(f"error: cannot serve on 127.0.0.1:{port} (")
     assert "another viewer running?" in res.stderr and res.stderr.count("\n") == 1
+
+
+def test_a_linked_folder_in_slide_dir_opens_nothing_through_it(env, tmp_path):
+    """From a hostile review: `ln -s / SLIDE_DIR/rootlink` served any file under / by its path."""
+    viewer, _, _, _ = env
+    slides = tmp_path / "slides"
+    slides.mkdir()
+    outside = tmp_path / "outside"
+    synthetic.write_slide(outside / "o.tif", 256, 256, tumours=0, seed=1)
+    (outside / "secret.json").write_text('{"positive": [], "negative": []}')
+    (slides / "rootlink").symlink_to(outside)
+    (slides / "linked.tif").symlink_to(outside / "o.tif")  # a linked slide is still served
+    c = viewer.create_app(slides).test_client()
+    for url in ("/_thumb/rootlink/o.tif", "/_truth/rootlink/o.tif", "/rootlink/o.tif.dzi",
+                "/_truth/rootlink/secret.json"):
+        assert c.get(url).status_code == 404, url
+    assert c.get("/_thumb/linked.tif").status_code == 200
