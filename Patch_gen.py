@@ -71,7 +71,12 @@ def centres_for(args, slide_path: Path, mask: np.ndarray, meta: dict, rng, side:
     if args.mode == "random":
         return tiling.random_centres(mask, ds, args.num, rng)
     sid = sl.slide_id(slide_path)
-    listed = [(x, y) for s, x, y in tiling.read_coords(args.coords) if s == sid]
+    rows = tiling.read_coords(args.coords)
+    listed = [(x, y) for s, x, y in rows if s == sid]
+    if not listed:
+        ids = sorted({s for s, _, _ in rows})
+        raise UserError(f"{args.coords}: no line names slide {sid!r} (it names {', '.join(map(repr, ids[:3]))}"
+                        f"{' ...' if len(ids) > 3 else ''}); the slide id is the file name without its extension")
     unique = list(dict.fromkeys(listed))  # a centre twice would be two equal tiles, refused later
     if len(unique) < len(listed):
         warnings.warn(f"{args.coords}: {len(listed) - len(unique)} repeated centre(s) of {sid} cut once")
@@ -94,6 +99,9 @@ def cut_slide(args, job: Job, rng) -> None:
             read = read_scale(s, job.slide, mpp=args.mpp)
             level, dx, dy = read.level, read.scale, read.scale
             size = round(args.image_size * read.scale / read.downsample)
+            if size < 1:
+                raise UserError(f"{job.slide}: --image-size {args.image_size} at --mpp {args.mpp} is under one "
+                                f"pixel of level {level}; give a larger --image-size or --mpp")
         thumb = sl.thumbnail(s, max(w0, h0) / 1024)
     centres = centres_for(args, job.slide, mask, meta, rng, args.image_size * dx)
     side = (round(args.image_size * dx), round(args.image_size * dy))
@@ -101,6 +109,9 @@ def cut_slide(args, job: Job, rng) -> None:
     boxes = np.concatenate([boxes, boxes + side], 1)
     on = (boxes[:, 0] >= 0) & (boxes[:, 1] >= 0) & (boxes[:, 2] <= w0) & (boxes[:, 3] <= h0)
     boxes, centres = boxes[on], centres[on]
+    if not len(boxes):  # refused, not written: an empty set would replace a good one
+        raise UserError(f"{job.slide}: no patch to cut ({len(on)} centre(s) in the mask, none with its "
+                        f"{side[0]}x{side[1]}-pixel square on the slide); nothing written")
     out = Path(args.output)
     tiles = TileFolder(out, sid)
     staging = tiles.prepare(args.overwrite)
@@ -126,7 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", type=Path, required=True, help="PATCH_DIR")
     p.add_argument("--mode", choices=("grid", "random", "coords"), default="grid",
                    help="grid: squares over the mask; random: --num centres inside it; coords: a coords list")
-    p.add_argument("--num", type=number(int, 1), help="patches per slide (random mode)")
+    p.add_argument("--num", type=number(int, 1, 10**7), help="patches per slide (random mode)")
     p.add_argument("--coords", type=Path, help="NCRF coords list `slide_id,x,y` (coords mode)")
     p.add_argument("--image-size", type=number(int, 1), default=768, help="patch side in pixels at --level")
     read = p.add_mutually_exclusive_group()

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from .errors import CrfError
 from .io import atomic_write_text
-from .tiling import parse_tile_name
+from .tiling import parse_tile_name, read_coords
 
 
 RESTORING = "restoring.txt"  # the old .txt, in the aside folder, once the new tiles are gone
@@ -95,6 +95,9 @@ class TileFolder:
         for own in (self.staging, self.aside, self.discarded):
             if own.is_symlink() or (own.exists() and not own.is_dir()):
                 raise TileFolderError(f"{own}: not a folder of Patch_gen's own (a link or a file); remove it")
+        if self.marker.is_file() and not self.own_marker():
+            raise TileFolderError(f"{self.marker}: is not Patch_gen's list of {self.sid}'s patch centres (an "
+                                  "annotation?); it would be replaced: move it, or choose another PATCH_DIR")
         folder = self.folder
         if folder.is_symlink() or (folder.exists() and not folder.is_dir()):
             raise TileFolderError(f"{folder}: is a link or a file, not the slide's tile folder")
@@ -104,6 +107,13 @@ class TileFolder:
                     pass
             except OSError as err:
                 raise TileFolderError(f"{folder}: cannot replace its tiles ({err.strerror or err})") from None
+
+    def own_marker(self) -> bool:
+        """Whether the .txt is a coords list of this slide's centres, as `replace` writes it."""
+        try:
+            return all(sid == self.sid for sid, _, _ in read_coords(self.marker))
+        except CrfError:
+            return False
 
     def replace(self, names: list[str], marker_text: str) -> None:
         """Put the complete new tiles (`names`, in the staging folder) in place of the old,

@@ -644,3 +644,26 @@ def test_an_interrupted_move_is_undone_from_any_folder(syn_slide, syn_masks, tmp
     assert proc.returncode == -9 and len(list((tmp_path / "b" / "syn_tumor").iterdir())) < len(tiles)
     call("coord_list_gen.py", tmp_path / "a", "-o", tmp_path / "ds", "--overwrite", "--copy")  # cwd: elsewhere
     assert {p.name: p.read_bytes() for p in (tmp_path / "b" / "syn_tumor").iterdir()} == tiles
+
+
+def test_an_empty_set_never_replaces_a_good_one_and_a_foreign_txt_is_kept(syn_slide, syn_masks, tmp_path):
+    """From a hostile review: these replaced 65 tiles with none, exit 0, or deleted an annotation."""
+    base = [syn_slide.path, "--mask", syn_masks / "syn_tumor_tissue.npy", "-o", tmp_path / "p", "--workers", "0",
+            "--quiet", "--image-size", "256"]
+    call("Patch_gen.py", *base)
+    marker, before = tmp_path / "p" / "syn_tumor.txt", sorted((tmp_path / "p" / "syn_tumor").iterdir())
+    coords = tmp_path / "c.txt"
+    coords.write_text("syn_tumor.tif,100,100\n")  # the id carries the extension: names no slide
+    for extra in (["--mode", "coords", "--coords", coords], ["--image-size", "100000"]):
+        res = call("Patch_gen.py", *base, "--overwrite", *extra, check=False)
+        assert res.returncode == 2 and ("no line names slide" in res.stderr or "no patch to cut" in res.stderr)
+        assert sorted((tmp_path / "p" / "syn_tumor").iterdir()) == before and marker.stat().st_size
+    res = call("Patch_gen.py", *base[:-2], "--mpp", "0.001", "--image-size", "16", check=False)
+    assert res.returncode == 2 and "under one pixel" in res.stderr
+    annotation = "0,0\n10,0\n10,10\n"  # a vertex list named like the marker
+    other = tmp_path / "q"
+    other.mkdir()
+    (other / "syn_tumor.txt").write_text(annotation)
+    res = call("Patch_gen.py", *base[:4], other, *base[5:], "--overwrite", check=False)
+    assert res.returncode == 2 and "is not Patch_gen's list" in res.stderr
+    assert (other / "syn_tumor.txt").read_text() == annotation
