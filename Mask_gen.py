@@ -24,7 +24,7 @@ from crfcore import annotations as an
 from crfcore import masks
 from crfcore import slide as sl
 from crfcore.cli import UserError, for_each, number, parser, run
-from crfcore.io import check_array_output, companion, file_sha256, write_image
+from crfcore.io import check_array_output, check_spares_inputs, companion, file_sha256, sidecar_path, write_image
 
 
 @dataclass(frozen=True)
@@ -64,6 +64,7 @@ def jobs(args) -> list[Job]:
 def mask_slide(job: Job, args) -> None:
     ann = an.load_annotation(job.annotation) if job.annotation else None
     check_array_output(job.out)  # before the work: the sidecar must not replace an annotation
+    check_spares_inputs((job.out, sidecar_path(job.out), job.out.with_suffix(".png")), (job.slide, job.annotation))
     mask, meta = masks.make_mask(job.slide, args.kind, ann, args.level, args.downsample, args.method)
     if job.annotation:
         meta.update(annotation=str(job.annotation), annotation_sha256=file_sha256(job.annotation))

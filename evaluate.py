@@ -30,9 +30,11 @@ from crfcore import masks
 from crfcore import slide as sl
 from crfcore.annotations import load_annotation
 from crfcore.cli import PROBABILITY, UserError, add_workers, number, parser, run
-from crfcore.heatmap import load_probability_map
-from crfcore.io import atomic_path, atomic_write_text, companion, companion_stem, visible_files
-from crfcore.tiling import format_coords
+from crfcore.errors import CrfError
+from crfcore.heatmap import check_picture_format, load_probability_map
+from crfcore.io import (COMPANIONS, atomic_path, atomic_write_text, check_spares_inputs, companion, companion_stem,
+                        ensure_free_space, sidecar_path, visible_files)
+from crfcore.tiling import format_coords, read_coords
 
 MAX_TRUTH_PIXELS = 2**26  # an evaluation raster larger than this is a mistake (a bad coordinate)
 
@@ -46,6 +48,7 @@ def cmd_lesions(args) -> None:
     if args.to != "csv" and export.is_file() and not ev.is_lesion_export(export):
         raise UserError(f"{export}: exists and holds annotations other than predicted lesions (the truth?); "
                         "the export would replace it: choose another -o")
+    check_replaceable(csv_path, ev.read_lesions, "a lesion list (prob,x,y)")
     atomic_write_text(csv_path, ev.lesions_csv(found))
     if args.to == "xml":
         atomic_write_text(export, ev.lesions_asap_xml(found))
@@ -53,6 +56,29 @@ def cmd_lesions(args) -> None:
         atomic_write_text(export, json.dumps(ev.lesions_geojson(found)))
     print(f"{meta['slide']}: {len(found)} lesions above {args.threshold} -> {csv_path}"
           + (f" and {export}" if args.to != "csv" else ""))
+
+
+def check_replaceable(path: Path, read, what: str) -> None:
+    """Refuse to replace an existing `path` unless `read` takes it as `what`: an earlier
+    output of this command, never another file of the same name."""
+    if path.is_file() and path.stat().st_size:
+        try:
+            read(path)
+        except CrfError:
+            raise UserError(f"{path}: exists and is not {what}; not replaced: choose another output") from None
+
+
+def run_files(args) -> list[Path]:
+    """Every file the command may read (an output must not be one of them)."""
+    files = [getattr(args, n, None) for n in ("prob", "mask", "tissue", "labels", "ckpt")]
+    files += [sidecar_path(f) for f in files[:3] if f is not None]
+    for name, suffixes in (("lesions_dir", COMPANIONS["lesions"]), ("probs_dir", ("_prob.npy", "_prob.json")),
+                           ("truth_dir", COMPANIONS["annotation"] + COMPANIONS["truth_mask"])):
+        if getattr(args, name, None) is not None:
+            files += visible_files(getattr(args, name), suffixes)
+    if getattr(args, "slides", None) is not None:
+        files += sl.find_slides(args.slides)
+    return [f for f in files if f is not None]
 
 
 def find_slide(slides_dir: Path | None, stem: str) -> Path | None:
@@ -94,8 +120,11 @@ def truth_labels(stem: str, truth_dir: Path, level: int, mpp: float,
             check_same_size(tif, m.dimensions, slide_path)
             lvl = min(level, m.level_count - 1)  # a shallow mask pyramid: its deepest level, real downsample
             ds = sl.level_downsamples(m)[lvl]
-            tumour = sl.read_level(m, lvl)[..., 0] > 0
-        return ev.evaluation_mask(tumour, ds[0], mpp), ds
+            pixels = sl.read_level(m, lvl)
+        if (pixels != pixels[..., :1]).any():
+            raise UserError(f"{tif}: has colours, so it is not a truth mask (a slide? TRUTH_DIR holds annotations "
+                            "or mask TIFFs)")
+        return ev.evaluation_mask(pixels[..., 0] > 0, ds[0], mpp), ds
     return None, (1.0, 1.0)
 
 
@@ -113,9 +142,18 @@ def cmd_froc(args) -> None:
     files = visible_files(args.lesions_dir, (".csv",))
     if not files:
         raise UserError(f"{args.lesions_dir}: no lesion CSV files (make them with `evaluate.py lesions`)")
+    stems = [companion_stem(f, "lesions") for f in files]
+    twice = sorted({s for s in stems if stems.count(s) > 1})
+    if twice:
+        named = [f.name for f, s in zip(files, stems) if s == twice[0]]
+        raise UserError(f"{args.lesions_dir}: {' and '.join(named)} are both lesion lists of slide {twice[0]}; "
+                        "keep one")
+    unlisted = sorted({companion_stem(t, "annotation") for t in visible_files(args.truth_dir, COMPANIONS["annotation"])}
+                      - set(stems))
+    if unlisted:
+        print(f"note: no lesion list for {', '.join(unlisted)} (truth in {args.truth_dir}); left out")
     fps, tps, normal = [], [], []
-    for f in files:
-        stem = companion_stem(f, "lesions")
+    for f, stem in zip(files, stems):
         slide_path = find_slide(args.slides, stem)
         mpp = args.mpp
         if slide_path is not None:
@@ -165,7 +203,8 @@ def read_labels(path: Path) -> dict[str, int]:
         label = LABELS.get(row[1].strip().lower())
         if label is None:
             raise UserError(f"{path}:{line}: label {row[1]!r} is not one of {', '.join(LABELS)}")
-        slide = Path(row[0].strip()).stem
+        name = row[0].strip()
+        slide = Path(name).stem if Path(name).suffix.lower() in sl.SLIDE_EXTENSIONS else name
         if out.get(slide, label) != label:
             raise UserError(f"{path}:{line}: slide {slide} is listed again with another label")
         out[slide] = label
@@ -181,6 +220,8 @@ def cmd_slides(args) -> None:
         if stem not in labels:
             print(f"note: {f.name} ({stem}) has no label; left out")
             continue
+        if stem in names:
+            raise UserError(f"{f}: is a second map of slide {meta['slide']} in {args.probs_dir}; keep one")
         names.append(stem)
         y.append(labels[stem])
         score.append(float(prob.max()) if prob.size else 0.0)
@@ -224,14 +265,18 @@ def cmd_patches(args) -> None:
     from crfcore.device import retain_freed_memory
     from crfcore.training import evaluate_folder
 
+    picture = args.data / "confusion_matrix.png"
+    ensure_free_space(picture, 0, "picture")  # before the work: a read-only data folder is named now
     retain_freed_memory()  # the CNN's buffers are reused, not faulted back in
     print(evaluate_folder(args.ckpt, args.data, json_dir=args.json, quiet=args.quiet, workers=args.workers))
+    print(f"confusion matrix -> {picture}")
 
 
 def cmd_negatives(args) -> None:
     maps = visible_files(args.probs_dir, ("_prob.npy",))
     if not maps:
         raise UserError(f"{args.probs_dir}: no probability maps (<slide>_prob.npy)")
+    check_replaceable(args.output, read_coords, "a coords list (slide_id,x,y)")
     rng = np.random.default_rng(args.seed)
     lines, total = [], 0
     for f in maps:
@@ -282,7 +327,7 @@ def add_commands(p) -> None:
     q = sub.add_parser("froc", help="Camelyon16 FROC over a folder of lesion CSVs", formatter_class=p.formatter_class)
     q.add_argument("lesions_dir", type=Path, help="folder of <slide>.csv lesion files")
     q.add_argument("truth_dir", type=Path, help="annotation JSON/XML/GeoJSON or mask TIFF per tumour slide")
-    q.add_argument("--level", type=number(int, 0), default=5, help="evaluation level (the slide's, or downsample 2**level)")
+    q.add_argument("--level", type=number(int, 0, 20), default=5, help="evaluation level (the slide's, or downsample 2**level)")
     q.add_argument("--mpp", type=number(float, most=1000, above=0), default=ev.CAMELYON_MPP, help="um/pixel when a slide has none")
     q.add_argument("--slides", type=Path, help="slide folder: each slide's mpp, levels and size")
     q.add_argument("--plot", type=Path, help="FROC curve PNG")
@@ -328,6 +373,14 @@ def main(argv=None) -> int:
     for name in ("lesions_dir", "truth_dir", "probs_dir", "slides"):
         if getattr(args, name, None) is not None and not getattr(args, name).is_dir():
             raise UserError(f"{getattr(args, name)}: not a directory")
+    if getattr(args, "plot", None) is not None:
+        check_picture_format(args.plot)
+    out = getattr(args, "output", None)
+    outputs = [getattr(args, "plot", None), out]
+    if args.cmd == "lesions":
+        outputs = [out if out.suffix == ".csv" else out.with_suffix(".csv")]
+        outputs += [out.with_suffix("." + args.to)] if args.to != "csv" else []
+    check_spares_inputs(outputs, run_files(args))
     {"lesions": cmd_lesions, "froc": cmd_froc, "slides": cmd_slides, "pixels": cmd_pixels,
      "patches": cmd_patches, "negatives": cmd_negatives}[args.cmd](args)
     return 0

@@ -18,8 +18,8 @@ from pathlib import Path
 
 from crfcore import heatmap
 from crfcore import slide as sl
-from crfcore.cli import PROBABILITY, UserError, number, parser, run
-from crfcore.io import check_fits_slide, ensure_free_space
+from crfcore.cli import PROBABILITY, UserError, parser, run
+from crfcore.io import check_fits_slide, check_spares_inputs, ensure_free_space, sidecar_path
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -29,23 +29,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--slide", type=Path, help="draw over this slide's thumbnail")
     p.add_argument("--alpha", type=PROBABILITY, default=0.5, help="overlay opacity (0 to 1)")
     p.add_argument("--cmap", default="jet", help="matplotlib colour map")
-    p.add_argument("--vmin", type=number(float), default=0.0, help="probability at the bottom of the colour map")
-    p.add_argument("--vmax", type=number(float), default=1.0, help="probability at the top of the colour map")
+    p.add_argument("--vmin", type=PROBABILITY, default=0.0, help="probability at the bottom of the colour map")
+    p.add_argument("--vmax", type=PROBABILITY, default=1.0, help="probability at the top of the colour map")
     p.add_argument("--tiff", type=Path, help="also write a pyramidal TIFF at the slide's size and levels (needs "
                                               "--slide); a name ending .ome.tif writes an OME-TIFF for QuPath")
     p.add_argument("--tiff-values", choices=heatmap.TIFF_VALUES, default="uint8",
                    help="what the TIFF holds: probability x 255, the probability, or colours")
     return p
-
-
-def check_picture_format(out: Path) -> None:
-    """Refuse, before any work, a picture name whose format matplotlib cannot write."""
-    from matplotlib.backend_bases import FigureCanvasBase
-
-    known = FigureCanvasBase.get_supported_filetypes()
-    if out.suffix[1:].lower() not in known:
-        what = f"a {out.suffix} picture" if out.suffix else "a picture without a suffix"
-        raise UserError(f"{out}: cannot write {what} (end its name with one of .{', .'.join(sorted(known))})")
 
 
 def main(argv=None) -> int:
@@ -59,9 +49,10 @@ def main(argv=None) -> int:
         raise UserError(f"--vmin {args.vmin} must be below --vmax {args.vmax}")
     if args.tiff and args.slide is None:
         raise UserError("--tiff needs --slide (the TIFF takes the slide's size and mpp)")
-    check_picture_format(args.output)
+    heatmap.check_picture_format(args.output)
     if args.tiff and args.tiff.suffix.lower() not in (".tif", ".tiff"):
         raise UserError(f"{args.tiff}: --tiff writes a TIFF: end its name with .tif, .tiff or .ome.tif")
+    check_spares_inputs((args.output, args.tiff), (args.prob, sidecar_path(args.prob), args.slide))
     for out in (args.output, args.tiff):
         if out is not None:
             ensure_free_space(out, 0, "picture")  # a path that cannot be written is refused before the work

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from crfcore import annotations as an
 from crfcore.cli import UserError, for_each, parser, run
-from crfcore.io import visible_files
+from crfcore.io import check_spares_inputs, visible_files
 
 SUFFIXES = (".xml", ".json", ".geojson", ".txt")
 OUT_SUFFIX = {"json": ".json", "xml": ".xml", "geojson": ".geojson"}
@@ -94,6 +94,11 @@ def main(argv=None) -> int:
     rename = rename_groups(args.rename_groups, args.to)
     files = collect(args.inputs, args.to)
     many = len(files) > 1 or any(Path(i).is_dir() for i in args.inputs)
+    targets = outputs(files, args.output, args.to, many)
+    if not many and targets[0].suffix.lower() != OUT_SUFFIX[args.to]:
+        raise UserError(f"{targets[0]}: --to {args.to} writes {OUT_SUFFIX[args.to]} files: end -o with "
+                        f"{OUT_SUFFIX[args.to]} (or give --to for the format you want)")
+    check_spares_inputs(targets, files)
     def convert(job: tuple[Path, Path]) -> None:
         src, dst = job
         ann = an.load_annotation(src, pos, neg, txt_part=args.txt_group)
@@ -102,7 +107,7 @@ def main(argv=None) -> int:
         an.write_annotation(ann.renamed(*rename) if rename else ann, dst, to=args.to)
         print(f"{src} -> {dst}: {len(ann.positive)} positive, {len(ann.negative)} negative polygons")
 
-    for_each(list(zip(files, outputs(files, args.output, args.to, many))), lambda job: job[0].name, convert)
+    for_each(list(zip(files, targets)), lambda job: job[0].name, convert)
     return 0
 
 

@@ -100,7 +100,8 @@ def lesions_csv(lesions: np.ndarray) -> str:
 
 
 def read_lesions(path: str | Path) -> np.ndarray:
-    """A `prob,x,y` CSV (NCRF's, no header) as `(n, 3)`; non-finite values are refused."""
+    """A `prob,x,y` CSV (NCRF's, no header) as `(n, 3)`; non-finite values, probabilities
+    outside 0-1 and negative coordinates are refused."""
     rows = []
     try:
         lines = Path(path).read_text().splitlines()
@@ -114,6 +115,9 @@ def read_lesions(path: str | Path) -> np.ndarray:
                 row = []
             if len(row) != 3 or not all(math.isfinite(v) for v in row):
                 raise EvaluationError(f"{path}:{lineno}: expected 'prob,x,y' (finite numbers), got {line.strip()!r}")
+            if not (0 <= row[0] <= 1 and row[1] >= 0 and row[2] >= 0):
+                raise EvaluationError(f"{path}:{lineno}: expected a probability from 0 to 1 and level-0 pixel "
+                                      f"coordinates of 0 or more, got {line.strip()!r}")
             rows.append(row)
     return np.array(rows, float).reshape(-1, 3)
 
@@ -128,7 +132,8 @@ def lesions_asap_xml(lesions: np.ndarray) -> str:
 def lesions_geojson(lesions: np.ndarray) -> dict:
     """Lesions as GeoJSON Points for QuPath in a class of their own, "Predicted lesion",
     with the probability (4 decimals) as a measurement."""
-    return {"type": "FeatureCollection", "features": [
+    # "name" (a foreign member, which GeoJSON readers pass over) marks even an empty export as one
+    return {"type": "FeatureCollection", "name": LESION_CLASS, "features": [
         geojson_feature({"type": "Point", "coordinates": [int(x), int(y)]}, f"lesion {i} p={p:.4f}",
                         LESION_CLASS, LESION_COLOUR, measurements={"probability": round(float(p), 4)})
         for i, (p, x, y) in enumerate(lesions)]}
@@ -137,15 +142,17 @@ def lesions_geojson(lesions: np.ndarray) -> dict:
 def is_lesion_export(path: Path) -> bool:
     """Whether the .xml or .geojson file `path` is an earlier export of predicted lesions
     (which a new one may replace; truth may not be): every annotation, and the one group,
-    "Predicted lesion"."""
+    "Predicted lesion"; an empty GeoJSON only when it is named so (an empty truth is not)."""
     try:
         if path.suffix.lower() == ".xml":
             root = SafeET.parse(str(path)).getroot()
             groups = {g.get("Name") for g in root.iter("Group")}
             return root.tag == "ASAP_Annotations" and groups == {LESION_CLASS} and all(
                 a.get("PartOfGroup") == LESION_CLASS for a in root.iter("Annotation"))
-        features = read_json(path, "GeoJSON file")["features"]
-        return all(f["properties"]["classification"]["name"] == LESION_CLASS for f in features)
+        collection = read_json(path, "GeoJSON file")
+        features = collection["features"]
+        return (bool(features) or collection.get("name") == LESION_CLASS) and all(
+            f["properties"]["classification"]["name"] == LESION_CLASS for f in features)
     except Exception:  # unreadable, or not shaped as an export: not one of ours
         return False
 

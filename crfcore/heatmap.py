@@ -13,7 +13,8 @@ from typing import Callable, Iterator, Sequence
 import numpy as np
 import tifffile
 
-from .io import atomic_path, load_array, save_array
+from .errors import OutputError
+from .io import ArrayFileError, atomic_path, load_array, save_array
 
 TILE = 256
 
@@ -23,7 +24,23 @@ def save_probability_map(path: str | Path, prob: np.ndarray, meta: dict) -> None
 
 
 def load_probability_map(path: str | Path, slide: str | Path | None = None) -> tuple[np.ndarray, dict]:
-    return load_array(path, kind="probability", slide=slide)
+    """A map of prob_map.py and its sidecar (`load_array`), refused unless it holds
+    probabilities: floats from 0 to 1."""
+    prob, meta = load_array(path, kind="probability", slide=slide)
+    if prob.dtype.kind != "f" or prob.min() < 0 or prob.max() > 1:
+        raise ArrayFileError(f"{path}: holds {prob.dtype} values from {prob.min():g} to {prob.max():g}; "
+                             "a probability map holds floats from 0 to 1")
+    return prob, meta
+
+
+def check_picture_format(out: Path) -> None:
+    """Refuse, before any work, a picture name whose format matplotlib cannot write."""
+    from matplotlib.backend_bases import FigureCanvasBase
+
+    known = FigureCanvasBase.get_supported_filetypes()
+    if out.suffix[1:].lower() not in known:
+        what = f"a {out.suffix} picture" if out.suffix else "a picture without a suffix"
+        raise OutputError(f"{out}: cannot write {what} (end its name with one of .{', .'.join(sorted(known))})")
 
 
 def colourise(prob: np.ndarray, cmap: str = "jet", vmin: float = 0.0, vmax: float = 1.0) -> np.ndarray:
@@ -58,7 +75,8 @@ def figure(image: np.ndarray, out_png: str | Path, cmap: str, vmin: float, vmax:
     import matplotlib.pyplot as plt
 
     h, w = image.shape[:2]
-    fig, ax = plt.subplots(figsize=(8, 8 * h / w + 0.8))
+    shape = min(max(h / w, 1 / 8), 4)  # a map of a long thin strip stays a page, not a 48,000-inch figure
+    fig, ax = plt.subplots(figsize=(8, 8 * shape + 0.8))
     shown = ax.imshow(image, cmap=cmap, vmin=vmin, vmax=vmax, extent=extent, interpolation="nearest")
     if image.ndim == 3:  # an RGB overlay: a scalar mappable just for the colour bar
         shown = plt.cm.ScalarMappable(norm=plt.Normalize(vmin, vmax), cmap=cmap)

@@ -16,7 +16,7 @@ import tempfile
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Iterable, Iterator, Sequence
 
 import cv2
 import numpy as np
@@ -47,6 +47,21 @@ def check_output_path(path: str | Path) -> Path:
     if nearest is not None and not nearest.is_dir():
         raise OutputError(f"{path}: cannot write ({nearest} is a file, not a folder)")
     return path
+
+
+def check_spares_inputs(outputs: Iterable[str | Path | None], inputs: Iterable[str | Path | None]) -> None:
+    """Refuse, before any work, an output that is one of the run's inputs (the same file,
+    by any name) or another of its outputs: writing it would replace what the run reads."""
+    ins = [Path(p) for p in inputs if p is not None and Path(p).is_file()]
+    seen: list[Path] = []
+    for out in (Path(o) for o in outputs if o is not None):
+        if any(out.resolve() == o.resolve() for o in seen):
+            raise OutputError(f"{out}: is named for two outputs of this run; give each its own name")
+        seen.append(out)
+        same = next((i for i in ins if out.is_file() and os.path.samefile(out, i)), None)
+        if same is not None:
+            raise OutputError(f"{out}: is also an input of this run ({same}); writing it would replace it: "
+                              "choose another output name")
 
 
 def _temp_prefix(path: Path) -> str:
@@ -271,11 +286,15 @@ def _read_array(path: Path) -> np.ndarray:
     return array
 
 
+MAX_DOWNSAMPLE = 1e6  # level-0 pixels per array cell: beyond this no slide has two cells
+
+
 def _downsample(path: Path, meta: dict) -> list[float]:
-    """The sidecar's per-axis downsample, checked: two positive finite numbers."""
+    """The sidecar's per-axis downsample, checked: two positive numbers up to MAX_DOWNSAMPLE."""
     ds = meta.get("downsample")
-    if not _positive_pair(ds):
-        raise ArrayFileError(f"{sidecar_path(path)}: 'downsample' must be two positive numbers, got {ds!r}")
+    if not _positive_pair(ds) or max(ds) > MAX_DOWNSAMPLE:
+        raise ArrayFileError(f"{sidecar_path(path)}: 'downsample' must be two positive numbers up to "
+                             f"{MAX_DOWNSAMPLE:g}, got {ds!r}")
     return [float(v) for v in ds]
 
 

@@ -408,3 +408,15 @@ def test_asap_xml_drops_control_characters_it_cannot_hold(tmp_path):
     an.write_annotation(ann, tmp_path / "c.xml", to="xml")
     back = an.load_annotation(tmp_path / "c.xml", positive_groups=("Tumor",))
     assert back.positive_names == ["badname"] and np.array_equal(back.positive[0], ann.positive[0])
+
+
+def test_xml2json_never_writes_over_an_input_or_another_format(tmp_path, capsys):
+    """From a hostile review: `-o` the input itself, or a name of another format (a slide),
+    was replaced by the JSON with exit 0."""
+    src = tmp_path / "t.xml"
+    src.write_text(xml_doc([("a", "_0", square(0, 0, 10))]))
+    before = src.read_text()
+    assert "is also an input" in error(capsys, src, "-o", src, "--to", "xml")
+    assert "end -o with .json" in error(capsys, src, "-o", tmp_path / "slide.svs")
+    assert src.read_text() == before and not (tmp_path / "slide.svs").exists()
+    convert(src, "-o", tmp_path / "t.json")

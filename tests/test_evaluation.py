@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 from crfcore import evaluation as ev
+from crfcore import synthetic
 from crfcore.annotations import Annotation, write_annotation
 from crfcore.heatmap import save_probability_map
 from conftest import call
@@ -216,3 +217,65 @@ def test_hard_negatives_are_false_positives_beyond_the_margin(truth, tmp_path):
          "--per-slide", "5", "--sample", "top")
     top = [ln.split(",") for ln in (tmp_path / "top.txt").read_text().split() if ln.startswith("n1")]
     assert len(top) == 5 and all(prob[int(y) // 32, int(x) // 32] == pytest.approx(0.95) for _, x, y in top)
+
+
+def test_no_output_replaces_an_input_or_a_foreign_file(truth, tmp_path):
+    """From a hostile review: each of these overwrote a truth, a map or a slide with exit 0."""
+    prob = np.zeros((600, 600), np.float32)
+    prob[150, 150] = 0.9
+    maps, les, tdir = tmp_path / "maps", tmp_path / "les", tmp_path / "truth"
+    save_probability_map(maps / "t1_prob.npy", prob, {"slide": "t1.tif", "level": 5, "downsample": [32.0, 32.0]})
+    tdir.mkdir()
+    write_annotation(truth, tdir / "t1.json")
+    call("evaluate.py", "lesions", maps / "t1_prob.npy", "-o", les / "t1.csv")
+    (tmp_path / "labels.csv").write_text("slide,label\nt1.tif,tumor\n")
+    cases = [("negatives", maps, tdir, "-o", tdir / "t1.json"),             # the truth it reads
+             ("negatives", maps, tdir, "-o", tmp_path / "labels.csv"),      # not a coords list
+             ("lesions", maps / "t1_prob.npy", "-o", tmp_path / "labels.csv"),  # not a lesion list
+             ("froc", les, tdir, "--plot", les / "t1.csv"),                 # not a picture format
+             ("slides", maps, tmp_path / "labels.csv", "--plot", tmp_path / "roc.xyz")]
+    for args in cases:
+        before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+        res = call("evaluate.py", *args, check=False)
+        assert res.returncode == 2 and res.stderr.count("\n") == 1, (args, res.stderr)
+        assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before, args
+    # an empty GeoJSON truth (a normal slide's) is not taken for an empty lesion export
+    (les / "n1.geojson").write_text('{"type": "FeatureCollection", "features": []}')
+    save_probability_map(maps / "n1_prob.npy", prob * 0, {"slide": "n1.tif", "level": 5, "downsample": [32.0, 32.0]})
+    res = call("evaluate.py", "lesions", maps / "n1_prob.npy", "-o", les / "n1.csv", "--to", "geojson", check=False)
+    assert res.returncode == 2 and "other than predicted lesions" in res.stderr
+    (les / "n1.geojson").unlink()
+    for _ in range(2):  # but our own empty export is replaced
+        call("evaluate.py", "lesions", maps / "n1_prob.npy", "-o", les / "n1.csv", "--to", "geojson")
+
+
+def test_froc_and_slides_refuse_what_would_count_twice_or_wrongly(truth, tmp_path):
+    les, tdir = lesion_setup(tmp_path, truth)
+    (les / "t1_lesions.csv").write_text("0.9,4800,4800\n")  # a second list of t1
+    res = call("evaluate.py", "froc", les, tdir, check=False)
+    assert res.returncode == 2 and "both lesion lists of slide t1" in res.stderr
+    (les / "t1_lesions.csv").unlink()
+    write_annotation(truth, tdir / "t2.json")  # a tumour slide without a lesion list is named
+    assert "no lesion list for t2" in call("evaluate.py", "froc", les, tdir).stdout
+    (les / "t1.csv").write_text("0.9,-20,-20\n")  # no negative positions, no probability above 1
+    assert "coordinates of 0 or more" in call("evaluate.py", "froc", les, tdir, check=False).stderr
+    # a slide folder given as the truth folder: a colour slide is no truth mask
+    slides = tmp_path / "slides"
+    synthetic.write_slide(slides / "t1.tif", 256, 256, tumours=0, seed=1)
+    (les / "t1.csv").write_text("0.9,10,10\n")
+    res = call("evaluate.py", "froc", les, slides, check=False)
+    assert res.returncode == 2 and "not a truth mask" in res.stderr
+    # two maps of one slide in `slides`; a uint8 map is not a probability map
+    prob = np.full((8, 8), 0.5, np.float32)
+    meta = {"slide": "case.01.tif", "level": 5, "downsample": [32.0, 32.0]}
+    save_probability_map(tmp_path / "maps" / "case.01_prob.npy", prob, meta)
+    save_probability_map(tmp_path / "maps" / "case.02_prob.npy", prob * 0.5, {**meta, "slide": "case.02.tif"})
+    (tmp_path / "labels.csv").write_text("case.01,tumor\ncase.02,normal\n")  # dots are not extensions
+    assert "2 slides (1 tumour): AUC=1.0000" in call("evaluate.py", "slides", tmp_path / "maps",
+                                                     tmp_path / "labels.csv").stdout
+    save_probability_map(tmp_path / "maps" / "copy_prob.npy", prob, meta)
+    res = call("evaluate.py", "slides", tmp_path / "maps", tmp_path / "labels.csv", check=False)
+    assert res.returncode == 2 and "second map of slide case.01.tif" in res.stderr
+    save_probability_map(tmp_path / "maps" / "copy_prob.npy", (prob * 255).astype(np.uint8), meta)
+    res = call("evaluate.py", "lesions", tmp_path / "maps" / "copy_prob.npy", "-o", tmp_path / "x.csv", check=False)
+    assert res.returncode == 2 and "a probability map holds floats from 0 to 1" in res.stderr

@@ -56,3 +56,30 @@ def test_prob_map_show_writes_the_slides_pyramid(syn_slide, prob, tmp_path):
     with tifffile.TiffFile(tmp_path / "o.tif") as t:
         sizes = [p.shape[::-1] for p in t.pages]
     assert sizes[:s.level_count] == list(s.level_dimensions) and t.pages is not None
+
+
+def test_prob_map_show_never_writes_over_its_inputs(syn_slide, prob, tmp_path):
+    """From a hostile review: --tiff SLIDE (or -o SLIDE.tif) replaced the slide with exit 0."""
+    import shutil
+
+    slide = tmp_path / syn_slide.path.name
+    shutil.copy(syn_slide.path, slide)
+    s = sl.open_slide(slide)
+    h, w = s.dimensions[1] // 32, s.dimensions[0] // 32
+    m = tmp_path / "syn_tumor_prob.npy"
+    heatmap.save_probability_map(m, np.pad(prob, ((0, h - 48), (0, w - 64))),
+                                 {"slide": slide.name, "downsample": [32.0, 32.0], "level": 5})
+    before = slide.read_bytes()
+    for outs in (["-o", tmp_path / "o.png", "--tiff", slide], ["-o", slide], ["-o", tmp_path / "syn_tumor_prob.json"],
+                 ["-o", tmp_path / "o.tif", "--tiff", tmp_path / "o.tif"]):
+        res = call("prob_map_show.py", m, *outs, "--slide", slide, check=False)
+        assert res.returncode == 2 and res.stderr.count("\n") == 1, (outs, res.stderr)
+    assert slide.read_bytes() == before and not (tmp_path / "o.tif").exists()
+
+
+def test_a_map_as_thin_as_a_line_is_drawn(tmp_path):
+    """A 6000 x 1 map asked for a 48,000-inch figure, and matplotlib crashed the process."""
+    heatmap.save_probability_map(tmp_path / "t_prob.npy", np.full((6000, 1), 0.5, np.float32),
+                                 {"slide": "t.tif", "downsample": [16.0, 16.0]})
+    call("prob_map_show.py", tmp_path / "t_prob.npy", "-o", tmp_path / "t.png")
+    assert (tmp_path / "t.png").stat().st_size > 0

@@ -118,3 +118,14 @@ def test_directory_mode(syn_slide, tmp_path):
     call("xml2json.py", syn_slide.path.with_suffix(".xml"), "-o", anns / "syn_tumor.json")
     call("Mask_gen.py", slides, "-o", tmp_path / "out", "--kind", "tumor", "--annotation", anns)
     assert (tmp_path / "out" / "syn_tumor_tumor.npy").exists()
+
+
+def test_mask_gen_never_writes_over_its_slide(syn_slide, tmp_path):
+    """The preview is `-o` with .png: a slide named so would be replaced."""
+    import shutil
+
+    slide = tmp_path / "s.png"
+    shutil.copy(syn_slide.path, slide)
+    res = call("Mask_gen.py", slide, "-o", tmp_path / "s.npy", "--kind", "tissue", check=False)
+    assert res.returncode == 2 and "is also an input of this run" in res.stderr
+    assert slide.read_bytes() == syn_slide.path.read_bytes()
