@@ -63,9 +63,21 @@ def rename_groups(option: str | None, to: str) -> tuple[str, str] | None:
     if to == "json":
         raise UserError("--rename-groups needs --to xml or geojson (NCRF JSON has no groups)")
     names = option.split(",")
-    if len(names) != 2 or not all(n.strip() for n in names):
-        raise UserError(f"--rename-groups wants two group names, POSITIVE,NEGATIVE; got {option!r}")
+    if len(names) != 2 or not all(n.strip() for n in names) or names[0].strip() == names[1].strip():
+        raise UserError(f"--rename-groups wants two different group names, POSITIVE,NEGATIVE; got {option!r}")
     return names[0].strip(), names[1].strip()
+
+
+def group_lists(positive: str, negative: str) -> tuple[list[str], list[str]]:
+    """`--positive-groups` and `--negative-groups` as lists, checked: a group named twice
+    would take its polygons twice, and one in both lists would be tumour and not."""
+    pos, neg = ([g for g in option.split(",") if g] for option in (positive, negative))
+    for option, groups in (("--positive-groups", pos), ("--negative-groups", neg)):
+        if len(set(groups)) < len(groups):
+            raise UserError(f"{option}: a group is named twice ({','.join(groups)})")
+    if both := sorted(set(pos) & set(neg)):
+        raise UserError(f"group(s) {', '.join(both)} named both in --positive-groups and --negative-groups")
+    return pos, neg
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -89,8 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     p = build_parser()
     args = p.parse_args(argv)
-    pos = [g for g in args.positive_groups.split(",") if g]
-    neg = [g for g in args.negative_groups.split(",") if g]
+    pos, neg = group_lists(args.positive_groups, args.negative_groups)
     rename = rename_groups(args.rename_groups, args.to)
     files = collect(args.inputs, args.to)
     many = len(files) > 1 or any(Path(i).is_dir() for i in args.inputs)

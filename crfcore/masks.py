@@ -130,6 +130,10 @@ def make_mask(slide_path: str | Path, kind: str, annotation: Annotation | None =
         except MaskError as err:
             raise MaskError(f"{slide_path}: {err}") from None
         if annotation is not None and (n := count_outside(annotation, slide)):
+            total = sum(len(v) for v in annotation.positive + annotation.negative)
+            if n == total:  # a mask of nothing, or all tissue called normal
+                raise MaskError(f"{slide_path}: none of the annotation's {total} vertices lies on the slide "
+                                f"{slide.dimensions}: an annotation of another slide?")
             warnings.warn(f"{slide_path}: {n} annotation vertices lie outside the slide "
                           f"{slide.dimensions}; clipped", MaskWarning, stacklevel=2)
         if kind == "tumor":

@@ -420,3 +420,25 @@ def test_xml2json_never_writes_over_an_input_or_another_format(tmp_path, capsys)
     assert "end -o with .json" in error(capsys, src, "-o", tmp_path / "slide.svs")
     assert src.read_text() == before and not (tmp_path / "slide.svs").exists()
     convert(src, "-o", tmp_path / "t.json")
+
+
+def test_numbers_are_ascii_decimals_and_points_or_shuffled_orders_are_named(tmp_path, capsys):
+    """From a hostile review: X="1_000" and full-width digits were read as numbers, and a
+    PointSet or vertices out of their Order were taken as a polygon without a word."""
+    for x in ("1_000", "\uff15", "0x10"):
+        (tmp_path / "n.xml").write_text(xml_doc([("a", "_0", [(x, 0), (10, 0), (10, 10)])]), encoding="utf-8")
+        assert "not a number" in error(capsys, tmp_path / "n.xml", "-o", tmp_path / "n.json")
+    doc = xml_doc([("a", "_0", square(0, 0, 10))])
+    for odd in (doc.replace('Type="Polygon"', 'Type="PointSet"'), doc.replace('Order="0"', 'Order="9"')):
+        (tmp_path / "o.xml").write_text(odd)
+        code, err = script(capsys, tmp_path / "o.xml", "-o", tmp_path / "o.json")
+        assert code == 0 and ("not a region" in err or "out of their Order" in err), err
+
+
+def test_group_options_name_each_group_once(tmp_path, capsys):
+    src = tmp_path / "t.xml"
+    src.write_text(xml_doc([("a", "_0", square(0, 0, 10))]))
+    assert "named twice" in error(capsys, src, "-o", tmp_path / "t.json", "--positive-groups", "_0,_0,_1")
+    assert "named both" in error(capsys, src, "-o", tmp_path / "t.json", "--negative-groups", "_0")
+    assert "two different" in error(capsys, src, "-o", tmp_path / "t.xml2.xml", "--to", "xml",
+                                    "--rename-groups", "A,A")

@@ -98,6 +98,11 @@ def test_mask_errors(syn_slide, tmp_path):
     proc = call("Mask_gen.py", syn_slide.path, "-o", tmp_path / "far_tumor.npy", "--kind", "tumor",
                       "--annotation", far)
     assert "outside the slide" in proc.stderr and "far.json" in proc.stderr
+    far.write_text(json.dumps({"positive": [{"name": "x", "vertices": [[90000, 0], [99999, 0], [90000, 500]]}],
+                               "negative": []}))  # wholly off the slide: another slide's
+    proc = call("Mask_gen.py", syn_slide.path, "-o", tmp_path / "n.npy", "--kind", "normal", "--annotation", far,
+                check=False)
+    assert proc.returncode == 2 and "none of the annotation's 3 vertices lies on the slide" in proc.stderr
 
 
 def test_sidecar_check_refuses_other_slides(syn_slide, tmp_path):

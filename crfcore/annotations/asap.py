@@ -3,6 +3,7 @@ expanded) and written with an AnnotationGroups list of group colours."""
 from __future__ import annotations
 
 import re
+import warnings
 import xml.etree.ElementTree as ET
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -11,7 +12,7 @@ import numpy as np
 from defusedxml import DefusedXmlException
 from defusedxml import ElementTree as SafeET
 
-from .model import (NEGATIVE_GROUPS, POSITIVE_GROUPS, Annotation, AnnotationError, check_polygon,
+from .model import (NEGATIVE_GROUPS, POSITIVE_GROUPS, Annotation, AnnotationError, AnnotationWarning, check_polygon,
                     checked_vertices, remember_colour, warn_unknown)
 
 
@@ -42,7 +43,9 @@ def read_asap_xml(path: str | Path, positive_groups: Sequence[str] = POSITIVE_GR
                 if anno.get("PartOfGroup") != group:
                     continue
                 name = anno.get("Name", "")
-                pairs = [(c.get("X"), c.get("Y")) for c in anno.findall("./Coordinates/Coordinate")]
+                coords = anno.findall("./Coordinates/Coordinate")
+                warn_shape(str(path), name, anno.get("Type"), [c.get("Order") for c in coords])
+                pairs = [(c.get("X"), c.get("Y")) for c in coords]
                 verts = checked_vertices(str(path), name, pairs, text=True)
                 if check_polygon(str(path), name, verts):
                     ann.add(part, name, verts, group)
@@ -50,6 +53,22 @@ def read_asap_xml(path: str | Path, positive_groups: Sequence[str] = POSITIVE_GR
     warn_unknown(str(path), "group(s)", (a.get("PartOfGroup") for a in annos),
                  (*positive_groups, *negative_groups))
     return ann
+
+
+REGION_TYPES = {"Polygon", "Spline", "Rectangle", None}  # ASAP's region types (None: no Type given)
+
+
+def warn_shape(path: str, name: str, kind: str | None, order: list[str | None]) -> None:
+    """Warn where NCRF's reading (every annotation a polygon, vertices in document order)
+    may not be what the file means: points rather than a region, or an `Order` attribute
+    that is not the document order."""
+    if kind not in REGION_TYPES:
+        warnings.warn(f"{path}: annotation {name!r} is a {kind}, not a region; taken as a polygon, as NCRF does",
+                      AnnotationWarning, stacklevel=3)
+    numbers = [int(o) for o in order if o is not None and o.strip().isdigit()]
+    if len(numbers) == len(order) and numbers != sorted(numbers):
+        warnings.warn(f"{path}: annotation {name!r} lists its vertices out of their Order; taken in document "
+                      "order, as NCRF does", AnnotationWarning, stacklevel=3)
 
 
 def asap_xml(items: Iterable[tuple[str, str, str, np.ndarray]], colours: dict[str, str]) -> str:

@@ -36,6 +36,10 @@ DEFAULT_COLOUR = {"positive": "#F4FA58", "negative": "#64FE2E"}
 LESION_CLASS, LESION_COLOUR = "Predicted lesion", "#FF00FF"
 # No whole-slide image is larger than 2**31 pixels a side: a vertex beyond is no position.
 MAX_COORDINATE = 2 ** 31
+# a coordinate written as text: ASCII decimal, as ASAP writes it (Python's float() would
+# also take "1_000" and full-width digits, which no annotation tool writes)
+# (nan and inf pass here, to be refused as "not a finite coordinate")
+DECIMAL = re.compile(r"\s*[+-]?((\d+\.?\d*|\.\d+)(e[+-]?\d+)?|nan|inf|infinity)\s*", re.ASCII | re.IGNORECASE)
 
 
 class AnnotationError(CrfError):
@@ -173,6 +177,8 @@ def _coordinate(value: object, text: bool, where: str) -> float:
     shown = shown if len(shown) <= 40 else shown[:36] + "..."
     number = isinstance(value, (int, float)) and not isinstance(value, bool)
     try:
+        if text and not (isinstance(value, str) and DECIMAL.fullmatch(value)):
+            raise ValueError
         v = float(value) if text or number else None  # type: ignore[arg-type]
     except (TypeError, ValueError):
         v = None
@@ -208,6 +214,8 @@ def _good_vertices(pairs: Sequence[object], text: bool) -> np.ndarray | None:
     None when anything is off, for `checked_vertices` to find and name it."""
     try:
         if not text and not {type(c) for p in pairs for c in p[:2]} <= {int, float}:  # type: ignore[index]
+            return None
+        if text and not all(isinstance(c, str) and DECIMAL.fullmatch(c) for p in pairs for c in p[:2]):  # type: ignore[index]
             return None
         out = np.array([p[:2] for p in pairs], dtype=float)  # type: ignore[index]
     except (TypeError, ValueError, OverflowError):
