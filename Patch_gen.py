@@ -85,8 +85,9 @@ def centres_for(args, slide_path: Path, mask: np.ndarray, meta: dict, rng, side:
 
 def cut_slide(args, job: Job, rng) -> None:
     sid = sl.slide_id(job.slide)
-    if "," in sid:  # coords lists are `slide_id,x,y`
-        raise UserError(f"{job.slide}: a comma in the slide's name cannot go in a coords list; rename the file")
+    if "," in sid or "\n" in sid or "\r" in sid:  # coords lists are `slide_id,x,y` lines
+        raise UserError(f"{job.slide}: a comma or line break in the slide's name cannot go in a coords list; "
+                        "rename the file")
     with sl.open_slide(job.slide) as s:  # first: a file that is not a slide is named as such
         mask, meta = masks.load_mask(job.mask, slide=job.slide)
         check_fits_slide(job.mask, mask.shape, meta["downsample"], s.dimensions)

@@ -250,9 +250,11 @@ def tissue_for(args, prob: np.ndarray, meta: dict) -> tuple[np.ndarray, str]:
 
 def cmd_pixels(args) -> None:
     prob, meta = load_probability_map(args.prob)
-    truth, _ = masks.load_mask(args.mask, slide=meta["slide"])
-    if truth.shape != prob.shape:
-        raise UserError(f"{args.mask}: shape {truth.shape} differs from the map's {prob.shape}")
+    truth, truth_meta = masks.load_mask(args.mask, slide=meta["slide"], kind="tumor")
+    if truth.shape != prob.shape or not np.allclose(truth_meta["downsample"], meta["downsample"], rtol=1e-3):
+        raise UserError(f"{args.mask}: a {truth.shape[1]}x{truth.shape[0]} lattice at downsample "
+                        f"{truth_meta['downsample'][0]:g}, but the map's is {prob.shape[1]}x{prob.shape[0]} at "
+                        f"{meta['downsample'][0]:g}")
     tissue, where = tissue_for(args, prob, meta)
     r = ev.pixel_scores(prob, truth, tissue, args.threshold)
     auc = f"AUC={r['auc']:.4f}" if np.isfinite(r["auc"]) else \
@@ -284,7 +286,11 @@ def cmd_negatives(args) -> None:
         stem, ds = Path(meta["slide"]).stem, tuple(meta["downsample"])
         lat = masks.Lattice(prob.shape, ds, meta.get("level"))
         ann_path = companion(args.truth_dir, stem, "annotation")
-        tumour = masks.annotation_mask(load_annotation(ann_path), lat) if ann_path else np.zeros(prob.shape, bool)
+        ann = load_annotation(ann_path) if ann_path else None
+        if ann is not None and ann.positive and not masks.annotation_mask(ann, lat).any():
+            raise UserError(f"{ann_path}: no tumour of it lies on {f.name}'s lattice: the truth of another slide? "
+                            "(its tumour would count as normal tissue)")
+        tumour = masks.annotation_mask(ann, lat) if ann is not None else np.zeros(prob.shape, bool)
         mpp = (meta.get("mpp") or [args.mpp])[0]
         points = ev.hard_negatives(prob, tumour, ds, args.threshold, args.per_slide,
                                    args.margin_um / (mpp * ds[0]), args.sample, rng)

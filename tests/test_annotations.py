@@ -442,3 +442,10 @@ def test_group_options_name_each_group_once(tmp_path, capsys):
     assert "named both" in error(capsys, src, "-o", tmp_path / "t.json", "--negative-groups", "_0")
     assert "two different" in error(capsys, src, "-o", tmp_path / "t.xml2.xml", "--to", "xml",
                                     "--rename-groups", "A,A")
+
+
+def test_a_fifo_is_refused_not_read_forever(tmp_path, capsys):
+    import os
+
+    os.mkfifo(tmp_path / "p.xml")
+    assert "not a regular file" in error(capsys, tmp_path / "p.xml", "-o", tmp_path / "p.json")

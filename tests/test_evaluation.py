@@ -191,6 +191,12 @@ def test_pixel_scores_auc_over_tissue(tmp_path):
     save_mask(tmp_path / "s_none.npy", np.zeros_like(truth), {**meta, "kind": "tumor"})
     res = call("evaluate.py", "pixels", tmp_path / "s_prob.npy", tmp_path / "s_none.npy")
     assert "AUC=nan (the truth has only one class" in res.stdout
+    # the tissue mask as the truth, and a truth on another lattice of the same shape, are refused
+    res = call("evaluate.py", "pixels", tmp_path / "s_prob.npy", tmp_path / "s_tissue.npy", check=False)
+    assert res.returncode == 2 and "expected 'tumor'" in res.stderr
+    save_mask(tmp_path / "s_coarse.npy", truth, {**meta, "kind": "tumor", "downsample": [32, 32]})
+    res = call("evaluate.py", "pixels", tmp_path / "s_prob.npy", tmp_path / "s_coarse.npy", check=False)
+    assert res.returncode == 2 and "downsample 32" in res.stderr
 
 
 def test_hard_negatives_are_false_positives_beyond_the_margin(truth, tmp_path):
@@ -217,6 +223,13 @@ def test_hard_negatives_are_false_positives_beyond_the_margin(truth, tmp_path):
          "--per-slide", "5", "--sample", "top")
     top = [ln.split(",") for ln in (tmp_path / "top.txt").read_text().split() if ln.startswith("n1")]
     assert len(top) == 5 and all(prob[int(y) // 32, int(x) // 32] == pytest.approx(0.95) for _, x, y in top)
+    # the truth of another slide (all of it off this map) would make its tumour "normal"
+    far = Annotation()
+    far.add("positive", "far", square(30000, 30000, 3200))  # the map covers 19,200 pixels
+    write_annotation(far, tmp_path / "truth" / "t1.json")
+    res = call("evaluate.py", "negatives", tmp_path / "maps", tmp_path / "truth", "-o", tmp_path / "far.txt",
+               check=False)
+    assert res.returncode == 2 and "the truth of another slide?" in res.stderr
 
 
 def test_no_output_replaces_an_input_or_a_foreign_file(truth, tmp_path):

@@ -46,6 +46,8 @@ def load_annotation(path: str | Path, positive_groups: Sequence[str] = POSITIVE_
     """Read an annotation by extension: `.xml` (ASAP), `.json` (NCRF, or GeoJSON by
     content), `.geojson` (QuPath), `.txt` (vertices)."""
     suffix = Path(path).suffix.lower()
+    if Path(path).exists() and not Path(path).is_file():  # a FIFO would block the read forever
+        raise AnnotationError(f"{path}: not a regular file")
     if suffix == ".xml":
         return read_asap_xml(path, positive_groups, negative_groups)
     if suffix == ".json":
