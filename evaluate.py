@@ -208,6 +208,8 @@ def read_labels(path: Path) -> dict[str, int]:
         if out.get(slide, label) != label:
             raise UserError(f"{path}:{line}: slide {slide} is listed again with another label")
         out[slide] = label
+    if not out:
+        raise UserError(f"{path}: no 'slide,label' lines")
     return out
 
 

@@ -253,7 +253,8 @@ def load_array(path: str | Path, kind: str | tuple[str, ...] | None = None,
     if array.ndim != 2:
         raise ArrayFileError(f"{path}: is a {array.ndim}-D array; masks and maps are 2-D [row, col]")
     if kinds is not None and meta.get("kind") not in kinds:
-        raise ArrayFileError(f"{path}: is a {meta.get('kind')!r} array, expected {' or '.join(map(repr, kinds))}")
+        what = f"is a {meta['kind']!r} array" if meta.get("kind") else f"has no 'kind' in its sidecar {side.name}"
+        raise ArrayFileError(f"{path}: {what}, expected {' or '.join(map(repr, kinds))}")
     if slide is not None and meta.get("slide") != Path(slide).name:
         raise ArrayFileError(f"{path}: belongs to slide {meta.get('slide')!r}, not {Path(slide).name!r}")
     meta["downsample"] = _downsample(path, meta)

@@ -286,6 +286,9 @@ def test_froc_and_slides_refuse_what_would_count_twice_or_wrongly(truth, tmp_pat
     (tmp_path / "labels.csv").write_text("case.01,tumor\ncase.02,normal\n")  # dots are not extensions
     assert "2 slides (1 tumour): AUC=1.0000" in call("evaluate.py", "slides", tmp_path / "maps",
                                                      tmp_path / "labels.csv").stdout
+    (tmp_path / "empty.csv").write_text("slide,label\n")
+    res = call("evaluate.py", "slides", tmp_path / "maps", tmp_path / "empty.csv", check=False)
+    assert res.returncode == 2 and "empty.csv: no 'slide,label' lines" in res.stderr
     save_probability_map(tmp_path / "maps" / "copy_prob.npy", prob, meta)
     res = call("evaluate.py", "slides", tmp_path / "maps", tmp_path / "labels.csv", check=False)
     assert res.returncode == 2 and "second map of slide case.01.tif" in res.stderr
