@@ -298,8 +298,12 @@ def create_app(slide_dir: str | Path, maps_dir: str | Path | None = None, cache_
 
     @app.errorhandler(CrfError)
     def bad_file(err: CrfError):
-        """A bad slide, map, lesion or annotation file: its one-line message, never a 500."""
-        return app.response_class(one_line(err) + "\n", status=422, mimetype="text/plain")
+        """A bad slide, map, lesion or annotation file: its one-line message, never a 500,
+        with the served folders' paths on this machine left out (a browser sees names)."""
+        text = one_line(err)
+        for folder in filter(None, (lib.slide_dir, lib.maps_dir)):
+            text = text.replace(f"{folder}{os.sep}", "")
+        return app.response_class(text + "\n", status=422, mimetype="text/plain")
 
     @app.route("/")
     def index():
