@@ -58,6 +58,9 @@ def jobs(args) -> list[Job]:
     missing = [j.slide.name for j in todo if needs_ann and j.annotation is None]
     if missing:
         raise UserError(f"no annotation in {ann} for: {', '.join(missing)}")
+    stems = [s.stem for s in slides]
+    if twice := sorted({s.name for s in slides if stems.count(s.stem) > 1}):  # a.tif and a.tiff: one mask name
+        raise UserError(f"{slide}: {' and '.join(twice)} would write the same mask; rename one")
     return todo
 
 

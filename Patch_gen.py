@@ -73,10 +73,11 @@ def centres_for(args, slide_path: Path, mask: np.ndarray, meta: dict, rng, side:
     sid = sl.slide_id(slide_path)
     rows = tiling.read_coords(args.coords)
     listed = [(x, y) for s, x, y in rows if s == sid]
-    if not listed:
+    if not listed:  # a normal slide of a hard-negative list, say; or ids written with the extension
         ids = sorted({s for s, _, _ in rows})
-        raise UserError(f"{args.coords}: no line names slide {sid!r} (it names {', '.join(map(repr, ids[:3]))}"
-                        f"{' ...' if len(ids) > 3 else ''}); the slide id is the file name without its extension")
+        named = f"it names {', '.join(map(repr, ids[:3]))}{' ...' if len(ids) > 3 else ''}" if ids else "it is empty"
+        warnings.warn(f"{args.coords}: no line names slide {sid!r} ({named}; a slide id is the file name "
+                      "without its extension): no patches")
     unique = list(dict.fromkeys(listed))  # a centre twice would be two equal tiles, refused later
     if len(unique) < len(listed):
         warnings.warn(f"{args.coords}: {len(listed) - len(unique)} repeated centre(s) of {sid} cut once")
@@ -85,9 +86,10 @@ def centres_for(args, slide_path: Path, mask: np.ndarray, meta: dict, rng, side:
 
 def cut_slide(args, job: Job, rng) -> None:
     sid = sl.slide_id(job.slide)
-    if "," in sid or "\n" in sid or "\r" in sid:  # coords lists are `slide_id,x,y` lines
-        raise UserError(f"{job.slide}: a comma or line break in the slide's name cannot go in a coords list; "
-                        "rename the file")
+    # coords lists are `slide_id,x,y` lines, read with str.splitlines and stripped fields
+    if "," in sid or len(f"{sid}.".splitlines()) > 1 or sid != sid.strip():
+        raise UserError(f"{job.slide}: a comma, line break or space at either end of the slide's name cannot go in "
+                        "a coords list; rename the file")
     with sl.open_slide(job.slide) as s:  # first: a file that is not a slide is named as such
         mask, meta = masks.load_mask(job.mask, slide=job.slide)
         check_fits_slide(job.mask, mask.shape, meta["downsample"], s.dimensions)
@@ -110,11 +112,11 @@ def cut_slide(args, job: Job, rng) -> None:
     boxes = np.concatenate([boxes, boxes + side], 1)
     on = (boxes[:, 0] >= 0) & (boxes[:, 1] >= 0) & (boxes[:, 2] <= w0) & (boxes[:, 3] <= h0)
     boxes, centres = boxes[on], centres[on]
-    if not len(boxes):  # refused, not written: an empty set would replace a good one
-        raise UserError(f"{job.slide}: no patch to cut ({len(on)} centre(s) in the mask, none with its "
-                        f"{side[0]}x{side[1]}-pixel square on the slide); nothing written")
     out = Path(args.output)
     tiles = TileFolder(out, sid)
+    if not len(boxes) and tiles.complete_count():  # an empty set never replaces a full one
+        raise UserError(f"{job.slide}: no patch to cut ({len(on)} centre(s), none with its {side[0]}x{side[1]}-"
+                        f"pixel square on the slide); the {tiles.complete_count()} patches in {tiles.folder} are kept")
     staging = tiles.prepare(args.overwrite)
     names = [tiling.tile_name(i, level, tuple(b)) for i, b in enumerate(boxes)]
     try:

@@ -21,6 +21,7 @@ quiet_ctrl_c()  # first: Ctrl-C while the libraries below load is one line
 import argparse
 import csv
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -31,7 +32,7 @@ from crfcore import slide as sl
 from crfcore.annotations import load_annotation
 from crfcore.cli import PROBABILITY, UserError, add_workers, number, parser, run
 from crfcore.errors import CrfError
-from crfcore.heatmap import check_picture_format, load_probability_map
+from crfcore.heatmap import check_not_a_slide, check_picture_format, load_probability_map
 from crfcore.io import (COMPANIONS, atomic_path, atomic_write_text, check_spares_inputs, companion, companion_stem,
                         ensure_free_space, sidecar_path, visible_files)
 from crfcore.tiling import format_coords, read_coords
@@ -203,8 +204,9 @@ def read_labels(path: Path) -> dict[str, int]:
         label = LABELS.get(row[1].strip().lower())
         if label is None:
             raise UserError(f"{path}:{line}: label {row[1]!r} is not one of {', '.join(LABELS)}")
-        name = row[0].strip()
-        slide = Path(name).stem if Path(name).suffix.lower() in sl.SLIDE_EXTENSIONS else name
+        name = Path(row[0].strip())  # a slide's file name or path, or its stem
+        # an extension has a letter (.tif, .svs); a dot before digits is part of the name (case.01)
+        slide = name.stem if re.search("[a-z]", name.suffix, re.IGNORECASE) else name.name
         if out.get(slide, label) != label:
             raise UserError(f"{path}:{line}: slide {slide} is listed again with another label")
         out[slide] = label
@@ -289,9 +291,10 @@ def cmd_negatives(args) -> None:
         lat = masks.Lattice(prob.shape, ds, meta.get("level"))
         ann_path = companion(args.truth_dir, stem, "annotation")
         ann = load_annotation(ann_path) if ann_path else None
-        if ann is not None and ann.positive and not masks.annotation_mask(ann, lat).any():
-            raise UserError(f"{ann_path}: no tumour of it lies on {f.name}'s lattice: the truth of another slide? "
-                            "(its tumour would count as normal tissue)")
+        extent = (prob.shape[1] * ds[0], prob.shape[0] * ds[1])
+        if ann is not None and ann.positive and not masks.overlaps(ann, extent):
+            raise UserError(f"{ann_path}: lies wholly outside {f.name}'s {extent[0]:.0f}x{extent[1]:.0f} level-0 "
+                            "pixels: the truth of another slide? (its tumour would count as normal tissue)")
         tumour = masks.annotation_mask(ann, lat) if ann is not None else np.zeros(prob.shape, bool)
         mpp = (meta.get("mpp") or [args.mpp])[0]
         points = ev.hard_negatives(prob, tumour, ds, args.threshold, args.per_slide,
@@ -383,6 +386,7 @@ def main(argv=None) -> int:
             raise UserError(f"{getattr(args, name)}: not a directory")
     if getattr(args, "plot", None) is not None:
         check_picture_format(args.plot)
+        check_not_a_slide(args.plot)
     out = getattr(args, "output", None)
     outputs = [getattr(args, "plot", None), out]
     if args.cmd == "lesions":

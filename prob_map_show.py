@@ -53,6 +53,8 @@ def main(argv=None) -> int:
     if args.tiff and args.tiff.suffix.lower() not in (".tif", ".tiff"):
         raise UserError(f"{args.tiff}: --tiff writes a TIFF: end its name with .tif, .tiff or .ome.tif")
     check_spares_inputs((args.output, args.tiff), (args.prob, sidecar_path(args.prob), args.slide))
+    for out in filter(None, (args.output, args.tiff)):
+        heatmap.check_not_a_slide(out)
     for out in (args.output, args.tiff):
         if out is not None:
             ensure_free_space(out, 0, "picture")  # a path that cannot be written is refused before the work

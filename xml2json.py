@@ -25,6 +25,8 @@ from crfcore.io import check_spares_inputs, visible_files
 
 SUFFIXES = (".xml", ".json", ".geojson", ".txt")
 OUT_SUFFIX = {"json": ".json", "xml": ".xml", "geojson": ".geojson"}
+ALSO_SUFFIX = {"geojson": ".json"}  # QuPath saves GeoJSON as .json too
+DEFAULT_NEGATIVE = ",".join(an.NEGATIVE_GROUPS)
 
 
 def collect(inputs: list[str], to: str) -> list[Path]:
@@ -75,6 +77,8 @@ def group_lists(positive: str, negative: str) -> tuple[list[str], list[str]]:
     for option, groups in (("--positive-groups", pos), ("--negative-groups", neg)):
         if len(set(groups)) < len(groups):
             raise UserError(f"{option}: a group is named twice ({','.join(groups)})")
+    if negative == DEFAULT_NEGATIVE:  # the default list yields a group the user named positive
+        neg = [g for g in neg if g not in pos]
     if both := sorted(set(pos) & set(neg)):
         raise UserError(f"group(s) {', '.join(both)} named both in --positive-groups and --negative-groups")
     return pos, neg
@@ -88,7 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--to", choices=tuple(OUT_SUFFIX), default="json", help="output format")
     p.add_argument("--positive-groups", default=",".join(an.POSITIVE_GROUPS),
                    help="XML groups / GeoJSON classes that are tumour, comma-separated")
-    p.add_argument("--negative-groups", default=",".join(an.NEGATIVE_GROUPS),
+    p.add_argument("--negative-groups", default=DEFAULT_NEGATIVE,
                    help="XML groups / GeoJSON classes that are non-tumour islands inside tumour")
     p.add_argument("--rename-groups", metavar="POSITIVE,NEGATIVE",
                    help="XML / GeoJSON output: put every positive polygon into group POSITIVE and "
@@ -106,7 +110,7 @@ def main(argv=None) -> int:
     files = collect(args.inputs, args.to)
     many = len(files) > 1 or any(Path(i).is_dir() for i in args.inputs)
     targets = outputs(files, args.output, args.to, many)
-    if not many and targets[0].suffix.lower() != OUT_SUFFIX[args.to]:
+    if not many and targets[0].suffix.lower() not in (OUT_SUFFIX[args.to], ALSO_SUFFIX.get(args.to)):
         raise UserError(f"{targets[0]}: --to {args.to} writes {OUT_SUFFIX[args.to]} files: end -o with "
                         f"{OUT_SUFFIX[args.to]} (or give --to for the format you want)")
     check_spares_inputs(targets, files)

@@ -13,7 +13,7 @@ from typing import Callable, Iterator, Sequence
 import numpy as np
 import tifffile
 
-from .errors import OutputError
+from .errors import CrfError, OutputError
 from .io import ArrayFileError, atomic_path, load_array, save_array
 
 TILE = 256
@@ -41,6 +41,31 @@ def check_picture_format(out: Path) -> None:
     if out.suffix[1:].lower() not in known:
         what = f"a {out.suffix} picture" if out.suffix else "a picture without a suffix"
         raise OutputError(f"{out}: cannot write {what} (end its name with one of .{', .'.join(sorted(known))})")
+
+
+MAP_SOFTWARE = "crfcore probability map"  # the TIFF Software tag of map TIFFs: how check_not_a_slide knows them
+
+
+def check_not_a_slide(path: Path) -> None:
+    """Refuse, before any work, a picture or map TIFF named like an existing slide that this
+    tool did not write (a --plot or --tiff given a slide's name would replace the slide)."""
+    from . import slide as sl
+
+    if not path.is_file() or path.suffix.lower() not in sl.SLIDE_EXTENSIONS:
+        return
+    try:
+        with tifffile.TiffFile(path) as t:
+            page = t.pages[0]
+            ours = MAP_SOFTWARE in (page.software, (page.description or "")[:len(MAP_SOFTWARE)])
+    except Exception:  # not a TIFF tifffile reads: whether it is a slide decides
+        ours = False
+    if ours:
+        return
+    try:
+        sl.open_slide(path).close()
+    except CrfError:
+        return  # not a slide (a picture matplotlib wrote earlier, say)
+    raise OutputError(f"{path}: is a slide; the picture would replace it: choose another name")
 
 
 def colourise(prob: np.ndarray, cmap: str = "jet", vmin: float = 0.0, vmax: float = 1.0) -> np.ndarray:
@@ -100,7 +125,7 @@ def pyramid_sizes(width: int, height: int, min_size: int = 512) -> list[tuple[in
 def write_pyramid(path: str | Path, sizes: list[tuple[int, int]],
                   tiles: Callable[[int, int, int], Iterator[np.ndarray]], mpp: float | None,
                   compression: str = "jpeg", quality: int = 90, channels: int = 3,
-                  dtype: type = np.uint8, description: str | None = None) -> None:
+                  dtype: type = np.uint8, description: str | None = None, software: str | None = None) -> None:
     """A tiled pyramidal TIFF, one page per level (OpenSlide's generic tiled TIFF), or an
     OME-TIFF with the levels as SubIFDs when `path` ends in `.ome.tif(f)` (the pyramid
     Bio-Formats, and so QuPath, recognises). `tiles(level, w, h)` yields the level's
@@ -125,6 +150,8 @@ def write_pyramid(path: str | Path, sizes: list[tuple[int, int]],
                          "PhysicalSizeYUnit": "µm"} if mpp else {})})
                 elif k == 0 and description:
                     kw["description"] = description
+                if k == 0 and software:
+                    kw["software"] = software
                 tw.write(tiles(k, lw, lh), shape=(lh, lw, *shape), dtype=dtype, tile=(TILE, TILE),
                          photometric="rgb" if channels == 3 else "minisblack", subfiletype=0 if k == 0 else 1,
                          **comp, **kw)
@@ -183,4 +210,4 @@ def write_map_tiff(path: str | Path, prob: np.ndarray, slide_size: tuple[int, in
     sizes = overlay_sizes(slide_levels) if slide_levels else pyramid_sizes(w0, h0)
     write_pyramid(path, sizes, tiles, mpp, compression="deflate", channels=3 if values == "colour" else 1,
                   dtype=np.float32 if values == "float32" else np.uint8,
-                  description=f"crfcore probability map: {note[values]}")
+                  description=f"{MAP_SOFTWARE}: {note[values]}", software=MAP_SOFTWARE)

@@ -114,6 +114,13 @@ def count_outside(ann: Annotation, slide: openslide.OpenSlide) -> int:
     return int(np.sum((v[:, 0] < 0) | (v[:, 1] < 0) | (v[:, 0] > w0) | (v[:, 1] > h0)))
 
 
+def overlaps(ann: Annotation, size: tuple[int, int]) -> bool:
+    """Whether the annotation's bounding box meets a `size` (w, h) level-0 area (a polygon
+    around the whole slide does; another slide's annotation, off to the side, does not)."""
+    bounds = ann.bounds()
+    return bounds is not None and bounds[0] < size[0] and bounds[1] < size[1] and bounds[2] > 0 and bounds[3] > 0
+
+
 def make_mask(slide_path: str | Path, kind: str, annotation: Annotation | None = None,
               level: int | None = None, downsample: float | None = None,
               method: str = "otsu") -> tuple[np.ndarray, dict]:
@@ -130,10 +137,9 @@ def make_mask(slide_path: str | Path, kind: str, annotation: Annotation | None =
         except MaskError as err:
             raise MaskError(f"{slide_path}: {err}") from None
         if annotation is not None and (n := count_outside(annotation, slide)):
-            total = sum(len(v) for v in annotation.positive + annotation.negative)
-            if n == total:  # a mask of nothing, or all tissue called normal
-                raise MaskError(f"{slide_path}: none of the annotation's {total} vertices lies on the slide "
-                                f"{slide.dimensions}: an annotation of another slide?")
+            if not overlaps(annotation, slide.dimensions):  # a mask of nothing, or all tissue called normal
+                raise MaskError(f"{slide_path}: the annotation lies wholly outside the slide {slide.dimensions}: "
+                                "an annotation of another slide?")
             warnings.warn(f"{slide_path}: {n} annotation vertices lie outside the slide "
                           f"{slide.dimensions}; clipped", MaskWarning, stacklevel=2)
         if kind == "tumor":

@@ -108,6 +108,10 @@ class TileFolder:
             except OSError as err:
                 raise TileFolderError(f"{folder}: cannot replace its tiles ({err.strerror or err})") from None
 
+    def complete_count(self) -> int:
+        """How many tiles the slide's complete set holds (0 without one)."""
+        return len(tiles_in(self.folder)) if self.marker.is_file() and self.folder.is_dir() else 0
+
     def own_marker(self) -> bool:
         """Whether the .txt is a coords list of this slide's centres, as `replace` writes it."""
         try:

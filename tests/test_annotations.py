@@ -440,6 +440,8 @@ def test_group_options_name_each_group_once(tmp_path, capsys):
     src.write_text(xml_doc([("a", "_0", square(0, 0, 10))]))
     assert "named twice" in error(capsys, src, "-o", tmp_path / "t.json", "--positive-groups", "_0,_0,_1")
     assert "named both" in error(capsys, src, "-o", tmp_path / "t.json", "--negative-groups", "_0")
+    convert(src, "-o", tmp_path / "t2.json", "--positive-groups", "_0,_1,_2")  # _2 leaves the default negatives
+    convert(src, "-o", tmp_path / "q.json", "--to", "geojson")  # QuPath's GeoJSON as .json
     assert "two different" in error(capsys, src, "-o", tmp_path / "t.xml2.xml", "--to", "xml",
                                     "--rename-groups", "A,A")
 

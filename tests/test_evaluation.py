@@ -230,6 +230,10 @@ def test_hard_negatives_are_false_positives_beyond_the_margin(truth, tmp_path):
     res = call("evaluate.py", "negatives", tmp_path / "maps", tmp_path / "truth", "-o", tmp_path / "far.txt",
                check=False)
     assert res.returncode == 2 and "the truth of another slide?" in res.stderr
+    tiny = Annotation()
+    tiny.add("positive", "itc", square(3200, 3200, 10))  # smaller than a map cell: still this slide's truth
+    write_annotation(tiny, tmp_path / "truth" / "t1.json")
+    call("evaluate.py", "negatives", tmp_path / "maps", tmp_path / "truth", "-o", tmp_path / "tiny.txt")
 
 
 def test_no_output_replaces_an_input_or_a_foreign_file(truth, tmp_path):
@@ -283,7 +287,7 @@ def test_froc_and_slides_refuse_what_would_count_twice_or_wrongly(truth, tmp_pat
     meta = {"slide": "case.01.tif", "level": 5, "downsample": [32.0, 32.0]}
     save_probability_map(tmp_path / "maps" / "case.01_prob.npy", prob, meta)
     save_probability_map(tmp_path / "maps" / "case.02_prob.npy", prob * 0.5, {**meta, "slide": "case.02.tif"})
-    (tmp_path / "labels.csv").write_text("case.01,tumor\ncase.02,normal\n")  # dots are not extensions
+    (tmp_path / "labels.csv").write_text("slides/case.01,tumor\ncase.02.svs,normal\n")  # .01 is no extension
     assert "2 slides (1 tumour): AUC=1.0000" in call("evaluate.py", "slides", tmp_path / "maps",
                                                      tmp_path / "labels.csv").stdout
     (tmp_path / "empty.csv").write_text("slide,label\n")

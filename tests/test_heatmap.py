@@ -75,6 +75,14 @@ def test_prob_map_show_never_writes_over_its_inputs(syn_slide, prob, tmp_path):
         res = call("prob_map_show.py", m, *outs, "--slide", slide, check=False)
         assert res.returncode == 2 and res.stderr.count("\n") == 1, (outs, res.stderr)
     assert slide.read_bytes() == before and not (tmp_path / "o.tif").exists()
+    other = tmp_path / "other.tif"  # a slide that is not an input of the run
+    shutil.copy(syn_slide.path, other)
+    for outs in (["-o", tmp_path / "o.png", "--tiff", other], ["-o", other]):
+        res = call("prob_map_show.py", m, *outs, "--slide", slide, check=False)
+        assert res.returncode == 2 and "is a slide" in res.stderr, res.stderr
+    assert other.read_bytes() == before
+    for _ in range(2):  # its own map TIFF and a TIFF plot it wrote are replaced on a second run
+        call("prob_map_show.py", m, "-o", tmp_path / "p.tif", "--slide", slide, "--tiff", tmp_path / "map.tif")
 
 
 def test_a_map_as_thin_as_a_line_is_drawn(tmp_path):

@@ -102,7 +102,12 @@ def test_mask_errors(syn_slide, tmp_path):
                                "negative": []}))  # wholly off the slide: another slide's
     proc = call("Mask_gen.py", syn_slide.path, "-o", tmp_path / "n.npy", "--kind", "normal", "--annotation", far,
                 check=False)
-    assert proc.returncode == 2 and "none of the annotation's 3 vertices lies on the slide" in proc.stderr
+    assert proc.returncode == 2 and "lies wholly outside the slide" in proc.stderr
+    w, h = sl.open_slide(syn_slide.path).dimensions
+    far.write_text(json.dumps({"positive": [{"name": "all", "vertices": [[-20, -20], [w + 20, -20], [w + 20, h + 20],
+                                                                        [-20, h + 20]]}], "negative": []}))
+    call("Mask_gen.py", syn_slide.path, "-o", tmp_path / "all.npy", "--kind", "tumor", "--annotation", far)
+    assert load_array(tmp_path / "all.npy")[0].all()  # around the whole slide: all tumour, as before
 
 
 def test_sidecar_check_refuses_other_slides(syn_slide, tmp_path):
@@ -134,3 +139,14 @@ def test_mask_gen_never_writes_over_its_slide(syn_slide, tmp_path):
     res = call("Mask_gen.py", slide, "-o", tmp_path / "s.npy", "--kind", "tissue", check=False)
     assert res.returncode == 2 and "is also an input of this run" in res.stderr
     assert slide.read_bytes() == syn_slide.path.read_bytes()
+
+
+def test_two_slides_of_one_stem_are_refused_in_a_folder(syn_slide, tmp_path):
+    import shutil
+
+    d = tmp_path / "slides"
+    d.mkdir()
+    shutil.copy(syn_slide.path, d / "a.tif")
+    shutil.copy(syn_slide.path, d / "a.tiff")
+    res = call("Mask_gen.py", d, "-o", tmp_path / "m", "--kind", "tissue", check=False)
+    assert res.returncode == 2 and "a.tif and a.tiff would write the same mask" in res.stderr

@@ -573,7 +573,7 @@ def test_a_slide_whose_name_has_a_comma_is_refused_before_cutting(syn_slide, syn
     (tmp_path / "a,b.tif").symlink_to(syn_slide.path)  # its coords lines would not parse
     res = call("Patch_gen.py", tmp_path / "a,b.tif", "--mask", syn_masks / "syn_tumor_tissue.npy", "-o",
                tmp_path / "p", "--workers", "0", check=False)
-    assert res.returncode == 2 and "a comma or line break in the slide's name" in res.stderr and not (tmp_path / "p").exists()
+    assert res.returncode == 2 and "a comma, line break or space at either end of the slide's name" in res.stderr and not (tmp_path / "p").exists()
 
 
 def test_random_centres_are_distinct_and_odd_tile_names_are_not_tiles():
@@ -656,8 +656,11 @@ def test_an_empty_set_never_replaces_a_good_one_and_a_foreign_txt_is_kept(syn_sl
     coords.write_text("syn_tumor.tif,100,100\n")  # the id carries the extension: names no slide
     for extra in (["--mode", "coords", "--coords", coords], ["--image-size", "100000"]):
         res = call("Patch_gen.py", *base, "--overwrite", *extra, check=False)
-        assert res.returncode == 2 and ("no line names slide" in res.stderr or "no patch to cut" in res.stderr)
+        assert res.returncode == 2 and "no patch to cut" in res.stderr and "patches in" in res.stderr
         assert sorted((tmp_path / "p" / "syn_tumor").iterdir()) == before and marker.stat().st_size
+    # with no set to protect, a slide no line names gets none, as before (a normal slide of a hard-negative list)
+    res = call("Patch_gen.py", *base[:4], tmp_path / "fresh", *base[5:], "--mode", "coords", "--coords", coords)
+    assert "no line names slide 'syn_tumor'" in res.stderr and "0 patches" in res.stdout
     res = call("Patch_gen.py", *base[:-2], "--mpp", "0.001", "--image-size", "16", check=False)
     assert res.returncode == 2 and "under one pixel" in res.stderr
     annotation = "0,0\n10,0\n10,10\n"  # a vertex list named like the marker
