@@ -282,7 +282,8 @@ def hard_negatives(prob: np.ndarray, tumour: np.ndarray, downsample: tuple[float
     `sample` "top" takes the highest probabilities, "prob" draws with weight = probability."""
     from scipy import ndimage as nd
 
-    far = ~tumour if margin_px <= 0 else nd.distance_transform_edt(~tumour) > margin_px
+    # (with no tumour at all the distance transform has nothing to measure from: all is far)
+    far = ~tumour if margin_px <= 0 or not tumour.any() else nd.distance_transform_edt(~tumour) > margin_px
     rows, cols = np.nonzero((prob > threshold) & far)
     p = prob[rows, cols].astype(float)
     if len(p) > n:

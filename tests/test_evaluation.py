@@ -199,6 +199,13 @@ def test_pixel_scores_auc_over_tissue(tmp_path):
     assert res.returncode == 2 and "downsample 32" in res.stderr
 
 
+def test_a_margin_keeps_every_point_of_a_slide_without_tumour():
+    prob = np.full((50, 60), 0.9, np.float32)
+    none = np.zeros(prob.shape, bool)
+    got = ev.hard_negatives(prob, none, (32.0, 32.0), 0.5, 10_000, margin_px=1000)
+    assert len(got) == prob.size  # a review found the margin measured from the corner here
+
+
 def test_hard_negatives_are_false_positives_beyond_the_margin(truth, tmp_path):
     ds = 32.0
     prob = np.zeros((600, 600), np.float32)
