@@ -21,7 +21,6 @@ quiet_ctrl_c()  # first: Ctrl-C while the libraries below load is one line
 import argparse
 import csv
 import json
-import re
 from pathlib import Path
 
 import numpy as np
@@ -205,8 +204,8 @@ def read_labels(path: Path) -> dict[str, int]:
         if label is None:
             raise UserError(f"{path}:{line}: label {row[1]!r} is not one of {', '.join(LABELS)}")
         name = Path(row[0].strip())  # a slide's file name or path, or its stem
-        # an extension has a letter (.tif, .svs); a dot before digits is part of the name (case.01)
-        slide = name.stem if re.search("[a-z]", name.suffix, re.IGNORECASE) else name.name
+        # only a slide extension is dropped: case.01 or TCGA-...-DX1.<uuid> are whole stems
+        slide = name.stem if name.suffix.lower() in sl.SLIDE_EXTENSIONS else name.name
         if out.get(slide, label) != label:
             raise UserError(f"{path}:{line}: slide {slide} is listed again with another label")
         out[slide] = label

@@ -70,14 +70,15 @@ def rename_groups(option: str | None, to: str) -> tuple[str, str] | None:
     return names[0].strip(), names[1].strip()
 
 
-def group_lists(positive: str, negative: str) -> tuple[list[str], list[str]]:
-    """`--positive-groups` and `--negative-groups` as lists, checked: a group named twice
-    would take its polygons twice, and one in both lists would be tumour and not."""
-    pos, neg = ([g for g in option.split(",") if g] for option in (positive, negative))
+def group_lists(positive: str, negative: str | None) -> tuple[list[str], list[str]]:
+    """`--positive-groups` and `--negative-groups` (None: the default) as lists, checked: a
+    group named twice would take its polygons twice, and one in both lists would be
+    tumour and not."""
+    pos, neg = ([g for g in option.split(",") if g] for option in (positive, negative or DEFAULT_NEGATIVE))
     for option, groups in (("--positive-groups", pos), ("--negative-groups", neg)):
         if len(set(groups)) < len(groups):
             raise UserError(f"{option}: a group is named twice ({','.join(groups)})")
-    if negative == DEFAULT_NEGATIVE:  # the default list yields a group the user named positive
+    if negative is None:  # the default list yields a group the user named positive
         neg = [g for g in neg if g not in pos]
     if both := sorted(set(pos) & set(neg)):
         raise UserError(f"group(s) {', '.join(both)} named both in --positive-groups and --negative-groups")
@@ -92,8 +93,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--to", choices=tuple(OUT_SUFFIX), default="json", help="output format")
     p.add_argument("--positive-groups", default=",".join(an.POSITIVE_GROUPS),
                    help="XML groups / GeoJSON classes that are tumour, comma-separated")
-    p.add_argument("--negative-groups", default=DEFAULT_NEGATIVE,
-                   help="XML groups / GeoJSON classes that are non-tumour islands inside tumour")
+    p.add_argument("--negative-groups",
+                   help="XML groups / GeoJSON classes that are non-tumour islands inside tumour "
+                        f"(default: {DEFAULT_NEGATIVE}, less any group named in --positive-groups)")
     p.add_argument("--rename-groups", metavar="POSITIVE,NEGATIVE",
                    help="XML / GeoJSON output: put every positive polygon into group POSITIVE and "
                         "every negative one into NEGATIVE (default: keep the input's groups)")

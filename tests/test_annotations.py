@@ -451,3 +451,10 @@ def test_a_fifo_is_refused_not_read_forever(tmp_path, capsys):
 
     os.mkfifo(tmp_path / "p.xml")
     assert "not a regular file" in error(capsys, tmp_path / "p.xml", "-o", tmp_path / "p.json")
+
+
+def test_negative_groups_given_as_the_default_list_still_clash(tmp_path, capsys):
+    src = tmp_path / "t.xml"
+    src.write_text(xml_doc([("a", "_0", square(0, 0, 10))]))
+    assert "named both" in error(capsys, src, "-o", tmp_path / "t.json", "--positive-groups", "_0,_2",
+                                 "--negative-groups", "_2,Exclusion")

@@ -306,3 +306,11 @@ def test_froc_and_slides_refuse_what_would_count_twice_or_wrongly(truth, tmp_pat
     save_probability_map(tmp_path / "maps" / "copy_prob.npy", (prob * 255).astype(np.uint8), meta)
     res = call("evaluate.py", "lesions", tmp_path / "maps" / "copy_prob.npy", "-o", tmp_path / "x.csv", check=False)
     assert res.returncode == 2 and "a probability map holds floats from 0 to 1" in res.stderr
+
+
+def test_label_names_drop_folders_and_slide_extensions_only(tmp_path):
+    from conftest import load_script
+
+    (tmp_path / "l.csv").write_text("slides/a.svs,tumor\nTCGA-A1.DX1,normal\ncase.01,1\nb.TIF,0\n")
+    assert load_script("evaluate.py").read_labels(tmp_path / "l.csv") == {"a": 1, "TCGA-A1.DX1": 0, "case.01": 1,
+                                                                           "b": 0}
