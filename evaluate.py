@@ -148,8 +148,8 @@ def cmd_froc(args) -> None:
         named = [f.name for f, s in zip(files, stems) if s == twice[0]]
         raise UserError(f"{args.lesions_dir}: {' and '.join(named)} are both lesion lists of slide {twice[0]}; "
                         "keep one")
-    unlisted = sorted({companion_stem(t, "annotation") for t in visible_files(args.truth_dir, COMPANIONS["annotation"])}
-                      - set(stems))
+    truths = visible_files(args.truth_dir, COMPANIONS["annotation"])
+    unlisted = sorted({companion_stem(t, "annotation") for t in truths} - set(stems))
     if unlisted:
         print(f"note: no lesion list for {', '.join(unlisted)} (truth in {args.truth_dir}); left out")
     fps, tps, normal = [], [], []

@@ -248,7 +248,7 @@ class Options:
     band_rows: int = 16  # a multiple of REGION_BLOCK[0] (dense: the tile height); the cache holds ~band_rows + 2k rows
     dense_tile: int = 2048  # dense: model pixels of new lattice rows per tile (and per band)
     normaliser: Normaliser | None = None  # stain normalisation of every crop (the model's, if it has one)
-    share_stem: bool = True  # lattice: the first blocks shared between crops, where it pays (exact; crfcore.shared_stem)
+    share_stem: bool = True  # lattice: first blocks shared between crops where it pays (exact; crfcore.shared_stem)
 
 
 def slide_loader(ds: Dataset, opts: Options, batch: int | None) -> DataLoader:
