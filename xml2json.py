@@ -116,6 +116,10 @@ def main(argv=None) -> int:
         raise UserError(f"{targets[0]}: --to {args.to} writes {OUT_SUFFIX[args.to]} files: end -o with "
                         f"{OUT_SUFFIX[args.to]} (or give --to for the format you want)")
     check_spares_inputs(targets, files)
+    foreign = [t for t in targets if t.is_file() and args.to != "json" and not an.written_by_crfcore(t)]
+    if foreign:  # an original ASAP XML or QuPath GeoJSON beside the file converted, say
+        raise UserError(f"{foreign[0]}: exists and was not written by this tool (an original annotation?); "
+                        "not replaced: choose another output")
     def convert(job: tuple[Path, Path]) -> None:
         src, dst = job
         ann = an.load_annotation(src, pos, neg, txt_part=args.txt_group)

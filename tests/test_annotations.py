@@ -458,3 +458,19 @@ def test_negative_groups_given_as_the_default_list_still_clash(tmp_path, capsys)
     src.write_text(xml_doc([("a", "_0", square(0, 0, 10))]))
     assert "named both" in error(capsys, src, "-o", tmp_path / "t.json", "--positive-groups", "_0,_2",
                                  "--negative-groups", "_2,Exclusion")
+
+
+def test_an_original_xml_beside_its_json_is_not_converted_over(tmp_path, capsys):
+    """From a hostile review: `xml2json d -o d --to xml` wrote the JSON's XML over the
+    original Camelyon XML (rounded coordinates, renamed groups)."""
+    d = tmp_path / "d"
+    d.mkdir()
+    original = xml_doc([("a", "_0", [(0.5, 0), (10, 0), (10, 10.25)])])
+    (d / "t.xml").write_text(original)
+    convert(d / "t.xml", "-o", d / "t.json")
+    assert "was not written by this tool" in error(capsys, d, "-o", d, "--to", "xml")
+    assert (d / "t.xml").read_text() == original
+    out = tmp_path / "out"
+    for _ in range(2):  # its own outputs are replaced on a second run, XML and GeoJSON alike
+        convert(d, "-o", out, "--to", "xml")
+        convert(d / "t.json", "-o", out / "t.geojson", "--to", "geojson")

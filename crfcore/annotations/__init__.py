@@ -24,8 +24,10 @@ import json
 from pathlib import Path
 from typing import Sequence
 
+from ..errors import CrfError
 from ..io import atomic_write_text
-from .asap import asap_xml, read_asap_xml, to_asap_xml
+from ..io import read_json as load_json
+from .asap import WRITTEN_BY, asap_xml, read_asap_xml, to_asap_xml
 from .geojson import geojson_feature, read_geojson, to_geojson
 from .model import (DEFAULT_COLOUR, DEFAULT_GROUP, LESION_CLASS, LESION_COLOUR, MAX_COORDINATE,
                     NEGATIVE_GROUPS, POSITIVE_GROUPS, Annotation, AnnotationError, AnnotationWarning,
@@ -37,6 +39,7 @@ __all__ = [
     "NEGATIVE_GROUPS", "POSITIVE_GROUPS", "Annotation", "AnnotationError", "AnnotationWarning",
     "Polygon", "asap_xml", "geojson_feature", "load_annotation", "read_asap_xml", "read_geojson",
     "read_json", "read_txt", "to_asap_xml", "to_geojson", "to_json_dict", "write_annotation",
+    "written_by_crfcore",
 ]
 
 
@@ -57,6 +60,22 @@ def load_annotation(path: str | Path, positive_groups: Sequence[str] = POSITIVE_
     if suffix == ".txt":
         return read_txt(path, txt_part)
     raise AnnotationError(f"{path}: unknown annotation type (expected .xml, .json, .geojson or .txt)")
+
+
+def written_by_crfcore(path: str | Path) -> bool:
+    """Whether the ASAP XML or GeoJSON file `path` was written by this tool (which a new
+    output may replace; an original annotation of the same name may not)."""
+    path = Path(path)
+    try:
+        if path.suffix.lower() == ".xml":
+            with path.open(encoding="utf-8", errors="replace") as fh:
+                return f"<!-- {WRITTEN_BY} -->" in fh.read(200)
+        data = load_json(path, "GeoJSON file")
+    except (OSError, CrfError):
+        return False
+    feats = data.get("features") if isinstance(data, dict) else None
+    return isinstance(feats, list) and (data.get("generator") == "crfcore" or data.get("name") == LESION_CLASS or bool(
+        feats) and all(isinstance(f, dict) and "crfcore" in (f.get("properties") or {}) for f in feats))
 
 
 def write_annotation(ann: Annotation, path: str | Path, to: str = "json") -> None:

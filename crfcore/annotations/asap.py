@@ -71,6 +71,9 @@ def warn_shape(path: str, name: str, kind: str | None, order: list[str | None]) 
                       "order, as NCRF does", AnnotationWarning, stacklevel=3)
 
 
+WRITTEN_BY = "written by crfcore"  # a comment in every XML this tool writes: `written_by_crfcore` looks for it
+
+
 def asap_xml(items: Iterable[tuple[str, str, str, np.ndarray]], colours: dict[str, str]) -> str:
     """An ASAP XML document of `(name, type, group, vertices)` annotations; its
     AnnotationGroups lists `colours` (group -> "#RRGGBB"), which must hold every group."""
@@ -87,7 +90,7 @@ def asap_xml(items: Iterable[tuple[str, str, str, np.ndarray]], colours: dict[st
         ET.SubElement(ET.SubElement(groups, "Group", Name=_xml_text(group), PartOfGroup="None", Color=colour),
                       "Attributes")
     ET.indent(root, space="\t")
-    return '<?xml version="1.0"?>\n' + ET.tostring(root, encoding="unicode") + "\n"
+    return f'<?xml version="1.0"?>\n<!-- {WRITTEN_BY} -->\n' + ET.tostring(root, encoding="unicode") + "\n"
 
 
 def to_asap_xml(ann: Annotation) -> str:

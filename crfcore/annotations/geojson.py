@@ -261,4 +261,4 @@ def to_geojson(ann: Annotation) -> dict:
             meta["holes"].append({"name": h.name, "group": h.group, "index": h.index, "reversed": flip})
         feats.append(geojson_feature({"type": "Polygon", "coordinates": rings}, p.name, p.group,
                                      ann.colour(p.group, p.part), crfcore=meta))
-    return {"type": "FeatureCollection", "features": feats}
+    return {"type": "FeatureCollection", "generator": "crfcore", "features": feats}  # a foreign member: readers skip it
