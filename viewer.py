@@ -422,6 +422,7 @@ def main(argv=None) -> int:
         print("note: OpenSeadragon is missing; run `npm install` here (pages will say so)")
     check_port_free(args.host, args.port)
     create_app(args.slide_dir, args.maps).run(host=args.host, port=args.port, threaded=True)
+    return 0
 
 
 def check_port_free(host: str, port: int) -> None:
@@ -435,7 +436,6 @@ def check_port_free(host: str, port: int) -> None:
         why = os.strerror(err.errno) if isinstance(err.errno, int) and err.errno > 0 else (err.strerror or str(err))
         hint = "; another viewer running? give another --port" if err.errno == errno.EADDRINUSE else ""
         raise UserError(f"cannot serve on {host}:{port} ({why}{hint})") from None
-    return 0
 
 
 if __name__ == "__main__":
