@@ -42,10 +42,8 @@ MAX_TRUTH_PIXELS = 2**26  # an evaluation raster larger than this is a mistake (
 def cmd_lesions(args) -> None:
     prob, meta = load_probability_map(args.prob)
     found = ev.find_lesions(prob, tuple(meta["downsample"]), args.threshold, args.radius, args.sigma)
-    out = args.output
-    csv_path = out if out.suffix == ".csv" else out.with_suffix(".csv")
-    export = out.with_suffix("." + args.to)
-    if args.to != "csv" and export.is_file() and not ev.is_lesion_export(export):
+    csv_path, export = lesion_outputs(args.output, args.to)
+    if export is not None and export.is_file() and not ev.is_lesion_export(export):
         raise UserError(f"{export}: exists and holds annotations other than predicted lesions (the truth?); "
                         "the export would replace it: choose another -o")
     check_replaceable(csv_path, ev.read_lesions, "a lesion list (prob,x,y)")
@@ -55,7 +53,13 @@ def cmd_lesions(args) -> None:
     elif args.to == "geojson":
         atomic_write_text(export, json.dumps(ev.lesions_geojson(found)))
     print(f"{meta['slide']}: {len(found)} lesions above {args.threshold} -> {csv_path}"
-          + (f" and {export}" if args.to != "csv" else ""))
+          + (f" and {export}" if export is not None else ""))
+
+
+def lesion_outputs(out: Path, to: str) -> tuple[Path, Path | None]:
+    """`lesions -o OUT --to TO` writes the CSV (OUT with .csv) and, unless TO is csv, the
+    export (OUT with .xml or .geojson)."""
+    return out.with_suffix(".csv"), (None if to == "csv" else out.with_suffix("." + to))
 
 
 def check_replaceable(path: Path, read, what: str) -> None:
@@ -386,11 +390,9 @@ def main(argv=None) -> int:
     if getattr(args, "plot", None) is not None:
         check_picture_format(args.plot)
         check_not_a_slide(args.plot)
-    out = getattr(args, "output", None)
-    outputs = [getattr(args, "plot", None), out]
+    outputs = [getattr(args, "plot", None), getattr(args, "output", None)]
     if args.cmd == "lesions":
-        outputs = [out if out.suffix == ".csv" else out.with_suffix(".csv")]
-        outputs += [out.with_suffix("." + args.to)] if args.to != "csv" else []
+        outputs = lesion_outputs(args.output, args.to)
     check_spares_inputs(outputs, run_files(args))
     {"lesions": cmd_lesions, "froc": cmd_froc, "slides": cmd_slides, "pixels": cmd_pixels,
      "patches": cmd_patches, "negatives": cmd_negatives}[args.cmd](args)

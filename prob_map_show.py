@@ -55,9 +55,7 @@ def main(argv=None) -> int:
     check_spares_inputs((args.output, args.tiff), (args.prob, sidecar_path(args.prob), args.slide))
     for out in filter(None, (args.output, args.tiff)):
         heatmap.check_not_a_slide(out)
-    for out in (args.output, args.tiff):
-        if out is not None:
-            ensure_free_space(out, 0, "picture")  # a path that cannot be written is refused before the work
+        ensure_free_space(out, 0, "picture")  # a path that cannot be written is refused before the work
     if args.slide is not None:
         with sl.open_slide(args.slide) as s:  # first: a file that is not a slide is named as such, not blamed on the map
             size = s.dimensions

@@ -58,7 +58,7 @@ def check_spares_inputs(outputs: Iterable[str | Path | None], inputs: Iterable[s
         if any(out.resolve() == o.resolve() for o in seen):
             raise OutputError(f"{out}: is named for two outputs of this run; give each its own name")
         seen.append(out)
-        same = next((i for i in ins if out.is_file() and os.path.samefile(out, i)), None)
+        same = next((i for i in ins if os.path.samefile(out, i)), None) if out.is_file() else None
         if same is not None:
             raise OutputError(f"{out}: is also an input of this run ({same}); writing it would replace it: "
                               "choose another output name")

@@ -74,8 +74,12 @@ def written_by_crfcore(path: str | Path) -> bool:
     except (OSError, CrfError):
         return False
     feats = data.get("features") if isinstance(data, dict) else None
-    return isinstance(feats, list) and (data.get("generator") == "crfcore" or data.get("name") == LESION_CLASS or bool(
-        feats) and all(isinstance(f, dict) and "crfcore" in (f.get("properties") or {}) for f in feats))
+    if not isinstance(feats, list):
+        return False
+    marked = data.get("generator") == "crfcore" or data.get("name") == LESION_CLASS  # annotations; lesion exports
+    # older annotation GeoJSON: every feature carries the `crfcore` property `to_geojson` writes
+    older = bool(feats) and all(isinstance(f, dict) and "crfcore" in (f.get("properties") or {}) for f in feats)
+    return marked or older
 
 
 def write_annotation(ann: Annotation, path: str | Path, to: str = "json") -> None:
