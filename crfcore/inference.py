@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -407,7 +408,12 @@ class LatticeJob:
         self.starts = np.searchsorted(self.band_of, np.arange(self.band_of[-1] + 2))  # band b: need[starts[b]:starts[b+1]]
         self.cache = BandCache(mask.shape, self.reach, opts.tta, model.feature_dim)
         self.done_row = self.trows.min() - self.reach - 1  # tissue rows up to here have their CRF
-        self.stem = lattice_stem(model, geom, opts)
+
+    @cached_property
+    def stem(self) -> StemPlan | None:
+        """The shared-stem plan of `run` (None: each crop runs the whole CNN); made on first
+        use, so `DenseJob`, which replaces `run`, never makes it."""
+        return lattice_stem(self.model, self.geom, self.opts)
 
     def run(self) -> np.ndarray:
         if self.opts.band_rows % REGION_BLOCK[0]:
