@@ -142,34 +142,46 @@ def check_same_size(truth: Path, size: tuple[int, int], slide_path: Path | None)
                             f"{s.dimensions[0]}x{s.dimensions[1]}")
 
 
-def cmd_froc(args) -> None:
-    files = visible_files(args.lesions_dir, (".csv",))
+def lesion_lists(lesions_dir: Path) -> tuple[list[Path], list[str]]:
+    """The lesion CSVs of LESIONS_DIR and their slide stems; one list per slide."""
+    files = visible_files(lesions_dir, (".csv",))
     if not files:
-        raise UserError(f"{args.lesions_dir}: no lesion CSV files (make them with `evaluate.py lesions`)")
+        raise UserError(f"{lesions_dir}: no lesion CSV files (make them with `evaluate.py lesions`)")
     stems = [companion_stem(f, "lesions") for f in files]
     twice = sorted({s for s in stems if stems.count(s) > 1})
     if twice:
         named = [f.name for f, s in zip(files, stems) if s == twice[0]]
-        raise UserError(f"{args.lesions_dir}: {' and '.join(named)} are both lesion lists of slide {twice[0]}; "
-                        "keep one")
+        raise UserError(f"{lesions_dir}: {' and '.join(named)} are both lesion lists of slide {twice[0]}; keep one")
+    return files, stems
+
+
+def froc_hits(lesions: Path, stem: str, args) -> tuple[list[float], np.ndarray, bool]:
+    """(false-positive probabilities, per-tumour best probabilities, is normal) of one
+    slide's lesion list against its truth; the slide, when found, gives the microns per pixel."""
+    slide_path = find_slide(args.slides, stem)
+    mpp = args.mpp
+    if slide_path is not None:
+        with sl.open_slide(slide_path) as s:
+            mpp = (sl.slide_mpp(s) or (mpp,))[0]
+    labels, ds = truth_labels(stem, args.truth_dir, args.level, mpp, slide_path)
+    itc = ev.isolated_tumour_cells(labels, ds[0], mpp) if labels is not None else set()
+    fp, tp, _ = ev.slide_hits(ev.read_lesions(lesions), labels, itc, ds)
+    return fp, tp, labels is None
+
+
+def cmd_froc(args) -> None:
+    files, stems = lesion_lists(args.lesions_dir)
     truths = visible_files(args.truth_dir, COMPANIONS["annotation"])
     unlisted = sorted({companion_stem(t, "annotation") for t in truths} - set(stems))
     if unlisted:
         print(f"note: no lesion list for {', '.join(unlisted)} (truth in {args.truth_dir}); left out")
     fps, tps, normal = [], [], []
     for f, stem in zip(files, stems):
-        slide_path = find_slide(args.slides, stem)
-        mpp = args.mpp
-        if slide_path is not None:
-            with sl.open_slide(slide_path) as s:
-                mpp = (sl.slide_mpp(s) or (mpp,))[0]
-        labels, ds = truth_labels(stem, args.truth_dir, args.level, mpp, slide_path)
-        if labels is None:
-            normal.append(stem)
-        itc = ev.isolated_tumour_cells(labels, ds[0], mpp) if labels is not None else set()
-        fp, tp, _ = ev.slide_hits(ev.read_lesions(f), labels, itc, ds)
+        fp, tp, is_normal = froc_hits(f, stem, args)
         fps.append(fp)
         tps.append(tp)
+        if is_normal:
+            normal.append(stem)
     if normal:
         print(f"normal slides (no tumour in {args.truth_dir}): {', '.join(normal)}")
     if not sum(len(t) for t in tps):
