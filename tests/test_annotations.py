@@ -1,8 +1,10 @@
 import importlib.util
 import json
+import warnings
 
 import numpy as np
 import pytest
+import shapely.geometry
 from defusedxml import ElementTree as SafeET
 from matplotlib.path import Path as MplPath
 
@@ -289,9 +291,60 @@ def test_a_tumour_island_inside_a_hole_is_warned_of(tmp_path):
                                                               closed(square(20, 20, 60, True))]}, "Tumor", "R")
     island = qupath_feature({"type": "Polygon", "coordinates": [closed(square(40, 40, 20))]}, "Tumor", "I")
     outside = qupath_feature({"type": "Polygon", "coordinates": [closed(square(200, 0, 20))]}, "Tumor", "O")
-    with pytest.warns(an.AnnotationWarning, match="polygon 'I' lies inside 'R hole 1'") as seen:
+    with pytest.warns(an.AnnotationWarning, match="polygon 'I' overlaps 'R hole 1'") as seen:
         ann = an.load_annotation(_write(tmp_path / "i.geojson", json.dumps([ring, island, outside])))
     assert len(seen) == 1 and not ann.contains(np.array([[50.0, 50.0]]))[0] and ann.contains(np.array([[10.0, 10.0]]))[0]
+
+
+def test_a_tumour_polygon_partly_over_a_hole_is_warned_of(tmp_path):
+    """A tumour polygon reaching into another's hole loses the overlap in NCRF's format;
+    one merely touching the hole, or a polygon's own hole, draws no warning."""
+    ring = qupath_feature({"type": "Polygon", "coordinates": [closed(square(0, 0, 400)),
+                                                              closed(square(200, 200, 100, True))]}, "Tumor", "A")
+    part = qupath_feature({"type": "Polygon", "coordinates": [closed(square(250, 250, 350))]}, "Tumor", "B")
+    with pytest.warns(an.AnnotationWarning, match="polygon 'B' overlaps 'A hole 1'"):
+        ann = an.load_annotation(_write(tmp_path / "p.geojson", json.dumps([ring, part])))
+    assert not ann.contains(np.array([[275.0, 275.0]]))[0]  # what the warning is about
+    touching = qupath_feature({"type": "Polygon", "coordinates": [closed(square(500, 0, 100))]}, "Tumor", "C")
+    hole_edge = qupath_feature({"type": "Polygon", "coordinates": [closed([[300, 200], [350, 200], [350, 300],
+                                                                           [300, 300]])]}, "Tumor", "D")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        an.load_annotation(_write(tmp_path / "t.geojson", json.dumps([ring, touching, hole_edge])))
+
+
+def test_qupath_detections_and_cells_are_not_regions(tmp_path):
+    """QuPath exports can hold detections and cells (0.3+: `objectType`; 0.2: the feature
+    `id` names the class): a cell classified Tumor is not a tumour region."""
+    geom = {"type": "Polygon", "coordinates": [closed(square(0, 0, 10))]}
+    cell = {**qupath_feature(geom, "Tumor", "cell"), "properties": {"objectType": "cell",
+                                                                  "classification": {"name": "Tumor"}}}
+    old_detection = {"type": "Feature", "id": "PathDetectionObject", "geometry": geom,
+                     "properties": {"classification": {"name": "Tumor", "colorRGB": -3670016}}}
+    old_annotation = {**old_detection, "id": "PathAnnotationObject", "properties": {"name": "kept",
+                                                                                   "classification": {"name": "Tumor"}}}
+    plain = {"type": "Feature", "geometry": geom, "properties": {"name": "plain", "classification": "Tumor"}}
+    no_geometry = {"type": "Feature", "geometry": None, "properties": {"classification": {"name": "Tumor"}}}
+    path = _write(tmp_path / "q.geojson", json.dumps([cell, old_detection, old_annotation, plain, no_geometry]))
+    with pytest.warns(an.AnnotationWarning) as seen:
+        ann = an.load_annotation(path)
+    said = " ".join(str(w.message) for w in seen)
+    assert "1 cell(s), 1 detection(s) ignored" in said and "of type null ignored" in said
+    assert ann.positive_names == ["kept", "plain"]
+
+
+def test_a_hole_touching_its_tumour_is_written_as_its_own_feature(tmp_path):
+    """An exclusion sharing an edge with its tumour polygon would make an invalid
+    polygon as a hole (RFC 7946 wants valid ones): it is written as a feature of its own."""
+    ann = an.Annotation()
+    ann.add("positive", "p", np.array(square(0, 0, 100), float), "_0")
+    ann.add("negative", "edge", np.array(square(0, 0, 50), float), "_2")
+    ann.add("negative", "inner", np.array(square(60, 60, 20), float), "_2")
+    feats = an.to_geojson(ann)["features"]
+    assert len(feats) == 2 and len(feats[0]["geometry"]["coordinates"]) == 2  # only "inner" is a hole
+    assert all(shapely.geometry.shape(f["geometry"]).is_valid for f in feats)
+    back = an.load_annotation(_write(tmp_path / "h.geojson", json.dumps(an.to_geojson(ann))))
+    assert back.negative_names == ["edge", "inner"] and back.positive_names == ["p"]
 
 
 # ----------------------------------------------------------------------------- predicted lesions

@@ -78,13 +78,16 @@ def _features(path: Path, data: object) -> list[dict]:
 
 def from_geojson(path: Path, data: object, positive_groups: Sequence[str],
                  negative_groups: Sequence[str]) -> Annotation:
-    ann, rings, classes, others, holed = Annotation(), [], [], Counter(), 0
+    ann, found, classes, others, objects, holed = Annotation(), [], [], Counter(), Counter(), 0
     for i, feat in enumerate(_features(path, data)):
         props = feat.get("properties") if isinstance(feat.get("properties"), dict) else {}
+        if (obj := _object_type(feat, props)) != "annotation":
+            objects[obj] += 1
+            continue
         geom = feat.get("geometry") if isinstance(feat.get("geometry"), dict) else {}
         kind = geom.get("type")
         if kind not in ("Polygon", "MultiPolygon"):
-            others[str(kind)] += 1
+            others["null" if kind is None else str(kind)] += 1  # GeoJSON spells a missing geometry null
             continue
         cls = _class_name(props)
         classes.append(cls)
@@ -97,33 +100,63 @@ def from_geojson(path: Path, data: object, positive_groups: Sequence[str],
         meta = props.get("crfcore") if kind == "Polygon" and isinstance(props.get("crfcore"), dict) else {}
         for poly in polys if isinstance(polys, list) else [None]:
             mine, ignored = _polygon_rings(path, part, name, cls, poly, meta)
-            rings += mine
+            found.append(mine)
             holed += ignored
-    for r in _ordered(rings):
+    for r in _ordered([r for rings in found for r in rings]):
         if check_polygon(str(path), r.name, r.vertices):
             ann.add(r.part, r.name, r.vertices, r.group)
     warn_unknown(str(path), "class(es)", classes, (*positive_groups, *negative_groups))
+    if objects:
+        warnings.warn(f"{path}: {_counted(objects)} ignored (only QuPath annotations are regions, not its "
+                      "detections or cells)", AnnotationWarning, stacklevel=3)
     if others:
         warnings.warn(f"{path}: {sum(others.values())} feature(s) of type {', '.join(sorted(others))} "
                       "ignored (only Polygon and MultiPolygon are regions)", AnnotationWarning, stacklevel=3)
     if holed:
         warnings.warn(f"{path}: the holes of {holed} negative polygon(s) ignored (what lies inside a "
                       "negative polygon is never tumour)", AnnotationWarning, stacklevel=3)
-    _warn_islands(path, rings)
+    _warn_islands(path, found)
     return ann
 
 
-def _warn_islands(path: Path, rings: list[_Ring]) -> None:
-    """Warn of a tumour polygon drawn inside another's hole: NCRF's format subtracts every
-    negative polygon from every positive one, so the island is not tumour in the mask."""
-    holes = [(h, shapely.Polygon(h.vertices)) for h in rings if h.hole and len(h.vertices) >= 3]
-    for r in (r for r in rings if r.part == "positive"):
-        x, y = r.vertices[:, 0], r.vertices[:, 1]
-        hole = next((h for h, area in holes if shapely.contains_xy(area, x, y).all()), None)
-        if hole is not None:
-            warnings.warn(f"{path}: tumour polygon {r.name!r} lies inside {hole.name!r}; NCRF's format "
-                          "subtracts every hole from every tumour polygon, so it is not tumour in the mask "
-                          "(draw the ring around it as two polygons instead)", AnnotationWarning, stacklevel=4)
+QUPATH_0_2_IDS = {"PathAnnotationObject": "annotation", "PathDetectionObject": "detection",
+                  "PathCellObject": "cell", "PathTileObject": "tile", "TMACoreObject": "tma_core"}
+
+
+def _object_type(feat: dict, props: dict) -> str:
+    """QuPath's kind of object: `properties.objectType` (0.3+), else the feature `id` 0.2
+    wrote ("PathDetectionObject"); a feature with neither (other tools) is an annotation."""
+    obj = props.get("objectType")
+    if isinstance(obj, str) and obj:
+        return obj
+    return QUPATH_0_2_IDS.get(feat.get("id"), "annotation") if isinstance(feat.get("id"), str) else "annotation"
+
+
+def _counted(objects: Counter) -> str:
+    """`Counter({"cell": 3, "detection": 1})` as "3 cell(s), 1 detection(s)"."""
+    return ", ".join(f"{n} {kind}(s)" for kind, n in sorted(objects.items()))
+
+
+def _warn_islands(path: Path, polys: list[list[_Ring]]) -> None:
+    """Warn of tumour drawn inside another polygon's hole, wholly or partly: NCRF's format
+    subtracts every negative polygon from every positive one, so that part is not tumour
+    in the mask. `polys`: each GeoJSON polygon's rings, exterior first."""
+    holes = [(k, h) for k, rings in enumerate(polys) for h in rings[1:] if h.hole and three_distinct(h.vertices)]
+    tumours = [(k, rings[0]) for k, rings in enumerate(polys)
+               if rings[0].part == "positive" and three_distinct(rings[0].vertices)]
+    if not holes or not tumours:
+        return
+    hole_areas = np.array([shapely.Polygon(h.vertices) for _, h in holes])
+    tumour_areas = np.array([shapely.Polygon(t.vertices) for _, t in tumours])
+    t_at, h_at = shapely.STRtree(hole_areas).query(tumour_areas, predicate="intersects")  # bounding boxes first: fast
+    pairs = [(t, h) for t, h in zip(t_at, h_at) if tumours[t][0] != holes[h][0]  # a polygon's own hole is meant
+             and not shapely.touches(tumour_areas[t], hole_areas[h])]
+    if pairs:
+        t, h = pairs[0]
+        more = f" (and {len(pairs) - 1} more such pair(s))" if len(pairs) > 1 else ""
+        warnings.warn(f"{path}: tumour polygon {tumours[t][1].name!r} overlaps {holes[h][1].name!r}{more}; NCRF's "
+                      "format subtracts every hole from every tumour polygon, so the overlap is not tumour in the "
+                      "mask (draw the ring around it as two polygons instead)", AnnotationWarning, stacklevel=4)
 
 
 def _polygon_rings(path: Path, part: str, name: str, cls: str, poly: object,
@@ -222,17 +255,20 @@ def _shape(verts: np.ndarray) -> shapely.Polygon:
 
 
 def _hosts(ann: Annotation) -> list[int | None]:
-    """For each negative polygon, the first positive polygon that contains it and takes it
-    as a hole (both valid, no overlap with its earlier holes), or None."""
+    """For each negative polygon, the first positive polygon that contains it without
+    touching its boundary and takes it as a hole (both valid, no contact with its earlier
+    holes: the polygon with its holes stays valid), or None."""
     hosts: list[int | None] = [None] * len(ann.negative)
     if not ann.positive or not ann.negative:
         return hosts
     pos, neg = np.array([_shape(v) for v in ann.positive]), np.array([_shape(v) for v in ann.negative])
     pv, nv = np.flatnonzero(shapely.is_valid(pos)), np.flatnonzero(shapely.is_valid(neg))
-    inside = shapely.contains(pos[pv][:, None], neg[nv][None, :])
+    # (positive, negative) pairs, the negative inside and off the boundary (a hole touching
+    # its exterior makes an invalid polygon); the tree keeps this fast for thousands of each
+    p_at, n_at = shapely.STRtree(neg[nv]).query(pos[pv], predicate="contains_properly")
     holes: dict[int, list] = {}
-    for c, j in enumerate(nv):
-        for i in pv[inside[:, c]]:
+    for j in nv:
+        for i in sorted(pv[p_at[nv[n_at] == j]]):
             if not any(shapely.intersects(neg[j], h) for h in holes.get(i, [])):
                 hosts[j] = int(i)
                 holes.setdefault(i, []).append(neg[j])
