@@ -31,11 +31,13 @@ DEFAULT_NEGATIVE = ",".join(an.NEGATIVE_GROUPS)
 
 def collect(inputs: list[str], to: str) -> list[Path]:
     """The annotation files named, with directories expanded (sorted; files already in
-    the output format are left out of a directory, so xml + json side by side work)."""
+    the output format are left out of a directory, so xml + json side by side work; a
+    `.json` holding QuPath GeoJSON is an input all the same)."""
     files: list[Path] = []
     for item in map(Path, inputs):
         if item.is_dir():
-            files += [p for p in visible_files(item, SUFFIXES) if p.suffix.lower() != OUT_SUFFIX[to]]
+            files += [p for p in visible_files(item, SUFFIXES)
+                      if p.suffix.lower() != OUT_SUFFIX[to] or (to == "json" and an.holds_geojson(p))]
         elif item.exists():
             files.append(item)
         else:
@@ -116,8 +118,8 @@ def main(argv=None) -> int:
         raise UserError(f"{targets[0]}: --to {args.to} writes {OUT_SUFFIX[args.to]} files: end -o with "
                         f"{OUT_SUFFIX[args.to]} (or give --to for the format you want)")
     check_spares_inputs(targets, files)
-    foreign = [t for t in targets if t.is_file() and args.to != "json" and not an.written_by_crfcore(t)]
-    if foreign:  # an original ASAP XML or QuPath GeoJSON beside the file converted, say
+    foreign = [t for t in targets if t.is_file() and not an.replaceable(t, args.to)]
+    if foreign:  # an original ASAP XML or QuPath GeoJSON (.json too) beside the file converted, say
         raise UserError(f"{foreign[0]}: exists and was not written by this tool (an original annotation?); "
                         "not replaced: choose another output")
     def convert(job: tuple[Path, Path]) -> None:

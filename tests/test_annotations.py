@@ -527,3 +527,20 @@ def test_an_original_xml_beside_its_json_is_not_converted_over(tmp_path, capsys)
     for _ in range(2):  # its own outputs are replaced on a second run, XML and GeoJSON alike
         convert(d, "-o", out, "--to", "xml")
         convert(d / "t.json", "-o", out / "t.geojson", "--to", "geojson")
+
+
+def test_a_qupath_geojson_saved_as_json_is_an_input_never_an_output(tmp_path, capsys):
+    """From a hostile review: `--to json` replaced a QuPath export saved as `.json` (QuPath's
+    own suffix for it), and a folder of them was converted without it."""
+    d = tmp_path / "d"
+    d.mkdir()
+    qupath = json.dumps([qupath_feature({"type": "Polygon", "coordinates": [closed(square(0, 0, 10))]}, "Tumor", "q")])
+    (d / "q.json").write_text(qupath)
+    (d / "t.xml").write_text(xml_doc([("a", "_0", square(0, 0, 10))]))
+    assert "was not written by this tool" in error(capsys, d / "t.xml", "-o", d / "q.json")
+    assert "is also an input" in error(capsys, d, "-o", d)  # q.json would be its own output
+    assert (d / "q.json").read_text() == qupath
+    convert(d, "-o", tmp_path / "out")
+    assert an.load_annotation(tmp_path / "out" / "q.json").positive_names == ["q"]
+    convert(d / "t.xml", "-o", d / "t.json")
+    convert(d / "t.xml", "-o", d / "t.json")  # NCRF JSON (its own output) is replaced, as always

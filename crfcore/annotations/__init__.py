@@ -28,7 +28,7 @@ from ..errors import CrfError
 from ..io import atomic_write_text
 from ..io import read_json as load_json
 from .asap import WRITTEN_BY, asap_xml, read_asap_xml, to_asap_xml
-from .geojson import geojson_feature, read_geojson, to_geojson
+from .geojson import geojson_feature, is_geojson, read_geojson, to_geojson
 from .model import (DEFAULT_COLOUR, DEFAULT_GROUP, LESION_CLASS, LESION_COLOUR, MAX_COORDINATE,
                     NEGATIVE_GROUPS, POSITIVE_GROUPS, Annotation, AnnotationError, AnnotationWarning,
                     Polygon)
@@ -39,7 +39,7 @@ __all__ = [
     "NEGATIVE_GROUPS", "POSITIVE_GROUPS", "Annotation", "AnnotationError", "AnnotationWarning",
     "Polygon", "asap_xml", "geojson_feature", "load_annotation", "read_asap_xml", "read_geojson",
     "read_json", "read_txt", "to_asap_xml", "to_geojson", "to_json_dict", "write_annotation",
-    "written_by_crfcore",
+    "written_by_crfcore", "holds_geojson", "replaceable",
 ]
 
 
@@ -80,6 +80,27 @@ def written_by_crfcore(path: str | Path) -> bool:
     # older annotation GeoJSON: every feature carries the `crfcore` property `to_geojson` writes
     older = bool(feats) and all(isinstance(f, dict) and "crfcore" in (f.get("properties") or {}) for f in feats)
     return marked or older
+
+
+def holds_geojson(path: str | Path) -> bool:
+    """Whether the JSON file `path` holds GeoJSON (QuPath saves it as `.json` too)."""
+    try:
+        return is_geojson(load_json(path, "annotation"))
+    except CrfError:
+        return False
+
+
+def replaceable(path: str | Path, to: str) -> bool:
+    """Whether an existing `path` may be replaced by a `to` output: NCRF JSON (no room for
+    a mark: replaced as always), or XML / GeoJSON this tool wrote; never an original ASAP
+    XML or a QuPath GeoJSON, whatever its suffix."""
+    if to != "json":
+        return written_by_crfcore(path)
+    try:
+        data = load_json(path, "annotation")
+    except CrfError:
+        return False
+    return isinstance(data, dict) and not is_geojson(data) and set(data) <= {"positive", "negative"}
 
 
 def write_annotation(ann: Annotation, path: str | Path, to: str = "json") -> None:
