@@ -24,7 +24,7 @@ from crfcore import annotations as an
 from crfcore import masks
 from crfcore import slide as sl
 from crfcore.cli import UserError, for_each, number, parser, run
-from crfcore.io import check_array_output, check_spares_inputs, companion, file_sha256, sidecar_path, write_image
+from crfcore.io import check_array_output, check_spares_inputs, file_sha256, sidecar_path, write_image
 
 
 @dataclass(frozen=True)
@@ -42,7 +42,7 @@ def jobs(args) -> list[Job]:
         raise UserError(f"--kind {args.kind} needs --annotation")
     if not slide.is_dir():
         if ann is not None and ann.is_dir():
-            ann = companion(ann, slide.stem, "annotation")
+            ann = an.find_annotation(ann, slide.stem)
             if ann is None:
                 raise UserError(f"no annotation {slide.stem}.json|.xml|.geojson|.txt in {args.annotation}")
         elif ann is not None and ann.exists() and ann.stem.lower() != slide.stem.lower():
@@ -53,7 +53,7 @@ def jobs(args) -> list[Job]:
         raise UserError(f"{slide}: no slide files in this directory")
     if ann is not None and not ann.is_dir():
         raise UserError(f"SLIDE is a directory, so --annotation must be one too: {ann}")
-    todo = [Job(s, companion(ann, s.stem, "annotation") if ann else None, out / f"{s.stem}_{args.kind}.npy")
+    todo = [Job(s, an.find_annotation(ann, s.stem) if ann else None, out / f"{s.stem}_{args.kind}.npy")
             for s in slides]
     missing = [j.slide.name for j in todo if needs_ann and j.annotation is None]
     if missing:

@@ -28,7 +28,7 @@ import numpy as np
 from crfcore import evaluation as ev
 from crfcore import masks
 from crfcore import slide as sl
-from crfcore.annotations import load_annotation
+from crfcore.annotations import find_annotation, load_annotation
 from crfcore.cli import PROBABILITY, UserError, add_workers, number, parser, run
 from crfcore.errors import CrfError
 from crfcore.heatmap import check_not_a_slide, check_picture_format, load_probability_map
@@ -108,7 +108,7 @@ def truth_labels(stem: str, truth_dir: Path, level: int, mpp: float,
                  slide_path: Path | None) -> tuple[np.ndarray | None, tuple[float, float]]:
     """Labelled evaluation mask of a slide and its per-axis downsample, from its
     annotation or a Camelyon16 mask TIFF; None for a normal slide (no truth, no polygons)."""
-    path = companion(truth_dir, stem, "annotation")
+    path = find_annotation(truth_dir, stem)
     if path is not None:
         ann = load_annotation(path)
         if not ann.positive:
@@ -304,7 +304,7 @@ def cmd_negatives(args) -> None:
         prob, meta = load_probability_map(f)
         stem, ds = Path(meta["slide"]).stem, tuple(meta["downsample"])
         lat = masks.Lattice(prob.shape, ds, meta.get("level"))
-        ann_path = companion(args.truth_dir, stem, "annotation")
+        ann_path = find_annotation(args.truth_dir, stem)
         ann = load_annotation(ann_path) if ann_path else None
         extent = (prob.shape[1] * ds[0], prob.shape[0] * ds[1])
         if ann is not None and ann.positive and not masks.overlaps(ann, extent):

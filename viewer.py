@@ -34,12 +34,12 @@ from openslide.deepzoom import DeepZoomGenerator
 from PIL import Image
 
 from crfcore import slide as sl
-from crfcore.annotations import load_annotation
+from crfcore.annotations import find_annotation, load_annotation
 from crfcore.cli import UserError, number, one_line, parser, run
 from crfcore.errors import CrfError
 from crfcore.evaluation import read_lesions
 from crfcore.heatmap import colourise, load_probability_map
-from crfcore.io import check_fits_slide, companion
+from crfcore.io import check_fits_slide, companion, companion_stem
 
 ROOT = Path(__file__).resolve().parent
 OSD = ROOT / "node_modules" / "openseadragon" / "build" / "openseadragon"
@@ -151,7 +151,7 @@ class MapTiles:
 
 def truth_polygons(path: Path) -> dict:
     """An annotation's outlines as `{"file", "positive": [[[x, y], ...]], "negative": [...]}`."""
-    ann = load_annotation(path)
+    ann = load_annotation(find_annotation(path.parent, companion_stem(path, "annotation")))  # several must agree
     return {"file": path.name, **{part: [v.tolist() for v in getattr(ann, part)] for part in ("positive", "negative")}}
 
 

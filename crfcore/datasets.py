@@ -14,9 +14,9 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from . import slide as sl
-from .annotations import load_annotation
+from .annotations import find_annotation, load_annotation
 from .errors import CrfError
-from .io import companion, write_image
+from .io import write_image
 from .scale import resize
 from .tiling import GridGeometry, group_boxes, read_coords
 from .trainset import LEGACY_FIX, read_sides
@@ -205,7 +205,7 @@ class GridDataset(Dataset):
         self._check_images()
         self.annotations = {}
         for sid in sorted({c[0] for c in self.coords}):
-            path = companion(json_dir, sid, "annotation")
+            path = find_annotation(json_dir, sid)
             if path is None:
                 raise DataError(f"slide {sid!r} of {self.dir} has no annotation {sid}.json in {json_dir} "
                                 "(normal slides need an empty one)")

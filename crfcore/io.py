@@ -345,20 +345,28 @@ def visible_files(folder: str | Path, suffixes: Sequence[str] = ()) -> list[Path
 def companion(folder: str | Path, stem: str, kind: str) -> Path | None:
     """The file in `folder` that belongs to the slide `stem` as `kind` (see COMPANIONS),
     or None. The first suffix of the kind that matches wins."""
+    found = all_companions(folder, stem, kind)
+    return found[0] if found else None
+
+
+def all_companions(folder: str | Path, stem: str, kind: str) -> list[Path]:
+    """Every file in `folder` that belongs to the slide `stem` as `kind`, in the order of
+    the kind's suffixes; a name matches exactly, else in another case when only one does."""
     folder = Path(folder)
     if not folder.is_dir():
-        return None
+        return []
     names = {p.name: p for p in visible_files(folder)}
     lower = {}
     for name, p in names.items():
         lower.setdefault(name.lower(), []).append(p)
+    found = []
     for suffix in COMPANIONS[kind]:
         want = stem + suffix
         if want in names:
-            return names[want]
-        if len(lower.get(want.lower(), [])) == 1:
-            return lower[want.lower()][0]
-    return None
+            found.append(names[want])
+        elif len(lower.get(want.lower(), [])) == 1:
+            found.append(lower[want.lower()][0])
+    return found
 
 
 def companion_stem(path: str | Path, kind: str) -> str:

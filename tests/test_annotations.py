@@ -544,3 +544,18 @@ def test_a_qupath_geojson_saved_as_json_is_an_input_never_an_output(tmp_path, ca
     assert an.load_annotation(tmp_path / "out" / "q.json").positive_names == ["q"]
     convert(d / "t.xml", "-o", d / "t.json")
     convert(d / "t.xml", "-o", d / "t.json")  # NCRF JSON (its own output) is replaced, as always
+
+
+def test_several_annotations_of_one_slide_must_agree(tmp_path):
+    """From a hostile review: with `s.xml` and an edited `s.geojson` in one folder, Mask_gen
+    and evaluate took the old XML without a word. Files that agree (xml2json's JSON beside
+    its XML) are fine; files that differ are refused, naming both."""
+    (tmp_path / "s.xml").write_text(xml_doc([("a", "_0", [(0.4, 0), (10, 0), (10, 10.3)])]))
+    assert an.find_annotation(tmp_path, "s") == tmp_path / "s.xml"
+    convert(tmp_path / "s.xml", "-o", tmp_path / "s.json")  # rounded to whole pixels: the same polygons
+    assert an.find_annotation(tmp_path, "s") == tmp_path / "s.json"
+    edited = [qupath_feature({"type": "Polygon", "coordinates": [closed(square(0, 0, 50))]}, "Tumor", "a")]
+    _write(tmp_path / "s.geojson", json.dumps(edited))
+    with pytest.raises(an.AnnotationError, match="s.json and s.geojson both annotate slide s"):
+        an.find_annotation(tmp_path, "s")
+    assert an.find_annotation(tmp_path, "other") is None

@@ -21,11 +21,14 @@ Imports point one way: asap and geojson import model; ncrf imports model and geo
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 from typing import Sequence
 
+import numpy as np
+
 from ..errors import CrfError
-from ..io import atomic_write_text
+from ..io import all_companions, atomic_write_text
 from ..io import read_json as load_json
 from .asap import WRITTEN_BY, asap_xml, read_asap_xml, to_asap_xml
 from .geojson import geojson_feature, is_geojson, read_geojson, to_geojson
@@ -39,7 +42,7 @@ __all__ = [
     "NEGATIVE_GROUPS", "POSITIVE_GROUPS", "Annotation", "AnnotationError", "AnnotationWarning",
     "Polygon", "asap_xml", "geojson_feature", "load_annotation", "read_asap_xml", "read_geojson",
     "read_json", "read_txt", "to_asap_xml", "to_geojson", "to_json_dict", "write_annotation",
-    "written_by_crfcore", "holds_geojson", "replaceable",
+    "written_by_crfcore", "holds_geojson", "replaceable", "find_annotation", "same_polygons",
 ]
 
 
@@ -80,6 +83,29 @@ def written_by_crfcore(path: str | Path) -> bool:
     # older annotation GeoJSON: every feature carries the `crfcore` property `to_geojson` writes
     older = bool(feats) and all(isinstance(f, dict) and "crfcore" in (f.get("properties") or {}) for f in feats)
     return marked or older
+
+
+def find_annotation(folder: str | Path, stem: str) -> Path | None:
+    """The annotation of slide `stem` in `folder` (`io.companion`'s choice: `.json` first),
+    or None. Where the folder holds several (`t.json` beside `t.xml`, as xml2json leaves
+    them) they must hold the same polygons: else which one is meant is not known (an
+    edited `t.geojson` beside the old `t.xml`, say)."""
+    found = all_companions(folder, stem, "annotation")
+    for other in found[1:]:
+        with warnings.catch_warnings():  # the chosen file warns when it is read for the work
+            warnings.simplefilter("ignore")
+            same = same_polygons(load_annotation(found[0]), load_annotation(other))
+        if not same:
+            raise AnnotationError(f"{folder}: {found[0].name} and {other.name} both annotate slide {stem} and hold "
+                                  "different polygons; keep one of them there")
+    return found[0] if found else None
+
+
+def same_polygons(a: Annotation, b: Annotation) -> bool:
+    """Whether two annotations hold the same polygons in the same order, up to NCRF JSON's
+    rounding of vertices to whole pixels."""
+    return all(len(pa) == len(pb) and all(u.shape == v.shape and np.abs(u - v).max() <= 0.5 for u, v in zip(pa, pb))
+               for pa, pb in ((a.positive, b.positive), (a.negative, b.negative)))
 
 
 def holds_geojson(path: str | Path) -> bool:
