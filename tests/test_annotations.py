@@ -559,3 +559,13 @@ def test_several_annotations_of_one_slide_must_agree(tmp_path):
     with pytest.raises(an.AnnotationError, match="s.json and s.geojson both annotate slide s"):
         an.find_annotation(tmp_path, "s")
     assert an.find_annotation(tmp_path, "other") is None
+
+
+def test_another_tools_xml_is_refused_not_read_as_empty(tmp_path, capsys):
+    """From a hostile review: an Aperio ImageScope XML read as an empty annotation (exit 0),
+    so a tumour slide's truth said normal."""
+    (tmp_path / "a.xml").write_text('<?xml version="1.0"?><Annotations><Annotation><Regions><Region><Vertices>'
+                                    '<Vertex X="1" Y="2"/></Vertices></Region></Regions></Annotation></Annotations>')
+    assert "not an ASAP annotation: its root element is <Annotations>" in error(capsys, tmp_path / "a.xml", "-o",
+                                                                                 tmp_path / "a.json")
+    assert not (tmp_path / "a.json").exists()

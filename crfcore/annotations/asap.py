@@ -33,6 +33,10 @@ def read_asap_xml(path: str | Path, positive_groups: Sequence[str] = POSITIVE_GR
         raise AnnotationError(f"{path}: cannot read ({getattr(err, 'strerror', None) or err})") from None
     except LookupError as err:  # an encoding Python does not know, declared in the XML
         raise AnnotationError(f"{path}: cannot read ({err})") from None
+    if root.tag != "ASAP_Annotations":  # another tool's XML: read as ASAP, it would be an empty annotation
+        aperio = " (Aperio ImageScope's format? it is not read here)" if root.tag == "Annotations" else ""
+        raise AnnotationError(f"{path}: not an ASAP annotation: its root element is <{root.tag}>, not "
+                              f"<ASAP_Annotations>{aperio}")
     annos = root.findall("./Annotations/Annotation")
     ann = Annotation()
     for g in root.findall("./AnnotationGroups/Group"):
