@@ -185,20 +185,34 @@ def map_values(prob: np.ndarray, values: str, cmap: str = "jet", vmin: float = 0
     return colours
 
 
+def max_pooled(prob: np.ndarray, lw: int, lh: int) -> np.ndarray:
+    """The map on an `lw x lh` level coarser than it (on an axis), each level pixel the
+    largest map value under it: a one-pixel lesion stays visible in an overview."""
+    h, w = prob.shape
+    if h > lh:
+        prob = np.maximum.reduceat(prob, (np.arange(lh) * h / lh).astype(int), axis=0)
+    if w > lw:
+        prob = np.maximum.reduceat(prob, (np.arange(lw) * w / lw).astype(int), axis=1)
+    return prob
+
+
 def write_map_tiff(path: str | Path, prob: np.ndarray, slide_size: tuple[int, int], mpp: float | None,
                    values: str = "uint8", cmap: str = "jet", vmin: float = 0.0, vmax: float = 1.0,
                    slide_levels: Sequence[tuple[int, int]] | None = None) -> None:
     """The map as a pyramidal TIFF at the slide's level-0 size (each map pixel a block:
-    nearest neighbour), so it overlays the slide exactly: single-channel probabilities
+    nearest neighbour; on levels coarser than the map, the largest value under each
+    pixel), so it overlays the slide exactly: single-channel probabilities
     (`uint8` 0-255 or `float32` 0-1) for tools to threshold and colour, or `colour` RGB.
     With `slide_levels` its levels are the slide's (what ASAP's overlay needs); deflate
     compression (TIFF code 32946), which ASAP, OpenSlide and Bio-Formats all read."""
     data = map_values(prob, values, cmap, vmin, vmax)
-    h, w = prob.shape
     w0, h0 = slide_size
 
     def tiles(level: int, lw: int, lh: int):
-        fx, fy = w / lw, h / lh  # map pixels per level pixel
+        coarse = prob.shape[0] > lh or prob.shape[1] > lw  # a level coarser than the map
+        src = map_values(max_pooled(prob, lw, lh), values, cmap, vmin, vmax) if coarse else data
+        h, w = src.shape[:2]
+        fx, fy = w / lw, h / lh  # source pixels per level pixel
         for y in range(0, lh, TILE):
             rows = np.minimum(((np.arange(y, y + TILE) + 0.5) * fy).astype(int), h - 1)
             band = data[rows]

@@ -91,3 +91,27 @@ def test_a_map_as_thin_as_a_line_is_drawn(tmp_path):
                                  {"slide": "t.tif", "downsample": [16.0, 16.0]})
     call("prob_map_show.py", tmp_path / "t_prob.npy", "-o", tmp_path / "t.png")
     assert (tmp_path / "t.png").stat().st_size > 0
+
+
+@pytest.mark.parametrize("values", heatmap.TIFF_VALUES)
+def test_a_one_pixel_lesion_survives_every_level(tmp_path, values):
+    """From a hostile review: levels coarser than the map took every other map pixel, so a
+    one-pixel hot spot vanished from the overview; they keep the largest value under a pixel."""
+    p = np.zeros((720, 1200), np.float32)
+    p[362, 602] = 0.9  # a pixel that sampling every 1.2th map pixel skips
+    p[3, 3] = 0.2  # lower values elsewhere do not hide it
+    path = tmp_path / "m.tif"
+    heatmap.write_map_tiff(path, p, (8000, 4800), None, values)
+    hot = {"uint8": 230, "float32": np.float32(0.9), "colour": heatmap.colourise(np.float32([[0.9]]))[0, 0]}[values]
+    with tifffile.TiffFile(path) as t:
+        levels = [page.asarray() for page in t.pages]
+    assert levels[-1].shape[1] < 1200  # some levels are coarser than the map
+    for level in levels:
+        found = (level == hot).all(-1) if values == "colour" else level == hot
+        assert found.sum() >= 1, level.shape
+
+
+def test_max_pooled_partitions_the_map():
+    p = np.arange(35, dtype=np.float32).reshape(5, 7)
+    assert heatmap.max_pooled(p, 3, 2).tolist() == [[8, 10, 13], [29, 31, 34]]  # columns 0-1, 2-3, 4-6
+    assert heatmap.max_pooled(p, 7, 5) is p
