@@ -569,3 +569,8 @@ def test_another_tools_xml_is_refused_not_read_as_empty(tmp_path, capsys):
     assert "not an ASAP annotation: its root element is <Annotations>" in error(capsys, tmp_path / "a.xml", "-o",
                                                                                  tmp_path / "a.json")
     assert not (tmp_path / "a.json").exists()
+
+
+def test_a_decimal_comma_is_named(tmp_path, capsys):
+    (tmp_path / "c.xml").write_text(xml_doc([("a", "_0", [("1000,5", 0), (10, 0), (10, 10)])]))
+    assert "not a number (a decimal comma" in error(capsys, tmp_path / "c.xml", "-o", tmp_path / "c.json")

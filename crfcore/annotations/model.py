@@ -185,7 +185,9 @@ def _coordinate(value: object, text: bool, where: str) -> float:
     except OverflowError:  # an integer beyond any float
         v = math.inf
     if v is None:
-        raise AnnotationError(f"{where} is {shown}, not a number")
+        comma = isinstance(value, str) and re.fullmatch(r"\s*[+-]?\d+,\d+\s*", value)
+        hint = " (a decimal comma, as some locales write? use a point)" if comma else ""
+        raise AnnotationError(f"{where} is {shown}, not a number{hint}")
     if not math.isfinite(v):
         raise AnnotationError(f"{where} is {shown}, not a finite coordinate")
     if abs(v) > MAX_COORDINATE:
