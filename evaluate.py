@@ -175,6 +175,8 @@ def cmd_froc(args) -> None:
     unlisted = sorted({companion_stem(t, "annotation") for t in truths} - set(stems))
     if unlisted:
         print(f"note: no lesion list for {', '.join(unlisted)} (truth in {args.truth_dir}); left out")
+    if args.slides is None:  # the isolated-tumour-cell rule is in microns
+        print(f"note: no --slides, so every slide is taken at --mpp {args.mpp:g} um per pixel")
     fps, tps, normal = [], [], []
     for f, stem in zip(files, stems):
         fp, tp, is_normal = froc_hits(f, stem, args)
@@ -185,8 +187,9 @@ def cmd_froc(args) -> None:
     if normal:
         print(f"normal slides (no tumour in {args.truth_dir}): {', '.join(normal)}")
     if not sum(len(t) for t in tps):
+        hint = "" if args.slides else f"; without --slides every slide is taken at --mpp {args.mpp:g} um per pixel"
         raise UserError(f"{args.truth_dir}: no tumour to find on these {len(files)} slides (all normal, or every "
-                        "tumour an isolated tumour cell cluster): FROC is undefined")
+                        f"tumour an isolated tumour cell cluster): FROC is undefined{hint}")
     avg_fp, sens = ev.froc(fps, tps)
     score, at = ev.froc_score(avg_fp, sens)
     print(f"{len(files)} slides, {sum(len(t) for t in tps)} tumours (ITCs excluded)")

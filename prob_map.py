@@ -96,12 +96,18 @@ def up_to_date(out: Path, wanted: dict, overwrite: bool) -> bool:
     if not stale:
         return True
     if not overwrite:
-        raise UserError(f"{out}: exists but is stale (its {', '.join(stale)} differ); use --overwrite to recompute")
+        verb = "is" if len(stale) == 1 else "are"
+        raise UserError(f"{out}: exists but is stale (its recorded {', '.join(stale)} {verb} not this run's); "
+                        "use --overwrite to recompute")
     return False
 
 
 def warn_off_resolution(slide: Path, slide_mpp: tuple | None, read: ReadScale, trained: float | None) -> None:
-    """A note when crops are read more than 5 % off the resolution the model was trained at."""
+    """A note when crops are read more than 5 % off the resolution the model was trained at,
+    or at another scale than level 0 when the checkpoint does not record its resolution."""
+    if trained is None and not read.identity:
+        warnings.warn(f"{slide}: crops read at {read.scale:.3g} times level 0 (--mpp / --level), but the checkpoint "
+                      "records no training resolution (its patches were cut at level 0 of their slides)")
     if trained is None or slide_mpp is None:
         return
     at = slide_mpp[0] * read.scale

@@ -134,6 +134,7 @@ def test_froc_ignores_hidden_files_and_pairs_by_exact_stem(truth, tmp_path):
     (les / "t10.csv").write_text("0.7,4800,4800\n")          # t10 is not t1: a normal slide
     res = call("evaluate.py", "froc", les, tdir)
     assert "2 slides" in res.stdout and "normal slides (no tumour in" in res.stdout and "t10" in res.stdout
+    assert "no --slides, so every slide is taken at --mpp 0.243" in res.stdout  # the ITC rule is in microns
 
 
 def test_froc_refuses_an_absurd_truth_raster(tmp_path):

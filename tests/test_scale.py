@@ -1,6 +1,7 @@
 """Reading at a chosen resolution: the same tissue scanned at two resolutions gives the
 same map (and the same training patches) when the model reads it at one resolution."""
 from dataclasses import replace
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -201,3 +202,19 @@ def test_lattice_equals_naive_at_another_scale(scans):
     ref, m2 = inference.probability_map(model, d / "fine.tif", sub, (32, 32), PATCH, CROP, "naive", opts, read)
     assert (m1, m2) == ("lattice", "naive") and lat[sub].std() > 0.05
     assert np.abs(lat - ref).max() < 1e-4
+
+
+def test_a_checkpoint_without_mpp_read_off_level_0_is_noted():
+    """From a README walk-through: a model trained at level 0 (no mpp in its config) read
+    with --mpp or --level gave no word; level 0 stays silent."""
+    import warnings
+
+    from conftest import load_script
+    from crfcore.scale import ReadScale
+
+    warn = load_script("prob_map.py").warn_off_resolution
+    with pytest.warns(UserWarning, match="2 times level 0 .* records no training resolution"):
+        warn(Path("s.tif"), (0.25, 0.25), ReadScale(2.0, 1, 2.0), None)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        warn(Path("s.tif"), (0.25, 0.25), ReadScale(), None)
