@@ -293,7 +293,8 @@ def create_app(slide_dir: str | Path, maps_dir: str | Path | None = None, cache_
         except ValueError:
             value = None
         if value is None or not math.isfinite(value) or not lo <= value <= hi:
-            abort(400, f"query parameter {name!r} must be a number in [{lo:g}, {hi:g}]")
+            bounds = f" in [{lo:g}, {hi:g}]" if math.isfinite(lo) or math.isfinite(hi) else ""
+            abort(400, f"query parameter {name!r} must be a finite number{bounds}")
         return value
 
     @app.errorhandler(CrfError)

@@ -202,7 +202,9 @@ def test_value_under_the_cursor(env):
     assert value(LOW_BOX[0] + 1, LOW_BOX[1] + 1) == pytest.approx(LOW)
     assert value(LOW_BOX[0] - 1, LOW_BOX[1] + 1) == 0  # the next cell to the left
     assert value(5000, 10) is None
-    assert c.get("/_value/_/sub/v.tif?x=3").status_code == 400
+    missing = c.get("/_value/_/sub/v.tif?x=3")
+    assert missing.status_code == 400 and "&#39;y&#39; must be a finite number" in missing.get_data(as_text=True)
+    assert "inf" not in missing.get_data(as_text=True)  # no bounds to name
 
 
 def test_lesions_and_truth(env):
