@@ -125,6 +125,9 @@ def main(argv=None) -> int:
     def convert(job: tuple[Path, Path]) -> None:
         src, dst = job
         ann = an.load_annotation(src, pos, neg, txt_part=args.txt_group)
+        if not len(ann) and ann.unmapped:  # --positive-groups forgotten, say: not a normal slide's empty file
+            raise UserError(f"{src}: none of its polygons is in --positive-groups or --negative-groups "
+                            f"(found: {sorted(set(ann.unmapped))}); nothing written")
         if not len(ann):
             warnings.warn(f"{src}: no polygons found; writing an empty annotation")
         an.write_annotation(ann.renamed(*rename) if rename else ann, dst, to=args.to)

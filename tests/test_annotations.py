@@ -429,9 +429,13 @@ def test_bad_inputs_give_one_line_errors(tmp_path, capsys):
 def test_warnings_exit_zero(tmp_path, capsys):
     xml = _write(tmp_path / "w.xml", xml_doc([("a", "Mystery", [[0, 0], [9, 0], [9, 9]]),
                                                ("line", "Tumor", [[0, 0], [9, 0], [0, 0]])]))
-    code, err = script(capsys, xml, "-o", tmp_path / "w.json")
-    assert code == 0 and "Mystery" in err and "'line'" in err and "no polygons" in err
-    assert json.loads((tmp_path / "w.json").read_text()) == {"positive": [], "negative": []}
+    code, err = script(capsys, xml, "-o", tmp_path / "w.json")  # nothing usable, and a group not mapped
+    assert code == 2 and "'line'" in err and "(found: ['Mystery']); nothing written" in err.splitlines()[-1]
+    assert not (tmp_path / "w.json").exists()
+    line = _write(tmp_path / "l.xml", xml_doc([("line", "Tumor", [[0, 0], [9, 0], [0, 0]])]))
+    code, err = script(capsys, line, "-o", tmp_path / "l.json")
+    assert code == 0 and "'line'" in err and "no polygons" in err
+    assert json.loads((tmp_path / "l.json").read_text()) == {"positive": [], "negative": []}
     convert(xml, "-o", tmp_path / "m.json", "--positive-groups", "Mystery")
     assert len(json.loads((tmp_path / "m.json").read_text())["positive"]) == 1
 
@@ -574,3 +578,17 @@ def test_another_tools_xml_is_refused_not_read_as_empty(tmp_path, capsys):
 def test_a_decimal_comma_is_named(tmp_path, capsys):
     (tmp_path / "c.xml").write_text(xml_doc([("a", "_0", [("1000,5", 0), (10, 0), (10, 10)])]))
     assert "not a number (a decimal comma" in error(capsys, tmp_path / "c.xml", "-o", tmp_path / "c.json")
+
+
+def test_a_file_whose_groups_are_all_unknown_is_refused_not_written_empty(tmp_path, capsys):
+    """From a README walk-through: a QuPath export of classes not in --positive-groups gave
+    warnings and an empty annotation with exit 0: a tumour slide made normal."""
+    feats = [qupath_feature({"type": "Polygon", "coordinates": [closed(square(0, 0, 10))]}, "Metastasis", "m")]
+    path = _write(tmp_path / "m.geojson", json.dumps(feats))
+    code, err = script(capsys, path, "-o", tmp_path / "m.json")
+    assert code == 2 and err.splitlines()[-1].endswith(
+        "none of its polygons is in --positive-groups or --negative-groups (found: ['Metastasis']); nothing written")
+    assert not (tmp_path / "m.json").exists()
+    convert(path, "-o", tmp_path / "m.json", "--positive-groups", "Metastasis")
+    _write(tmp_path / "empty.geojson", json.dumps({"type": "FeatureCollection", "features": []}))
+    convert(tmp_path / "empty.geojson", "-o", tmp_path / "empty.json")  # a normal slide's: written, empty

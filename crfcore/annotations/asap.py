@@ -54,7 +54,7 @@ def read_asap_xml(path: str | Path, positive_groups: Sequence[str] = POSITIVE_GR
                 if check_polygon(str(path), name, verts):
                     ann.add(part, name, verts, group)
                     remember_colour(ann, group, anno.get("Color"))  # when AnnotationGroups lacks it
-    warn_unknown(str(path), "group(s)", (a.get("PartOfGroup") for a in annos),
+    ann.unmapped = warn_unknown(str(path), "group(s)", (a.get("PartOfGroup") for a in annos),
                  (*positive_groups, *negative_groups))
     return ann
 

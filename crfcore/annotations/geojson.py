@@ -105,7 +105,7 @@ def from_geojson(path: Path, data: object, positive_groups: Sequence[str],
     for r in _ordered([r for rings in found for r in rings]):
         if check_polygon(str(path), r.name, r.vertices):
             ann.add(r.part, r.name, r.vertices, r.group)
-    warn_unknown(str(path), "class(es)", classes, (*positive_groups, *negative_groups))
+    ann.unmapped = warn_unknown(str(path), "class(es)", classes, (*positive_groups, *negative_groups))
     if objects:
         warnings.warn(f"{path}: {_counted(objects)} ignored (only QuPath annotations are regions, not its "
                       "detections or cells)", AnnotationWarning, stacklevel=3)

@@ -59,8 +59,6 @@ class Polygon(NamedTuple):
 
 
 @dataclass
-
-
 class Annotation:
     """Named polygons; `contains` = inside some positive and inside no negative."""
 
@@ -71,6 +69,7 @@ class Annotation:
     positive_groups: list[str | None] = field(default_factory=list)
     negative_groups: list[str | None] = field(default_factory=list)
     colours: dict[str, str] = field(default_factory=dict)  # group -> "#RRGGBB" read from the input
+    unmapped: list[str] = field(default_factory=list)  # groups of the polygons left out (in neither part)
 
     def add(self, part: str, name: str, vertices: np.ndarray, group: str | None = None) -> None:
         verts = np.asarray(vertices, dtype=float).reshape(-1, 2)
@@ -240,14 +239,17 @@ def check_polygon(source: str, name: str, vertices: np.ndarray) -> bool:
     return True
 
 
-def warn_unknown(source: str, kind: str, found: Iterable[str | None], known: Sequence[str]) -> None:
+def warn_unknown(source: str, kind: str, found: Iterable[str | None], known: Sequence[str]) -> list[str]:
     """One warning naming the groups (XML) or classes (GeoJSON) that are neither positive
-    nor negative; None stands for a polygon without one."""
-    names = sorted({"(none)" if g is None else g for g in found})
+    nor negative (None stands for a polygon without one); returns the group of each
+    polygon that leaves out."""
+    found = ["(none)" if g is None else g for g in found]
+    names = sorted(set(found))
     unknown = [g for g in names if g not in known]
     if unknown:
         warnings.warn(f"{source}: polygons of unknown {kind} {unknown} ignored; {kind} found: {names} "
                       "(set --positive-groups / --negative-groups)", AnnotationWarning, stacklevel=3)
+    return [g for g in found if g not in known]
 
 
 # ----------------------------------------------------------------------------- shared by the readers
