@@ -34,8 +34,8 @@ from crfcore import slide as sl
 from crfcore.cli import UserError, add_workers, for_each, number, parser, run
 from crfcore.device import PRECISIONS, DistEnv, resolve_device, resolve_precision, retain_freed_memory
 from crfcore.heatmap import save_probability_map
-from crfcore.io import (check_array_output, check_fits_slide, companion, ensure_free_space, file_sha256, own_sidecar,
-                        sidecar_path)
+from crfcore.io import (check_array_output, check_fits_slide, check_spares_inputs, companion, ensure_free_space,
+                        file_sha256, own_sidecar, sidecar_path)
 from crfcore.model import model_from_checkpoint
 from crfcore.scale import ReadScale, read_scale
 from crfcore.stain import MacenkoNormaliser
@@ -53,15 +53,14 @@ def jobs(slide: Path, mask: Path, out: Path) -> list[Job]:
     if not slide.is_dir():
         if out.is_dir() or out.suffix != ".npy":
             out = out / f"{slide.stem}_prob.npy"
+        if mask.is_dir():  # the slide's mask in a folder of them
+            mask = companion(mask, slide.stem, "tissue") or mask / f"{slide.stem}_tissue.npy"
         return [Job(slide, mask, out)]
     if not mask.is_dir():
         raise UserError(f"SLIDE is a directory, so MASK must be one too: {mask}")
-    todo = []
-    for s in sl.find_slides(slide):
-        found = companion(mask, s.stem, "tissue")
-        if found is None:
-            raise UserError(f"no tissue mask {s.stem}_tissue.npy in {mask} for slide {s.name}")
-        todo.append(Job(s, found, out / f"{s.stem}_prob.npy"))
+    # a slide without a mask is reported by its job, and the others go on
+    todo = [Job(s, companion(mask, s.stem, "tissue") or mask / f"{s.stem}_tissue.npy", out / f"{s.stem}_prob.npy")
+            for s in sl.find_slides(slide)]
     if not todo:
         raise UserError(f"{slide}: no slide files in this directory")
     return todo
@@ -116,6 +115,11 @@ def warn_off_resolution(slide: Path, slide_mpp: tuple | None, read: ReadScale, t
                       "(its config mpp)")
 
 
+def job_files(job: Job) -> list[Path]:
+    """The files a job reads: an output must be none of them."""
+    return [job.slide, job.mask, sidecar_path(job.mask)]
+
+
 def inputs(job: Job) -> dict:
     """What identifies a slide's inputs: another mask, or another slide of the same name,
     makes its map stale."""
@@ -124,19 +128,21 @@ def inputs(job: Job) -> dict:
 
 
 def map_slide(job: Job, model, ckpt: dict, args, opts: inference.Options, wanted: dict) -> None:
-    wanted = {**wanted, **inputs(job)}
-    if up_to_date(job.out, wanted, args.overwrite):
-        print(f"{job.out}: up to date, skipped")
-        return
     cfg = ckpt["config"]
     with sl.open_slide(job.slide) as s:  # first: a file that is not a slide is named as such
+        if not job.mask.is_file():
+            raise UserError(f"{job.slide.name}: no tissue mask {job.mask} (make it with Mask_gen.py --kind tissue)")
         mask, meta = masks.load_mask(job.mask, slide=job.slide, kind="tissue")
         check_fits_slide(job.mask, mask.shape, meta["downsample"], s.dimensions)
         size, mpp = s.dimensions, sl.slide_mpp(s)
         read = read_scale(s, job.slide, **wanted["read_at"])
+    check_array_output(job.out, "probability")  # before the staleness test: a mask there is named as such
+    wanted = {**wanted, **inputs(job)}
+    if up_to_date(job.out, wanted, args.overwrite):
+        print(f"{job.out}: up to date, skipped")
+        return
     warn_off_resolution(job.slide, mpp, read, cfg.get("mpp"))
     ensure_free_space(job.out, mask.size * 4 + 4096, "probability map")
-    check_array_output(job.out)
     if not mask.any():
         warnings.warn(f"{job.mask}: the mask is empty; writing an all-zero map")
     t = time.perf_counter()
@@ -206,6 +212,7 @@ def main(argv=None) -> int:
                              normaliser=MacenkoNormaliser.from_dict(ref) if ref else None)
     wanted = settings(args, file_sha256(args.ckpt), precision, resolution(args, ckpt["config"]))
     todo = jobs(args.slide, args.mask, out)[env.rank::env.world]
+    check_spares_inputs([j.out for j in todo], [args.ckpt] + [f for j in todo for f in job_files(j)])
     for_each(todo, lambda j: j.slide.name, lambda j: map_slide(j, model, ckpt, args, opts, wanted))
     return 0
 

@@ -15,6 +15,7 @@ import tifffile
 
 from .errors import CrfError, OutputError
 from .io import ArrayFileError, atomic_path, load_array, save_array
+from .slide import MAP_SOFTWARE
 
 TILE = 256
 
@@ -43,23 +44,12 @@ def check_picture_format(out: Path) -> None:
         raise OutputError(f"{out}: cannot write {what} (end its name with one of .{', .'.join(sorted(known))})")
 
 
-MAP_SOFTWARE = "crfcore probability map"  # the TIFF Software tag of map TIFFs: how check_not_a_slide knows them
-
-
 def check_not_a_slide(path: Path) -> None:
     """Refuse, before any work, a picture or map TIFF named like an existing slide that this
     tool did not write (a --plot or --tiff given a slide's name would replace the slide)."""
     from . import slide as sl
 
-    if not path.is_file() or path.suffix.lower() not in sl.SLIDE_EXTENSIONS:
-        return
-    try:
-        with tifffile.TiffFile(path) as t:
-            page = t.pages[0]
-            ours = MAP_SOFTWARE in (page.software, (page.description or "")[:len(MAP_SOFTWARE)])
-    except Exception:  # not a TIFF tifffile reads: whether it is a slide decides
-        ours = False
-    if ours:
+    if not path.is_file() or path.suffix.lower() not in sl.SLIDE_EXTENSIONS or sl.is_map_tiff(path):
         return
     try:
         sl.open_slide(path).close()

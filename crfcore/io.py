@@ -206,14 +206,19 @@ def own_sidecar(path: Path) -> dict | None:
     return meta if isinstance(meta, dict) and {"shape", "crfcore_version"} <= meta.keys() else None
 
 
-def check_array_output(path: str | Path) -> None:
+def check_array_output(path: str | Path, kind: str | None = None) -> None:
     """Refuse to write the array `path` when saving would replace a file other than an
-    earlier output's sidecar at its sidecar's path (an annotation named like the output)."""
+    earlier output's sidecar at its sidecar's path (an annotation named like the output),
+    or, given the `kind` to write, an array of another kind (a tissue mask as a map's -o)."""
     side = sidecar_path(check_output_path(path))
     check_output_path(side)
-    if side.is_file() and own_sidecar(side) is None:
+    meta = own_sidecar(side) if side.is_file() else {}
+    if meta is None:
         raise OutputError(f"{path}: writing it would replace {side}, which is not a sidecar of crfcore "
                           "(an annotation?); choose another output name")
+    if kind and Path(path).is_file() and meta.get("kind") not in (None, kind):
+        raise OutputError(f"{path}: holds a {meta['kind']} array, which a {kind} array would replace; "
+                          "choose another output name")
 
 
 MAKER = {"probability": "prob_map.py"}  # which script writes each kind (masks: Mask_gen.py)
@@ -222,7 +227,7 @@ MAKER = {"probability": "prob_map.py"}  # which script writes each kind (masks: 
 def save_array(path: str | Path, array: np.ndarray, meta: dict) -> None:
     """Write `array` to `path` (.npy) and `meta` (+ shape, version) to its sidecar."""
     path = Path(path)
-    check_array_output(path)
+    check_array_output(path, meta.get("kind"))
     meta = {**meta, "shape": list(array.shape), "crfcore_version": __version__}
     with atomic_path(path, ".npy") as tmp:
         np.save(tmp, array)

@@ -12,6 +12,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import openslide
+import tifffile
 
 from .errors import CrfError
 
@@ -183,9 +184,10 @@ SLIDE_EXTENSIONS = (".svs", ".tif", ".tiff", ".ndpi", ".mrxs", ".vms", ".vmu", "
 
 def find_slides(folder: str | Path) -> list[Path]:
     """Slide files directly inside `folder`, sorted by name (DICOM: one file per series);
-    hidden files (a writer's temporary file, say) are not slides."""
-    found = sorted(p for p in Path(folder).iterdir()
-                   if p.is_file() and p.suffix.lower() in SLIDE_EXTENSIONS and not p.name.startswith("."))
+    hidden files (a writer's temporary file, say) and this tool's heat-map TIFFs are not
+    slides."""
+    found = sorted(p for p in Path(folder).iterdir() if p.is_file() and p.suffix.lower() in SLIDE_EXTENSIONS
+                   and not p.name.startswith(".") and not is_map_tiff(p))
     series: set[str] = set()
     slides = []
     for path in found:  # the files of one DICOM series are one slide: its first file stands for it
@@ -195,6 +197,22 @@ def find_slides(folder: str | Path) -> list[Path]:
         if uid is not None:
             series.add(uid)
     return slides
+
+
+MAP_SOFTWARE = "crfcore probability map"  # the TIFF Software tag of heat-map TIFFs (prob_map_show.py --tiff)
+
+
+def is_map_tiff(path: Path) -> bool:
+    """Whether `path` is a heat-map TIFF this tool wrote: it lies over a slide, it is not
+    one. (Maps written before the Software tag carry the name in their description.)"""
+    if path.suffix.lower() not in (".tif", ".tiff"):
+        return False
+    try:
+        with tifffile.TiffFile(path) as t:
+            page = t.pages[0]
+            return MAP_SOFTWARE in (page.software, (page.description or "")[:len(MAP_SOFTWARE)])
+    except Exception:  # not a TIFF tifffile reads (a broken file, say): not one of ours
+        return False
 
 
 def dicom_series(path: Path) -> str | None:

@@ -164,11 +164,47 @@ def test_a_map_of_another_checkpoint_is_not_kept(border_slide, grid_ckpt, few_po
     mask, mask_meta = masks.load_mask(few_points)
     masks.save_mask(fewer, mask & (np.cumsum(mask.ravel()).reshape(mask.shape) <= 10), mask_meta)
     res = call("prob_map.py", s.path, other, fewer, out, "--workers", "0", "--quiet", check=False)
-    assert res.returncode == 2 and "its mask_sha256 differ" in res.stderr
+    assert res.returncode == 2 and "its recorded mask_sha256 is not this run's" in res.stderr
     twin = tmp_path / "twin" / s.path.name  # another slide of the same name and size
     synthetic.write_slide(twin, 768, 640, tumours=1, seed=6, tumour_radius=0.15, tissue=[(0.2, 0.3, 0.45, 0.5)])
     res = call("prob_map.py", twin, other, few_points, out, "--workers", "0", "--quiet", check=False)
     assert res.returncode == 2 and "slide_bytes" in res.stderr
+
+
+def test_a_map_never_replaces_a_mask(border_slide, grid_ckpt, few_points, tmp_path):
+    """From a hostile review: `-o` the run's own tissue mask, or another mask, with
+    --overwrite replaced the mask by the map (exit 0); without it the message was
+    'stale ... use --overwrite'."""
+    s, _, _ = border_slide
+    d = tmp_path / "m"
+    d.mkdir()
+    for name in ("edge_tissue", "edge_tumor"):
+        mask, meta = masks.load_mask(few_points)
+        masks.save_mask(d / f"{name}.npy", mask, {**meta, "kind": name.split("_")[1]})
+    before = (d / "edge_tissue.npy").read_bytes()
+    run = [s.path, grid_ckpt, d / "edge_tissue.npy", "--workers", "0", "--quiet", "--overwrite"]
+    res = call("prob_map.py", *run, "-o", d / "edge_tissue.npy", check=False)
+    assert res.returncode == 2 and "is also an input of this run" in res.stderr
+    res = call("prob_map.py", *run, "-o", d / "edge_tumor.npy", check=False)
+    assert res.returncode == 2 and "holds a tumor array, which a probability array would replace" in res.stderr
+    assert (d / "edge_tissue.npy").read_bytes() == before and masks.load_mask(d / "edge_tumor.npy")[1]["kind"] == "tumor"
+
+
+def test_a_folder_run_reports_a_slide_without_a_mask_and_goes_on(border_slide, grid_ckpt, few_points, tmp_path):
+    """From a hostile review: one slide without a mask stopped the whole folder, and the
+    tool's own heat-map TIFF beside the slides was taken for a slide."""
+    s, _, _ = border_slide
+    slides = tmp_path / "slides"
+    slides.mkdir()
+    (slides / "edge.tif").symlink_to(s.path)
+    (slides / "lonely.tif").symlink_to(s.path)
+    prob = np.full((40, 48), 0.5, np.float32)
+    heatmap.write_map_tiff(slides / "edge_heatmap.tif", prob, (768, 640), None)  # what prob_map_show --tiff writes
+    res = call("prob_map.py", slides, grid_ckpt, few_points.parent, tmp_path / "maps", "--workers", "0", "--quiet",
+               check=False)
+    assert res.returncode == 2 and "lonely.tif: no tissue mask" in res.stderr and "edge_heatmap" not in res.stderr
+    assert (tmp_path / "maps" / "edge_prob.npy").is_file() and not (tmp_path / "maps" / "lonely_prob.npy").exists()
+    assert [p.name for p in sl.find_slides(slides)] == ["edge.tif", "lonely.tif"]
 
 
 def test_overlay_puts_the_map_where_the_tumour_is(syn_slide, tmp_path):
