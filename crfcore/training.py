@@ -133,13 +133,18 @@ def make_optimizer(cfg: TrainConfig, model: nn.Module):
         opt = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     else:
         opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, lr_factor(cfg))
+
+
+def lr_factor(cfg: TrainConfig):
+    """The schedule as the factor of the base learning rate at each epoch, in closed form:
+    a run resumed with more epochs then follows the longer schedule from the epoch reached
+    (a recursive scheduler's stored state would keep the old length)."""
     if cfg.schedule == "cosine":
-        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.epochs)
-    elif cfg.schedule == "step":
-        sched = torch.optim.lr_scheduler.StepLR(opt, cfg.step_size, cfg.gamma)
-    else:
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda e: 1.0)
-    return opt, sched
+        return lambda e: 0.5 * (1 + math.cos(math.pi * min(e, cfg.epochs) / cfg.epochs))
+    if cfg.schedule == "step":
+        return lambda e: cfg.gamma ** (e // cfg.step_size)
+    return lambda e: 1.0
 
 
 def model_config(cfg: TrainConfig) -> ModelConfig:
@@ -148,9 +153,10 @@ def model_config(cfg: TrainConfig) -> ModelConfig:
 
 
 def better(metric: str, new: float, old: float | None) -> bool:
+    """Whether `new` beats `old` in the log column `metric` (losses: lower)."""
     if old is None or (isinstance(old, float) and math.isnan(old)):
         return not math.isnan(new)
-    return new < old if metric == "loss" else new > old
+    return new < old if metric.endswith("loss") else new > old
 
 
 class Run:
@@ -180,6 +186,7 @@ class Run:
         self.cfg = cfg.replace(classes=tuple(classes), num_classes=1 if cfg.mode == "grid" else len(classes),
                                stain_reference=norm.to_dict() if norm else None)
         self.num_classes = self.cfg.num_classes
+        self.best_metric = self._best_metric()
         self.model = self._build_model(fresh=ckpt is None)
         self.opt, self.sched = make_optimizer(self.cfg, self.model)
         self.loss = loss_fn(self.cfg, self.num_classes, self.device)
@@ -209,6 +216,15 @@ class Run:
                               f"{', '.join(RESUME_MAY_CHANGE)} and the data folders may change on resume")
         return ckpt
 
+    def _best_metric(self) -> str:
+        """The log column that picks best.ckpt: the validation metric asked for, else (no
+        validation set) the training loss or accuracy, which the log says."""
+        if self.valid_loader is not None:
+            return f"valid_{self.cfg.best_metric}"
+        fallback = "train_loss" if self.cfg.best_metric == "loss" else "train_acc"
+        self.log(f"no validation set: best.ckpt is picked by {fallback}, not by validation {self.cfg.best_metric}")
+        return fallback
+
     def _build_model(self, fresh: bool) -> CRFNet:
         model = CRFNet(model_config(self.cfg))
         if fresh and self.cfg.pretrained:
@@ -219,18 +235,23 @@ class Run:
         return model.to(self.device, memory_format=torch.channels_last)
 
     def _restore(self, ckpt: dict, lr: float) -> None:
+        missing = [k for k in ("optimizer", "scheduler", "rng", "epoch", "step", "best") if k not in ckpt]
+        if missing:
+            raise ConfigError(f"--resume: {self.save_dir / 'train.ckpt'} has no {', '.join(missing)}: not a checkpoint "
+                              "train.py wrote to resume from (best.ckpt copied over it?)")
         self.model.load_state_dict(ckpt["state_dict"])
         self.opt.load_state_dict(ckpt["optimizer"])
-        self.sched.load_state_dict(ckpt["scheduler"])
+        state = ckpt["scheduler"]  # all the closed form needs (older runs stored other schedulers' states)
+        self.sched.last_epoch, self.sched.base_lrs = state["last_epoch"], list(state["base_lrs"])
         self.epoch, self.step, self.best = ckpt["epoch"], ckpt["step"], ckpt["best"]
         self.best_epoch = ckpt.get("best_epoch", 0)
         set_rng_state(ckpt["rng"])
         self.log(f"resuming after epoch {self.epoch} (step {self.step})")
         if lr != ckpt["config"]["lr"]:  # an explicit new lr (e.g. lower) applies from here
-            for group in self.opt.param_groups:
-                group["lr"] = lr
             self.sched.base_lrs = [lr] * len(self.opt.param_groups)
             self.log(f"learning rate set to {lr} (was {ckpt['config']['lr']})")
+        for group, f, base in zip(self.opt.param_groups, self.sched.lr_lambdas, self.sched.base_lrs):
+            group["lr"] = base * f(self.sched.last_epoch)  # this run's schedule (epochs may have changed)
         self._check_outputs()
 
     def _check_outputs(self) -> None:
@@ -348,12 +369,12 @@ class Run:
     def fit(self) -> dict:
         row: dict = {}
         while self.epoch < self.cfg.epochs:
-            t0 = time.perf_counter()
+            t0, lr = time.perf_counter(), self.opt.param_groups[0]["lr"]  # the epoch's: it steps at its end
             row = {"epoch": self.epoch + 1, **self.train_epoch()}
             self._barrier()
             if self.main:
                 row.update(self.validate())
-                row.update(step=self.step, lr=self.opt.param_groups[0]["lr"],
+                row.update(step=self.step, lr=lr,
                            seconds=round(time.perf_counter() - t0, 2))
             self.epoch += 1
             if self.main:
@@ -367,8 +388,8 @@ class Run:
 
     def save(self, row: dict) -> None:
         """Write the epoch's outputs, train.ckpt as the commit point (see the class docstring)."""
-        metric = self.cfg.best_metric
-        value = row.get(f"valid_{metric}", row["train_loss"] if metric == "loss" else row["train_acc"])
+        metric = self.best_metric
+        value = row[metric]
         is_best = better(metric, value, self.best)
         if is_best:
             self.best, self.best_epoch = value, self.epoch

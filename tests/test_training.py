@@ -87,6 +87,38 @@ def test_resume_continues_exactly(grid_data, tmp_path):
         assert proc.returncode == 2 and f"['{change.split('=')[0]}']" in proc.stderr, change
 
 
+def lr_column(run) -> list[float]:
+    rows = (run / "log.csv").read_text().splitlines()
+    k = rows[0].split(",").index("lr")
+    return [float(r.split(",")[k]) for r in rows[1:]]
+
+
+@pytest.mark.parametrize("schedule", ["cosine", "step"])
+def test_a_run_resumed_with_more_epochs_follows_the_longer_schedule(grid_data, tmp_path, schedule):
+    """From a hostile review: the stored cosine scheduler kept the old length, so the
+    learning rate of the added epochs climbed back from 0; and log.csv gave each epoch
+    the next epoch's rate. A run resumed to 3 epochs now logs what a fresh 3-epoch run does."""
+    sched = ("--set", f"schedule={schedule}", "--set", "step_size=1", "--set", "gamma=0.5", "--quiet")
+    call("train.py", grid_data / "cfg.json", tmp_path / "fresh", "--set", "epochs=3", *sched)
+    call("train.py", grid_data / "cfg.json", tmp_path / "r", "--set", "epochs=1", *sched)
+    call("train.py", grid_data / "cfg.json", tmp_path / "r", "--set", "epochs=3", "--resume", *sched)
+    want = [0.002, 0.0015, 0.0005] if schedule == "cosine" else [0.002, 0.001, 0.0005]
+    assert lr_column(tmp_path / "fresh") == pytest.approx(want) and lr_column(tmp_path / "r") == pytest.approx(want)
+
+
+def test_without_validation_best_is_picked_by_training_and_says_so(grid_data, tmp_path):
+    cfg = {k: v for k, v in json.loads((grid_data / "cfg.json").read_text()).items() if "valid" not in k}
+    (tmp_path / "c.json").write_text(json.dumps(cfg))
+    res = call("train.py", tmp_path / "c.json", tmp_path / "r")
+    assert "no validation set: best.ckpt is picked by train_acc, not by validation auc" in res.stderr + res.stdout
+    assert load_checkpoint(tmp_path / "r" / "best.ckpt")["best_metric"] == "train_acc"
+    import shutil
+
+    shutil.copy(tmp_path / "r" / "best.ckpt", tmp_path / "r" / "train.ckpt")  # not a checkpoint to resume from
+    res = call("train.py", tmp_path / "c.json", tmp_path / "r", "--resume", "--set", "epochs=2", check=False)
+    assert res.returncode == 2 and "has no optimizer, scheduler, rng" in res.stderr and "Traceback" not in res.stderr
+
+
 def test_config_errors_are_one_line(grid_data, tmp_path):
     proc = call("train.py", grid_data / "cfg.json", tmp_path / "x", "--set", "lernrate=1", check=False)
     assert proc.returncode == 2 and "lernrate" in proc.stderr and "Traceback" not in proc.stderr
