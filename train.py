@@ -19,7 +19,8 @@ from pathlib import Path
 from crfcore import training
 from crfcore.cli import UserError, number, parser, run
 from crfcore.config import load_config
-from crfcore.device import retain_freed_memory
+from crfcore.device import DistEnv, retain_freed_memory
+from crfcore.trainset import run_lock
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -51,9 +52,15 @@ def main(argv=None) -> int:
         p.error("CONFIG and SAVE_DIR are required (or --evaluate CKPT DATA_DIR)")
     shortcuts = [f"{k}={v}" for k, v in (("device", args.device), ("workers", args.workers)) if v is not None]
     cfg = load_config(args.config, [*args.set, *shortcuts])
+    args.save_dir.mkdir(parents=True, exist_ok=True)
+    with run_lock(args.save_dir, held=DistEnv.from_env().main):  # a second run into SAVE_DIR is refused
+        return train(cfg, args)
+
+
+def train(cfg, args) -> int:
+    """The run itself (SAVE_DIR locked)."""
     if not args.resume and (args.save_dir / "train.ckpt").exists():
         raise UserError(f"{args.save_dir} already holds a run; use --resume or another SAVE_DIR")
-    args.save_dir.mkdir(parents=True, exist_ok=True)
     run_ = training.Run(cfg, args.save_dir, resume=args.resume, quiet=args.quiet)
     if run_.main:
         training.write_config(run_.cfg, args.save_dir)

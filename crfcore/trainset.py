@@ -235,6 +235,18 @@ def read_lock(folder: Path) -> int:
     return _lock_folder(folder, fcntl.LOCK_SH, "coord_list_gen.py is writing")
 
 
+@contextmanager
+def run_lock(save_dir: Path, held: bool = True) -> Iterator[None]:
+    """Hold an exclusive lock on a training run's SAVE_DIR (when `held`: torchrun's rank 0
+    only): a second train.py into the same folder is refused, not mixed in."""
+    fd = _lock_folder(save_dir, fcntl.LOCK_EX, "another train.py run is writing") if held else None
+    try:
+        yield
+    finally:
+        if fd is not None:
+            os.close(fd)
+
+
 def replace(out: Path, new: list[Entry], how: str) -> list[str]:
     """--overwrite: build the new set in DATASET_DIR/.overwrite.new, then move it over the
     old one (`swap_in`). A failure while building leaves the old set as it was (moved

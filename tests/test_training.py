@@ -335,3 +335,17 @@ def test_every_numeric_config_key_is_range_checked(setting, message):
     with pytest.raises(ConfigError, match=message) as err:
         load_config(None, [setting])
     assert "\n" not in str(err.value)
+
+
+def test_a_second_run_into_the_same_save_dir_is_refused(grid_data, tmp_path):
+    """From a hostile review: two train.py runs into one SAVE_DIR both ended 'done', the
+    folder holding the second run only (train.ckpt appears after the first epoch)."""
+    from crfcore.trainset import run_lock
+
+    (tmp_path / "r").mkdir()
+    with run_lock(tmp_path / "r"):  # a first run, still in its first epoch
+        res = call("train.py", grid_data / "cfg.json", tmp_path / "r", "--quiet", check=False)
+    assert res.returncode == 2 and "another train.py run is writing this folder" in res.stderr
+    assert not (tmp_path / "r" / "train.ckpt").exists()
+    call("train.py", grid_data / "cfg.json", tmp_path / "r", "--quiet")  # the lock ends with its run
+    call("train.py", grid_data / "cfg.json", tmp_path / "r", "--quiet", "--resume", "--set", "epochs=2")
