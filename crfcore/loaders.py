@@ -57,7 +57,11 @@ class BalancedBatches(Sampler):
         rng = np.random.default_rng([self.seed, self.epoch])
         if len(self.sizes) == 1:
             order = rng.permutation(self.sizes[0])
-            return [order[i:i + self.batch].tolist() for i in range(0, len(order), self.batch)]
+            batches = [order[i:i + self.batch].tolist() for i in range(0, len(order), self.batch)]
+            if len(batches) > 1 and len(batches[-1]) == 1:  # batch norm cannot train on one image of 1x1 features
+                last = batches.pop()
+                batches[-1] += last
+            return batches
         half = max(1, self.batch // 2)
         steps = math.ceil(max(self.sizes) / half)
         streams = []

@@ -349,3 +349,13 @@ def test_a_second_run_into_the_same_save_dir_is_refused(grid_data, tmp_path):
     assert not (tmp_path / "r" / "train.ckpt").exists()
     call("train.py", grid_data / "cfg.json", tmp_path / "r", "--quiet")  # the lock ends with its run
     call("train.py", grid_data / "cfg.json", tmp_path / "r", "--quiet", "--resume", "--set", "epochs=2")
+
+
+def test_a_last_batch_of_one_joins_the_one_before():
+    """From a hostile review: classify mode at patch 32 with a last batch of one image died
+    in batch norm ('Expected more than 1 value per channel')."""
+    from crfcore import loaders
+
+    sizes = [len(b) for b in loaders.BalancedBatches([5], 2, 0)]
+    assert sizes == [2, 3] and sorted(i for b in loaders.BalancedBatches([5], 2, 0) for i in b) == list(range(5))
+    assert [len(b) for b in loaders.BalancedBatches([6], 2, 0)] == [2, 2, 2]
