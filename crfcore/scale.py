@@ -62,6 +62,9 @@ class ReadScale:
         return {"read_scale": self.scale, "read_level": self.level}
 
 
+MIN_SCALE = 1 / 16  # the finest read: level-0 pixels enlarged 16 times
+
+
 def read_scale(slide: openslide.OpenSlide, path: str | Path, mpp: float | None = None,
                level: int | None = None) -> ReadScale:
     """How to read `slide` at `mpp` microns per pixel, or at pyramid `level` (neither: its
@@ -80,6 +83,9 @@ def read_scale(slide: openslide.OpenSlide, path: str | Path, mpp: float | None =
         raise ScaleError(f"{path}: the slide does not record a usable microns per pixel, so it cannot be read at {mpp:g} um "
                          "(--mpp, or the checkpoint's mpp): give --level")
     scale = mpp / own[0]
+    if scale < MIN_SCALE:  # the crops would be a few level-0 pixels enlarged (under one, a crash)
+        raise ScaleError(f"{path}: --mpp {mpp:g} is {1 / scale:.3g} times finer than the slide's level 0 "
+                         f"({own[0]:g} um per pixel); at most {1 / MIN_SCALE:g} times finer is read")
     lvl = sl.level_for_downsample(slide, scale)
     d = sl.level_downsamples(slide)[lvl][0]
     if sl.same_downsample(scale, d):

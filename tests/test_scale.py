@@ -218,3 +218,13 @@ def test_a_checkpoint_without_mpp_read_off_level_0_is_noted():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         warn(Path("s.tif"), (0.25, 0.25), ReadScale(), None)
+
+
+def test_an_absurdly_fine_mpp_is_refused(scans):
+    """From a hostile review: prob_map.py --mpp 0.0001 read crops of under one level-0
+    pixel and died in a numpy reduction."""
+    d, _ = scans
+    with sl.open_slide(d / "fine.tif") as s:
+        assert read_scale(s, "fine.tif", mpp=MPP / 8).scale == pytest.approx(1 / 4)  # upsampling a little is allowed
+        with pytest.raises(ScaleError, match="times finer than the slide's level 0"):
+            read_scale(s, "fine.tif", mpp=0.0001)
