@@ -189,8 +189,8 @@ RANGES: dict[str, tuple[float, float | None, bool]] = {
     "grid": (1, 7, False), "crf_iters": (0, 1000, False), "width_mult": (0, 4, True),
     "epochs": (1, INT_MAX, False), "max_steps": (1, INT_MAX, False), "batch_size": (1, INT_MAX, False),
     "step_size": (1, INT_MAX, False), "workers": (0, 1024, False), "seed": (0, 2**32 - 1, False),
-    "lr": (0, None, True), "momentum": (0, 1, False), "weight_decay": (0, None, False), "gamma": (0, None, True),
-    "mpp": (0, None, True), "dense_consistency": (0, None, False), "hed_jitter": (0, 0.999, False),
+    "lr": (0, 10, True), "momentum": (0, 1, False), "weight_decay": (0, 10, False), "gamma": (0, 10, True),
+    "mpp": (0, 1000, True), "dense_consistency": (0, None, False), "hed_jitter": (0, 0.999, False),
 }
 
 

@@ -318,6 +318,9 @@ def test_config_is_typed_and_the_readme_table_is_generated_from_it():
     ("momentum=1.5", "momentum=1.5: expected at least 0 and at most 1"),
     ("width_mult=1e6", "width_mult=1000000.0: expected above 0 and at most 4"),
     ("max_steps=0", "max_steps=0: expected at least 1"),
+    ("lr=1e300", "lr=1e\\+300: expected above 0 and at most 10"),  # from a hostile review: overflowed in the step
+    ("gamma=1e300", "gamma=1e\\+300: expected above 0 and at most 10"),
+    ("mpp=1e300", "mpp=1e\\+300: expected above 0 and at most 1000"),
     ("crf_iters=-3", "crf_iters=-3: expected at least 0"),
     ("class_weights=[-1,1]", "class_weights=\\(-1, 1\\): expected numbers at least 0"),
     ("class_weights=[0,0]", "expected some weight above 0"),
