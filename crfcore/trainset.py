@@ -96,6 +96,9 @@ def existing_lines(out: Path, append: bool, overwrite: bool) -> list[str]:
     out.mkdir(parents=True, exist_ok=True)
     lines = listed(out)
     numbered = sorted((i, p) for p in out.glob("*.png") if (i := image_index(p)) is not None)
+    if numbered and not lines and not (append or overwrite):  # a first run killed before its list.txt
+        raise TrainSetError(f"{out}: holds {len(numbered)} numbered images but no list.txt (a run that was "
+                            "interrupted?); --append removes them and writes the set")
     if (lines or numbered) and not (append or overwrite):
         raise TrainSetError(f"{out} is not empty; use --append to add to it or --overwrite to replace it")
     if overwrite:

@@ -109,6 +109,13 @@ def test_coord_list_gen_refusals_and_append(syn_slide, syn_masks, tmp_path):
     assert sorted(p.name for p in (tmp_path / "ds").iterdir()) == ["0.png", "1.png", "2.png", "3.png",
                                                                    "4.png", "list.txt", "sides.txt"]
     assert (tmp_path / "ds" / "sides.txt").read_text() == "64,64\n" * 5  # cut at level 0: their own size
+    killed = tmp_path / "killed"  # a first run killed before its list.txt: says so, and --append mends it
+    killed.mkdir()
+    (killed / "0.png").write_bytes((tmp_path / "ds" / "0.png").read_bytes())
+    proc = call("coord_list_gen.py", tmp_path / "p", "-o", killed, check=False)
+    assert proc.returncode == 2 and "holds 1 numbered images but no list.txt" in proc.stderr
+    call("coord_list_gen.py", tmp_path / "p", "-o", killed, "--append")
+    assert len((killed / "list.txt").read_text().split()) == 5
 
 
 def test_sides_txt_is_checked_and_kept_by_append(syn_slide, syn_masks, tmp_path):
