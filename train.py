@@ -52,6 +52,8 @@ def main(argv=None) -> int:
         p.error("CONFIG and SAVE_DIR are required (or --evaluate CKPT DATA_DIR)")
     shortcuts = [f"{k}={v}" for k, v in (("device", args.device), ("workers", args.workers)) if v is not None]
     cfg = load_config(args.config, [*args.set, *shortcuts])
+    if args.save_dir.exists() and not args.save_dir.is_dir():
+        raise UserError(f"{args.save_dir}: exists and is not a directory (SAVE_DIR is a run's folder)")
     args.save_dir.mkdir(parents=True, exist_ok=True)
     with run_lock(args.save_dir, held=DistEnv.from_env().main):  # a second run into SAVE_DIR is refused
         return train(cfg, args)

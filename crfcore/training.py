@@ -343,9 +343,10 @@ class Run:
         task = self.loss(o, t)
         loss = task + self.cfg.dense_consistency * gap
         if not torch.isfinite(loss):
+            kept = (f"{self.save_dir / 'train.ckpt'} keeps the last good epoch" if self.epoch
+                    else "no epoch was completed")
             raise TrainingError(f"loss is {loss.item()} at epoch {self.epoch + 1}, step {self.step + 1}; "
-                                f"stopped, {self.save_dir / 'train.ckpt'} keeps the last good epoch "
-                                "(lower lr?)")
+                                f"stopped, {kept} (lower lr?)")
         self.opt.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         self.scaler.step(self.opt)

@@ -223,6 +223,8 @@ def _lock_folder(folder: Path, how: int, busy: str) -> int:
 def locked(out: Path) -> Iterator[None]:
     """Hold DATASET_DIR's lock for a run: a second coord_list_gen.py on the same folder is
     refused instead of mixing two sets."""
+    if out.exists() and not out.is_dir():
+        raise TrainSetError(f"{out}: exists and is not a directory (DATASET_DIR is a training set's folder)")
     out.mkdir(parents=True, exist_ok=True)
     fd = _lock_folder(out, fcntl.LOCK_EX, "another coord_list_gen.py, or a train.py run, is using")
     try:

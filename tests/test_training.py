@@ -129,11 +129,18 @@ def test_config_errors_are_one_line(grid_data, tmp_path):
     assert proc.returncode == 2 and "syn_tumor" in proc.stderr and "Traceback" not in proc.stderr
 
 
-def test_nan_loss_stops_and_keeps_last_good_checkpoint(grid_data, tmp_path):
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(grid_data, tmp_path, monkeypatch):
     call("train.py", grid_data / "cfg.json", tmp_path / "r", "--quiet")
     before = (tmp_path / "r" / "train.ckpt").read_bytes()
-    proc = call("train.py", grid_data / "cfg.json", tmp_path / "r", "--resume", "--set", "epochs=2",
-                      "--set", "lr=1e30", "--quiet", check=False)
+    real_loss_fn = training.loss_fn  # a diverged model's loss (lr is bounded now: no quick divergence to use)
+    monkeypatch.setattr(training, "loss_fn", lambda *a: lambda o, t: real_loss_fn(*a)(o, t) * float("nan"))
+    fresh = call("train.py", grid_data / "cfg.json", tmp_path / "f", "--quiet", check=False)
+    assert fresh.returncode == 2 and "no epoch was completed" in fresh.stderr  # no train.ckpt to speak of
+    (tmp_path / "file").write_text("x")
+    assert "exists and is not a directory" in call("train.py", grid_data / "cfg.json", tmp_path / "file",
+                                                   check=False).stderr
+    proc = call("train.py", grid_data / "cfg.json", tmp_path / "r", "--resume", "--set", "epochs=2", "--quiet",
+                check=False)
     assert proc.returncode == 2 and "loss is nan" in proc.stderr.lower()
     assert (tmp_path / "r" / "train.ckpt").read_bytes() == before
 
