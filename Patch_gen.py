@@ -101,10 +101,11 @@ def cut_slide(args, job: Job, rng) -> None:
         else:  # the level that fits --mpp; patches resized by the remainder
             read = read_scale(s, job.slide, mpp=args.mpp)
             level, dx, dy = read.level, read.scale, read.scale
-            size = round(args.image_size * read.scale / read.downsample)
+            size = args.image_size * read.scale / read.downsample  # level pixels, before rounding: 0.6 is none
             if size < 1:
                 raise UserError(f"{job.slide}: --image-size {args.image_size} at --mpp {args.mpp} is under one "
                                 f"pixel of level {level}; give a larger --image-size or --mpp")
+            size = round(size)
         thumb = sl.thumbnail(s, max(w0, h0) / 1024)
     centres = centres_for(args, job.slide, mask, meta, rng, args.image_size * dx)
     side = (round(args.image_size * dx), round(args.image_size * dy))

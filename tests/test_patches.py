@@ -669,6 +669,8 @@ def test_an_empty_set_never_replaces_a_good_one_and_a_foreign_txt_is_kept(syn_sl
     res = call("Patch_gen.py", *base[:4], tmp_path / "fresh", *base[5:], "--mode", "coords", "--coords", coords)
     assert "no line names slide 'syn_tumor'" in res.stderr and "0 patches" in res.stdout
     res = call("Patch_gen.py", *base[:-2], "--mpp", "0.001", "--image-size", "16", check=False)
+    assert res.returncode == 2 and "250 times finer than the slide's level 0" in res.stderr
+    res = call("Patch_gen.py", *base[:-2], "--mpp", "0.02", "--image-size", "8", check=False)
     assert res.returncode == 2 and "under one pixel" in res.stderr
     annotation = "0,0\n10,0\n10,10\n"  # a vertex list named like the marker
     other = tmp_path / "q"
