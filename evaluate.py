@@ -33,7 +33,7 @@ from crfcore.cli import PROBABILITY, UserError, add_workers, number, parser, run
 from crfcore.errors import CrfError
 from crfcore.heatmap import check_not_a_slide, check_picture_format, load_probability_map
 from crfcore.io import (COMPANIONS, atomic_path, atomic_write_text, check_spares_inputs, companion, companion_stem,
-                        ensure_free_space, sidecar_path, visible_files)
+                        sidecar_path, visible_files)
 from crfcore.tiling import format_coords, read_coords
 
 MAX_TRUTH_PIXELS = 2**26  # an evaluation raster larger than this is a mistake (a bad coordinate)
@@ -289,11 +289,10 @@ def cmd_patches(args) -> None:
     from crfcore.device import retain_freed_memory
     from crfcore.training import evaluate_folder
 
-    picture = args.data / "confusion_matrix.png"
-    ensure_free_space(picture, 0, "picture")  # before the work: a read-only data folder is named now
     retain_freed_memory()  # the CNN's buffers are reused, not faulted back in
-    print(evaluate_folder(args.ckpt, args.data, json_dir=args.json, quiet=args.quiet, workers=args.workers))
-    print(f"confusion matrix -> {picture}")
+    picture = args.plot or args.data / "confusion_matrix.png"
+    report = evaluate_folder(args.ckpt, args.data, picture, json_dir=args.json, quiet=args.quiet, workers=args.workers)
+    print(f"confusion matrix -> {picture}\n{report}")  # the report's metrics line last, for scripts
 
 
 def cmd_negatives(args) -> None:
@@ -375,6 +374,7 @@ def add_commands(p) -> None:
     q.add_argument("ckpt", type=Path, help="checkpoint from train.py")
     q.add_argument("data", type=Path, help="class sub-folders (classify) or a list.txt folder (grid)")
     q.add_argument("--json", type=Path, help="grid models: annotation JSON folder")
+    q.add_argument("--plot", type=Path, help="confusion matrix picture (default: DATA/confusion_matrix.png)")
     add_workers(q, beside_cnn=True)
     q.add_argument("--quiet", action="store_true", help="no progress bar")
     q = sub.add_parser("negatives", help="hard-negative points: false positives of maps with known truth",

@@ -35,6 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--evaluate", nargs=2, type=Path, metavar=("CKPT", "DATA_DIR"),
                    help="report a checkpoint on a data folder and exit")
     p.add_argument("--json", type=Path, help="--evaluate of a grid model: annotation JSON folder")
+    p.add_argument("--plot", type=Path, help="--evaluate: confusion matrix picture (default: DATA_DIR/confusion_matrix.png)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     return p
 
@@ -45,8 +46,10 @@ def main(argv=None) -> int:
     retain_freed_memory()  # the CNN's buffers are reused, not faulted back in
     if args.evaluate:
         ckpt, data = args.evaluate
-        print(training.evaluate_folder(ckpt, data, json_dir=args.json, quiet=args.quiet,
-                                       device=args.device or "auto", workers=args.workers))
+        picture = args.plot or data / "confusion_matrix.png"
+        report = training.evaluate_folder(ckpt, data, picture, json_dir=args.json, quiet=args.quiet,
+                                          device=args.device or "auto", workers=args.workers)
+        print(f"confusion matrix -> {picture}\n{report}")  # the report's metrics line last, for scripts
         return 0
     if args.config is None or args.save_dir is None:
         p.error("CONFIG and SAVE_DIR are required (or --evaluate CKPT DATA_DIR)")

@@ -27,7 +27,8 @@ from .datasets import FolderDataset, GridDataset
 from .device import DistEnv, autocast, reader_workers, resolve_device, resolve_precision
 from .errors import CrfError
 from .evaluation import patch_metrics, patch_report
-from .io import atomic_write_json, atomic_write_text
+from .heatmap import check_not_a_slide, check_picture_format
+from .io import atomic_write_json, atomic_write_text, ensure_free_space
 from .model import CRFNet, ModelConfig, init_from_checkpoint, load_checkpoint, load_pretrained_backbone
 from .model import inference_copy, model_from_checkpoint, save_checkpoint
 from .loaders import build_loaders, collate, grid_folders, stain_normaliser
@@ -440,11 +441,16 @@ def write_config(cfg: TrainConfig, save_dir: Path) -> None:
     atomic_write_json(save_dir / "config.json", cfg.to_dict())
 
 
-def evaluate_folder(ckpt_path: str | Path, data_dir: str | Path, out_dir: str | Path | None = None,
+def evaluate_folder(ckpt_path: str | Path, data_dir: str | Path, picture: str | Path | None = None,
                     batch_size: int = 64, workers: int | None = None, device: str = "auto",
                     json_dir: str | Path | None = None, quiet: bool = False) -> str:
     """Report of a checkpoint on any data folder: class sub-folders (classify) or a
-    list.txt grid folder with `json_dir` (grid). Writes confusion_matrix.png to `out_dir`."""
+    list.txt grid folder with `json_dir` (grid). Writes the confusion matrix to `picture`
+    (default DATA_DIR/confusion_matrix.png), checked before the work."""
+    picture = Path(picture) if picture else Path(data_dir) / "confusion_matrix.png"
+    check_picture_format(picture)
+    check_not_a_slide(picture)
+    ensure_free_space(picture, 0, "picture")  # a read-only data folder is named now, not after the work
     dev = resolve_device(device)
     model, ckpt = model_from_checkpoint(ckpt_path)
     cfg = TrainConfig.from_dict(ckpt["config"])
@@ -459,6 +465,5 @@ def evaluate_folder(ckpt_path: str | Path, data_dir: str | Path, out_dir: str | 
     loader = DataLoader(ds, batch_size=batch_size, num_workers=reader_workers(workers, dev), collate_fn=collate)
     model = inference_copy(model).to(dev, memory_format=torch.channels_last)
     y, p, _ = predict(model, loader, dev, resolve_precision(dev, cfg.precision), model.cfg.num_classes, quiet=quiet)
-    out = Path(out_dir) if out_dir else Path(data_dir)
     title = f"{Path(ckpt_path).name} on {Path(data_dir).name}"  # the folder, not where it lies on this machine
-    return patch_report(y, p, list(cfg.classes), out / "confusion_matrix.png", title)
+    return patch_report(y, p, list(cfg.classes), picture, title)

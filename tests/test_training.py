@@ -191,6 +191,13 @@ def test_classify_mode_on_idc_with_report(tmp_path):
     proc = call("train.py", "--evaluate", tmp_path / "run" / "best.ckpt", valid, "--quiet")
     last = proc.stdout.strip().splitlines()[-1]
     assert last.startswith("balanced_accuracy=") and " auc=" in last
+    assert f"confusion matrix -> {valid / 'confusion_matrix.png'}" in proc.stdout
+    (valid / "confusion_matrix.png").unlink()  # a read-only data folder: --plot puts the picture elsewhere
+    proc = call("train.py", "--evaluate", tmp_path / "run" / "best.ckpt", valid, "--plot", tmp_path / "cm.png", "--quiet")
+    assert (tmp_path / "cm.png").is_file() and not (valid / "confusion_matrix.png").exists()
+    bad = call("train.py", "--evaluate", tmp_path / "run" / "best.ckpt", valid, "--plot", tmp_path / "cm.xyz",
+               check=False)
+    assert bad.returncode == 2 and "cannot write a .xyz picture" in bad.stderr
 
 
 def test_torchrun_two_processes_on_cpu(grid_data, tmp_path):
