@@ -205,7 +205,7 @@ def write_map_tiff(path: str | Path, prob: np.ndarray, slide_size: tuple[int, in
         fx, fy = w / lw, h / lh  # source pixels per level pixel
         for y in range(0, lh, TILE):
             rows = np.minimum(((np.arange(y, y + TILE) + 0.5) * fy).astype(int), h - 1)
-            band = data[rows]
+            band = src[rows]
             for x in range(0, lw, TILE):
                 cols = np.minimum(((np.arange(x, x + TILE) + 0.5) * fx).astype(int), w - 1)
                 yield band[:, cols]
