@@ -560,9 +560,27 @@ def test_several_annotations_of_one_slide_must_agree(tmp_path):
     assert an.find_annotation(tmp_path, "s") == tmp_path / "s.json"
     edited = [qupath_feature({"type": "Polygon", "coordinates": [closed(square(0, 0, 50))]}, "Tumor", "a")]
     _write(tmp_path / "s.geojson", json.dumps(edited))
-    with pytest.raises(an.AnnotationError, match="s.json and s.geojson both annotate slide s"):
+    with pytest.raises(an.AnnotationError, match=r"s.json \(which would be used\) and s.geojson both annotate slide s"):
         an.find_annotation(tmp_path, "s")
     assert an.find_annotation(tmp_path, "other") is None
+
+
+def test_siblings_that_are_no_usable_annotation_are_passed_over(tmp_path):
+    """From a regression review: xml2json's own JSON beside its source was refused when the
+    source took other groups or held a polygon under a pixel, and notes in a .txt or
+    another tool's XML beside a good JSON stopped the run."""
+    custom, tiny, notes = (tmp_path / d for d in ("custom", "tiny", "notes"))
+    for d in (custom, tiny, notes):
+        d.mkdir()
+    (custom / "s.xml").write_text(xml_doc([("a", "Metastasis", square(0, 0, 10))]))
+    convert(custom / "s.xml", "-o", custom / "s.json", "--positive-groups", "Metastasis")
+    (tiny / "s.xml").write_text(xml_doc([("a", "_0", square(0, 0, 10)), ("b", "_0", [(50, 50), (50.4, 50), (50, 50.4)])]))
+    convert(tiny / "s.xml", "-o", tiny / "s.json")
+    convert(custom / "s.xml", "-o", notes / "s.json", "--positive-groups", "Metastasis")
+    (notes / "s.txt").write_text("scanned on Monday\n")
+    (notes / "s.xml").write_text('<?xml version="1.0"?><Annotations><Annotation/></Annotations>')  # Aperio's
+    for d in (custom, tiny, notes):
+        assert an.find_annotation(d, "s") == d / "s.json", d
 
 
 def test_another_tools_xml_is_refused_not_read_as_empty(tmp_path, capsys):

@@ -88,24 +88,39 @@ def written_by_crfcore(path: str | Path) -> bool:
 def find_annotation(folder: str | Path, stem: str) -> Path | None:
     """The annotation of slide `stem` in `folder` (`io.companion`'s choice: `.json` first),
     or None. Where the folder holds several (`t.json` beside `t.xml`, as xml2json leaves
-    them) they must hold the same polygons: else which one is meant is not known (an
-    edited `t.geojson` beside the old `t.xml`, say)."""
+    them) they must hold the same polygons, or which one is meant is not known (an edited
+    `t.geojson` beside the old `t.xml`, say). A sibling that is no annotation this run
+    could use is passed over: one that does not read as an annotation (notes in a `.txt`,
+    another tool's XML) or holds no polygon of the default groups (converted with others)."""
     found = all_companions(folder, stem, "annotation")
-    for other in found[1:]:
-        with warnings.catch_warnings():  # the chosen file warns when it is read for the work
-            warnings.simplefilter("ignore")
-            same = same_polygons(load_annotation(found[0]), load_annotation(other))
-        if not same:
-            raise AnnotationError(f"{folder}: {found[0].name} and {other.name} both annotate slide {stem} and hold "
-                                  "different polygons; keep one of them there")
+    if len(found) > 1:
+        chosen = _quietly(load_annotation, found[0])  # its faults are the run's: they are raised
+        for other in found[1:]:
+            try:
+                sibling = _quietly(load_annotation, other)
+            except AnnotationError:
+                continue
+            if len(sibling) and not same_polygons(chosen, sibling):
+                raise AnnotationError(f"{folder}: {found[0].name} (which would be used) and {other.name} both "
+                                      f"annotate slide {stem} and hold different polygons; keep one of them there")
     return found[0] if found else None
+
+
+def _quietly(fn, *args):
+    """`fn(*args)` without its warnings: the file used warns when it is read for the work."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return fn(*args)
 
 
 def same_polygons(a: Annotation, b: Annotation) -> bool:
     """Whether two annotations hold the same polygons in the same order, up to NCRF JSON's
-    rounding of vertices to whole pixels."""
+    rounding of vertices to whole pixels (which drops a polygon under a pixel across)."""
+    def kept(polys: list[np.ndarray]) -> list[np.ndarray]:
+        return [v for v in polys if (np.ptp(v, 0) >= 1).all()]
+
     return all(len(pa) == len(pb) and all(u.shape == v.shape and np.abs(u - v).max() <= 0.5 for u, v in zip(pa, pb))
-               for pa, pb in ((a.positive, b.positive), (a.negative, b.negative)))
+               for pa, pb in ((kept(a.positive), kept(b.positive)), (kept(a.negative), kept(b.negative))))
 
 
 def holds_geojson(path: str | Path) -> bool:
