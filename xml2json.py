@@ -60,6 +60,13 @@ def outputs(files: list[Path], out: Path, to: str, many: bool) -> list[Path]:
     return [out / n for n in names]
 
 
+def nothing_read(ann: an.Annotation) -> str:
+    """Why a file with polygons gave no region: their groups, or the kinds of objects skipped."""
+    why = [f"groups found: {sorted(set(ann.unmapped))}"] if ann.unmapped else []
+    why += [f"QuPath objects skipped: {sorted(set(ann.skipped))}"] if ann.skipped else []
+    return f"none of its polygons is an annotation in --positive-groups or --negative-groups ({'; '.join(why)})"
+
+
 def rename_groups(option: str | None, to: str) -> tuple[str, str] | None:
     """`--rename-groups POSITIVE,NEGATIVE` as a pair, checked."""
     if option is None:
@@ -125,9 +132,9 @@ def main(argv=None) -> int:
     def convert(job: tuple[Path, Path]) -> None:
         src, dst = job
         ann = an.load_annotation(src, pos, neg, txt_part=args.txt_group)
-        if not len(ann) and ann.unmapped:  # --positive-groups forgotten, say: not a normal slide's empty file
-            raise UserError(f"{src}: none of its polygons is in --positive-groups or --negative-groups "
-                            f"(found: {sorted(set(ann.unmapped))}); nothing written")
+        if not len(ann) and (ann.unmapped or ann.skipped):  # --positive-groups forgotten, say: not a normal slide
+            raise UserError(f"{src}: {nothing_read(ann)}; nothing written (a normal slide's regions? name their "
+                            "classes in --negative-groups)")
         if not len(ann):
             warnings.warn(f"{src}: no polygons found; writing an empty annotation")
         an.write_annotation(ann.renamed(*rename) if rename else ann, dst, to=args.to)

@@ -430,7 +430,7 @@ def test_warnings_exit_zero(tmp_path, capsys):
     xml = _write(tmp_path / "w.xml", xml_doc([("a", "Mystery", [[0, 0], [9, 0], [9, 9]]),
                                                ("line", "Tumor", [[0, 0], [9, 0], [0, 0]])]))
     code, err = script(capsys, xml, "-o", tmp_path / "w.json")  # nothing usable, and a group not mapped
-    assert code == 2 and "'line'" in err and "(found: ['Mystery']); nothing written" in err.splitlines()[-1]
+    assert code == 2 and "'line'" in err and "(groups found: ['Mystery']); nothing written" in err.splitlines()[-1]
     assert not (tmp_path / "w.json").exists()
     line = _write(tmp_path / "l.xml", xml_doc([("line", "Tumor", [[0, 0], [9, 0], [0, 0]])]))
     code, err = script(capsys, line, "-o", tmp_path / "l.json")
@@ -604,9 +604,16 @@ def test_a_file_whose_groups_are_all_unknown_is_refused_not_written_empty(tmp_pa
     feats = [qupath_feature({"type": "Polygon", "coordinates": [closed(square(0, 0, 10))]}, "Metastasis", "m")]
     path = _write(tmp_path / "m.geojson", json.dumps(feats))
     code, err = script(capsys, path, "-o", tmp_path / "m.json")
-    assert code == 2 and err.splitlines()[-1].endswith(
-        "none of its polygons is in --positive-groups or --negative-groups (found: ['Metastasis']); nothing written")
+    assert code == 2 and "none of its polygons is an annotation in --positive-groups or --negative-groups (groups " \
+        "found: ['Metastasis']); nothing written (a normal slide's regions? name their classes in --negative-groups)" \
+        in err.splitlines()[-1]
     assert not (tmp_path / "m.json").exists()
+    cells = [{**f, "properties": {**f["properties"], "objectType": "cell", "classification": {"name": "Tumor"}}}
+             for f in feats]  # a review's bypass: tumour cells only, skipped, written as a normal slide
+    for kind in ("cell", "Annotation"):
+        cells[0]["properties"]["objectType"] = kind
+        code, err = script(capsys, _write(tmp_path / "c.geojson", json.dumps(cells)), "-o", tmp_path / "c.json")
+        assert (code, kind) == (2, "cell") and "QuPath objects skipped: ['cell']" in err or (code, kind) == (0, "Annotation")
     convert(path, "-o", tmp_path / "m.json", "--positive-groups", "Metastasis")
     _write(tmp_path / "empty.geojson", json.dumps({"type": "FeatureCollection", "features": []}))
     convert(tmp_path / "empty.geojson", "-o", tmp_path / "empty.json")  # a normal slide's: written, empty

@@ -106,6 +106,7 @@ def from_geojson(path: Path, data: object, positive_groups: Sequence[str],
         if check_polygon(str(path), r.name, r.vertices):
             ann.add(r.part, r.name, r.vertices, r.group)
     ann.unmapped = warn_unknown(str(path), "class(es)", classes, (*positive_groups, *negative_groups))
+    ann.skipped = list(objects.elements())
     if objects:
         warnings.warn(f"{path}: {_counted(objects)} ignored (only QuPath annotations are regions, not its "
                       "detections or cells)", AnnotationWarning, stacklevel=3)
@@ -128,7 +129,7 @@ def _object_type(feat: dict, props: dict) -> str:
     wrote ("PathDetectionObject"); a feature with neither (other tools) is an annotation."""
     obj = props.get("objectType")
     if isinstance(obj, str) and obj:
-        return obj
+        return obj.lower()  # QuPath writes lower case; another tool's "Annotation" means the same
     return QUPATH_0_2_IDS.get(feat.get("id"), "annotation") if isinstance(feat.get("id"), str) else "annotation"
 
 
