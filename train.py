@@ -57,6 +57,8 @@ def main(argv=None) -> int:
     cfg = load_config(args.config, [*args.set, *shortcuts])
     if args.save_dir.exists() and not args.save_dir.is_dir():
         raise UserError(f"{args.save_dir}: exists and is not a directory (SAVE_DIR is a run's folder)")
+    if args.resume and not (args.save_dir / "train.ckpt").is_file():  # a mistyped folder is not made
+        raise UserError(f"--resume: {args.save_dir / 'train.ckpt'} does not exist")
     args.save_dir.mkdir(parents=True, exist_ok=True)
     with run_lock(args.save_dir, held=DistEnv.from_env().main):  # a second run into SAVE_DIR is refused
         return train(cfg, args)
@@ -80,7 +82,7 @@ def train(cfg, args) -> int:
         best = args.save_dir / "best.ckpt"
         metric = f"; last epoch valid_auc={last['valid_auc']:.4f}" if "valid_auc" in last else ""
         print(f"done: {best}, train.ckpt, log.csv, curves.png{metric}" if best.exists()
-              else f"done: {args.save_dir}/train.ckpt, log.csv (no epoch gave a finite {cfg.best_metric}: no best.ckpt)")
+              else f"done: {args.save_dir}/train.ckpt, log.csv (no epoch gave a finite {run_.best_metric}: no best.ckpt)")
     return 0
 
 

@@ -67,6 +67,18 @@ def nothing_read(ann: an.Annotation) -> str:
     return f"none of its polygons is an annotation in --positive-groups or --negative-groups ({'; '.join(why)})"
 
 
+def skip_own_outputs(files: list[Path], targets: list[Path]) -> tuple[list[Path], list[Path]]:
+    """Folder runs: leave out, with a warning, an input that would be its own output (a
+    QuPath `.json` converted in place), so the other files are still converted."""
+    keep = [(f, t) for f, t in zip(files, targets) if not (t.exists() and t.resolve() == f.resolve())]
+    for f in sorted(set(files) - {f for f, _ in keep}):
+        warnings.warn(f"{f}: its output would replace it (QuPath GeoJSON saved as .json?); skipped: convert it "
+                      "into another folder")
+    if not keep:
+        raise UserError("every input would be its own output; give -o another folder")
+    return [f for f, _ in keep], [t for _, t in keep]
+
+
 def rename_groups(option: str | None, to: str) -> tuple[str, str] | None:
     """`--rename-groups POSITIVE,NEGATIVE` as a pair, checked."""
     if option is None:
@@ -121,6 +133,8 @@ def main(argv=None) -> int:
     files = collect(args.inputs, args.to)
     many = len(files) > 1 or any(Path(i).is_dir() for i in args.inputs)
     targets = outputs(files, args.output, args.to, many)
+    if many:
+        files, targets = skip_own_outputs(files, targets)
     if not many and targets[0].suffix.lower() not in (OUT_SUFFIX[args.to], ALSO_SUFFIX.get(args.to)):
         raise UserError(f"{targets[0]}: --to {args.to} writes {OUT_SUFFIX[args.to]} files: end -o with "
                         f"{OUT_SUFFIX[args.to]} (or give --to for the format you want)")

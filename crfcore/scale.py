@@ -84,7 +84,7 @@ def read_scale(slide: openslide.OpenSlide, path: str | Path, mpp: float | None =
                          "(--mpp, or the checkpoint's mpp): give --level")
     scale = mpp / own[0]
     if scale < MIN_SCALE:  # the crops would be a few level-0 pixels enlarged (under one, a crash)
-        raise ScaleError(f"{path}: --mpp {mpp:g} is {1 / scale:.3g} times finer than the slide's level 0 "
+        raise ScaleError(f"{path}: reading at {mpp:g} um per pixel is {1 / scale:.3g} times finer than the slide's level 0 "
                          f"({own[0]:g} um per pixel); at most {1 / MIN_SCALE:g} times finer is read")
     lvl = sl.level_for_downsample(slide, scale)
     d = sl.level_downsamples(slide)[lvl][0]

@@ -376,3 +376,8 @@ def test_a_last_batch_of_one_joins_the_one_before():
     sizes = [len(b) for b in loaders.BalancedBatches([5], 2, 0)]
     assert sizes == [2, 3] and sorted(i for b in loaders.BalancedBatches([5], 2, 0) for i in b) == list(range(5))
     assert [len(b) for b in loaders.BalancedBatches([6], 2, 0)] == [2, 2, 2]
+
+
+def test_resume_of_a_mistyped_folder_makes_nothing(grid_data, tmp_path):
+    res = call("train.py", grid_data / "cfg.json", tmp_path / "typo", "--resume", check=False)
+    assert res.returncode == 2 and "train.ckpt does not exist" in res.stderr and not (tmp_path / "typo").exists()
