@@ -86,10 +86,7 @@ def centres_for(args, slide_path: Path, mask: np.ndarray, meta: dict, rng, side:
 
 def cut_slide(args, job: Job, rng) -> None:
     sid = sl.slide_id(job.slide)
-    # coords lists are `slide_id,x,y` lines, read with str.splitlines and stripped fields
-    if "," in sid or len(f"{sid}.".splitlines()) > 1 or sid != sid.strip():
-        raise UserError(f"{job.slide}: a comma, line break or space at either end of the slide's name cannot go in "
-                        "a coords list; rename the file")
+    tiling.check_coords_id(sid, job.slide)  # before any work: the set's marker is a coords list
     with sl.open_slide(job.slide) as s:  # first: a file that is not a slide is named as such
         mask, meta = masks.load_mask(job.mask, slide=job.slide)
         check_fits_slide(job.mask, mask.shape, meta["downsample"], s.dimensions)

@@ -171,8 +171,9 @@ def froc_hits(lesions: Path, stem: str, args) -> tuple[list[float], np.ndarray, 
 
 def cmd_froc(args) -> None:
     files, stems = lesion_lists(args.lesions_dir)
-    truths = visible_files(args.truth_dir, COMPANIONS["annotation"])
-    unlisted = sorted({companion_stem(t, "annotation") for t in truths} - set(stems))
+    truths = {companion_stem(t, kind) for kind in ("annotation", "truth_mask")
+              for t in visible_files(args.truth_dir, COMPANIONS[kind])}  # Camelyon16's mask TIFFs too
+    unlisted = sorted(truths - set(stems))
     if unlisted:
         print(f"note: no lesion list for {', '.join(unlisted)} (truth in {args.truth_dir}); left out")
     if args.slides is None:  # the isolated-tumour-cell rule is in microns
@@ -354,7 +355,7 @@ def add_commands(p) -> None:
                    help="also write ASAP XML points or GeoJSON points")
     q = sub.add_parser("froc", help="Camelyon16 FROC over a folder of lesion CSVs", formatter_class=p.formatter_class)
     q.add_argument("lesions_dir", type=Path, help="folder of <slide>.csv lesion files")
-    q.add_argument("truth_dir", type=Path, help="annotation JSON/XML/GeoJSON or mask TIFF per tumour slide")
+    q.add_argument("truth_dir", type=Path, help="annotation (JSON, XML, GeoJSON or txt) or mask TIFF per tumour slide")
     q.add_argument("--level", type=number(int, 0, 20), default=5, help="evaluation level (the slide's, or downsample 2**level)")
     q.add_argument("--mpp", type=number(float, most=1000, above=0), default=ev.CAMELYON_MPP, help="um/pixel when a slide has none")
     q.add_argument("--slides", type=Path, help="slide folder: each slide's mpp, levels and size")
@@ -373,7 +374,7 @@ def add_commands(p) -> None:
                        formatter_class=p.formatter_class)
     q.add_argument("ckpt", type=Path, help="checkpoint from train.py")
     q.add_argument("data", type=Path, help="class sub-folders (classify) or a list.txt folder (grid)")
-    q.add_argument("--json", type=Path, help="grid models: annotation JSON folder")
+    q.add_argument("--json", type=Path, help="grid models: the slides' annotation folder")
     q.add_argument("--plot", type=Path, help="confusion matrix picture (default: DATA/confusion_matrix.png)")
     add_workers(q, beside_cnn=True)
     q.add_argument("--quiet", action="store_true", help="no progress bar")

@@ -34,7 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue SAVE_DIR/train.ckpt exactly")
     p.add_argument("--evaluate", nargs=2, type=Path, metavar=("CKPT", "DATA_DIR"),
                    help="report a checkpoint on a data folder and exit")
-    p.add_argument("--json", type=Path, help="--evaluate of a grid model: annotation JSON folder")
+    p.add_argument("--json", type=Path, help="--evaluate of a grid model: the slides' annotation folder")
     p.add_argument("--plot", type=Path, help="--evaluate: confusion matrix picture (default: DATA_DIR/confusion_matrix.png)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     return p

@@ -35,13 +35,13 @@ def key(default: Any, help: str) -> Any:  # noqa: A002 - the word the table uses
 
 @dataclass(frozen=True)
 class TrainConfig:
-    mode: str = key("grid", "`grid`: WSI patch grids, labels from annotation JSON; `classify`: image folders")
+    mode: str = key("grid", "`grid`: WSI patch grids, labels from the slides' annotations; `classify`: image folders")
     data_path_tumor_train: Optional[str] = key(None, "grid: tumour training set folder (list.txt + N.png)")
     data_path_normal_train: Optional[str] = key(None, "grid: normal training set folder")
-    json_path_train: Optional[str] = key(None, "grid: folder of annotation JSONs, one per training slide")
+    json_path_train: Optional[str] = key(None, "grid: folder of annotations (NCRF JSON, XML, GeoJSON or txt), one per training slide")
     data_path_tumor_valid: Optional[str] = key(None, "grid: tumour validation set folder")
     data_path_normal_valid: Optional[str] = key(None, "grid: normal validation set folder")
-    json_path_valid: Optional[str] = key(None, "grid: annotation JSONs of the validation slides")
+    json_path_valid: Optional[str] = key(None, "grid: folder of the validation slides' annotations")
     data_path_train: Optional[str] = key(
         None, "a single training folder (grid: list.txt folder; classify: class sub-folders)")
     data_path_valid: Optional[str] = key(None, "a single validation folder")
@@ -157,6 +157,8 @@ class TrainConfig:
                 raise ConfigError("classify mode has no CRF: set grid to 1")
             return
         cells = self.image_size // self.patch_size
+        if self.grid not in GRIDS:  # the CRF's grids: refused here, before any data is read
+            raise ConfigError(f"config grid={self.grid}: expected one of {', '.join(map(str, GRIDS))}")
         if self.image_size % self.patch_size or self.grid not in (1, cells):
             raise ConfigError(f"image_size {self.image_size} / patch_size {self.patch_size} must be "
                               f"a whole grid, and grid ({self.grid}) that number or 1")
@@ -164,7 +166,7 @@ class TrainConfig:
             raise ConfigError("grid mode needs data_path_tumor_train + data_path_normal_train "
                               "(or data_path_train) and json_path_train")
         if not self.json_path_train:
-            raise ConfigError("grid mode needs json_path_train (annotation JSONs)")
+            raise ConfigError("grid mode needs json_path_train (a folder of the slides' annotations)")
 
     def to_dict(self) -> dict:
         """Plain JSON-able values (tuples as lists), for config.json and checkpoints."""
@@ -181,6 +183,7 @@ class TrainConfig:
 
 
 INTERNAL = ("classes", "num_classes", "stain_reference")
+GRIDS = (1, 3, 5, 7)  # the CRF's grid sizes (1: the plain CNN)
 # The numeric keys a checkpoint's model and maps are built from.
 MODEL_KEYS = ("grid", "crf_iters", "width_mult", "image_size", "patch_size", "crop_size", "mpp")
 # Each numeric key's range: (least, most or None, whether `least` itself is refused).

@@ -16,7 +16,7 @@ from tqdm import tqdm
 from . import slide as sl
 from .annotations import find_annotation, load_annotation
 from .errors import CrfError
-from .io import write_image
+from .io import visible_files, write_image
 from .scale import resize
 from .tiling import GridGeometry, group_boxes, read_coords
 from .trainset import LEGACY_FIX, read_sides
@@ -207,7 +207,7 @@ class GridDataset(Dataset):
         for sid in sorted({c[0] for c in self.coords}):
             path = find_annotation(json_dir, sid)
             if path is None:
-                raise DataError(f"slide {sid!r} of {self.dir} has no annotation {sid}.json in {json_dir} "
+                raise DataError(f"slide {sid!r} of {self.dir} has no annotation {sid}.json (or .xml, .geojson, .txt) in {json_dir} "
                                 "(normal slides need an empty one)")
             self.annotations[sid] = load_annotation(path)
         scale = self._level0_sides(mpp_set) / image_size  # level-0 pixels per image pixel, (n, 2)
@@ -299,13 +299,13 @@ class FolderDataset(Dataset):
         self.root = Path(root)
         if not self.root.is_dir():
             raise DataError(f"{self.root}: not a directory of class sub-folders")
-        found = sorted(p.name for p in self.root.iterdir() if p.is_dir())
+        found = sorted(p.name for p in self.root.iterdir() if p.is_dir() and not p.name.startswith("."))
         self.classes = list(classes or found)
         extra = sorted(set(found) - set(self.classes))
         if extra:
             raise DataError(f"{self.root}: classes {extra} are not among the model's {self.classes}")
         self.items = [(p, k) for k, c in enumerate(self.classes) if (self.root / c).is_dir()
-                      for p in sorted((self.root / c).iterdir()) if p.suffix.lower() in self.EXTS]
+                      for p in visible_files(self.root / c, self.EXTS)]  # not ._x.png, .ipynb_checkpoints
         if not self.items:
             raise DataError(f"{self.root}: no images in class sub-folders")
         self.size, self.augment, self.normalise = size, augment, normalise

@@ -13,6 +13,7 @@ from typing import Callable, Iterator, Sequence
 import numpy as np
 import tifffile
 
+from . import slide as sl
 from .errors import CrfError, OutputError
 from .io import ArrayFileError, atomic_path, load_array, save_array
 from .slide import MAP_SOFTWARE
@@ -47,8 +48,6 @@ def check_picture_format(out: Path) -> None:
 def check_not_a_slide(path: Path) -> None:
     """Refuse, before any work, a picture or map TIFF named like an existing slide that this
     tool did not write (a --plot or --tiff given a slide's name would replace the slide)."""
-    from . import slide as sl
-
     if not path.is_file() or path.suffix.lower() not in sl.SLIDE_EXTENSIONS or sl.is_map_tiff(path):
         return
     try:

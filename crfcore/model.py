@@ -18,14 +18,11 @@ from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from . import __version__
-from .config import TrainConfig
+from .config import GRIDS, TrainConfig
 from .crf import CRF
 from .errors import CrfError, OutputError
 from .io import atomic_path
 from .stain import stain_arrays
-
-GRIDS = (1, 3, 5, 7)
-
 
 class CheckpointError(CrfError):
     """A checkpoint that cannot be read or does not fit the model asked for."""

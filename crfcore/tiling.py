@@ -136,14 +136,24 @@ def read_coords(path: str | Path) -> list[tuple[str, int, int]]:
     return out
 
 
+def check_coords_id(slide_id: str, source: str | Path) -> None:
+    """Refuse a slide id that a coords list cannot hold: its lines are `slide_id,x,y`, read
+    with str.splitlines and stripped fields (`source`: the file the id comes from)."""
+    if "," in slide_id or len(f"{slide_id}.".splitlines()) > 1 or slide_id != slide_id.strip():
+        raise TilingError(f"{source}: a comma, line break or space at either end of the slide's name cannot go in "
+                          "a coords list; rename the file")
+
+
 def format_coords(slide_id: str, centres: np.ndarray) -> str:
+    """NCRF's coords-list lines of one slide (the id checked first)."""
+    check_coords_id(slide_id, slide_id)
     return "".join(f"{slide_id},{int(x)},{int(y)}\n" for x, y in centres)
 
 
-def tile_name(index: int, level: int, box: tuple[int, int, int, int], prefix: str = "") -> str:
+def tile_name(index: int, level: int, box: tuple[int, int, int, int]) -> str:
     """histolab's tile file name, with the level-0 box."""
     x0, y0, x1, y1 = box
-    return f"{prefix}tile_{index}_level{level}_{x0}-{y0}-{x1}-{y1}.png"
+    return f"tile_{index}_level{level}_{x0}-{y0}-{x1}-{y1}.png"
 
 
 @dataclass(frozen=True)

@@ -682,3 +682,14 @@ def test_an_empty_set_never_replaces_a_good_one_and_a_foreign_txt_is_kept(syn_sl
     res = call("Patch_gen.py", *base[:4], other, *base[5:], "--overwrite", check=False)
     assert res.returncode == 2 and "is not Patch_gen's list" in res.stderr
     assert (other / "syn_tumor.txt").read_text() == annotation
+
+
+def test_a_coords_list_never_takes_an_id_it_cannot_hold():
+    """From a code review: the slide-id rule lived in Patch_gen only, so `evaluate.py
+    negatives` could write a coords list that reading refuses."""
+    from crfcore import tiling
+
+    assert tiling.format_coords("a b", np.array([[1, 2]])) == "a b,1,2\n"
+    for bad in ("a,b", "a\nb", " a"):
+        with pytest.raises(tiling.TilingError, match="cannot go in a coords list"):
+            tiling.format_coords(bad, np.array([[1, 2]]))

@@ -4,6 +4,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pytest
 import torch
@@ -332,6 +333,7 @@ def test_config_is_typed_and_the_readme_table_is_generated_from_it():
     ("momentum=1.5", "momentum=1.5: expected at least 0 and at most 1"),
     ("width_mult=1e6", "width_mult=1000000.0: expected above 0 and at most 4"),
     ("max_steps=0", "max_steps=0: expected at least 1"),
+    ("grid=2", "grid=2: expected one of 1, 3, 5, 7"),  # a review: was refused only when the model was built
     ("lr=1e300", "lr=1e\\+300: expected above 0 and at most 10"),  # from a hostile review: overflowed in the step
     ("gamma=1e300", "gamma=1e\\+300: expected above 0 and at most 10"),
     ("mpp=1e300", "mpp=1e\\+300: expected above 0 and at most 1000"),
@@ -381,3 +383,15 @@ def test_a_last_batch_of_one_joins_the_one_before():
 def test_resume_of_a_mistyped_folder_makes_nothing(grid_data, tmp_path):
     res = call("train.py", grid_data / "cfg.json", tmp_path / "typo", "--resume", check=False)
     assert res.returncode == 2 and "train.ckpt does not exist" in res.stderr and not (tmp_path / "typo").exists()
+
+
+def test_a_class_folder_skips_hidden_folders_and_files(tmp_path):
+    """From a code review: `.ipynb_checkpoints` became a class and `._x.png` (macOS) an image."""
+    from crfcore.datasets import FolderDataset
+
+    for c in ("0", "1", ".ipynb_checkpoints"):
+        (tmp_path / c).mkdir()
+        cv2.imwrite(str(tmp_path / c / "a.png"), np.full((8, 8, 3), 128, np.uint8))
+    (tmp_path / "0" / "._a.png").write_bytes(b"AppleDouble")
+    ds = FolderDataset(tmp_path, 8)
+    assert ds.classes == ["0", "1"] and [p.name for p, _ in ds.items] == ["a.png", "a.png"]
