@@ -67,7 +67,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     p = build_parser()
     args = p.parse_args(argv)
-    inside = next((d for d in args.patch_dirs if d.is_dir() and args.output.resolve().is_relative_to(d.resolve())), None)
+    missing = next((d for d in args.patch_dirs if not d.is_dir()), None)
+    if missing is not None:  # before DATASET_DIR is made
+        raise UserError(f"{missing}: no such PATCH_DIR (a folder of Patch_gen.py output)")
+    inside = next((d for d in args.patch_dirs if args.output.resolve().is_relative_to(d.resolve())), None)
     if inside is not None:  # the set's images would land among the tiles it is made of
         raise UserError(f"{args.output}: lies in PATCH_DIR {inside}; give the training set a folder of its own")
     with trainset.locked(args.output):

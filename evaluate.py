@@ -41,12 +41,12 @@ MAX_TRUTH_PIXELS = 2**26  # an evaluation raster larger than this is a mistake (
 
 def cmd_lesions(args) -> None:
     prob, meta = load_probability_map(args.prob)
-    found = ev.find_lesions(prob, tuple(meta["downsample"]), args.threshold, args.radius, args.sigma)
     csv_path, export = lesion_outputs(args.output, args.to)
     if export is not None and export.is_file() and not ev.is_lesion_export(export):
         raise UserError(f"{export}: exists and holds annotations other than predicted lesions (the truth?); "
                         "the export would replace it: choose another -o")
     check_replaceable(csv_path, ev.read_lesions, "a lesion list (prob,x,y)")
+    found = ev.find_lesions(prob, tuple(meta["downsample"]), args.threshold, args.radius, args.sigma)
     atomic_write_text(csv_path, ev.lesions_csv(found))
     if args.to == "xml":
         atomic_write_text(export, ev.lesions_asap_xml(found))
