@@ -32,7 +32,7 @@ from crfcore.annotations import find_annotation, load_annotation
 from crfcore.cli import PROBABILITY, UserError, add_workers, number, parser, run
 from crfcore.errors import CrfError
 from crfcore.heatmap import check_not_a_slide, check_picture_format, load_probability_map
-from crfcore.io import (COMPANIONS, atomic_path, atomic_write_text, check_spares_inputs, companion, companion_stem,
+from crfcore.io import (COMPANIONS, atomic_write_text, check_spares_inputs, companion, companion_stem, save_figure,
                         sidecar_path, visible_files)
 from crfcore.tiling import format_coords, read_coords
 
@@ -337,10 +337,7 @@ def plot(path: Path, x, y, xlabel: str, ylabel: str, title: str, logx: bool = Fa
         for r in ev.FROC_FP_RATES:
             ax.axvline(r, color="0.85", lw=0.8)
     ax.set(xlabel=xlabel, ylabel=ylabel, title=title, ylim=(0, 1.02))
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=100)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def add_commands(p) -> None:

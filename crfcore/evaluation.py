@@ -11,7 +11,7 @@ from sklearn import metrics as skm
 
 from .annotations import LESION_CLASS, LESION_COLOUR, asap_xml, geojson_feature
 from .errors import CrfError
-from .io import atomic_path, read_json
+from .io import read_json, save_figure
 
 
 class EvaluationError(CrfError):
@@ -62,10 +62,7 @@ def patch_report(y_true: np.ndarray, prob: np.ndarray, class_names: list[str],
         skm.ConfusionMatrixDisplay(cm, display_labels=class_names).plot(ax=ax, cmap="Blues",
                                                                         colorbar=False)
         ax.set_title(title or "confusion matrix")
-        fig.tight_layout()
-        with atomic_path(png) as tmp:
-            fig.savefig(tmp, dpi=100)
-        plt.close(fig)
+        save_figure(fig, png)
     m = patch_metrics(y_true, prob)
     return text + f"balanced_accuracy={m['balanced_acc']:.4f} auc={m['auc']:.4f}"
 

@@ -15,7 +15,7 @@ import tifffile
 
 from . import slide as sl
 from .errors import CrfError, OutputError
-from .io import ArrayFileError, atomic_path, load_array, save_array
+from .io import ArrayFileError, atomic_path, load_array, save_array, save_figure
 from .slide import MAP_SOFTWARE
 
 TILE = 256
@@ -96,10 +96,7 @@ def figure(image: np.ndarray, out_png: str | Path, cmap: str, vmin: float, vmax:
         shown = plt.cm.ScalarMappable(norm=plt.Normalize(vmin, vmax), cmap=cmap)
     fig.colorbar(shown, ax=ax, fraction=0.046, pad=0.04, label="tumour probability")
     ax.set(title=title, xlabel="x (level-0 pixels)", ylabel="y (level-0 pixels)")
-    fig.tight_layout()
-    with atomic_path(out_png) as tmp:
-        fig.savefig(tmp, dpi=100)
-    plt.close(fig)
+    save_figure(fig, out_png)
 
 
 def pyramid_sizes(width: int, height: int, min_size: int = 512) -> list[tuple[int, int]]:

@@ -49,6 +49,18 @@ def check_output_path(path: str | Path) -> Path:
     return path
 
 
+def save_figure(fig, path: str | Path, dpi: int = 100) -> None:
+    """Lay out a matplotlib figure, write it atomically to `path` and free it."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    try:
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, dpi=dpi)
+    finally:
+        plt.close(fig)
+
+
 def check_spares_inputs(outputs: Iterable[str | Path | None], inputs: Iterable[str | Path | None]) -> None:
     """Refuse, before any work, an output that is one of the run's inputs (the same file,
     by any name) or another of its outputs: writing it would replace what the run reads."""

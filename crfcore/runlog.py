@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import CrfError
-from .io import atomic_path
+from .io import atomic_path, save_figure
 
 
 class LogError(CrfError):
@@ -63,7 +63,4 @@ def plot_curves(log_csv: Path, png: Path) -> None:
     a.set(xlabel="epoch", title="loss")
     b.set(xlabel="epoch", title="metrics", ylim=(0, 1.02))
     a.legend(), b.legend(loc="lower right")
-    fig.tight_layout()
-    with atomic_path(png) as tmp:
-        fig.savefig(tmp, dpi=90)
-    plt.close(fig)
+    save_figure(fig, png, dpi=90)
