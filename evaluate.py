@@ -76,7 +76,7 @@ def run_files(args) -> list[Path]:
     """Every file the command may read (an output must not be one of them)."""
     files = [getattr(args, n, None) for n in ("prob", "mask", "tissue", "labels", "ckpt")]
     files += [sidecar_path(f) for f in files[:3] if f is not None]
-    for name, suffixes in (("lesions_dir", COMPANIONS["lesions"]), ("probs_dir", ("_prob.npy", "_prob.json")),
+    for name, suffixes in (("lesions_dir", COMPANIONS["lesions"]), ("probs_dir", (*COMPANIONS["prob"], "_prob.json")),
                            ("truth_dir", COMPANIONS["annotation"] + COMPANIONS["truth_mask"])):
         if getattr(args, name, None) is not None:
             files += visible_files(getattr(args, name), suffixes)
@@ -237,7 +237,7 @@ def read_labels(path: Path) -> dict[str, int]:
 def cmd_slides(args) -> None:
     labels = read_labels(args.labels)
     names, y, score = [], [], []
-    for f in visible_files(args.probs_dir, ("_prob.npy",)):
+    for f in visible_files(args.probs_dir, COMPANIONS["prob"]):
         prob, meta = load_probability_map(f)
         stem = Path(meta["slide"]).stem
         if stem not in labels:
@@ -297,7 +297,7 @@ def cmd_patches(args) -> None:
 
 
 def cmd_negatives(args) -> None:
-    maps = visible_files(args.probs_dir, ("_prob.npy",))
+    maps = visible_files(args.probs_dir, COMPANIONS["prob"])
     if not maps:
         raise UserError(f"{args.probs_dir}: no probability maps (<slide>_prob.npy)")
     check_replaceable(args.output, read_coords, "a coords list (slide_id,x,y)")
