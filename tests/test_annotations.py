@@ -581,8 +581,16 @@ def test_siblings_that_are_no_usable_annotation_are_passed_over(tmp_path):
     convert(custom / "s.xml", "-o", notes / "s.json", "--positive-groups", "Metastasis")
     (notes / "s.txt").write_text("scanned on Monday\n")
     (notes / "s.xml").write_text('<?xml version="1.0"?><Annotations><Annotation/></Annotations>')  # Aperio's
-    for d in (custom, tiny, notes):
+    sliver = tmp_path / "sliver"  # a review: 0.6 px rounds to a whole pixel, 0.4 px to none
+    sliver.mkdir()
+    (sliver / "s.xml").write_text(xml_doc([("a", "_0", [(300.2, 300.2), (300.8, 300.2), (300.8, 300.8), (300.2, 300.8)]),
+                                           ("b", "_0", [(0, 10.3), (500, 10.3), (500, 10.7), (0, 10.7)])]))
+    convert(sliver / "s.xml", "-o", sliver / "s.json")
+    for d in (custom, tiny, notes, sliver):
         assert an.find_annotation(d, "s") == d / "s.json", d
+    (notes / "s.geojson").write_text('{"type": "FeatureCollection", "features": []}')  # empty: not the same truth
+    with pytest.raises(an.AnnotationError, match="hold different polygons"):
+        an.find_annotation(notes, "s")
 
 
 def test_another_tools_xml_is_refused_not_read_as_empty(tmp_path, capsys):

@@ -34,7 +34,7 @@ from .asap import WRITTEN_BY, asap_xml, read_asap_xml, to_asap_xml
 from .geojson import geojson_feature, is_geojson, read_geojson, to_geojson
 from .model import (DEFAULT_COLOUR, DEFAULT_GROUP, LESION_CLASS, LESION_COLOUR, MAX_COORDINATE,
                     NEGATIVE_GROUPS, POSITIVE_GROUPS, Annotation, AnnotationError, AnnotationWarning,
-                    Polygon)
+                    Polygon, three_distinct)
 from .ncrf import read_json, read_txt, to_json_dict
 
 __all__ = [
@@ -91,7 +91,7 @@ def find_annotation(folder: str | Path, stem: str) -> Path | None:
     them) they must hold the same polygons, or which one is meant is not known (an edited
     `t.geojson` beside the old `t.xml`, say). A sibling that is no annotation this run
     could use is passed over: one that does not read as an annotation (notes in a `.txt`,
-    another tool's XML) or holds no polygon of the default groups (converted with others)."""
+    another tool's XML) or whose polygons are all in other groups (converted with others)."""
     found = all_companions(folder, stem, "annotation")
     if len(found) > 1:
         chosen = _quietly(load_annotation, found[0])  # its faults are the run's: they are raised
@@ -100,7 +100,7 @@ def find_annotation(folder: str | Path, stem: str) -> Path | None:
                 sibling = _quietly(load_annotation, other)
             except AnnotationError:
                 continue
-            if len(sibling) and not same_polygons(chosen, sibling):
+            if not (sibling.unmapped and not len(sibling)) and not same_polygons(chosen, sibling):
                 raise AnnotationError(f"{folder}: {found[0].name} (which would be used) and {other.name} both "
                                       f"annotate slide {stem} and hold different polygons; keep one of them there")
     return found[0] if found else None
@@ -114,13 +114,14 @@ def _quietly(fn, *args):
 
 
 def same_polygons(a: Annotation, b: Annotation) -> bool:
-    """Whether two annotations hold the same polygons in the same order, up to NCRF JSON's
-    rounding of vertices to whole pixels (which drops a polygon under a pixel across)."""
-    def kept(polys: list[np.ndarray]) -> list[np.ndarray]:
-        return [v for v in polys if (np.ptp(v, 0) >= 1).all()]
+    """Whether two annotations hold the same polygons in the same order, once both are
+    rounded as NCRF JSON rounds them (whole pixels; a polygon left with fewer than 3
+    distinct vertices dropped, as reading the JSON drops it)."""
+    def rounded(polys: list[np.ndarray]) -> list[np.ndarray]:
+        return [r for r in (np.round(v) for v in polys) if three_distinct(r)]
 
-    return all(len(pa) == len(pb) and all(u.shape == v.shape and np.abs(u - v).max() <= 0.5 for u, v in zip(pa, pb))
-               for pa, pb in ((kept(a.positive), kept(b.positive)), (kept(a.negative), kept(b.negative))))
+    return all(len(pa) == len(pb) and all(u.shape == v.shape and (u == v).all() for u, v in zip(pa, pb))
+               for pa, pb in ((rounded(a.positive), rounded(b.positive)), (rounded(a.negative), rounded(b.negative))))
 
 
 def holds_geojson(path: str | Path) -> bool:
