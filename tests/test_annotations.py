@@ -623,7 +623,10 @@ def test_a_file_whose_groups_are_all_unknown_is_refused_not_written_empty(tmp_pa
     for kind in ("cell", "Annotation"):
         cells[0]["properties"]["objectType"] = kind
         code, err = script(capsys, _write(tmp_path / "c.geojson", json.dumps(cells)), "-o", tmp_path / "c.json")
-        assert (code, kind) == (2, "cell") and "QuPath objects skipped: ['cell']" in err or (code, kind) == (0, "Annotation")
+        assert (code, kind) == (2, "cell") and "tumour-class QuPath objects skipped: ['cell']" in err or (code, kind) == (0, "Annotation")
+    normal = [{**cells[0], "properties": {"objectType": "cell", "classification": {"name": "Other"}}}]
+    code, err = script(capsys, _write(tmp_path / "n.geojson", json.dumps(normal)), "-o", tmp_path / "n.json")
+    assert code == 0 and json.loads((tmp_path / "n.json").read_text()) == {"positive": [], "negative": []}  # normal
     convert(path, "-o", tmp_path / "m.json", "--positive-groups", "Metastasis")
     _write(tmp_path / "empty.geojson", json.dumps({"type": "FeatureCollection", "features": []}))
     convert(tmp_path / "empty.geojson", "-o", tmp_path / "empty.json")  # a normal slide's: written, empty

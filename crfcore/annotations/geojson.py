@@ -83,6 +83,8 @@ def from_geojson(path: Path, data: object, positive_groups: Sequence[str],
         props = feat.get("properties") if isinstance(feat.get("properties"), dict) else {}
         if (obj := _object_type(feat, props)) != "annotation":
             objects[obj] += 1
+            if _class_name(props) in positive_groups:  # tumour cells: the file speaks of tumour
+                ann.skipped.append(obj)
             continue
         geom = feat.get("geometry") if isinstance(feat.get("geometry"), dict) else {}
         kind = geom.get("type")
@@ -106,7 +108,6 @@ def from_geojson(path: Path, data: object, positive_groups: Sequence[str],
         if check_polygon(str(path), r.name, r.vertices):
             ann.add(r.part, r.name, r.vertices, r.group)
     ann.unmapped = warn_unknown(str(path), "class(es)", classes, (*positive_groups, *negative_groups))
-    ann.skipped = list(objects.elements())
     if objects:
         warnings.warn(f"{path}: {_counted(objects)} ignored (only QuPath annotations are regions, not its "
                       "detections or cells)", AnnotationWarning, stacklevel=3)
