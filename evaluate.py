@@ -317,7 +317,7 @@ def cmd_negatives(args) -> None:
         mpp = (meta.get("mpp") or [args.mpp])[0]
         points = ev.hard_negatives(prob, tumour, ds, args.threshold, args.per_slide,
                                    args.margin_um / (mpp * ds[0]), args.sample, rng)
-        lines.append(format_coords(stem, points))
+        lines.append(format_coords(stem, points, f))
         total += len(points)
         print(f"{stem}: {len(points)} false-positive points" + ("" if ann_path else " (no truth: a normal slide)"))
     atomic_write_text(args.output, "".join(lines))

@@ -137,16 +137,22 @@ def read_coords(path: str | Path) -> list[tuple[str, int, int]]:
 
 
 def check_coords_id(slide_id: str, source: str | Path) -> None:
-    """Refuse a slide id that a coords list cannot hold: its lines are `slide_id,x,y`, read
-    with str.splitlines and stripped fields (`source`: the file the id comes from)."""
+    """Refuse a slide id that a coords list cannot hold: its lines are `slide_id,x,y` in
+    UTF-8, read with str.splitlines and stripped fields (`source`: where the id comes from)."""
+    try:
+        slide_id.encode("utf-8")
+    except UnicodeEncodeError:  # a file name that is not UTF-8 (its bytes kept as surrogates)
+        raise TilingError(f"{source}: the slide's name is not UTF-8 text, which a coords list needs; "
+                          "rename the file") from None
     if "," in slide_id or len(f"{slide_id}.".splitlines()) > 1 or slide_id != slide_id.strip():
-        raise TilingError(f"{source}: a comma, line break or space at either end of the slide's name cannot go in "
-                          "a coords list; rename the file")
+        raise TilingError(f"{source}: a comma, line break or space at either end of the slide's name "
+                          f"({slide_id!r}) cannot go in a coords list; rename the slide")
 
 
-def format_coords(slide_id: str, centres: np.ndarray) -> str:
-    """NCRF's coords-list lines of one slide (the id checked first)."""
-    check_coords_id(slide_id, slide_id)
+def format_coords(slide_id: str, centres: np.ndarray, source: str | Path | None = None) -> str:
+    """NCRF's coords-list lines of one slide (the id checked when there is a line to write)."""
+    if len(centres):
+        check_coords_id(slide_id, source or slide_id)
     return "".join(f"{slide_id},{int(x)},{int(y)}\n" for x, y in centres)
 
 

@@ -692,6 +692,7 @@ def test_a_coords_list_never_takes_an_id_it_cannot_hold():
     from crfcore import tiling
 
     assert tiling.format_coords("a b", np.array([[1, 2]])) == "a b,1,2\n"
-    for bad in ("a,b", "a\nb", " a"):
-        with pytest.raises(tiling.TilingError, match="cannot go in a coords list"):
+    for bad in ("a,b", "a\nb", " a", "a\udcffb"):  # the last: a file name that is not UTF-8
+        with pytest.raises(tiling.TilingError, match="coords list"):
             tiling.format_coords(bad, np.array([[1, 2]]))
+    assert tiling.format_coords("a,b", np.zeros((0, 2))) == ""  # no line to write: nothing to refuse
