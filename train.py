@@ -53,6 +53,8 @@ def main(argv=None) -> int:
         return 0
     if args.config is None or args.save_dir is None:
         p.error("CONFIG and SAVE_DIR are required (or --evaluate CKPT DATA_DIR)")
+    if args.plot or args.json:
+        p.error("--plot and --json go with --evaluate")
     shortcuts = [f"{k}={v}" for k, v in (("device", args.device), ("workers", args.workers)) if v is not None]
     cfg = load_config(args.config, [*args.set, *shortcuts])
     if args.save_dir.exists() and not args.save_dir.is_dir():

@@ -19,7 +19,7 @@ from .errors import CrfError
 from .io import visible_files, write_image
 from .scale import resize
 from .tiling import GridGeometry, group_boxes, read_coords
-from .trainset import LEGACY_FIX, read_sides
+from .trainset import LEGACY_FIX, SIDES, read_sides
 
 
 class SlideDataset(Dataset):
@@ -203,13 +203,14 @@ class GridDataset(Dataset):
         self.geom = GridGeometry(image_size, patch_size, crop_size)
         self.augment, self.normalise = augment, normalise
         self._check_images()
-        self.annotations = {}
+        self.annotations, self.annotation_paths = {}, []
         for sid in sorted({c[0] for c in self.coords}):
             path = find_annotation(json_dir, sid)
             if path is None:
                 raise DataError(f"slide {sid!r} of {self.dir} has no annotation {sid}.json (or .xml, .geojson, .txt) in {json_dir} "
                                 "(normal slides need an empty one)")
             self.annotations[sid] = load_annotation(path)
+            self.annotation_paths.append(path)
         scale = self._level0_sides(mpp_set) / image_size  # level-0 pixels per image pixel, (n, 2)
         offsets = self.geom.cell_offsets()
         self.labels = np.stack([self.annotations[s].contains(np.array([x, y]) + offsets * k)
@@ -251,6 +252,11 @@ class GridDataset(Dataset):
             raise DataError(f"{self.dir / 'sides.txt'}: the images of slide {ids[k]} cover {lo[k, 0]}x{lo[k, 1]} and "
                             f"{hi[k, 0]}x{hi[k, 1]} level-0 pixels: cut at two resolutions (Patch_gen.py runs "
                             "at different --level/--mpp gathered into one folder)")
+
+    def files(self) -> list[Path]:
+        """Every file the data set reads (an output must be none of them)."""
+        return [self.dir / "list.txt", self.dir / SIDES, *self.annotation_paths,
+                *(self.dir / f"{i}.png" for i in range(len(self.coords)))]
 
     def _check_images(self) -> None:
         """Refuse a folder whose images are missing or of another size than image_size
@@ -309,6 +315,10 @@ class FolderDataset(Dataset):
         if not self.items:
             raise DataError(f"{self.root}: no images in class sub-folders")
         self.size, self.augment, self.normalise = size, augment, normalise
+
+    def files(self) -> list[Path]:
+        """Every file the data set reads (an output must be none of them)."""
+        return [p for p, _ in self.items]
 
     def __len__(self) -> int:
         return len(self.items)

@@ -28,7 +28,7 @@ from .device import DistEnv, autocast, reader_workers, resolve_device, resolve_p
 from .errors import CrfError
 from .evaluation import patch_metrics, patch_report
 from .heatmap import check_not_a_slide, check_picture_format
-from .io import atomic_write_json, atomic_write_text, ensure_free_space
+from .io import atomic_write_json, atomic_write_text, check_spares_inputs, ensure_free_space
 from .model import CRFNet, ModelConfig, init_from_checkpoint, load_checkpoint, load_pretrained_backbone
 from .model import inference_copy, model_from_checkpoint, save_checkpoint
 from .loaders import build_loaders, collate, grid_folders, stain_normaliser
@@ -462,6 +462,7 @@ def evaluate_folder(ckpt_path: str | Path, data_dir: str | Path, picture: str | 
             raise ConfigError(f"{ckpt_path}: a grid-mode checkpoint needs --json DIR with the slides' annotations")
         ds = GridDataset(data_dir, json_dir, cfg.image_size, cfg.patch_size, cfg.crop_size, None, norm,
                          mpp_set=cfg.mpp is not None)
+    check_spares_inputs([picture], [ckpt_path, *ds.files()])  # --plot DATA/1.png would replace an image
     loader = DataLoader(ds, batch_size=batch_size, num_workers=reader_workers(workers, dev), collate_fn=collate)
     model = inference_copy(model).to(dev, memory_format=torch.channels_last)
     y, p, _ = predict(model, loader, dev, resolve_precision(dev, cfg.precision), model.cfg.num_classes, quiet=quiet)
