@@ -21,6 +21,7 @@ quiet_ctrl_c()  # first: Ctrl-C while the libraries below load is one line
 import argparse
 import csv
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -296,6 +297,34 @@ def cmd_patches(args) -> None:
     print(f"confusion matrix -> {picture}\n{report}")  # the report's metrics line last, for scripts
 
 
+def map_truth(truth_dir: Path, stem: str, map_path: Path, shape: tuple[int, int],
+              meta: dict) -> tuple[np.ndarray, Path | None]:
+    """A slide's tumour on its map's lattice, from its annotation or its Camelyon16 mask
+    TIFF (as froc reads truth), and the truth file; no truth: nothing is tumour."""
+    ds = tuple(meta["downsample"])
+    ann_path = find_annotation(truth_dir, stem)
+    if ann_path is not None:
+        ann = load_annotation(ann_path)
+        extent = (shape[1] * ds[0], shape[0] * ds[1])
+        if ann.positive and not masks.overlaps(ann, extent):
+            raise UserError(f"{ann_path}: lies wholly outside {map_path.name}'s {extent[0]:.0f}x{extent[1]:.0f} "
+                            "level-0 pixels: the truth of another slide? (its tumour would count as normal tissue)")
+        return masks.annotation_mask(ann, masks.Lattice(shape, ds, meta.get("level"))), ann_path
+    tif = companion(truth_dir, stem, "truth_mask")
+    if tif is None:
+        return np.zeros(shape, bool), None
+    with sl.open_slide(tif) as m:
+        if meta.get("slide_dimensions") and list(m.dimensions) != list(meta["slide_dimensions"]):
+            raise UserError(f"{tif}: the truth mask is {m.dimensions[0]}x{m.dimensions[1]}, but {map_path.name}'s "
+                            f"slide is {meta['slide_dimensions'][0]}x{meta['slide_dimensions'][1]}")
+        w0, h0 = m.dimensions
+        cells = (min(shape[0], math.ceil(h0 / ds[1])), min(shape[1], math.ceil(w0 / ds[0])))
+        pixels = sl.read_resized(m, sl.level_for_downsample(m, ds[0]), cells)  # area mean: any tumour counts
+    tumour = np.zeros(shape, bool)
+    tumour[:cells[0], :cells[1]] = pixels.max(-1) > 0
+    return tumour, tif
+
+
 def cmd_negatives(args) -> None:
     maps = visible_files(args.probs_dir, COMPANIONS["prob"])
     if not maps:
@@ -306,20 +335,13 @@ def cmd_negatives(args) -> None:
     for f in maps:
         prob, meta = load_probability_map(f)
         stem, ds = Path(meta["slide"]).stem, tuple(meta["downsample"])
-        lat = masks.Lattice(prob.shape, ds, meta.get("level"))
-        ann_path = find_annotation(args.truth_dir, stem)
-        ann = load_annotation(ann_path) if ann_path else None
-        extent = (prob.shape[1] * ds[0], prob.shape[0] * ds[1])
-        if ann is not None and ann.positive and not masks.overlaps(ann, extent):
-            raise UserError(f"{ann_path}: lies wholly outside {f.name}'s {extent[0]:.0f}x{extent[1]:.0f} level-0 "
-                            "pixels: the truth of another slide? (its tumour would count as normal tissue)")
-        tumour = masks.annotation_mask(ann, lat) if ann is not None else np.zeros(prob.shape, bool)
+        tumour, truth = map_truth(args.truth_dir, stem, f, prob.shape, meta)
         mpp = (meta.get("mpp") or [args.mpp])[0]
         points = ev.hard_negatives(prob, tumour, ds, args.threshold, args.per_slide,
                                    args.margin_um / (mpp * ds[0]), args.sample, rng)
         lines.append(format_coords(stem, points, f))
         total += len(points)
-        print(f"{stem}: {len(points)} false-positive points" + ("" if ann_path else " (no truth: a normal slide)"))
+        print(f"{stem}: {len(points)} false-positive points" + ("" if truth else " (no truth: a normal slide)"))
     atomic_write_text(args.output, "".join(lines))
     print(f"{total} hard-negative points from {len(maps)} slides -> {args.output}")
 

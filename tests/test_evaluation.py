@@ -170,6 +170,15 @@ def test_froc_uses_the_real_downsample_of_a_shallow_mask_pyramid(tmp_path):
     (tmp_path / "les" / "s1.csv").write_text("0.9,1450,800\n")  # in the tumour
     res = call("evaluate.py", "froc", tmp_path / "les", tmp_path / "truth", "--level", "5", "--mpp", "2.0")
     assert "FROC=1.0000" in res.stdout and "1 tumours" in res.stdout
+    # negatives reads the same truth (a review: it took such a slide for a normal one)
+    prob = np.full((48, 64), 0.9, np.float32)  # everything looks like tumour: false positives outside it only
+    save_probability_map(tmp_path / "maps" / "s1_prob.npy", prob, {"slide": "s1.tif", "downsample": [32.0, 32.0],
+                                                                   "slide_dimensions": [w, h]})
+    call("evaluate.py", "negatives", tmp_path / "maps", tmp_path / "truth", "-o", tmp_path / "neg.txt",
+         "--per-slide", "5000", "--margin-um", "0")
+    xy = np.array([[int(v) for v in line.split(",")[1:]] for line in (tmp_path / "neg.txt").read_text().split()])
+    inside = (xy[:, 0] >= 1200) & (xy[:, 0] < 1700) & (xy[:, 1] >= 600) & (xy[:, 1] < 1000)
+    assert len(xy) > 2000 and not inside.any()
 
 
 def test_pixel_scores_auc_over_tissue(tmp_path):
