@@ -73,7 +73,6 @@ def main(argv=None) -> int:
     inside = next((d for d in args.patch_dirs if args.output.resolve().is_relative_to(d.resolve())), None)
     if inside is not None:  # the set's images would land among the tiles it is made of
         raise UserError(f"{args.output}: lies in PATCH_DIR {inside}; give the training set a folder of its own")
-    entries(args.patch_dirs, [])  # tiles there (a listing): no DATASET_DIR is made for an empty PATCH_DIR
     with trainset.locked(args.output):
         trainset.recover_replacement(args.output)  # first: they may put images back into the patch folders
         trainset.recover_moves(args.output)
