@@ -21,7 +21,6 @@ quiet_ctrl_c()  # first: Ctrl-C while the libraries below load is one line
 import argparse
 import csv
 import json
-import math
 from pathlib import Path
 
 import numpy as np
@@ -33,8 +32,8 @@ from crfcore.annotations import find_annotation, load_annotation
 from crfcore.cli import PROBABILITY, UserError, add_workers, number, parser, run
 from crfcore.errors import CrfError
 from crfcore.heatmap import check_not_a_slide, check_picture_format, load_probability_map
-from crfcore.io import (COMPANIONS, atomic_write_text, check_spares_inputs, companion, companion_stem, save_figure,
-                        sidecar_path, visible_files)
+from crfcore.io import (COMPANIONS, atomic_write_text, check_fits_slide, check_spares_inputs, companion, companion_stem,
+                        save_figure, sidecar_path, visible_files)
 from crfcore.tiling import format_coords, read_coords
 
 MAX_TRUTH_PIXELS = 2**26  # an evaluation raster larger than this is a mistake (a bad coordinate)
@@ -126,11 +125,16 @@ def truth_labels(stem: str, truth_dir: Path, level: int, mpp: float,
             lvl = min(level, m.level_count - 1)  # a shallow mask pyramid: its deepest level, real downsample
             ds = sl.level_downsamples(m)[lvl]
             pixels = sl.read_level(m, lvl)
-        if (pixels != pixels[..., :1]).any():
-            raise UserError(f"{tif}: has colours, so it is not a truth mask (a slide? TRUTH_DIR holds annotations "
-                            "or mask TIFFs)")
+        check_grey(tif, pixels)
         return ev.evaluation_mask(pixels[..., 0] > 0, ds[0], mpp), ds
     return None, (1.0, 1.0)
+
+
+def check_grey(tif: Path, pixels: np.ndarray) -> None:
+    """Refuse a "truth mask" in colour: a slide left in TRUTH_DIR, which would be all tumour."""
+    if (pixels != pixels[..., :1]).any():
+        raise UserError(f"{tif}: has colours, so it is not a truth mask (a slide? TRUTH_DIR holds annotations "
+                        "or mask TIFFs)")
 
 
 def check_same_size(truth: Path, size: tuple[int, int], slide_path: Path | None) -> None:
@@ -314,15 +318,14 @@ def map_truth(truth_dir: Path, stem: str, map_path: Path, shape: tuple[int, int]
     if tif is None:
         return np.zeros(shape, bool), None
     with sl.open_slide(tif) as m:
-        if meta.get("slide_dimensions") and list(m.dimensions) != list(meta["slide_dimensions"]):
-            raise UserError(f"{tif}: the truth mask is {m.dimensions[0]}x{m.dimensions[1]}, but {map_path.name}'s "
-                            f"slide is {meta['slide_dimensions'][0]}x{meta['slide_dimensions'][1]}")
-        w0, h0 = m.dimensions
-        cells = (min(shape[0], math.ceil(h0 / ds[1])), min(shape[1], math.ceil(w0 / ds[0])))
-        pixels = sl.read_resized(m, sl.level_for_downsample(m, ds[0]), cells)  # area mean: any tumour counts
-    tumour = np.zeros(shape, bool)
-    tumour[:cells[0], :cells[1]] = pixels.max(-1) > 0
-    return tumour, tif
+        check_fits_slide(map_path, shape, ds, m.dimensions)  # a mask of another slide is not squeezed onto the map
+        level = sl.level_for_downsample(m, min(ds))
+        if m.level_dimensions[level][0] * m.level_dimensions[level][1] > MAX_TRUTH_PIXELS:
+            raise UserError(f"{tif}: no pyramid level near the map's downsample {min(ds):g} (the nearest is "
+                            f"{m.level_dimensions[level][0]}x{m.level_dimensions[level][1]}); write the mask with levels")
+        pixels, (dx, dy) = sl.read_level(m, level), sl.level_downsamples(m)[level]
+    check_grey(tif, pixels)
+    return masks.any_on_lattice(pixels[..., 0] > 0, (ds[0] / dx, ds[1] / dy), shape), tif
 
 
 def cmd_negatives(args) -> None:

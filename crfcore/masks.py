@@ -121,6 +121,18 @@ def overlaps(ann: Annotation, size: tuple[int, int]) -> bool:
     return bounds is not None and bounds[0] < size[0] and bounds[1] < size[1] and bounds[2] > 0 and bounds[3] > 0
 
 
+def any_on_lattice(binary: np.ndarray, per_cell: tuple[float, float], shape: tuple[int, int]) -> np.ndarray:
+    """`binary` (a level's pixels) on a lattice of `shape` whose cells, from the origin, each
+    cover `per_cell` (x, y) of its pixels (at least one): a cell is set when any pixel
+    under it is, so a thin or faint tumour is never averaged away."""
+    out = np.zeros(shape, bool)
+    rows = min(shape[0], math.ceil(binary.shape[0] / per_cell[1]))
+    cols = min(shape[1], math.ceil(binary.shape[1] / per_cell[0]))
+    r0, c0 = (np.arange(rows) * per_cell[1]).astype(int), (np.arange(cols) * per_cell[0]).astype(int)
+    out[:rows, :cols] = np.maximum.reduceat(np.maximum.reduceat(binary, r0, axis=0), c0, axis=1)
+    return out
+
+
 def make_mask(slide_path: str | Path, kind: str, annotation: Annotation | None = None,
               level: int | None = None, downsample: float | None = None,
               method: str = "otsu") -> tuple[np.ndarray, dict]:

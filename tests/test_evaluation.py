@@ -326,3 +326,45 @@ def test_label_names_drop_folders_and_slide_extensions_only(tmp_path):
     (tmp_path / "l.csv").write_text("slides/a.svs,tumor\nTCGA-A1.DX1,normal\ncase.01,1\nb.TIF,0\n")
     assert load_script("evaluate.py").read_labels(tmp_path / "l.csv") == {"a": 1, "TCGA-A1.DX1": 0, "case.01": 1,
                                                                            "b": 0}
+
+
+def write_mask_tiff(path, mask: np.ndarray, levels: int = 2, colour: bool = False) -> None:
+    """A Camelyon16-style truth mask TIFF (grey, or a coloured picture) with `levels` levels."""
+    from crfcore.heatmap import pyramid_sizes, write_pyramid
+    h, w = mask.shape
+    sizes = pyramid_sizes(w, h, min_size=64)[:levels]
+
+    def tiles(level, lw, lh):
+        img = mask[::2 ** level, ::2 ** level]
+        for y in range(0, lh, 256):
+            for x in range(0, lw, 256):
+                t = np.zeros((256, 256, 3), np.uint8)
+                part = img[y:y + 256, x:x + 256]
+                t[:part.shape[0], :part.shape[1]] = part[..., None]
+                if colour:
+                    t[..., 1] //= 2
+                yield t
+    write_pyramid(path, sizes, tiles, 0.243, compression="zlib")
+
+
+def test_negatives_read_a_mask_tiff_any_tumour_pixel_counts(tmp_path):
+    """From a review: a mask of value 1 (not 255) lost its thin parts to area averaging, a
+    mask of another size was squeezed onto the map, and a slide in TRUTH_DIR made the
+    whole slide tumour."""
+    mask = np.zeros((1536, 2048), np.uint8)
+    mask[600:1000, 1963:1973] = 1  # a 10-pixel strip, value 1
+    (tmp_path / "truth").mkdir()
+    write_mask_tiff(tmp_path / "truth" / "s1_mask.tif", mask, levels=4)
+    save_probability_map(tmp_path / "maps" / "s1_prob.npy", np.full((48, 64), 0.9, np.float32),
+                         {"slide": "s1.tif", "downsample": [32.0, 32.0]})
+    neg = ["evaluate.py", "negatives", tmp_path / "maps", tmp_path / "truth", "-o", tmp_path / "n.txt",
+           "--per-slide", "5000", "--margin-um", "0"]
+    call(*neg)
+    xy = np.array([[int(v) for v in line.split(",")[1:]] for line in (tmp_path / "n.txt").read_text().split()])
+    assert len(xy) > 2000 and not ((xy[:, 0] // 32 == 1963 // 32) & (xy[:, 1] >= 600) & (xy[:, 1] < 1000)).any()
+    write_mask_tiff(tmp_path / "truth" / "s1_mask.tif", np.zeros((3072, 4096), np.uint8))  # another slide's size
+    res = call(*neg, check=False)
+    assert res.returncode == 2 and "covers 2048x1536 level-0 pixels, but the slide is 4096x3072" in res.stderr
+    write_mask_tiff(tmp_path / "truth" / "s1_mask.tif", np.full((1536, 2048), 200, np.uint8), colour=True)
+    res = call(*neg, check=False)
+    assert res.returncode == 2 and "has colours, so it is not a truth mask" in res.stderr
