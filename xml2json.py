@@ -63,7 +63,7 @@ def outputs(files: list[Path], out: Path, to: str, many: bool) -> list[Path]:
 def nothing_read(ann: an.Annotation) -> str:
     """Why a file with polygons gave no region: their groups, or the kinds of objects skipped."""
     why = [f"groups found: {sorted(set(ann.unmapped))}"] if ann.unmapped else []
-    why += [f"tumour-class QuPath objects skipped: {sorted(set(ann.skipped))}"] if ann.skipped else []
+    why += [f"QuPath objects skipped, not regions: {sorted(set(ann.skipped))}"] if ann.skipped else []
     return f"none of its polygons is an annotation in --positive-groups or --negative-groups ({'; '.join(why)})"
 
 

@@ -588,9 +588,8 @@ def test_siblings_that_are_no_usable_annotation_are_passed_over(tmp_path):
     convert(sliver / "s.xml", "-o", sliver / "s.json")
     for d in (custom, tiny, notes, sliver):
         assert an.find_annotation(d, "s") == d / "s.json", d
-    (notes / "s.geojson").write_text('{"type": "FeatureCollection", "features": []}')  # empty: not the same truth
-    with pytest.raises(an.AnnotationError, match="hold different polygons"):
-        an.find_annotation(notes, "s")
+    (notes / "s.geojson").write_text(json.dumps(ev.lesions_geojson(np.array([[0.9, 5.0, 5.0]]))))  # lesions
+    assert an.find_annotation(notes, "s") == notes / "s.json"  # points beside the truth are no rival truth
 
 
 def test_another_tools_xml_is_refused_not_read_as_empty(tmp_path, capsys):
@@ -623,10 +622,17 @@ def test_a_file_whose_groups_are_all_unknown_is_refused_not_written_empty(tmp_pa
     for kind in ("cell", "Annotation"):
         cells[0]["properties"]["objectType"] = kind
         code, err = script(capsys, _write(tmp_path / "c.geojson", json.dumps(cells)), "-o", tmp_path / "c.json")
-        assert (code, kind) == (2, "cell") and "tumour-class QuPath objects skipped: ['cell']" in err or (code, kind) == (0, "Annotation")
-    normal = [{**cells[0], "properties": {"objectType": "cell", "classification": {"name": "Other"}}}]
+        assert (code, kind) == (2, "cell") and "QuPath objects skipped, not regions: ['cell Tumor']" in err or (code, kind) == (0, "Annotation")
+    for cls in ("Tumor: Positive", "Metastasis", "Other"):  # derived, unknown: not taken for a normal slide
+        cell = [{**cells[0], "properties": {"objectType": "cell", "classification": {"name": cls}}}]
+        code, err = script(capsys, _write(tmp_path / "n.geojson", json.dumps(cell)), "-o", tmp_path / "n.json")
+        assert code == 2 and f"['cell {cls}']" in err and "name their classes in --negative-groups" in err
+    normal = [{**cells[0], "properties": {"objectType": "detection"}}]  # unclassified, or of a class named negative
     code, err = script(capsys, _write(tmp_path / "n.geojson", json.dumps(normal)), "-o", tmp_path / "n.json")
-    assert code == 0 and json.loads((tmp_path / "n.json").read_text()) == {"positive": [], "negative": []}  # normal
+    assert code == 0 and json.loads((tmp_path / "n.json").read_text()) == {"positive": [], "negative": []}
+    other = [{**cells[0], "properties": {"objectType": "cell", "classification": {"name": "Other"}}}]
+    convert(_write(tmp_path / "o.geojson", json.dumps(other)), "-o", tmp_path / "o.json",
+            "--negative-groups", "_2,Exclusion,Other")  # the way the message names for a normal slide
     convert(path, "-o", tmp_path / "m.json", "--positive-groups", "Metastasis")
     _write(tmp_path / "empty.geojson", json.dumps({"type": "FeatureCollection", "features": []}))
     convert(tmp_path / "empty.geojson", "-o", tmp_path / "empty.json")  # a normal slide's: written, empty

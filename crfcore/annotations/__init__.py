@@ -91,7 +91,8 @@ def find_annotation(folder: str | Path, stem: str) -> Path | None:
     them) they must hold the same polygons, or which one is meant is not known (an edited
     `t.geojson` beside the old `t.xml`, say). A sibling that is no annotation this run
     could use is passed over: one that does not read as an annotation (notes in a `.txt`,
-    another tool's XML) or whose polygons are all in other groups (converted with others)."""
+    another tool's XML) or holds no polygon of the default groups (converted with other
+    groups, lesion points beside the truth, an empty export)."""
     found = all_companions(folder, stem, "annotation")
     if len(found) > 1:
         chosen = _quietly(load_annotation, found[0])  # its faults are the run's: they are raised
@@ -100,7 +101,7 @@ def find_annotation(folder: str | Path, stem: str) -> Path | None:
                 sibling = _quietly(load_annotation, other)
             except AnnotationError:
                 continue
-            if not (sibling.unmapped and not len(sibling)) and not same_polygons(chosen, sibling):
+            if len(sibling) and not same_polygons(chosen, sibling):
                 raise AnnotationError(f"{folder}: {found[0].name} (which would be used) and {other.name} both "
                                       f"annotate slide {stem} and hold different polygons; keep one of them there")
     return found[0] if found else None

@@ -83,8 +83,8 @@ def from_geojson(path: Path, data: object, positive_groups: Sequence[str],
         props = feat.get("properties") if isinstance(feat.get("properties"), dict) else {}
         if (obj := _object_type(feat, props)) != "annotation":
             objects[obj] += 1
-            if _class_name(props) in positive_groups:  # tumour cells: the file speaks of tumour
-                ann.skipped.append(obj)
+            if _class_name(props) not in (None, *negative_groups):  # "Tumor: Positive" cells, say
+                ann.skipped.append(f"{obj} {_class_name(props)}")
             continue
         geom = feat.get("geometry") if isinstance(feat.get("geometry"), dict) else {}
         kind = geom.get("type")

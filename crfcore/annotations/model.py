@@ -70,7 +70,7 @@ class Annotation:
     negative_groups: list[str | None] = field(default_factory=list)
     colours: dict[str, str] = field(default_factory=dict)  # group -> "#RRGGBB" read from the input
     unmapped: list[str] = field(default_factory=list)  # groups of the polygons left out (in neither part)
-    skipped: list[str] = field(default_factory=list)  # kinds of QuPath objects of a positive class left out (cell, ...)
+    skipped: list[str] = field(default_factory=list)  # QuPath objects left out with a class not negative ("cell Tumor")
 
     def add(self, part: str, name: str, vertices: np.ndarray, group: str | None = None) -> None:
         verts = np.asarray(vertices, dtype=float).reshape(-1, 2)
