@@ -28,7 +28,7 @@ import numpy as np
 from crfcore import evaluation as ev
 from crfcore import masks
 from crfcore import slide as sl
-from crfcore.annotations import find_annotation, load_annotation
+from crfcore.annotations import find_annotation, load_truth
 from crfcore.cli import PROBABILITY, UserError, add_workers, number, parser, run
 from crfcore.errors import CrfError
 from crfcore.heatmap import check_not_a_slide, check_picture_format, load_probability_map
@@ -110,7 +110,7 @@ def truth_labels(stem: str, truth_dir: Path, level: int, mpp: float,
     annotation or a Camelyon16 mask TIFF; None for a normal slide (no truth, no polygons)."""
     path = find_annotation(truth_dir, stem)
     if path is not None:
-        ann = load_annotation(path)
+        ann = load_truth(path)
         if not ann.positive:
             return None, (1.0, 1.0)
         lat = truth_lattice(slide_path, level, ann.bounds())
@@ -137,14 +137,18 @@ def check_grey(tif: Path, pixels: np.ndarray) -> None:
                         "or mask TIFFs)")
 
 
-def check_same_size(truth: Path, size: tuple[int, int], slide_path: Path | None) -> None:
-    """Refuse a truth mask TIFF whose level 0 is not its slide's size (another slide's)."""
-    if slide_path is None:
-        return
-    with sl.open_slide(slide_path) as s:
-        if s.dimensions != size:
-            raise UserError(f"{truth}: the truth mask is {size[0]}x{size[1]}, but its slide {slide_path.name} is "
-                            f"{s.dimensions[0]}x{s.dimensions[1]}")
+def check_same_size(truth: Path, size: tuple[int, int], slide_path: Path | None,
+                    slide_size: tuple[int, int] | None = None, whose: str | None = None) -> None:
+    """Refuse a truth mask TIFF whose level 0 is not its slide's size (another slide's); the
+    slide's size from the slide file, or given (a map's sidecar records it)."""
+    if slide_size is None:
+        if slide_path is None:
+            return
+        with sl.open_slide(slide_path) as s:
+            slide_size, whose = s.dimensions, slide_path.name
+    if tuple(slide_size) != tuple(size):
+        raise UserError(f"{truth}: the truth mask is {size[0]}x{size[1]}, but its slide ({whose}) is "
+                        f"{slide_size[0]}x{slide_size[1]}")
 
 
 def lesion_lists(lesions_dir: Path) -> tuple[list[Path], list[str]]:
@@ -308,7 +312,7 @@ def map_truth(truth_dir: Path, stem: str, map_path: Path, shape: tuple[int, int]
     ds = tuple(meta["downsample"])
     ann_path = find_annotation(truth_dir, stem)
     if ann_path is not None:
-        ann = load_annotation(ann_path)
+        ann = load_truth(ann_path)
         extent = (shape[1] * ds[0], shape[0] * ds[1])
         if ann.positive and not masks.overlaps(ann, extent):
             raise UserError(f"{ann_path}: lies wholly outside {map_path.name}'s {extent[0]:.0f}x{extent[1]:.0f} "
@@ -318,12 +322,16 @@ def map_truth(truth_dir: Path, stem: str, map_path: Path, shape: tuple[int, int]
     if tif is None:
         return np.zeros(shape, bool), None
     with sl.open_slide(tif) as m:
+        if meta.get("slide_dimensions"):  # the map's slide is known: the mask must be its size exactly
+            check_same_size(tif, m.dimensions, None, tuple(meta["slide_dimensions"]), map_path.name)
         check_fits_slide(map_path, shape, ds, m.dimensions)  # a mask of another slide is not squeezed onto the map
         level = sl.level_for_downsample(m, min(ds))
-        if m.level_dimensions[level][0] * m.level_dimensions[level][1] > MAX_TRUTH_PIXELS:
-            raise UserError(f"{tif}: no pyramid level near the map's downsample {min(ds):g} (the nearest is "
-                            f"{m.level_dimensions[level][0]}x{m.level_dimensions[level][1]}); write the mask with levels")
-        pixels, (dx, dy) = sl.read_level(m, level), sl.level_downsamples(m)[level]
+        (lw, lh), (dx, dy) = m.level_dimensions[level], sl.level_downsamples(m)[level]
+        if lw * lh > MAX_TRUTH_PIXELS:  # read in blocks, area-averaged: a faint 1-valued edge may be lost
+            pixels = sl.read_resized(m, level, (round(lh * dy / ds[1]), round(lw * dx / ds[0])))
+            dx, dy = ds
+        else:
+            pixels = sl.read_level(m, level)
     check_grey(tif, pixels)
     return masks.any_on_lattice(pixels[..., 0] > 0, (ds[0] / dx, ds[1] / dy), shape), tif
 

@@ -60,13 +60,6 @@ def outputs(files: list[Path], out: Path, to: str, many: bool) -> list[Path]:
     return [out / n for n in names]
 
 
-def nothing_read(ann: an.Annotation) -> str:
-    """Why a file with polygons gave no region: their groups, or the kinds of objects skipped."""
-    why = [f"groups found: {sorted(set(ann.unmapped))}"] if ann.unmapped else []
-    why += [f"QuPath objects skipped, not regions: {sorted(set(ann.skipped))}"] if ann.skipped else []
-    return f"none of its polygons is an annotation in --positive-groups or --negative-groups ({'; '.join(why)})"
-
-
 def skip_own_outputs(files: list[Path], targets: list[Path]) -> tuple[list[Path], list[Path]]:
     """Folder runs: leave out, with a warning, an input that would be its own output (a
     QuPath `.json` converted in place), so the other files are still converted."""
@@ -146,9 +139,9 @@ def main(argv=None) -> int:
     def convert(job: tuple[Path, Path]) -> None:
         src, dst = job
         ann = an.load_annotation(src, pos, neg, txt_part=args.txt_group)
-        if not len(ann) and (ann.unmapped or ann.skipped):  # --positive-groups forgotten, say: not a normal slide
-            raise UserError(f"{src}: {nothing_read(ann)}; nothing written (a normal slide's regions? name their "
-                            "classes in --negative-groups)")
+        if why := an.nothing_read(ann):  # --positive-groups forgotten, tumour cells: not a normal slide
+            raise UserError(f"{src}: {why}; nothing written (a normal slide's regions or cells? name their classes "
+                            "in --negative-groups; tumour must be drawn as annotations, not cells)")
         if not len(ann):
             warnings.warn(f"{src}: no polygons found; writing an empty annotation")
         an.write_annotation(ann.renamed(*rename) if rename else ann, dst, to=args.to)

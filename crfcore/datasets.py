@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from . import slide as sl
-from .annotations import find_annotation, load_annotation
+from .annotations import find_annotation, load_truth
 from .errors import CrfError
 from .io import visible_files, write_image
 from .scale import resize
@@ -209,7 +209,7 @@ class GridDataset(Dataset):
             if path is None:
                 raise DataError(f"slide {sid!r} of {self.dir} has no annotation {sid}.json (or .xml, .geojson, .txt) in {json_dir} "
                                 "(normal slides need an empty one)")
-            self.annotations[sid] = load_annotation(path)
+            self.annotations[sid] = load_truth(path)  # a file of which nothing is read would label all normal
             self.annotation_paths.append(path)
         scale = self._level0_sides(mpp_set) / image_size  # level-0 pixels per image pixel, (n, 2)
         offsets = self.geom.cell_offsets()

@@ -123,14 +123,18 @@ def overlaps(ann: Annotation, size: tuple[int, int]) -> bool:
 
 def any_on_lattice(binary: np.ndarray, per_cell: tuple[float, float], shape: tuple[int, int]) -> np.ndarray:
     """`binary` (a level's pixels) on a lattice of `shape` whose cells, from the origin, each
-    cover `per_cell` (x, y) of its pixels (at least one): a cell is set when any pixel
-    under it is, so a thin or faint tumour is never averaged away."""
-    out = np.zeros(shape, bool)
-    rows = min(shape[0], math.ceil(binary.shape[0] / per_cell[1]))
-    cols = min(shape[1], math.ceil(binary.shape[1] / per_cell[0]))
-    r0, c0 = (np.arange(rows) * per_cell[1]).astype(int), (np.arange(cols) * per_cell[0]).astype(int)
-    out[:rows, :cols] = np.maximum.reduceat(np.maximum.reduceat(binary, r0, axis=0), c0, axis=1)
-    return out
+    cover `per_cell` (x, y) of its pixels: a cell is set when any pixel it overlaps is set
+    (a pixel across a cell border counts for both), so a thin or faint tumour is never
+    averaged away and never given to the wrong cell."""
+    def any_along(a: np.ndarray, axis: int, n: int, per: float) -> np.ndarray:
+        i = np.arange(n)
+        lo = np.clip(np.floor(i * per + 1e-9).astype(int), 0, a.shape[axis])
+        hi = np.clip(np.ceil((i + 1) * per - 1e-9).astype(int), 0, a.shape[axis])
+        sums = np.concatenate([np.zeros_like(a.take([0], axis)), np.cumsum(a, axis, dtype=np.int32)], axis)
+        return (sums.take(hi, axis) - sums.take(lo, axis)) > 0  # any pixel in [lo, hi)
+
+    rows = any_along(binary, 0, shape[0], per_cell[1])
+    return any_along(rows, 1, shape[1], per_cell[0])
 
 
 def make_mask(slide_path: str | Path, kind: str, annotation: Annotation | None = None,

@@ -613,9 +613,11 @@ def test_a_file_whose_groups_are_all_unknown_is_refused_not_written_empty(tmp_pa
     feats = [qupath_feature({"type": "Polygon", "coordinates": [closed(square(0, 0, 10))]}, "Metastasis", "m")]
     path = _write(tmp_path / "m.geojson", json.dumps(feats))
     code, err = script(capsys, path, "-o", tmp_path / "m.json")
-    assert code == 2 and "none of its polygons is an annotation in --positive-groups or --negative-groups (groups " \
-        "found: ['Metastasis']); nothing written (a normal slide's regions? name their classes in --negative-groups)" \
-        in err.splitlines()[-1]
+    assert code == 2 and "none of its polygons is in a tumour or exclusion group (groups found: ['Metastasis']); " \
+        "nothing written (a normal slide's regions or cells? name their classes in --negative-groups; tumour must " \
+        "be drawn as annotations, not cells)" in err.splitlines()[-1]
+    with pytest.raises(an.AnnotationError, match="as truth it would mean a normal slide"):  # Mask_gen, evaluate
+        an.load_truth(path)
     assert not (tmp_path / "m.json").exists()
     cells = [{**f, "properties": {**f["properties"], "objectType": "cell", "classification": {"name": "Tumor"}}}
              for f in feats]  # a review's bypass: tumour cells only, skipped, written as a normal slide

@@ -365,6 +365,27 @@ def test_negatives_read_a_mask_tiff_any_tumour_pixel_counts(tmp_path):
     write_mask_tiff(tmp_path / "truth" / "s1_mask.tif", np.zeros((3072, 4096), np.uint8))  # another slide's size
     res = call(*neg, check=False)
     assert res.returncode == 2 and "covers 2048x1536 level-0 pixels, but the slide is 4096x3072" in res.stderr
+    write_mask_tiff(tmp_path / "truth" / "s1_mask.tif", np.zeros((1510, 2020), np.uint8))  # within a cell
+    save_probability_map(tmp_path / "maps" / "s1_prob.npy", np.full((48, 64), 0.9, np.float32),
+                         {"slide": "s1.tif", "downsample": [32.0, 32.0], "slide_dimensions": [2048, 1536]})
+    res = call(*neg, check=False)  # the map's slide is known: the mask must be its size exactly
+    assert res.returncode == 2 and "the truth mask is 2020x1510, but its slide (s1_prob.npy) is 2048x1536" in res.stderr
     write_mask_tiff(tmp_path / "truth" / "s1_mask.tif", np.full((1536, 2048), 200, np.uint8), colour=True)
     res = call(*neg, check=False)
     assert res.returncode == 2 and "has colours, so it is not a truth mask" in res.stderr
+
+
+def test_any_on_lattice_sets_every_cell_a_tumour_pixel_touches():
+    """From a review: cells began at the floor of their first pixel, so a pixel across a
+    border went to the later cell only; with 0.995 or 1.98 pixels a cell, most were lost."""
+    from crfcore.masks import any_on_lattice
+    rng = np.random.default_rng(0)
+    for per in (0.995, 1.98, 2048 / 1023 * 8, 32.0, 0.5):
+        for _ in range(50):
+            b = np.zeros((150, 200), bool)
+            y, x = rng.integers(0, 150), rng.integers(0, 200)
+            b[y, x] = True
+            out = any_on_lattice(b, (per, per), (int(150 / per) + 2, int(200 / per) + 2))
+            rows = range(int(y / per), int(np.ceil((y + 1) / per - 1e-9)))
+            cols = range(int(x / per), int(np.ceil((x + 1) / per - 1e-9)))
+            assert all(out[r, c] for r in rows for c in cols) and out.sum() == len(rows) * len(cols), (per, y, x)

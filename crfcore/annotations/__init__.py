@@ -42,7 +42,8 @@ __all__ = [
     "NEGATIVE_GROUPS", "POSITIVE_GROUPS", "Annotation", "AnnotationError", "AnnotationWarning",
     "Polygon", "asap_xml", "geojson_feature", "load_annotation", "read_asap_xml", "read_geojson",
     "read_json", "read_txt", "to_asap_xml", "to_geojson", "to_json_dict", "write_annotation",
-    "written_by_crfcore", "holds_geojson", "replaceable", "find_annotation", "same_polygons",
+    "written_by_crfcore", "holds_geojson", "replaceable", "find_annotation", "same_polygons", "load_truth",
+    "nothing_read",
 ]
 
 
@@ -83,6 +84,27 @@ def written_by_crfcore(path: str | Path) -> bool:
     # older annotation GeoJSON: every feature carries the `crfcore` property `to_geojson` writes
     older = bool(feats) and all(isinstance(f, dict) and "crfcore" in (f.get("properties") or {}) for f in feats)
     return marked or older
+
+
+def nothing_read(ann: Annotation) -> str | None:
+    """Why a file that holds polygons or classified objects gave no region (their groups,
+    the QuPath objects skipped), or None: read as truth, it would say a normal slide."""
+    if len(ann) or not (ann.unmapped or ann.skipped):
+        return None
+    why = [f"groups found: {sorted(set(ann.unmapped))}"] if ann.unmapped else []
+    why += [f"QuPath objects skipped, not regions: {sorted(set(ann.skipped))}"] if ann.skipped else []
+    return f"none of its polygons is in a tumour or exclusion group ({'; '.join(why)})"
+
+
+def load_truth(path: str | Path) -> Annotation:
+    """`load_annotation` for truth and labels: a file of which nothing is read (a class not
+    in the default groups, tumour drawn as cells) is refused, not taken for a normal slide."""
+    ann = load_annotation(path)
+    why = nothing_read(ann)
+    if why:
+        raise AnnotationError(f"{path}: {why}; as truth it would mean a normal slide: convert it with xml2json.py "
+                              "--positive-groups / --negative-groups (tumour must be drawn as annotations, not cells)")
+    return ann
 
 
 def find_annotation(folder: str | Path, stem: str) -> Path | None:
