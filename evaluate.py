@@ -323,15 +323,15 @@ def map_truth(truth_dir: Path, stem: str, map_path: Path, shape: tuple[int, int]
         return np.zeros(shape, bool), None
     with sl.open_slide(tif) as m:
         if meta.get("slide_dimensions"):  # the map's slide is known: the mask must be its size exactly
-            check_same_size(tif, m.dimensions, None, tuple(meta["slide_dimensions"]), map_path.name)
+            check_same_size(tif, m.dimensions, None, tuple(meta["slide_dimensions"]),
+                            f"{meta['slide']}, as {map_path.name} records")
         check_fits_slide(map_path, shape, ds, m.dimensions)  # a mask of another slide is not squeezed onto the map
         level = sl.level_for_downsample(m, min(ds))
         (lw, lh), (dx, dy) = m.level_dimensions[level], sl.level_downsamples(m)[level]
-        if lw * lh > MAX_TRUTH_PIXELS:  # read in blocks, area-averaged: a faint 1-valued edge may be lost
-            pixels = sl.read_resized(m, level, (round(lh * dy / ds[1]), round(lw * dx / ds[0])))
-            dx, dy = ds
-        else:
-            pixels = sl.read_level(m, level)
+        if lw * lh > MAX_TRUTH_PIXELS:  # averaging it down would lose thin tumour of value 1: not guessed at
+            raise UserError(f"{tif}: its level nearest the map's downsample {min(ds):g} is {lw}x{lh}, too large to "
+                            "read whole; write the mask with more pyramid levels")
+        pixels = sl.read_level(m, level)
     check_grey(tif, pixels)
     return masks.any_on_lattice(pixels[..., 0] > 0, (ds[0] / dx, ds[1] / dy), shape), tif
 

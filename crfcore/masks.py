@@ -126,15 +126,16 @@ def any_on_lattice(binary: np.ndarray, per_cell: tuple[float, float], shape: tup
     cover `per_cell` (x, y) of its pixels: a cell is set when any pixel it overlaps is set
     (a pixel across a cell border counts for both), so a thin or faint tumour is never
     averaged away and never given to the wrong cell."""
-    def any_along(a: np.ndarray, axis: int, n: int, per: float) -> np.ndarray:
-        i = np.arange(n)
-        lo = np.clip(np.floor(i * per + 1e-9).astype(int), 0, a.shape[axis])
-        hi = np.clip(np.ceil((i + 1) * per - 1e-9).astype(int), 0, a.shape[axis])
-        sums = np.concatenate([np.zeros_like(a.take([0], axis)), np.cumsum(a, axis, dtype=np.int32)], axis)
-        return (sums.take(hi, axis) - sums.take(lo, axis)) > 0  # any pixel in [lo, hi)
+    def any_rows(a: np.ndarray, n: int, per: float) -> np.ndarray:
+        i = np.arange(n)  # a pixel overlapping a cell by under 1 % of itself (downsample rounding) is not counted
+        lo = np.clip(np.floor(i * per + 0.01).astype(int), 0, len(a))
+        hi = np.clip(np.ceil((i + 1) * per - 0.01).astype(int), 0, len(a))
+        sums = np.zeros((len(a) + 1, *a.shape[1:]), np.int32)
+        np.cumsum(a, 0, out=sums[1:])
+        return (sums[hi] - sums[lo]) > 0  # any pixel in rows [lo, hi)
 
-    rows = any_along(binary, 0, shape[0], per_cell[1])
-    return any_along(rows, 1, shape[1], per_cell[0])
+    rows = any_rows(binary, shape[0], per_cell[1])
+    return any_rows(rows.T, shape[1], per_cell[0]).T
 
 
 def make_mask(slide_path: str | Path, kind: str, annotation: Annotation | None = None,

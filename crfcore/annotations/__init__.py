@@ -102,8 +102,9 @@ def load_truth(path: str | Path) -> Annotation:
     ann = load_annotation(path)
     why = nothing_read(ann)
     if why:
+        cells = " (tumour must be drawn as annotations, not cells)" if ann.skipped else ""
         raise AnnotationError(f"{path}: {why}; as truth it would mean a normal slide: convert it with xml2json.py "
-                              "--positive-groups / --negative-groups (tumour must be drawn as annotations, not cells)")
+                              f"--positive-groups / --negative-groups{cells}")
     return ann
 
 
