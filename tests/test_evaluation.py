@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 from crfcore import evaluation as ev
+from crfcore import slide as sl
 from crfcore import synthetic
 from crfcore.annotations import Annotation, write_annotation
 from crfcore.heatmap import save_probability_map
@@ -150,23 +151,13 @@ def test_froc_refuses_an_absurd_truth_raster(tmp_path):
 def test_froc_uses_the_real_downsample_of_a_shallow_mask_pyramid(tmp_path):
     """A Camelyon16-style mask TIFF with levels 0 and 1 only, evaluated at --level 5: the
     truth comes from level 1 and the lesions are looked up at its real downsample."""
-    from crfcore.heatmap import pyramid_sizes, write_pyramid
     w, h = 2048, 1536
     tumour = np.zeros((h, w), np.uint8)
     tumour[600:1000, 1200:1700] = 255                    # 97 x 122 um at 0.243 um/px: an ITC? no:
-    sizes = pyramid_sizes(w, h, min_size=1024)[:2]       # 2048 and 1024: a shallow pyramid
-    assert len(sizes) == 2
-
-    def tiles(level, lw, lh):
-        img = tumour[::2 ** level, ::2 ** level]
-        for y in range(0, lh, 256):
-            for x in range(0, lw, 256):
-                t = np.zeros((256, 256, 3), np.uint8)
-                part = img[y:y + 256, x:x + 256]
-                t[:part.shape[0], :part.shape[1]] = part[..., None]
-                yield t
     (tmp_path / "truth").mkdir(), (tmp_path / "les").mkdir()
-    write_pyramid(tmp_path / "truth" / "s1_mask.tif", sizes, tiles, 0.243, compression="zlib")
+    write_mask_tiff(tmp_path / "truth" / "s1_mask.tif", tumour, levels=2)  # 2048 and 1024: a shallow pyramid
+    with sl.open_slide(tmp_path / "truth" / "s1_mask.tif") as m:
+        assert m.level_dimensions == ((2048, 1536), (1024, 768))
     (tmp_path / "les" / "s1.csv").write_text("0.9,1450,800\n")  # in the tumour
     res = call("evaluate.py", "froc", tmp_path / "les", tmp_path / "truth", "--level", "5", "--mpp", "2.0")
     assert "FROC=1.0000" in res.stdout and "1 tumours" in res.stdout
