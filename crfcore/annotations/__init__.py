@@ -35,7 +35,7 @@ from .geojson import geojson_feature, is_geojson, read_geojson, to_geojson
 from .model import (DEFAULT_COLOUR, DEFAULT_GROUP, LESION_CLASS, LESION_COLOUR, MAX_COORDINATE,
                     NEGATIVE_GROUPS, POSITIVE_GROUPS, Annotation, AnnotationError, AnnotationWarning,
                     Polygon, three_distinct)
-from .ncrf import read_json, read_txt, to_json_dict
+from .ncrf import is_ncrf, read_json, read_txt, to_json_dict
 
 __all__ = [
     "DEFAULT_COLOUR", "DEFAULT_GROUP", "LESION_CLASS", "LESION_COLOUR", "MAX_COORDINATE",
@@ -166,7 +166,7 @@ def replaceable(path: str | Path, to: str) -> bool:
         data = load_json(path, "annotation")
     except CrfError:
         return False
-    return isinstance(data, dict) and not is_geojson(data) and set(data) <= {"positive", "negative"}
+    return is_ncrf(data)
 
 
 def write_annotation(ann: Annotation, path: str | Path, to: str = "json") -> None:

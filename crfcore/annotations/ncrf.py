@@ -21,7 +21,7 @@ def read_json(path: str | Path, positive_groups: Sequence[str] = POSITIVE_GROUPS
     data = load_json(path)
     if is_geojson(data):
         return from_geojson(path, data, positive_groups, negative_groups)
-    if not isinstance(data, dict) or not set(data) <= {"positive", "negative"}:
+    if not is_ncrf(data):
         raise AnnotationError(f"{path}: neither an NCRF annotation (keys 'positive'/'negative') nor GeoJSON")
     ann = Annotation()
     for part in ("positive", "negative"):
@@ -34,6 +34,12 @@ def read_json(path: str | Path, positive_groups: Sequence[str] = POSITIVE_GROUPS
             if check_polygon(str(path), name, verts):
                 ann.add(part, name, verts)
     return ann
+
+
+def is_ncrf(data: object) -> bool:
+    """Whether parsed JSON is shaped as NCRF's annotation: an object of "positive" and
+    "negative" parts only."""
+    return isinstance(data, dict) and set(data) <= {"positive", "negative"}
 
 
 def read_txt(path: str | Path, part: str = "positive") -> Annotation:
