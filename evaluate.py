@@ -121,7 +121,9 @@ def truth_labels(stem: str, truth_dir: Path, level: int, mpp: float,
     tif = companion(truth_dir, stem, "truth_mask")
     if tif is not None:
         with sl.open_slide(tif) as m:
-            check_same_size(tif, m.dimensions, slide_path)
+            if slide_path is not None:
+                with sl.open_slide(slide_path) as s:
+                    check_same_size(tif, m.dimensions, s.dimensions, slide_path.name)
             lvl = min(level, m.level_count - 1)  # a shallow mask pyramid: its deepest level, real downsample
             ds = sl.level_downsamples(m)[lvl]
             pixels = sl.read_level(m, lvl)
@@ -137,15 +139,8 @@ def check_grey(tif: Path, pixels: np.ndarray) -> None:
                         "or mask TIFFs)")
 
 
-def check_same_size(truth: Path, size: tuple[int, int], slide_path: Path | None,
-                    slide_size: tuple[int, int] | None = None, whose: str | None = None) -> None:
-    """Refuse a truth mask TIFF whose level 0 is not its slide's size (another slide's); the
-    slide's size from the slide file, or given (a map's sidecar records it)."""
-    if slide_size is None:
-        if slide_path is None:
-            return
-        with sl.open_slide(slide_path) as s:
-            slide_size, whose = s.dimensions, slide_path.name
+def check_same_size(truth: Path, size: tuple[int, int], slide_size: tuple[int, int], whose: str) -> None:
+    """Refuse a truth mask TIFF whose level 0 is not its slide's size (another slide's)."""
     if tuple(slide_size) != tuple(size):
         raise UserError(f"{truth}: the truth mask is {size[0]}x{size[1]}, but its slide ({whose}) is "
                         f"{slide_size[0]}x{slide_size[1]}")
@@ -197,9 +192,8 @@ def cmd_froc(args) -> None:
     if normal:
         print(f"normal slides (no tumour in {args.truth_dir}): {', '.join(normal)}")
     if not sum(len(t) for t in tps):
-        hint = "" if args.slides else f"; without --slides every slide is taken at --mpp {args.mpp:g} um per pixel"
         raise UserError(f"{args.truth_dir}: no tumour to find on these {len(files)} slides (all normal, or every "
-                        f"tumour an isolated tumour cell cluster): FROC is undefined{hint}")
+                        "tumour an isolated tumour cell cluster): FROC is undefined")  # the mpp note is above
     avg_fp, sens = ev.froc(fps, tps)
     score, at = ev.froc_score(avg_fp, sens)
     print(f"{len(files)} slides, {sum(len(t) for t in tps)} tumours (ITCs excluded)")
@@ -323,8 +317,7 @@ def map_truth(truth_dir: Path, stem: str, map_path: Path, shape: tuple[int, int]
         return np.zeros(shape, bool), None
     with sl.open_slide(tif) as m:
         if meta.get("slide_dimensions"):  # the map's slide is known: the mask must be its size exactly
-            check_same_size(tif, m.dimensions, None, tuple(meta["slide_dimensions"]),
-                            f"{meta['slide']}, as {map_path.name} records")
+            check_same_size(tif, m.dimensions, meta["slide_dimensions"], f"{meta['slide']}, as {map_path.name} records")
         check_fits_slide(map_path, shape, ds, m.dimensions)  # a mask of another slide is not squeezed onto the map
         level = sl.level_for_downsample(m, min(ds))
         (lw, lh), (dx, dy) = m.level_dimensions[level], sl.level_downsamples(m)[level]
