@@ -53,17 +53,20 @@ def jobs(slide: Path, mask: Path, out: Path) -> list[Job]:
     if not slide.is_dir():
         if out.is_dir() or out.suffix != ".npy":
             out = out / f"{slide.stem}_prob.npy"
-        if mask.is_dir():  # the slide's mask in a folder of them
-            mask = companion(mask, slide.stem, "tissue") or mask / f"{slide.stem}_tissue.npy"
-        return [Job(slide, mask, out)]
+        return [Job(slide, mask_in(mask, slide.stem) if mask.is_dir() else mask, out)]
     if not mask.is_dir():
         raise UserError(f"SLIDE is a directory, so MASK must be one too: {mask}")
     # a slide without a mask is reported by its job, and the others go on
-    todo = [Job(s, companion(mask, s.stem, "tissue") or mask / f"{s.stem}_tissue.npy", out / f"{s.stem}_prob.npy")
-            for s in sl.find_slides(slide)]
+    todo = [Job(s, mask_in(mask, s.stem), out / f"{s.stem}_prob.npy") for s in sl.find_slides(slide)]
     if not todo:
         raise UserError(f"{slide}: no slide files in this directory")
     return todo
+
+
+def mask_in(folder: Path, stem: str) -> Path:
+    """The slide's tissue mask in a folder of them (the name it would have when missing:
+    its job then says so)."""
+    return companion(folder, stem, "tissue") or folder / f"{stem}_tissue.npy"
 
 
 def resolution(args, cfg: dict) -> dict:

@@ -83,8 +83,8 @@ def from_geojson(path: Path, data: object, positive_groups: Sequence[str],
         props = feat.get("properties") if isinstance(feat.get("properties"), dict) else {}
         if (obj := _object_type(feat, props)) != "annotation":
             objects[obj] += 1
-            if _class_name(props) not in (None, *negative_groups):  # "Tumor: Positive" cells, say
-                ann.skipped.append(f"{obj} {_class_name(props)}")
+            if (cls := _class_name(props)) not in (None, *negative_groups):  # "Tumor: Positive" cells, say
+                ann.skipped.append(f"{obj} {cls}")
             continue
         geom = feat.get("geometry") if isinstance(feat.get("geometry"), dict) else {}
         kind = geom.get("type")
@@ -269,8 +269,9 @@ def _hosts(ann: Annotation) -> list[int | None]:
     # its exterior makes an invalid polygon); the tree keeps this fast for thousands of each
     p_at, n_at = shapely.STRtree(neg[nv]).query(pos[pv], predicate="contains_properly")
     holes: dict[int, list] = {}
+    host_of, neg_of = pv[p_at], nv[n_at]  # the pairs as indices into the annotation's parts
     for j in nv:
-        for i in sorted(pv[p_at[nv[n_at] == j]]):
+        for i in sorted(host_of[neg_of == j]):
             if not any(shapely.intersects(neg[j], h) for h in holes.get(i, [])):
                 hosts[j] = int(i)
                 holes.setdefault(i, []).append(neg[j])
