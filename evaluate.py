@@ -291,10 +291,10 @@ def cmd_pixels(args) -> None:
 
 def cmd_patches(args) -> None:
     from crfcore.device import retain_freed_memory
-    from crfcore.training import evaluate_folder
+    from crfcore.training import confusion_picture, evaluate_folder
 
     retain_freed_memory()  # the CNN's buffers are reused, not faulted back in
-    picture = args.plot or args.data / "confusion_matrix.png"
+    picture = confusion_picture(args.data, args.plot)
     report = evaluate_folder(args.ckpt, args.data, picture, json_dir=args.json, quiet=args.quiet, workers=args.workers)
     print(f"confusion matrix -> {picture}\n{report}")  # the report's metrics line last, for scripts
 

@@ -46,7 +46,7 @@ def main(argv=None) -> int:
     retain_freed_memory()  # the CNN's buffers are reused, not faulted back in
     if args.evaluate:
         ckpt, data = args.evaluate
-        picture = args.plot or data / "confusion_matrix.png"
+        picture = training.confusion_picture(data, args.plot)
         report = training.evaluate_folder(ckpt, data, picture, json_dir=args.json, quiet=args.quiet,
                                           device=args.device or "auto", workers=args.workers)
         print(f"confusion matrix -> {picture}\n{report}")  # the report's metrics line last, for scripts

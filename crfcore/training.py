@@ -441,13 +441,18 @@ def write_config(cfg: TrainConfig, save_dir: Path) -> None:
     atomic_write_json(save_dir / "config.json", cfg.to_dict())
 
 
-def evaluate_folder(ckpt_path: str | Path, data_dir: str | Path, picture: str | Path | None = None,
+def confusion_picture(data_dir: str | Path, plot: str | Path | None = None) -> Path:
+    """Where a report's confusion matrix goes: `--plot`, else DATA_DIR/confusion_matrix.png."""
+    return Path(plot) if plot else Path(data_dir) / "confusion_matrix.png"
+
+
+def evaluate_folder(ckpt_path: str | Path, data_dir: str | Path, picture: str | Path,
                     batch_size: int = 64, workers: int | None = None, device: str = "auto",
                     json_dir: str | Path | None = None, quiet: bool = False) -> str:
     """Report of a checkpoint on any data folder: class sub-folders (classify) or a
     list.txt grid folder with `json_dir` (grid). Writes the confusion matrix to `picture`
-    (default DATA_DIR/confusion_matrix.png), checked before the work."""
-    picture = Path(picture) if picture else Path(data_dir) / "confusion_matrix.png"
+    (`confusion_picture`), checked before the work."""
+    picture = Path(picture)
     check_picture_format(picture)
     check_not_a_slide(picture)
     ensure_free_space(picture, 0, "picture")  # a read-only data folder is named now, not after the work
