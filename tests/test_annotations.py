@@ -1,5 +1,6 @@
 import importlib.util
 import json
+import os
 import warnings
 
 import numpy as np
@@ -581,6 +582,7 @@ def test_siblings_that_are_no_usable_annotation_are_passed_over(tmp_path):
     convert(custom / "s.xml", "-o", notes / "s.json", "--positive-groups", "Metastasis")
     (notes / "s.txt").write_text("scanned on Monday\n")
     (notes / "s.xml").write_text('<?xml version="1.0"?><Annotations><Annotation/></Annotations>')  # Aperio's
+    os.utime(notes / "s.xml", (0, 0))  # older than the JSON (a newer one is named: the test below)
     sliver = tmp_path / "sliver"  # a review: 0.6 px rounds to a whole pixel, 0.4 px to none
     sliver.mkdir()
     (sliver / "s.xml").write_text(xml_doc([("a", "_0", [(300.2, 300.2), (300.8, 300.2), (300.8, 300.8), (300.2, 300.8)]),
@@ -590,6 +592,35 @@ def test_siblings_that_are_no_usable_annotation_are_passed_over(tmp_path):
         assert an.find_annotation(d, "s") == d / "s.json", d
     (notes / "s.geojson").write_text(json.dumps(ev.lesions_geojson(np.array([[0.9, 5.0, 5.0]]))))  # lesions
     assert an.find_annotation(notes, "s") == notes / "s.json"  # points beside the truth are no rival truth
+
+
+def test_a_newer_sibling_passed_over_is_named(tmp_path):
+    """From the closing notes: deleting every polygon in QuPath and exporting again (the
+    slide judged normal) left the old JSON in use without a word. A passed-over sibling
+    newer than the file used, and not this tool's output, is now named in a warning."""
+    (tmp_path / "s.xml").write_text(xml_doc([("a", "_0", square(0, 0, 10))]))
+    convert(tmp_path / "s.xml", "-o", tmp_path / "s.json")
+    (tmp_path / "s.xml").unlink()
+    empty, lesions = tmp_path / "s.geojson", tmp_path / "s.txt"
+    empty.write_text(json.dumps({"type": "FeatureCollection", "features": []}))
+    used = (tmp_path / "s.json").stat().st_mtime
+    os.utime(empty, (used - 60, used - 60))  # older: an export from before the conversion, passed over quietly
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert an.find_annotation(tmp_path, "s") == tmp_path / "s.json"
+    os.utime(empty, (used + 60, used + 60))
+    with pytest.warns(an.AnnotationWarning, match=r"s.geojson: newer than s.json but holds no tumour or exclusion "
+                                                  r"polygon; s.json is used"):
+        assert an.find_annotation(tmp_path, "s") == tmp_path / "s.json"
+    empty.write_text("{not json")
+    with pytest.warns(an.AnnotationWarning, match=r"s.geojson: newer than s.json but does not read as an annotation"):
+        an.find_annotation(tmp_path, "s")
+    empty.write_text(json.dumps(ev.lesions_geojson(np.array([[0.9, 5.0, 5.0]]))))  # this tool's lesion points
+    lesions.write_text("")
+    os.utime(lesions, (used - 60, used - 60))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert an.find_annotation(tmp_path, "s") == tmp_path / "s.json"
 
 
 def test_another_tools_xml_is_refused_not_read_as_empty(tmp_path, capsys):

@@ -115,19 +115,34 @@ def find_annotation(folder: str | Path, stem: str) -> Path | None:
     `t.geojson` beside the old `t.xml`, say). A sibling that is no annotation this run
     could use is passed over: one that does not read as an annotation (notes in a `.txt`,
     another tool's XML) or holds no polygon of the default groups (converted with other
-    groups, lesion points beside the truth, an empty export)."""
+    groups, lesion points beside the truth, an empty export); with a warning where it is
+    newer than the file used and not this tool's output (QuPath's export after every
+    polygon was deleted, or a broken one, would otherwise leave the old truth in use)."""
     found = all_companions(folder, stem, "annotation")
     if len(found) > 1:
         chosen = _quietly(load_annotation, found[0])  # its faults are the run's: they are raised
         for other in found[1:]:
             try:
                 sibling = _quietly(load_annotation, other)
-            except AnnotationError:
+            except AnnotationError as err:
+                if other.suffix.lower() != ".txt":  # a .txt of notes is no review tool's export
+                    _warn_if_newer(found[0], other, f"does not read as an annotation "
+                                                    f"({str(err).replace(str(other), other.name)})")
                 continue
             if len(sibling) and not same_polygons(chosen, sibling):
                 raise AnnotationError(f"{folder}: {found[0].name} (which would be used) and {other.name} both "
                                       f"annotate slide {stem} and hold different polygons; keep one of them there")
+            if not len(sibling) and len(chosen):
+                _warn_if_newer(found[0], other, "holds no tumour or exclusion polygon")
     return found[0] if found else None
+
+
+def _warn_if_newer(used: Path, other: Path, why: str) -> None:
+    """Warn that `other`, passed over, may be the newer truth (see `find_annotation`)."""
+    if other.stat().st_mtime > used.stat().st_mtime and not written_by_crfcore(other):
+        warnings.warn(f"{other}: newer than {used.name} but {why}; {used.name} is used (remove it if the "
+                      f"slide's truth changed)",
+                      AnnotationWarning, stacklevel=3)
 
 
 def _quietly(fn, *args):
