@@ -644,7 +644,7 @@ def test_a_file_whose_groups_are_all_unknown_is_refused_not_written_empty(tmp_pa
     feats = [qupath_feature({"type": "Polygon", "coordinates": [closed(square(0, 0, 10))]}, "Metastasis", "m")]
     path = _write(tmp_path / "m.geojson", json.dumps(feats))
     code, err = script(capsys, path, "-o", tmp_path / "m.json")
-    assert code == 2 and "none of its polygons is in a tumour or exclusion group (groups found: ['Metastasis']); " \
+    assert code == 2 and "none of its polygons is in a tumour group (groups found: ['Metastasis']); " \
         "nothing written (a normal slide's regions or cells? name their classes in --negative-groups; tumour must " \
         "be drawn as annotations, not cells)" in err.splitlines()[-1]
     with pytest.raises(an.AnnotationError, match="as truth it would mean a normal slide"):  # Mask_gen, evaluate
@@ -660,6 +660,11 @@ def test_a_file_whose_groups_are_all_unknown_is_refused_not_written_empty(tmp_pa
         cell = [{**cells[0], "properties": {"objectType": "cell", "classification": {"name": cls}}}]
         code, err = script(capsys, _write(tmp_path / "n.geojson", json.dumps(cell)), "-o", tmp_path / "n.json")
         assert code == 2 and f"['cell {cls}']" in err and "name their classes in --negative-groups" in err
+    exclusion = [qupath_feature({"type": "Polygon", "coordinates": [closed(square(0, 0, 10))]}, "Exclusion", "x")]
+    tumour_cell = {**cells[0], "properties": {**cells[0]["properties"], "objectType": "cell"}}
+    for extra in ([tumour_cell], feats):  # an exclusion among tumour cells or unknown groups: still no normal slide
+        code, err = script(capsys, _write(tmp_path / "x.geojson", json.dumps(exclusion + extra)), "-o", tmp_path / "x.json")
+        assert code == 2 and "none of its polygons is in a tumour group" in err and not (tmp_path / "x.json").exists()
     normal = [{**cells[0], "properties": {"objectType": "detection"}}]  # unclassified, or of a class named negative
     code, err = script(capsys, _write(tmp_path / "n.geojson", json.dumps(normal)), "-o", tmp_path / "n.json")
     assert code == 0 and json.loads((tmp_path / "n.json").read_text()) == {"positive": [], "negative": []}

@@ -87,13 +87,14 @@ def written_by_crfcore(path: str | Path) -> bool:
 
 
 def nothing_read(ann: Annotation) -> str | None:
-    """Why a file that holds polygons or classified objects gave no region (their groups,
-    the QuPath objects skipped), or None: read as truth, it would say a normal slide."""
-    if len(ann) or not (ann.unmapped or ann.skipped):
+    """Why a file that holds polygons or classified objects gave no tumour region (their
+    groups, the QuPath objects skipped), or None: read as truth, it would say a normal
+    slide. (Exclusions alone do not make it one: an Exclusion among tumour cells, say.)"""
+    if ann.positive or not (ann.unmapped or ann.skipped):
         return None
     why = [f"groups found: {sorted(set(ann.unmapped))}"] if ann.unmapped else []
     why += [f"QuPath objects skipped, not regions: {sorted(set(ann.skipped))}"] if ann.skipped else []
-    return f"none of its polygons is in a tumour or exclusion group ({'; '.join(why)})"
+    return f"none of its polygons is in a tumour group ({'; '.join(why)})"
 
 
 def load_truth(path: str | Path) -> Annotation:
