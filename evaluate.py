@@ -21,6 +21,7 @@ quiet_ctrl_c()  # first: Ctrl-C while the libraries below load is one line
 import argparse
 import csv
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -91,17 +92,19 @@ def find_slide(slides_dir: Path | None, stem: str) -> Path | None:
     return next((p for p in sl.find_slides(slides_dir) if p.stem == stem), None)
 
 
-def truth_lattice(slide_path: Path | None, level: int, bounds) -> masks.Lattice:
+def truth_lattice(slide_path: Path | None, level: int, bounds, mpp: float) -> masks.Lattice:
     """Where the truth is rasterised: the slide's level `level` (its real downsample), or a
     lattice of that downsample over the slide when the pyramid is shallower; without a
-    slide, a nominal `2**level` lattice over the annotation's extent."""
+    slide, a nominal `2**level` lattice over the annotation's extent and the evaluation
+    mask's dilation beyond it (a hit just past a tumour's edge is still a hit)."""
     if slide_path is not None:
         with sl.open_slide(slide_path) as s:
             if level < s.level_count:
                 return masks.Lattice.for_slide(s, level=level)
             return masks.Lattice.for_slide(s, downsample=2.0 ** level)
     ds = 2.0 ** level
-    return masks.Lattice((int(bounds[3] / ds) + 2, int(bounds[2] / ds) + 2), (ds, ds), level)
+    pad = math.ceil(ev.dilation_pixels(ds, mpp)) + 2
+    return masks.Lattice((int(bounds[3] / ds) + pad, int(bounds[2] / ds) + pad), (ds, ds), level)
 
 
 def truth_labels(stem: str, truth_dir: Path, level: int, mpp: float,
@@ -113,11 +116,11 @@ def truth_labels(stem: str, truth_dir: Path, level: int, mpp: float,
         ann = load_truth(path)
         if not ann.positive:
             return None, (1.0, 1.0)
-        lat = truth_lattice(slide_path, level, ann.bounds())
+        lat = truth_lattice(slide_path, level, ann.bounds(), mpp)
         if lat.shape[0] * lat.shape[1] > MAX_TRUTH_PIXELS:
             raise UserError(f"{path}: reaches ({ann.bounds()[2]:.0f}, {ann.bounds()[3]:.0f}): too large an "
                             "evaluation raster; a coordinate is wrong, or give --slides to bound it by the slide")
-        return ev.evaluation_mask(masks.annotation_mask(ann, lat), lat.downsample[0], mpp), lat.downsample
+        return tumour_labels(masks.annotation_mask(ann, lat), lat.downsample, mpp)
     tif = companion(truth_dir, stem, "truth_mask")
     if tif is not None:
         with sl.open_slide(tif) as m:
@@ -128,8 +131,15 @@ def truth_labels(stem: str, truth_dir: Path, level: int, mpp: float,
             ds = sl.level_downsamples(m)[lvl]
             pixels = sl.read_level(m, lvl)
         check_grey(tif, pixels)
-        return ev.evaluation_mask(pixels[..., 0] > 0, ds[0], mpp), ds
+        return tumour_labels(pixels[..., 0] > 0, ds, mpp)
     return None, (1.0, 1.0)
+
+
+def tumour_labels(tumour: np.ndarray, ds: tuple[float, float], mpp: float) -> tuple[np.ndarray | None, tuple]:
+    """`truth_labels`' answer for a rasterised truth: None (a normal slide) where it holds
+    no tumour pixel (an empty mask TIFF, polygons that cover no pixel centre)."""
+    labels = ev.evaluation_mask(tumour, ds[0], mpp)
+    return (labels if labels.any() else None), ds
 
 
 def check_grey(tif: Path, pixels: np.ndarray) -> None:
@@ -182,6 +192,9 @@ def cmd_froc(args) -> None:
         print(f"note: no lesion list for {', '.join(unlisted)} (truth in {args.truth_dir}); left out")
     if args.slides is None:  # the isolated-tumour-cell rule is in microns
         print(f"note: no --slides, so every slide is taken at --mpp {args.mpp:g} um per pixel")
+    elif missing := [s for s in stems if find_slide(args.slides, s) is None]:
+        print(f"note: no slide in {args.slides} for {', '.join(missing)}: taken at --mpp {args.mpp:g} um per "
+              "pixel, its truth rasterised over its annotation's extent")
     fps, tps, normal = [], [], []
     for f, stem in zip(files, stems):
         fp, tp, is_normal = froc_hits(f, stem, args)
@@ -268,25 +281,30 @@ def tissue_for(args, prob: np.ndarray, meta: dict) -> tuple[np.ndarray, str]:
     path = args.tissue or (Path(meta["mask"]) if meta.get("mask") and Path(meta["mask"]).exists() else None)
     if path is None:
         return prob > 0, "map > 0"
-    tissue, _ = masks.load_mask(path, slide=meta["slide"])
-    if tissue.shape != prob.shape:
-        raise UserError(f"{path}: shape {tissue.shape} differs from the map's {prob.shape}")
+    tissue, tissue_meta = masks.load_mask(path, slide=meta["slide"])
+    check_map_lattice(path, tissue, tissue_meta, prob, meta)
     return tissue, str(path)
+
+
+def check_map_lattice(path: Path, mask: np.ndarray, mask_meta: dict, prob: np.ndarray, meta: dict) -> None:
+    """Refuse a mask on another lattice than the map's: another shape or downsample."""
+    if mask.shape != prob.shape or not np.allclose(mask_meta["downsample"], meta["downsample"], rtol=1e-3):
+        raise UserError(f"{path}: a {mask.shape[1]}x{mask.shape[0]} lattice at downsample "
+                        f"{mask_meta['downsample'][0]:g}, but the map's is {prob.shape[1]}x{prob.shape[0]} at "
+                        f"{meta['downsample'][0]:g}")
 
 
 def cmd_pixels(args) -> None:
     prob, meta = load_probability_map(args.prob)
     truth, truth_meta = masks.load_mask(args.mask, slide=meta["slide"], kind="tumor")
-    if truth.shape != prob.shape or not np.allclose(truth_meta["downsample"], meta["downsample"], rtol=1e-3):
-        raise UserError(f"{args.mask}: a {truth.shape[1]}x{truth.shape[0]} lattice at downsample "
-                        f"{truth_meta['downsample'][0]:g}, but the map's is {prob.shape[1]}x{prob.shape[0]} at "
-                        f"{meta['downsample'][0]:g}")
+    check_map_lattice(args.mask, truth, truth_meta, prob, meta)
     tissue, where = tissue_for(args, prob, meta)
     r = ev.pixel_scores(prob, truth, tissue, args.threshold)
     auc = f"AUC={r['auc']:.4f}" if np.isfinite(r["auc"]) else \
         f"AUC=nan (the truth has only one class over the {r['tissue_pixels']} tissue pixels)"
-    print(f"{meta['slide']}: IoU={r['iou']:.4f} Dice={r['dice']:.4f} at threshold {args.threshold}; "
-          f"{auc} over tissue ({where})")
+    overlap = f"IoU={r['iou']:.4f} Dice={r['dice']:.4f}" if np.isfinite(r["iou"]) else \
+        "IoU=nan Dice=nan (no tumour in the truth, none called)"
+    print(f"{meta['slide']}: {overlap} at threshold {args.threshold}; {auc} over tissue ({where})")
 
 
 def cmd_patches(args) -> None:

@@ -163,10 +163,16 @@ def evaluation_mask(tumour: np.ndarray, level_downsample: float, mpp: float = CA
     from scipy import ndimage as nd
     from skimage import measure
 
+    if not tumour.any():  # no tumour: no region (the transform would measure from a corner)
+        return np.zeros(tumour.shape, np.int64)
     distance = nd.distance_transform_edt(~tumour.astype(bool))
-    threshold = 75 / (mpp * level_downsample * 2)
-    filled = nd.binary_fill_holes(distance < threshold)
+    filled = nd.binary_fill_holes(distance < dilation_pixels(level_downsample, mpp))
     return measure.label(filled, connectivity=2)
+
+
+def dilation_pixels(level_downsample: float, mpp: float = CAMELYON_MPP) -> float:
+    """How far (pixels of the level) `evaluation_mask` dilates a tumour: 75 um / 2."""
+    return 75 / (mpp * level_downsample * 2)
 
 
 def isolated_tumour_cells(labels: np.ndarray, level_downsample: float, mpp: float = CAMELYON_MPP) -> set[int]:
@@ -256,14 +262,16 @@ def slide_roc(labels: np.ndarray, scores: np.ndarray, n_boot: int = 2000, seed: 
 
 
 def pixel_scores(prob: np.ndarray, truth: np.ndarray, tissue: np.ndarray, threshold: float) -> dict:
-    """IoU and Dice of `prob >= threshold` against `truth` over the whole map, and the
+    """IoU and Dice of `prob >= threshold` against `truth` over the whole map (NaN when
+    neither has a tumour pixel: a normal slide called normal is no overlap of 0), and the
     threshold-free ROC AUC of `prob` for `truth` over the `tissue` pixels (NaN when the
     truth has one class there)."""
     pred = prob >= threshold
     inter, union = int((pred & truth).sum()), int((pred | truth).sum())
     t, p = truth[tissue], prob[tissue]
     auc = float(skm.roc_auc_score(t, p)) if 0 < t.sum() < t.size else float("nan")
-    return {"iou": inter / max(union, 1), "dice": 2 * inter / max(int(pred.sum() + truth.sum()), 1),
+    nan = float("nan")
+    return {"iou": inter / union if union else nan, "dice": 2 * inter / (inter + union) if union else nan,
             "auc": auc, "tumour_pixels": int(t.sum()), "tissue_pixels": int(t.size)}
 
 

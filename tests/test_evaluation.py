@@ -2,6 +2,7 @@ import json
 
 import numpy as np
 import pytest
+import sklearn.metrics
 
 from crfcore import evaluation as ev
 from crfcore import slide as sl
@@ -148,6 +149,42 @@ def test_froc_refuses_an_absurd_truth_raster(tmp_path):
     assert res.returncode == 2 and "too large an evaluation raster" in res.stderr and "t1.json" in res.stderr
 
 
+def test_froc_without_the_slide_keeps_the_dilation_past_the_annotation(tmp_path):
+    """From a review: without --slides the truth raster ended 2 level-5 pixels past the
+    annotation, short of the 75 um dilation (4.8 pixels at 0.243 um/px): a hit 24 um right
+    of the last tumour scored as a miss, and a 182 um square (a 275 um region once
+    dilated) became an isolated tumour cell cluster. With the slide both were right."""
+    ann = Annotation()
+    ann.add("positive", "t", square(3000, 3000, 2000))
+    les, tdir = lesion_setup(tmp_path, ann)
+    (les / "t1.csv").write_text("0.9,5100,4000\n")  # level-5 column 159: 4 pixels from the tumour's last, 155
+    assert "FROC=1.0000" in call("evaluate.py", "froc", les, tdir).stdout
+    small = Annotation()
+    small.add("positive", "t", square(4000, 4000, 750))
+    write_annotation(small, tdir / "t1.json")
+    (les / "t1.csv").write_text("0.9,4375,4375\n")
+    res = call("evaluate.py", "froc", les, tdir, "--slides", tmp_path)  # no slide there: noted, as without
+    assert "FROC=1.0000" in res.stdout and "1 tumours" in res.stdout
+    assert f"no slide in {tmp_path} for t1: taken at --mpp 0.243" in res.stdout
+
+
+def test_froc_an_empty_mask_tiff_is_a_normal_slide(tmp_path):
+    """From a review: an all-zero truth mask made a phantom isolated-tumour-cell region
+    around (0, 0) (the distance transform of an image without tumour), so a detection
+    there was ignored instead of counted as a false positive."""
+    (tmp_path / "truth").mkdir(), (tmp_path / "les").mkdir()
+    write_mask_tiff(tmp_path / "truth" / "z_mask.tif", np.zeros((1536, 2048), np.uint8))
+    tumour = np.zeros((1536, 2048), np.uint8)
+    tumour[:, 1024:] = 255
+    write_mask_tiff(tmp_path / "truth" / "t_mask.tif", tumour)
+    (tmp_path / "les" / "z.csv").write_text("0.9,10,10\n")     # a false positive on the normal slide
+    (tmp_path / "les" / "t.csv").write_text("0.7,1500,700\n")  # the tumour, found below it
+    assert not ev.evaluation_mask(np.zeros((48, 64), bool), 32.0).any()
+    res = call("evaluate.py", "froc", tmp_path / "les", tmp_path / "truth")
+    assert "normal slides (no tumour in" in res.stdout and ": z" in res.stdout
+    assert "FROC=0.8333" in res.stdout  # found at 0.5 false positives per slide and above: 5 of the 6 rates
+
+
 def test_froc_uses_the_real_downsample_of_a_shallow_mask_pyramid(tmp_path):
     """A Camelyon16-style mask TIFF with levels 0 and 1 only, evaluated at --level 5: the
     truth comes from level 1 and the lesions are looked up at its real downsample."""
@@ -183,6 +220,10 @@ def test_pixel_scores_auc_over_tissue(tmp_path):
     assert r["auc"] == pytest.approx(1 - 9 / (9 * 40)) and r["tissue_pixels"] == 49
     assert r["dice"] == pytest.approx(2 * 9 / (10 + 9))
     assert np.isnan(ev.pixel_scores(prob, np.zeros_like(truth), tissue, 0.5)["auc"])
+    assert r["iou"] == pytest.approx(9 / 10) and sklearn.metrics.f1_score(truth.ravel(), prob.ravel() >= 0.5) == \
+        pytest.approx(r["dice"])
+    normal = ev.pixel_scores(np.full_like(prob, 0.1), np.zeros_like(truth), tissue, 0.5)  # a review: was IoU 0
+    assert np.isnan(normal["iou"]) and np.isnan(normal["dice"])
     meta = {"slide": "s.tif", "level": 0, "downsample": [16, 16]}
     save_probability_map(tmp_path / "s_prob.npy", prob, meta)
     from crfcore.masks import save_mask
@@ -200,6 +241,12 @@ def test_pixel_scores_auc_over_tissue(tmp_path):
     save_mask(tmp_path / "s_coarse.npy", truth, {**meta, "kind": "tumor", "downsample": [32, 32]})
     res = call("evaluate.py", "pixels", tmp_path / "s_prob.npy", tmp_path / "s_coarse.npy", check=False)
     assert res.returncode == 2 and "downsample 32" in res.stderr
+    save_mask(tmp_path / "s_coarse_tissue.npy", tissue, {**meta, "kind": "tissue", "downsample": [32, 32]})
+    res = call("evaluate.py", "pixels", tmp_path / "s_prob.npy", tmp_path / "s_tumor.npy", "--tissue",
+               tmp_path / "s_coarse_tissue.npy", check=False)  # a review: only the tissue's shape was checked
+    assert res.returncode == 2 and "s_coarse_tissue.npy: a 10x10 lattice at downsample 32" in res.stderr
+    res = call("evaluate.py", "pixels", tmp_path / "s_prob.npy", tmp_path / "s_none.npy")
+    assert "IoU=0.0000" in res.stdout  # the map calls one pixel tumour where there is none
 
 
 def test_a_margin_keeps_every_point_of_a_slide_without_tumour():
