@@ -80,8 +80,8 @@ def find_lesions(prob: np.ndarray, downsample: tuple[float, float], threshold: f
     r + radius) x [c - radius, c + radius)` around it, repeat. Returns `(n, 3)`."""
     p = np.array(prob, dtype=np.float64)
     if sigma > 0:
-        from scipy.ndimage import gaussian_filter
-        p = gaussian_filter(p, sigma=sigma)
+        from skimage.filters import gaussian
+        p = gaussian(p, sigma=sigma)  # as NCRF's nms.py smooths (its border mode, `nearest`)
     out = []
     h, w = p.shape
     while p.size and p.max() > threshold:

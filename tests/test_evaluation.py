@@ -16,6 +16,17 @@ def square(x0, y0, side):
     return np.array([[x0, y0], [x0 + side, y0], [x0 + side, y0 + side], [x0, y0 + side]], float)
 
 
+def test_nms_smooths_as_ncrf_does():
+    """From a review: --sigma smoothed with scipy's `reflect` border, where NCRF's nms.py
+    calls skimage's gaussian (border `nearest`): maps differed at the border."""
+    prob = np.zeros((30, 40))
+    prob[0, 0] = prob[15, 20] = 1.0
+    from scipy.ndimage import gaussian_filter
+    ncrf = gaussian_filter(prob, 2.0, mode="nearest")  # what skimage.filters.gaussian runs for a float map
+    got = ev.find_lesions(prob, (1.0, 1.0), threshold=0.0, radius=100, sigma=2.0)
+    assert got[0, 0] == pytest.approx(ncrf.max()) and got[0, 1:].tolist() == [0, 0]  # the corner: 0.36 (reflect: 0.14)
+
+
 def test_nms_finds_peaks_and_suppresses_their_neighbourhood():
     prob = np.zeros((40, 60), np.float32)
     prob[10, 20] = 0.9
