@@ -53,8 +53,10 @@ def main(argv=None) -> int:
     if args.tiff and args.tiff.suffix.lower() not in (".tif", ".tiff"):
         raise UserError(f"{args.tiff}: --tiff writes a TIFF: end its name with .tif, .tiff or .ome.tif")
     check_spares_inputs((args.output, args.tiff), (args.prob, sidecar_path(args.prob), args.slide))
+    heatmap.check_not_a_slide(args.output)
+    if args.tiff:
+        heatmap.check_tiff_output(args.tiff)
     for out in filter(None, (args.output, args.tiff)):
-        heatmap.check_not_a_slide(out)
         ensure_free_space(out, 0, "picture")  # a path that cannot be written is refused before the work
     if args.slide is not None:
         with sl.open_slide(args.slide) as s:  # first: a file that is not a slide is named as such, not blamed on the map

@@ -57,6 +57,14 @@ def check_not_a_slide(path: Path) -> None:
     raise OutputError(f"{path}: is a slide; the picture would replace it: choose another name")
 
 
+def check_tiff_output(path: Path) -> None:
+    """Refuse, before any work, a map TIFF output that would replace a file other than an
+    earlier map TIFF of this tool (a plain TIFF image, a slide OpenSlide cannot open)."""
+    if path.exists() and not sl.is_map_tiff(path):
+        raise OutputError(f"{path}: exists and is not a heat-map TIFF this tool wrote (a slide, another image?); "
+                          "not replaced: choose another name")
+
+
 def colourise(prob: np.ndarray, cmap: str = "jet", vmin: float = 0.0, vmax: float = 1.0) -> np.ndarray:
     """`(H, W)` values -> `(H, W, 3)` uint8 colours of a matplotlib colour map."""
     import matplotlib

@@ -77,10 +77,17 @@ def test_prob_map_show_never_writes_over_its_inputs(syn_slide, prob, tmp_path):
     assert slide.read_bytes() == before and not (tmp_path / "o.tif").exists()
     other = tmp_path / "other.tif"  # a slide that is not an input of the run
     shutil.copy(syn_slide.path, other)
-    for outs in (["-o", tmp_path / "o.png", "--tiff", other], ["-o", other]):
+    for outs, why in ((["-o", tmp_path / "o.png", "--tiff", other], "is not a heat-map TIFF this tool wrote"),
+                      (["-o", other], "is a slide")):
         res = call("prob_map_show.py", m, *outs, "--slide", slide, check=False)
-        assert res.returncode == 2 and "is a slide" in res.stderr, res.stderr
+        assert res.returncode == 2 and why in res.stderr, res.stderr
     assert other.read_bytes() == before
+    plain = tmp_path / "photo.tif"  # a review: a TIFF OpenSlide cannot open was replaced, exit 0
+    tifffile.imwrite(plain, np.zeros((8, 8, 3), np.uint8))
+    before_plain = plain.read_bytes()
+    res = call("prob_map_show.py", m, "-o", tmp_path / "o.png", "--slide", slide, "--tiff", plain, check=False)
+    assert res.returncode == 2 and "photo.tif: exists and is not a heat-map TIFF" in res.stderr
+    assert plain.read_bytes() == before_plain
     for _ in range(2):  # its own map TIFF and a TIFF plot it wrote are replaced on a second run
         call("prob_map_show.py", m, "-o", tmp_path / "p.tif", "--slide", slide, "--tiff", tmp_path / "map.tif")
 
