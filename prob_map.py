@@ -31,11 +31,11 @@ import numpy as np
 
 from crfcore import dense, inference, masks
 from crfcore import slide as sl
-from crfcore.cli import UserError, add_workers, for_each, number, parser, run
+from crfcore.cli import UserError, add_workers, for_each, number, one_line, parser, run
 from crfcore.device import PRECISIONS, DistEnv, resolve_device, resolve_precision, retain_freed_memory
-from crfcore.heatmap import save_probability_map
-from crfcore.io import (check_array_output, check_fits_slide, check_spares_inputs, companion, ensure_free_space,
-                        file_sha256, own_sidecar, sidecar_path)
+from crfcore.heatmap import load_probability_map, save_probability_map
+from crfcore.io import (ArrayFileError, check_array_output, check_fits_slide, check_spares_inputs, companion,
+                        ensure_free_space, file_sha256, own_sidecar, sidecar_path)
 from crfcore.model import model_from_checkpoint
 from crfcore.scale import ReadScale, read_scale
 from crfcore.stain import MacenkoNormaliser
@@ -96,12 +96,23 @@ def up_to_date(out: Path, wanted: dict, overwrite: bool) -> bool:
     stale = [k for k, v in wanted.items()
              if (k in meta or k not in UNRECORDED) and meta.get(k, LATER_SETTINGS.get(k)) != v]
     if not stale:
-        return True
+        return readable(out)
     if not overwrite:
         verb = "is" if len(stale) == 1 else "are"
         raise UserError(f"{out}: exists but is stale (its recorded {', '.join(stale)} {verb} not this run's); "
                         "use --overwrite to recompute")
     return False
+
+
+def readable(out: Path) -> bool:
+    """Whether a finished map reads as one; else a warning, and it is computed again (a
+    truncated copy with its sidecar intact would be skipped as done, run after run)."""
+    try:
+        load_probability_map(out)
+    except ArrayFileError as err:
+        warnings.warn(f"{one_line(err)}; computed again")
+        return False
+    return True
 
 
 def warn_off_resolution(slide: Path, slide_mpp: tuple | None, read: ReadScale, trained: float | None) -> None:

@@ -139,6 +139,9 @@ def dense_applies(geom: Geometry, stride: int) -> str | None:
         return (f"the lattice stride {geom.integer_stride()} is not a whole number of model pixels "
                 f"({geom.read.scale:.4f} level-0 pixels each)")
     n = phases(geom, stride)
+    if n == 1 and s >= geom.crop:
+        return (f"the lattice stride ({s} model pixels) is at least the crop ({geom.crop}): crops do not overlap, "
+                "so dense would do no less backbone work than the lattice")
     if n * s * s >= geom.crop ** 2:
         return (f"the lattice stride ({s} model pixels) is not a multiple of the feature stride {stride}: dense "
                 f"would need {n} shifted passes over the slide, more backbone work than the lattice")

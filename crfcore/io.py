@@ -275,6 +275,9 @@ def load_array(path: str | Path, kind: str | tuple[str, ...] | None = None,
     if slide is not None and meta.get("slide") != Path(slide).name:
         raise ArrayFileError(f"{path}: belongs to slide {meta.get('slide')!r}, not {Path(slide).name!r}")
     meta["downsample"] = _downsample(path, meta)
+    level = meta.setdefault("level", None)  # null: the lattice is no pyramid level of the slide
+    if level is not None and (not isinstance(level, int) or isinstance(level, bool) or level < 0):
+        raise ArrayFileError(f"{side}: 'level' must be null or a pyramid level (0, 1, ...), got {level!r}")
     if meta.get("mpp") is not None and not _positive_pair(meta["mpp"]):
         raise ArrayFileError(f"{side}: 'mpp' must be null or two positive numbers, got {meta['mpp']!r}")
     if array.dtype.kind == "f" and not np.isfinite(array).all():

@@ -137,6 +137,9 @@ def test_a_stride_that_needs_too_many_phases_uses_the_lattice(slide, model):
         _, used = inference.probability_map(model, slide.path, sub, meta["downsample"], 32, 28, "dense",
                                             inference.Options(workers=0, quiet=True))
     assert used == "lattice"
+    geom = inference.Geometry(3, 64, 56, (64.0, 64.0))  # the demo's: one phase, crops that do not overlap
+    why = dense.dense_applies(geom, 32)  # a review: this was blamed on a stride "not a multiple of 32"
+    assert why.startswith("the lattice stride (64 model pixels) is at least the crop (56)") and "multiple" not in why
 
 
 def test_prob_map_dense(slide, model, tmp_path):

@@ -160,6 +160,10 @@ def test_a_map_of_another_checkpoint_is_not_kept(border_slide, grid_ckpt, few_po
     assert meta2["checkpoint_sha256"] != meta["checkpoint_sha256"] and np.abs(second - first).max() > 1e-3
     again = call("prob_map.py", s.path, other, few_points, out, "--workers", "0", "--quiet")
     assert "up to date, skipped" in again.stdout
+    out.write_bytes(out.read_bytes()[:150])  # a review: a truncated map with its sidecar was skipped for ever
+    again = call("prob_map.py", s.path, other, few_points, out, "--workers", "0", "--quiet")
+    assert "cannot read the array" in again.stderr and "computed again" in again.stderr
+    assert np.array_equal(heatmap.load_probability_map(out)[0], second)
     fewer = tmp_path / "fewer" / "edge_tissue.npy"  # another mask of the slide: the map is stale
     mask, mask_meta = masks.load_mask(few_points)
     masks.save_mask(fewer, mask & (np.cumsum(mask.ravel()).reshape(mask.shape) <= 10), mask_meta)

@@ -90,12 +90,22 @@ def sidecar(path, **meta):
     ({"slide": None}, np.zeros((4, 5), np.float32), "not a sidecar \\(expected a JSON object naming its slide"),
     ({"mpp": 0.25}, np.zeros((4, 5), np.float32), "'mpp' must be null or two positive numbers"),
     ({"mpp": [0, 0]}, np.zeros((4, 5), np.float32), "'mpp' must be null or two positive numbers"),
+    ({"level": "five"}, np.zeros((4, 5), np.float32), "'level' must be null or a pyramid level"),
+    ({"level": -1}, np.zeros((4, 5), np.float32), "'level' must be null or a pyramid level"),
 ])
 def test_bad_arrays_and_sidecars_are_refused(tmp_path, meta, array, message):
     np.save(tmp_path / "p.npy", array)
     sidecar(tmp_path / "p.npy", **meta)
     with pytest.raises(io.ArrayFileError, match=message):
         io.load_array(tmp_path / "p.npy", kind="probability")
+
+
+def test_a_sidecar_without_level_reads_as_no_pyramid_level(tmp_path):
+    """From a review: a mask sidecar without "level" ran prob_map.py's whole computation and
+    then died with a KeyError traceback."""
+    np.save(tmp_path / "p.npy", np.zeros((4, 5), np.float32))
+    sidecar(tmp_path / "p.npy")
+    assert io.load_array(tmp_path / "p.npy")[1]["level"] is None
 
 
 def test_missing_sidecar_names_the_right_script(tmp_path):
