@@ -88,6 +88,9 @@ def settings(args, ckpt_sha: str, precision: str, read_at: dict) -> dict:
             "read_at": read_at}
 
 
+MIN_DENSE_TILE = 256  # --dense-tile: below the tiles' margin (256 px a side), margins would be most of the work
+
+
 def up_to_date(out: Path, wanted: dict, overwrite: bool) -> bool:
     """True when `out` exists with these settings; a stale map is an error unless --overwrite."""
     if not (out.exists() and sidecar_path(out).exists()):
@@ -195,8 +198,8 @@ def build_parser() -> argparse.ArgumentParser:
     at.add_argument("--level", type=number(int, 0), help="read crops at this pyramid level of every slide")
     p.add_argument("--tta", type=int, choices=(1, 8), default=1, help="mean over the 8 flips/rotations")
     p.add_argument("--batch-size", type=number(int, 1), default=64, help="patches per CNN batch (lattice, naive; dense runs whole tiles)")
-    p.add_argument("--dense-tile", type=number(int, 1), default=inference.Options.dense_tile, metavar="PX",
-                   help="dense: model pixels of new lattice rows per tile, and per band of rows whose logits and "
+    p.add_argument("--dense-tile", type=number(int, MIN_DENSE_TILE), default=inference.Options.dense_tile,
+                   metavar="PX", help="dense: model pixels of new lattice rows per tile, and per band of rows whose logits and "
                         "features are held at once (memory grows with it); each band's tiles take the width, from half "
                         f"that to {dense.WIDEST} times it, that runs the CNN over the fewest pixels; the map is the same")
     add_workers(p, beside_cnn=True)
