@@ -1,9 +1,9 @@
 #!/usr/bin/env python3
 """Cut image_size patches around centres inside a mask (grid, random or from a coords
 list): PATCH_DIR/<slide_id>/tile_<i>_level<L>_<x0>-<y0>-<x1>-<y1>.png (level-0 box),
-then PATCH_DIR/<slide_id>.txt (the centres, an NCRF coords list) and a preview PNG.
+then PATCH_DIR/<slide_id>.txt (the centres, an NCRF coords list), then a preview PNG.
 
-The .txt is written last: it marks the slide's patches complete, and coord_list_gen.py
+The .txt, written once every tile is in, marks the slide's patches complete, and coord_list_gen.py
 refuses a folder without it. Tiles left by a killed run (no .txt) are cleared; a complete
 slide folder is refused unless --overwrite, and replaced only once the new set is cut
 (crfcore.tilefolder: a run that fails or is stopped keeps the old set).
@@ -21,6 +21,7 @@ quiet_ctrl_c()  # first: Ctrl-C while the libraries below load is one line
 
 import argparse
 import warnings
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,7 +31,7 @@ from crfcore import masks, tiling
 from crfcore import slide as sl
 from crfcore.cli import PROBABILITY, UserError, add_workers, for_each, number, parser, run
 from crfcore.datasets import extract_patches
-from crfcore.io import check_fits_slide, companion, write_image
+from crfcore.io import check_fits_slide, check_output_path, companion, write_image
 from crfcore.scale import read_scale
 from crfcore.tilefolder import TileFolder
 
@@ -84,6 +85,12 @@ def centres_for(args, slide_path: Path, mask: np.ndarray, meta: dict, rng, side:
     return np.array(unique, int).reshape(-1, 2)
 
 
+def slide_rng(seed: int, slide: Path) -> np.random.Generator:
+    """Random mode's generator for one slide: the seed and the slide's id, so that cutting
+    one slide again gives the centres the whole batch gave it."""
+    return np.random.default_rng([seed, zlib.crc32(sl.slide_id(slide).encode())])
+
+
 def cut_slide(args, job: Job, rng) -> None:
     sid = sl.slide_id(job.slide)
     tiling.check_coords_id(sid, job.slide)  # before any work: the set's marker is a coords list
@@ -105,16 +112,20 @@ def cut_slide(args, job: Job, rng) -> None:
             size = round(size)
         thumb = sl.thumbnail(s, max(w0, h0) / 1024)
     centres = centres_for(args, job.slide, mask, meta, rng, args.image_size * dx)
-    side = (round(args.image_size * dx), round(args.image_size * dy))
-    boxes = np.array([(int(x - side[0] / 2), int(y - side[1] / 2)) for x, y in centres], int).reshape(-1, 2)
-    boxes = np.concatenate([boxes, boxes + side], 1)
+    side = np.array([round(args.image_size * dx), round(args.image_size * dy)])
+    boxes = centres - (side + 1) // 2  # whole pixels: an odd side puts the centre past the middle (TileInfo.centre)
+    boxes = np.concatenate([boxes, boxes + side], 1).reshape(-1, 4)
     on = (boxes[:, 0] >= 0) & (boxes[:, 1] >= 0) & (boxes[:, 2] <= w0) & (boxes[:, 3] <= h0)
-    boxes, centres = boxes[on], centres[on]
     out = Path(args.output)
     tiles = TileFolder(out, sid)
-    if not len(boxes) and tiles.complete_count():  # an empty set never replaces a full one
-        raise UserError(f"{job.slide}: no patch to cut ({len(on)} centre(s), none with its {side[0]}x{side[1]}-"
-                        f"pixel square on the slide); the {tiles.complete_count()} patches in {tiles.folder} are kept")
+    if not on.any() and (len(on) or tiles.complete_count()):  # an empty set never replaces a full one
+        why = (f"none of the {len(on)} centre(s) has its {side[0]}x{side[1]}-pixel square on the {w0}x{h0} slide; "
+               f"the first: {', '.join(map(str, centres[0]))}") if len(on) else "no centre"
+        kept = f"the {tiles.complete_count()} patches in {tiles.folder} are kept" if tiles.complete_count() else \
+            "nothing written"
+        raise UserError(f"{job.slide}: no patch to cut ({why}); {kept}")
+    boxes, centres = boxes[on], centres[on]
+    preview = check_output_path(out / f"{sid}_preview.png")  # before the work, as every output
     staging = tiles.prepare(args.overwrite)
     names = [tiling.tile_name(i, level, tuple(b)) for i, b in enumerate(boxes)]
     try:
@@ -124,8 +135,7 @@ def cut_slide(args, job: Job, rng) -> None:
     except BaseException:  # a failed or interrupted run leaves the old tiles as they were
         tiles.abandon()
         raise
-    write_image(out / f"{sid}_preview.png",
-                tiling.preview_boxes(thumb, boxes, (w0 / thumb.shape[1], h0 / thumb.shape[0])))
+    write_image(preview, tiling.preview_boxes(thumb, boxes, (w0 / thumb.shape[1], h0 / thumb.shape[0])))
     skipped = int((~on).sum())
     print(f"{job.slide.name}: {n} patches -> {out / sid}" + (f"; {skipped} squares off the slide skipped" if skipped else ""))
 
@@ -142,13 +152,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--coords", type=Path, help="NCRF coords list `slide_id,x,y` (coords mode)")
     p.add_argument("--image-size", type=number(int, 1), default=768, help="patch side in pixels at --level")
     read = p.add_mutually_exclusive_group()
-    read.add_argument("--level", type=number(int, 0), default=0, help="pyramid level the patches are read at")
+    read.add_argument("--level", type=number(int, 0), help="pyramid level the patches are read at (default 0)")
     read.add_argument("--mpp", type=number(float, most=1000, above=0), help="read the patches at this many microns per pixel instead of "
                       "--level (the level that fits, resized by the remainder); set the training config's "
                       "mpp to the same")
     p.add_argument("--min-mask-fraction", type=PROBABILITY, default=0.2,
                    help="grid mode: keep squares at least this much inside the mask")
-    p.add_argument("--seed", type=number(int, 0), default=0, help="random mode seed")
+    p.add_argument("--seed", type=number(int, 0), default=0,
+                   help="random mode seed (with the slide's id: a slide's centres do not depend on the run's other slides)")
     p.add_argument("--overwrite", action="store_true", help="cut again slides that already have patches")
     add_workers(p)
     p.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -164,9 +175,13 @@ def main(argv=None) -> int:
         raise UserError("--mode coords needs --coords COORDS.txt")
     if args.mode != "random" and args.num:
         raise UserError(f"--num is for --mode random; --mode {args.mode} cuts every square it finds")
-    rng = np.random.default_rng(args.seed)
+    if args.mode != "coords" and args.coords:
+        raise UserError(f"--coords is for --mode coords; --mode {args.mode} does not read it")
+    args.level = args.level or 0  # None when not given: --level 0 --mpp X is refused by argparse
+    if args.output.exists() and not args.output.is_dir():
+        raise UserError(f"{args.output}: is a file; -o is PATCH_DIR, a folder")
     for_each(jobs(args.slide, args.mask, args.mask_kind), lambda j: j.slide.name,
-             lambda j: cut_slide(args, j, rng), args.quiet)
+             lambda j: cut_slide(args, j, slide_rng(args.seed, j.slide)), args.quiet)
     return 0
 
 

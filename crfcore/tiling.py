@@ -85,14 +85,15 @@ def grid_centres(mask: np.ndarray, downsample: tuple[float, float], size: float,
     rows, cols = np.nonzero(mask)
     if not rows.size:
         return np.zeros((0, 2), int)
+    side = max(1, round(size))  # whole pixels, as Patch_gen cuts them
     x0, y0 = cols.min() * downsample[0], rows.min() * downsample[1]
     x1, y1 = (cols.max() + 1) * downsample[0], (rows.max() + 1) * downsample[1]
-    xs = np.arange(int(x0), int(np.ceil(x1)), int(size))
-    ys = np.arange(int(y0), int(np.ceil(y1)), int(size))
+    xs = np.arange(int(x0), int(np.ceil(x1)), side)
+    ys = np.arange(int(y0), int(np.ceil(y1)), side)
     gx, gy = np.meshgrid(xs, ys)
-    boxes = np.stack([gx.ravel(), gy.ravel(), gx.ravel() + size, gy.ravel() + size], 1)
+    boxes = np.stack([gx.ravel(), gy.ravel(), gx.ravel() + side, gy.ravel() + side], 1)
     keep = mask_fraction(mask, downsample, boxes) >= min_fraction
-    return (boxes[keep, :2] + int(size) // 2).astype(int)
+    return boxes[keep, :2] + (side + 1) // 2  # the centre of a box, as TileInfo.centre takes it
 
 
 def random_centres(mask: np.ndarray, downsample: tuple[float, float], n: int,
@@ -104,11 +105,17 @@ def random_centres(mask: np.ndarray, downsample: tuple[float, float], n: int,
         return np.zeros((0, 2), int)
     pick = rng.choice(rows.size, size=n, replace=n > rows.size)
     u = rng.uniform(0, 1, (n, 2))
-    xs = np.floor((cols[pick] + u[:, 0]) * downsample[0])
-    ys = np.floor((rows[pick] + u[:, 1]) * downsample[1])
-    centres = np.stack([xs, ys], 1).astype(int)
+    centres = np.stack([_pixel_in_cell(cols[pick], u[:, 0], downsample[0]),
+                        _pixel_in_cell(rows[pick], u[:, 1], downsample[1])], 1)
     _, first = np.unique(centres, axis=0, return_index=True)  # a pixel drawn twice may give one centre twice
     return centres[np.sort(first)]
+
+
+def _pixel_in_cell(cell: np.ndarray, u: np.ndarray, d: float) -> np.ndarray:
+    """A level-0 pixel uniform among those of mask cell `cell` (pixel x is in cell
+    floor(x / d)), at fraction `u`: never a pixel of the next cell, where d is fractional."""
+    lo, hi = np.ceil(cell * d), np.maximum(np.ceil((cell + 1) * d), np.ceil(cell * d) + 1)
+    return (lo + np.floor(u * (hi - lo))).astype(int)
 
 
 MAX_COORD = 2**31  # no slide is larger; a bigger coordinate is a corrupt line
@@ -118,7 +125,7 @@ def read_coords(path: str | Path) -> list[tuple[str, int, int]]:
     """An NCRF coords list: `slide_id,x,y` per line (level-0 centre), no header."""
     out = []
     try:
-        lines = Path(path).read_text().splitlines()
+        lines = Path(path).read_text(encoding="utf-8-sig").splitlines()  # a spreadsheet's BOM
     except (OSError, UnicodeDecodeError) as err:
         raise TilingError(f"{path}: cannot read the coords list ({getattr(err, 'strerror', None) or err})") from None
     for lineno, line in enumerate(lines, 1):

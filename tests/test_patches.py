@@ -165,6 +165,53 @@ def test_odd_patch_sides_give_the_centres_patch_gen_wrote(syn_slide, syn_masks, 
     assert (tmp_path / "ds" / "sides.txt").read_text() == "97,97\n" * 2
 
 
+def test_odd_sides_at_the_slide_edge_and_other_review_findings(syn_slide, syn_masks, tmp_path):
+    """From a hostile review of Patch_gen: with an odd side and tissue at the slide's edge
+    the first box was truncated toward zero (one pixel off the grid), so coord_list_gen
+    refused the set; a coords list's BOM lost its first line; centres all off the slide
+    wrote an empty set with exit 0; --level 0 --mpp and --coords without --mode coords
+    were taken silently; random centres depended on the run's other slides."""
+    mask, meta = masks.load_mask(syn_masks / "syn_tumor_tissue.npy")
+    full = tmp_path / "syn_tumor_tissue.npy"
+    masks.save_mask(full, np.ones_like(mask), meta)  # tissue touches the top-left corner
+    base = [syn_slide.path, "--mask", full, "--workers", "0", "--quiet"]
+    call("Patch_gen.py", *base, "-o", tmp_path / "p", "--image-size", "255")
+    call("coord_list_gen.py", tmp_path / "p", "-o", tmp_path / "ds")
+    boxes = sorted(tiling.parse_tile_name(t).box for t in (tmp_path / "p" / "syn_tumor").iterdir())
+    assert boxes[0][:2] == (0, 0) and (255, 0, 510, 255) in boxes  # on the grid: no overlap
+    coords = tmp_path / "c.txt"
+    coords.write_bytes("\ufeffsyn_tumor,500,500\nsyn_tumor,900,900\n".encode())  # Excel's CSV UTF-8
+    call("Patch_gen.py", *base, "-o", tmp_path / "bom", "--mode", "coords", "--coords", coords, "--image-size", "64")
+    assert (tmp_path / "bom" / "syn_tumor.txt").read_text() == "syn_tumor,500,500\nsyn_tumor,900,900\n"
+    coords.write_text("syn_tumor,-5000,100\n")
+    res = call("Patch_gen.py", *base, "-o", tmp_path / "off", "--mode", "coords", "--coords", coords, check=False)
+    assert res.returncode == 2 and "no patch to cut (none of the 1 centre(s)" in res.stderr and "-5000, 100" in res.stderr
+    assert not (tmp_path / "off" / "syn_tumor.txt").exists()
+    for extra, why in ((["--level", "0", "--mpp", "2"], "not allowed with argument"),
+                       (["--coords", coords], "--coords is for --mode coords")):
+        res = call("Patch_gen.py", *base, "-o", tmp_path / "x", *extra, check=False)
+        assert res.returncode == 2 and why in res.stderr, res.stderr
+    slides, mdir = tmp_path / "slides", tmp_path / "masks"
+    slides.mkdir(), mdir.mkdir()
+    for name in ("a", "syn_tumor"):
+        (slides / f"{name}.tif").symlink_to(syn_slide.path)
+        masks.save_mask(mdir / f"{name}_tumor.npy", *masks.load_mask(syn_masks / "syn_tumor_tumor.npy")[:1],
+                        {**meta, "kind": "tumor", "slide": f"{name}.tif"})
+    rand = ["--mode", "random", "--num", "5", "--seed", "3", "--image-size", "64", "--workers", "0", "--quiet"]
+    call("Patch_gen.py", slides, "--mask", mdir, "-o", tmp_path / "both", *rand)
+    call("Patch_gen.py", slides / "syn_tumor.tif", "--mask", mdir / "syn_tumor_tumor.npy", "-o", tmp_path / "one", *rand)
+    assert (tmp_path / "both" / "syn_tumor.txt").read_text() == (tmp_path / "one" / "syn_tumor.txt").read_text()
+
+
+def test_random_centres_stay_in_their_mask_cell_at_a_fractional_downsample():
+    """From a review: floor((col + u) * d) stepped into the next cell for 1-2 % of centres."""
+    mask = np.zeros((40, 40), bool)
+    mask[::3, ::2] = True  # cells whose neighbours are not set
+    for d in (31.71, 2.0005, 1.0, 7.5):
+        c = tiling.random_centres(mask, (d, d * 1.01), 5000, np.random.default_rng(0))
+        assert mask[(c[:, 1] // (d * 1.01)).astype(int), (c[:, 0] // d).astype(int)].all(), d
+
+
 def grid_folder(folder, sides: str):
     """A one-image training set (96 px, 3 x 3 cells of 32) centred on (1000, 1000), its
     sides.txt and an annotation holding only the level-0 box x 1050-1080, y 990-1010."""
