@@ -66,7 +66,7 @@ def jobs(args) -> list[Job]:
 
 def mask_slide(job: Job, args) -> None:
     ann = an.load_truth(job.annotation) if job.annotation else None  # nothing read: refused, not an empty mask
-    check_array_output(job.out)  # before the work: the sidecar must not replace an annotation
+    check_array_output(job.out, args.kind)  # before the work (and the preview): no annotation, no mask of another kind
     check_spares_inputs((job.out, sidecar_path(job.out), job.out.with_suffix(".png")), (job.slide, job.annotation))
     mask, meta = masks.make_mask(job.slide, args.kind, ann, args.level, args.downsample, args.method)
     if job.annotation:

@@ -431,12 +431,13 @@ def test_warnings_exit_zero(tmp_path, capsys):
     xml = _write(tmp_path / "w.xml", xml_doc([("a", "Mystery", [[0, 0], [9, 0], [9, 9]]),
                                                ("line", "Tumor", [[0, 0], [9, 0], [0, 0]])]))
     code, err = script(capsys, xml, "-o", tmp_path / "w.json")  # nothing usable, and a group not mapped
-    assert code == 2 and "'line'" in err and "(groups found: ['Mystery']); nothing written" in err.splitlines()[-1]
+    assert code == 2 and "'line'" in err and "(groups found: ['Mystery']; tumour polygons of fewer than 3 " \
+        "distinct vertices: ['line']); nothing written" in err.splitlines()[-1]
     assert not (tmp_path / "w.json").exists()
     line = _write(tmp_path / "l.xml", xml_doc([("line", "Tumor", [[0, 0], [9, 0], [0, 0]])]))
-    code, err = script(capsys, line, "-o", tmp_path / "l.json")
-    assert code == 0 and "'line'" in err and "no polygons" in err
-    assert json.loads((tmp_path / "l.json").read_text()) == {"positive": [], "negative": []}
+    code, err = script(capsys, line, "-o", tmp_path / "l.json")  # a review: written empty, a normal slide
+    assert code == 2 and "tumour polygons of fewer than 3 distinct vertices: ['line']" in err
+    assert not (tmp_path / "l.json").exists()
     convert(xml, "-o", tmp_path / "m.json", "--positive-groups", "Mystery")
     assert len(json.loads((tmp_path / "m.json").read_text())["positive"]) == 1
 

@@ -150,3 +150,22 @@ def test_two_slides_of_one_stem_are_refused_in_a_folder(syn_slide, tmp_path):
     shutil.copy(syn_slide.path, d / "a.tiff")
     res = call("Mask_gen.py", d, "-o", tmp_path / "m", "--kind", "tissue", check=False)
     assert res.returncode == 2 and "a.tif and a.tiff would write the same mask" in res.stderr
+
+
+def test_mask_gen_refuses_another_kind_and_dropped_tumour_before_the_work(syn_slide, tmp_path):
+    """From a hostile review: -o a tissue mask with --kind tumor was refused only after the
+    tumour preview had replaced the tissue one; a file whose only tumour polygon has fewer
+    than 3 distinct vertices gave an empty tumour mask (a normal slide), exit 0."""
+    out = tmp_path / "kk.npy"
+    call("Mask_gen.py", syn_slide.path, "-o", out, "--kind", "tissue", "--downsample", "32")
+    preview = out.with_suffix(".png").read_bytes()
+    call("xml2json.py", syn_slide.path.with_suffix(".xml"), "-o", tmp_path / "a.json")
+    res = call("Mask_gen.py", syn_slide.path, "-o", out, "--kind", "tumor", "--annotation", tmp_path / "a.json",
+               "--downsample", "32", check=False)
+    assert res.returncode == 2 and "holds a tissue array" in res.stderr and out.with_suffix(".png").read_bytes() == preview
+    (tmp_path / "two.json").write_text(json.dumps({"positive": [{"name": "t", "vertices": [[5, 5], [90, 90]]}],
+                                                   "negative": []}))
+    res = call("Mask_gen.py", syn_slide.path, "-o", tmp_path / "t.npy", "--kind", "tumor", "--annotation",
+               tmp_path / "two.json", check=False)
+    assert res.returncode == 2 and "tumour polygons of fewer than 3 distinct vertices: ['t']" in res.stderr
+    assert not (tmp_path / "t.npy").exists()

@@ -90,10 +90,11 @@ def nothing_read(ann: Annotation) -> str | None:
     """Why a file that holds polygons or classified objects gave no tumour region (their
     groups, the QuPath objects skipped), or None: read as truth, it would say a normal
     slide. (Exclusions alone do not make it one: an Exclusion among tumour cells, say.)"""
-    if ann.positive or not (ann.unmapped or ann.skipped):
+    if ann.positive or not (ann.unmapped or ann.skipped or ann.dropped):
         return None
     why = [f"groups found: {sorted(set(ann.unmapped))}"] if ann.unmapped else []
     why += [f"QuPath objects skipped, not regions: {sorted(set(ann.skipped))}"] if ann.skipped else []
+    why += [f"tumour polygons of fewer than 3 distinct vertices: {ann.dropped[:3]}"] if ann.dropped else []
     return f"none of its polygons is in a tumour group ({'; '.join(why)})"
 
 

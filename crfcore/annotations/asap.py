@@ -12,7 +12,7 @@ import numpy as np
 from defusedxml import DefusedXmlException
 from defusedxml import ElementTree as SafeET
 
-from .model import (NEGATIVE_GROUPS, POSITIVE_GROUPS, Annotation, AnnotationError, AnnotationWarning, check_polygon,
+from .model import (NEGATIVE_GROUPS, POSITIVE_GROUPS, Annotation, AnnotationError, AnnotationWarning,
                     checked_vertices, remember_colour, warn_unknown)
 
 
@@ -51,9 +51,8 @@ def read_asap_xml(path: str | Path, positive_groups: Sequence[str] = POSITIVE_GR
                 warn_shape(str(path), name, anno.get("Type"), [c.get("Order") for c in coords])
                 pairs = [(c.get("X"), c.get("Y")) for c in coords]
                 verts = checked_vertices(str(path), name, pairs, text=True)
-                if check_polygon(str(path), name, verts):
-                    ann.add(part, name, verts, group)
-                    remember_colour(ann, group, anno.get("Color"))  # when AnnotationGroups lacks it
+                ann.add_checked(str(path), part, name, verts, group)
+                remember_colour(ann, group, anno.get("Color"))  # when AnnotationGroups lacks it
     ann.unmapped = warn_unknown(str(path), "group(s)", (a.get("PartOfGroup") for a in annos),
                  (*positive_groups, *negative_groups))
     return ann

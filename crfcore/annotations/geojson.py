@@ -36,7 +36,7 @@ import numpy as np
 import shapely
 
 from .model import (NEGATIVE_GROUPS, POSITIVE_GROUPS, Annotation, AnnotationError, AnnotationWarning,
-                    Polygon, check_polygon, checked_vertices, load_json, remember_colour, three_distinct,
+                    Polygon, checked_vertices, load_json, remember_colour, three_distinct,
                     warn_unknown)
 
 
@@ -105,8 +105,7 @@ def from_geojson(path: Path, data: object, positive_groups: Sequence[str],
             found.append(mine)
             holed += ignored
     for r in _ordered([r for rings in found for r in rings]):
-        if check_polygon(str(path), r.name, r.vertices):
-            ann.add(r.part, r.name, r.vertices, r.group)
+        ann.add_checked(str(path), r.part, r.name, r.vertices, r.group)
     ann.unmapped = warn_unknown(str(path), "class(es)", classes, (*positive_groups, *negative_groups))
     if objects:
         warnings.warn(f"{path}: {_counted(objects)} ignored (only QuPath annotations are regions, not its "

@@ -71,6 +71,15 @@ class Annotation:
     colours: dict[str, str] = field(default_factory=dict)  # group -> "#RRGGBB" read from the input
     unmapped: list[str] = field(default_factory=list)  # groups of the polygons left out (in neither part)
     skipped: list[str] = field(default_factory=list)  # QuPath objects left out with a class not negative ("cell Tumor")
+    dropped: list[str] = field(default_factory=list)  # positive polygons left out: fewer than 3 distinct vertices
+
+    def add_checked(self, source: str, part: str, name: str, vertices: np.ndarray, group: str | None = None) -> None:
+        """`add`, unless the polygon has fewer than 3 distinct vertices: then a warning, and
+        a positive one is named in `dropped` (a file of only such polygons is no normal slide)."""
+        if check_polygon(source, name, vertices):
+            self.add(part, name, vertices, group)
+        elif part == "positive":
+            self.dropped.append(name)
 
     def add(self, part: str, name: str, vertices: np.ndarray, group: str | None = None) -> None:
         verts = np.asarray(vertices, dtype=float).reshape(-1, 2)
@@ -235,7 +244,7 @@ def three_distinct(vertices: np.ndarray) -> bool:
 def check_polygon(source: str, name: str, vertices: np.ndarray) -> bool:
     if not three_distinct(vertices):
         warnings.warn(f"{source}: polygon {name!r} has fewer than 3 distinct vertices; skipped",
-                      AnnotationWarning, stacklevel=3)
+                      AnnotationWarning, stacklevel=4)
         return False
     return True
 

@@ -9,7 +9,7 @@ from typing import Sequence
 import numpy as np
 
 from .geojson import from_geojson, is_geojson
-from .model import (NEGATIVE_GROUPS, POSITIVE_GROUPS, Annotation, AnnotationError, check_polygon,
+from .model import (NEGATIVE_GROUPS, POSITIVE_GROUPS, Annotation, AnnotationError,
                     checked_vertices, load_json)
 
 
@@ -31,8 +31,7 @@ def read_json(path: str | Path, positive_groups: Sequence[str] = POSITIVE_GROUPS
                 raise AnnotationError(f"{path}: {part}[{i}] has no valid 'vertices'")
             name = str(poly.get("name", f"{part}{i}"))
             verts = checked_vertices(str(path), name, poly["vertices"], text=False)
-            if check_polygon(str(path), name, verts):
-                ann.add(part, name, verts)
+            ann.add_checked(str(path), part, name, verts)
     return ann
 
 
@@ -60,8 +59,7 @@ def read_txt(path: str | Path, part: str = "positive") -> Annotation:
         lines.append(lineno)
     ann = Annotation()
     verts = checked_vertices(str(path), path.stem, pairs, text=True, lines=lines).reshape(-1, 2)
-    if check_polygon(str(path), path.stem, verts):
-        ann.add(part, path.stem, verts)
+    ann.add_checked(str(path), part, path.stem, verts)
     return ann
 
 
