@@ -21,6 +21,7 @@ import math
 import os
 import socket
 import threading
+import warnings
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from io import BytesIO
@@ -37,13 +38,15 @@ from crfcore import slide as sl
 from crfcore.annotations import find_annotation, load_annotation
 from crfcore.cli import UserError, number, one_line, parser, run
 from crfcore.errors import CrfError
-from crfcore.evaluation import read_lesions
+from crfcore.evaluation import is_lesion_export, read_lesions
 from crfcore.heatmap import colourise, load_probability_map
-from crfcore.io import check_fits_slide, companion, companion_stem
+from crfcore.io import all_companions, check_fits_slide, companion, companion_stem, visible_names
+from crfcore.masks import overlaps
 
 ROOT = Path(__file__).resolve().parent
 OSD = ROOT / "node_modules" / "openseadragon" / "build" / "openseadragon"
 TILE, OVERLAP = 254, 1
+ROUTES = frozenset({"_static", "_osd", "_thumb", "_map", "_value", "_lesions", "_truth"})  # the URLs' own prefixes
 TOP = "_"  # URL name of the map directly in MAPS_DIR (sub-folder maps go by the folder's name)
 CMAP = "jet"
 V = TypeVar("V")
@@ -149,9 +152,14 @@ class MapTiles:
         return float(self.prob[self._lattice(y, 1), self._lattice(x, 0)])
 
 
-def truth_polygons(path: Path) -> dict:
-    """An annotation's outlines as `{"file", "positive": [[[x, y], ...]], "negative": [...]}`."""
-    ann = load_annotation(find_annotation(path.parent, companion_stem(path, "annotation")))  # several must agree
+def truth_polygons(path: Path, slide_size: tuple[int, int]) -> dict:
+    """An annotation's outlines as `{"file", "positive": [[[x, y], ...]], "negative": [...]}`;
+    one wholly off the slide (another slide's) is refused, as Mask_gen refuses it."""
+    find_annotation(path.parent, companion_stem(path, "annotation"))  # several there must agree
+    ann = load_annotation(path)
+    if len(ann) and not overlaps(ann, slide_size):
+        raise ViewerError(f"{path}: lies wholly outside the {slide_size[0]}x{slide_size[1]} slide: an annotation "
+                          "of another slide?")
     return {"file": path.name, **{part: [v.tolist() for v in getattr(ann, part)] for part in ("positive", "negative")}}
 
 
@@ -165,10 +173,33 @@ def legend_gradient(cmap: str = CMAP, stops: int = 11) -> str:
 class Library:
     """The slides under `slide_dir` and their companion files in `maps_dir`."""
 
-    def __init__(self, slide_dir: Path, maps_dir: Path | None) -> None:
+    def __init__(self, slide_dir: Path, maps_dir: Path | None, routes: frozenset[str] = frozenset()) -> None:
         self.slide_dir, self.maps_dir = slide_dir, maps_dir
+        self.routes = routes  # top-level folder names the app's own URLs start with ("_thumb", ...)
         self._info: dict[Path, tuple[int, SlideInfo]] = {}
+        self._cache: dict[tuple, tuple[int, object]] = {}  # (what, path) -> (mtime, value)
         self._lock = threading.Lock()
+
+    def _cached(self, what: str, path: Path, make: Callable[[], V]) -> V:
+        """`make()`, kept while `path`'s modification time stands (a folder's changes when
+        a file in it is added, removed or renamed: every writer here renames its outputs
+        in), so an index of hundreds of slides lists each folder once, not per slide."""
+        try:
+            stamp = path.stat().st_mtime_ns
+        except OSError:
+            return make()
+        with self._lock:
+            hit = self._cache.get((what, path))
+        if hit and hit[0] == stamp:
+            return hit[1]  # type: ignore[return-value]
+        value = make()
+        with self._lock:
+            self._cache[(what, path)] = (stamp, value)
+        return value
+
+    def names(self, folder: Path) -> dict[str, Path]:
+        """The visible files of `folder` by name (see `_cached`)."""
+        return self._cached("names", folder, lambda: visible_names(folder) if folder.is_dir() else {})
 
     def resolve(self, rel: str) -> Path:
         """The slide file `rel` names under slide_dir, as the index lists them; 404 for
@@ -187,10 +218,23 @@ class Library:
         return path.relative_to(self.slide_dir).as_posix()
 
     def files(self) -> list[Path]:
-        """Slide files under slide_dir, hidden files and folders left out, sorted."""
-        return sorted(p for p in self.slide_dir.rglob("*")
-                      if p.suffix.lower() in sl.SLIDE_EXTENSIONS and p.is_file()
-                      and not any(part.startswith(".") for part in p.relative_to(self.slide_dir).parts))
+        """Slide files under slide_dir, sorted; left out: hidden files and folders, top-level
+        folders named like the viewer's own URLs, this tool's heat-map TIFFs, and names a
+        URL cannot carry (not UTF-8: a warning names their folder)."""
+        found = []
+        for p in self.slide_dir.rglob("*"):
+            parts = p.relative_to(self.slide_dir).parts
+            if (p.suffix.lower() not in sl.SLIDE_EXTENSIONS or any(part.startswith(".") for part in parts)
+                    or not p.is_file()):
+                continue
+            if len(parts) > 1 and parts[0] in self.routes:  # its URLs would open the viewer's own routes
+                warnings.warn(f"{self.slide_dir / parts[0]}: a folder named like the viewer's URLs; its slides are "
+                              "not listed (rename it)")
+            elif not utf8(p.name):
+                warnings.warn(f"{p.parent}: a slide whose name is not UTF-8 ({ascii(p.name)}) is not listed")
+            elif not self._cached("map tiff", p, lambda p=p: sl.is_map_tiff(p)):
+                found.append(p)
+        return sorted(found)
 
     def info(self, path: Path) -> SlideInfo:
         """Size, mpp, vendor and DICOM series of `path`, cached while the file is unchanged."""
@@ -234,31 +278,46 @@ class Library:
         """`(name, folder)` where maps and lesions are looked for: MAPS_DIR, then its sub-folders."""
         if self.maps_dir is None or not self.maps_dir.is_dir():
             return []
+        return self._cached("folders", self.maps_dir, self._map_folders)
+
+    def _map_folders(self) -> list[tuple[str, Path]]:
         subs = sorted(p for p in self.maps_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
-        return [(TOP, self.maps_dir)] + [(p.name, p) for p in subs]
+        if any(p.name == TOP for p in subs):  # its maps would pass for MAPS_DIR's own
+            warnings.warn(f"{self.maps_dir / TOP}: a folder named {TOP!r} is not read (the name of MAPS_DIR's own maps)")
+        return [(TOP, self.maps_dir)] + [(p.name, p) for p in subs if p.name != TOP]
 
     def companions(self, path: Path, kind: str) -> dict[str, Path]:
         """`{name: file}` of the slide's `kind` ("prob" or "lesions") files, by the pairing rule."""
-        found = ((name, companion(folder, path.stem, kind)) for name, folder in self.map_folders())
+        found = ((name, companion(folder, path.stem, kind, self.names(folder))) for name, folder in self.map_folders())
         return {name: f for name, f in found if f is not None}
 
     def truth(self, path: Path) -> Path | None:
-        """The slide's annotation: in its own folder, else MAPS_DIR, else a sub-folder of it."""
+        """The slide's annotation: in its own folder, else MAPS_DIR, else a sub-folder of it;
+        never an export of predicted lesions (`evaluate.py lesions --to geojson|xml`)."""
         for folder in [path.parent] + [f for _, f in self.map_folders()]:
-            found = companion(folder, path.stem, "annotation")
-            if found is not None:
-                return found
+            for found in all_companions(folder, path.stem, "annotation", self.names(folder)):
+                if not self._cached("lesions", found, lambda f=found: is_lesion_export(f)):
+                    return found
         return None
 
     def label(self, name: str) -> str:
         return self.maps_dir.name if name == TOP and self.maps_dir else name
 
 
+def utf8(name: str) -> bool:
+    """Whether a file name can go into a URL (one read from a Latin-1 archive cannot)."""
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def create_app(slide_dir: str | Path, maps_dir: str | Path | None = None, cache_size: int = 8) -> Flask:
     """The viewer as a Flask app; `cache_size` open slides and `cache_size` maps are kept."""
-    lib = Library(Path(slide_dir).resolve(), Path(maps_dir).resolve() if maps_dir else None)
     app = Flask(__name__, template_folder=str(ROOT / "templates"), static_folder=str(ROOT / "static"),
                 static_url_path="/_static")
+    lib = Library(Path(slide_dir).resolve(), Path(maps_dir).resolve() if maps_dir else None, ROUTES)
     slides, overlays = LRUCache(cache_size), LRUCache(cache_size)
     gradient = legend_gradient()
 
@@ -303,7 +362,7 @@ def create_app(slide_dir: str | Path, maps_dir: str | Path | None = None, cache_
         with the served folders' paths on this machine left out (a browser sees names)."""
         text = one_line(err)
         for folder in filter(None, (lib.slide_dir, lib.maps_dir)):
-            text = text.replace(f"{folder}{os.sep}", "")
+            text = text.replace(f"{folder}{os.sep}", "").replace(f"{folder}:", f"{folder.name}:")
         return app.response_class(text + "\n", status=422, mimetype="text/plain")
 
     @app.route("/")
@@ -362,17 +421,22 @@ def create_app(slide_dir: str | Path, maps_dir: str | Path | None = None, cache_
 
     @app.route("/_lesions/<name>/<path:rel>")
     def lesions(name: str, rel: str):
-        csv = lib.companions(lib.resolve(rel), "lesions").get(name)
+        path = lib.resolve(rel)
+        csv = lib.companions(path, "lesions").get(name)
         if csv is None:
             abort(404)
-        return jsonify(read_lesions(csv).tolist())
+        found, (w, h) = read_lesions(csv), view(path).osr.dimensions
+        if len(found) and not ((found[:, 1] < w) & (found[:, 2] < h)).any():  # coordinates are never negative
+            raise ViewerError(f"{csv}: every lesion lies outside the {w}x{h} slide: the lesions of another slide?")
+        return jsonify(found.tolist())
 
     @app.route("/_truth/<path:rel>")
     def truth(rel: str):
-        found = lib.truth(lib.resolve(rel))
+        path = lib.resolve(rel)
+        found = lib.truth(path)
         if found is None:
             abort(404)
-        return jsonify(truth_polygons(found))
+        return jsonify(truth_polygons(found, view(path).osr.dimensions))
 
     @app.route("/<path:rel>")
     def page(rel: str):

@@ -362,20 +362,27 @@ def visible_files(folder: str | Path, suffixes: Sequence[str] = ()) -> list[Path
                   if not p.name.startswith(".") and p.is_file() and (not low or p.name.lower().endswith(low)))
 
 
-def companion(folder: str | Path, stem: str, kind: str) -> Path | None:
+def visible_names(folder: str | Path) -> dict[str, Path]:
+    """`{name: path}` of `visible_files(folder)`."""
+    return {p.name: p for p in visible_files(folder)}
+
+
+def companion(folder: str | Path, stem: str, kind: str, names: dict[str, Path] | None = None) -> Path | None:
     """The file in `folder` that belongs to the slide `stem` as `kind` (see COMPANIONS),
     or None. The first suffix of the kind that matches wins."""
-    found = all_companions(folder, stem, kind)
+    found = all_companions(folder, stem, kind, names)
     return found[0] if found else None
 
 
-def all_companions(folder: str | Path, stem: str, kind: str) -> list[Path]:
+def all_companions(folder: str | Path, stem: str, kind: str, names: dict[str, Path] | None = None) -> list[Path]:
     """Every file in `folder` that belongs to the slide `stem` as `kind`, in the order of
-    the kind's suffixes; a name matches exactly, else in another case when only one does."""
+    the kind's suffixes; a name matches exactly, else in another case when only one does.
+    `names`: the folder's `visible_names`, when the caller keeps them (the viewer)."""
     folder = Path(folder)
-    if not folder.is_dir():
-        return []
-    names = {p.name: p for p in visible_files(folder)}
+    if names is None:
+        if not folder.is_dir():
+            return []
+        names = visible_names(folder)
     lower = {}
     for name, p in names.items():
         lower.setdefault(name.lower(), []).append(p)

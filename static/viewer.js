@@ -204,7 +204,7 @@ C.lesions.forEach((set, i) => {
 });
 
 /* -------------------------------------------------------------- navigation */
-// Links to other slides keep the current map, threshold and layers.
+// Links to other slides keep the current map, threshold, opacity and layers (lesions: all off or not).
 function carry(url) {
   if (!url) return null;
   const q = new URLSearchParams();
@@ -212,9 +212,12 @@ function carry(url) {
   if (C.maps.length) {
     q.set("map", C.maps[heat.index].name);
     if (heat.threshold) q.set("t", heat.threshold);
+    if (heat.opacity !== 0.5) q.set("opacity", heat.opacity);
     if (!heat.on) q.set("heat", "0");
   }
   if ($("truth") && !$("truth").checked) q.set("truth", "0");
+  const sets = [...document.querySelectorAll(".lesion-set")];
+  if (sets.length && sets.every(box => !box.checked)) q.set("lesions", "0");
   const s = q.toString();
   return s ? `${url}?${s}` : url;
 }

@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib.util
 import io
 import json
+import os
 import shutil
 import sys
 import threading
@@ -17,8 +18,8 @@ from PIL import Image
 
 from conftest import ROOT, shared
 from crfcore import masks, synthetic
-from crfcore.annotations import write_annotation
-from crfcore.heatmap import colourise, save_probability_map
+from crfcore.annotations import Annotation, write_annotation
+from crfcore.heatmap import colourise, load_probability_map, save_probability_map
 from crfcore.io import save_array
 
 LOW_BOX = (256, 160, 448, 320)  # level-0 (x0, y0, x1, y1) of v's low-valued (0.3) map block
@@ -329,3 +330,58 @@ def test_a_linked_folder_in_slide_dir_opens_nothing_through_it(env, tmp_path):
                 "/_truth/rootlink/secret.json"):
         assert c.get(url).status_code == 404, url
     assert c.get("/_thumb/linked.tif").status_code == 200
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")  # said again on every listing; checked once below
+def test_review_findings_truth_listing_and_names(tmp_path):
+    """From a hostile review of the viewer: a lesion export sorted before the truth's folder
+    was shown as the (empty) truth; a non-UTF-8 slide name made the index a 500; this
+    tool's heat-map TIFF, and slides under folders named like the viewer's URLs, were
+    listed; a sub-folder `_` passed for MAPS_DIR's own maps; truth and lesions of another
+    slide were drawn nowhere without a word; folders were listed once per slide."""
+    viewer = load_viewer()
+    from crfcore import evaluation as ev
+    from crfcore.heatmap import write_map_tiff
+
+    s = write_viewer_data(tmp_path)
+    maps = tmp_path / "maps"
+    (tmp_path / "slides" / "sub" / "v.xml").rename(maps / "v.xml")  # the truth in MAPS_DIR, as Camelyon's XML
+    (maps / "a_lesions").mkdir()  # sorts before nothing but after MAPS_DIR: a sub-folder of exports
+    (maps / "a_lesions" / "v.geojson").write_text(json.dumps(ev.lesions_geojson(np.array([[0.9, 5.0, 5.0]]))))
+    (maps / "_").mkdir()
+    save_probability_map(maps / "_" / "v_prob.npy", *load_probability_map(maps / "v_prob.npy"))
+    slides = tmp_path / "slides"
+    write_map_tiff(slides / "v_heat.tif", load_probability_map(maps / "v_prob.npy")[0], (s.width, s.height), None)
+    (slides / "_thumb").mkdir()
+    shutil.copy(s.path, slides / "_thumb" / "x.tif")
+    shutil.copy(s.path, slides / os.fsdecode(b"bad\xffname.tif"))
+    c = viewer.create_app(slides, maps).test_client()
+    with pytest.warns(UserWarning) as caught:
+        index = c.get("/")
+    html = index.get_data(as_text=True)
+    assert index.status_code == 200 and 'href="/sub/v.tif"' in html
+    assert "v_heat.tif" not in html and "_thumb/x.tif" not in html
+    said = " ".join(str(w.message) for w in caught)
+    assert "whose name is not UTF-8" in said and "named like the viewer's URLs" in said and "folder named '_' is not read" in said
+    truth = c.get("/_truth/sub/v.tif").get_json()
+    assert truth["file"] == "v.xml" and len(truth["positive"]) == 1
+    assert [m["name"] for m in config(c, "/sub/v.tif")["maps"]] == ["_"]
+    moved = Annotation()  # another slide's: far off this one
+    moved.add("positive", "t", s.annotation.positive[0] + 100_000)
+    write_annotation(moved, maps / "v.xml", to="xml")
+    res = c.get("/_truth/sub/v.tif")
+    assert res.status_code == 422 and "lies wholly outside the 1024x768 slide" in res.get_data(as_text=True)
+    (maps / "v.csv").write_text("0.9,100000,100000\n")
+    res = c.get("/_lesions/_/sub/v.tif")
+    assert res.status_code == 422 and "every lesion lies outside the 1024x768 slide" in res.get_data(as_text=True)
+    lib = viewer.Library(slides.resolve(), maps.resolve())
+    calls = []
+    real = viewer.visible_names
+    viewer.visible_names = lambda folder: calls.append(folder) or real(folder)
+    try:
+        for _ in range(3):
+            lib.companions(s.path, "prob"), lib.truth(s.path)
+    finally:
+        viewer.visible_names = real
+    assert len(calls) == len(set(calls))  # each folder listed once while it is unchanged
+    assert {r.rule.split("/")[1] for r in c.application.url_map.iter_rules() if r.rule.startswith("/_")} == viewer.ROUTES
