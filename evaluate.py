@@ -194,7 +194,7 @@ def cmd_froc(args) -> None:
         print(f"note: no --slides, so every slide is taken at --mpp {args.mpp:g} um per pixel")
     elif missing := [s for s in stems if find_slide(args.slides, s) is None]:
         print(f"note: no slide in {args.slides} for {', '.join(missing)}: taken at --mpp {args.mpp:g} um per "
-              "pixel, its truth rasterised over its annotation's extent")
+              "pixel (an annotation rasterised over its own extent)")
     fps, tps, normal = [], [], []
     for f, stem in zip(files, stems):
         fp, tp, is_normal = froc_hits(f, stem, args)
@@ -289,9 +289,9 @@ def tissue_for(args, prob: np.ndarray, meta: dict) -> tuple[np.ndarray, str]:
 def check_map_lattice(path: Path, mask: np.ndarray, mask_meta: dict, prob: np.ndarray, meta: dict) -> None:
     """Refuse a mask on another lattice than the map's: another shape or downsample."""
     if mask.shape != prob.shape or not np.allclose(mask_meta["downsample"], meta["downsample"], rtol=1e-3):
-        raise UserError(f"{path}: a {mask.shape[1]}x{mask.shape[0]} lattice at downsample "
-                        f"{mask_meta['downsample'][0]:g}, but the map's is {prob.shape[1]}x{prob.shape[0]} at "
-                        f"{meta['downsample'][0]:g}")
+        ds = lambda m: "x".join(f"{v:g}" for v in m["downsample"])  # noqa: E731 (per axis: they may differ)
+        raise UserError(f"{path}: a {mask.shape[1]}x{mask.shape[0]} lattice at downsample {ds(mask_meta)}, but "
+                        f"the map's is {prob.shape[1]}x{prob.shape[0]} at {ds(meta)}")
 
 
 def cmd_pixels(args) -> None:

@@ -141,9 +141,12 @@ def main(argv=None) -> int:
         ann = an.load_annotation(src, pos, neg, txt_part=args.txt_group)
         if why := an.nothing_read(ann):  # --positive-groups forgotten, tumour cells: not a normal slide
             raise UserError(f"{src}: {why}; nothing written (a normal slide's regions or cells? name their classes "
-                            "in --negative-groups; tumour must be drawn as annotations, not cells)")
+                            "in --negative-groups; tumour must be drawn as regions, not cells, points or lines)")
         if not len(ann):
             warnings.warn(f"{src}: no polygons found; writing an empty annotation")
+        if args.to == "json" and ann.positive and not an.rounded(ann.positive):
+            raise UserError(f"{src}: every tumour polygon is under a pixel, and NCRF JSON's whole pixels would leave "
+                            "none (a normal slide); nothing written")
         an.write_annotation(ann.renamed(*rename) if rename else ann, dst, to=args.to)
         print(f"{src} -> {dst}: {len(ann.positive)} positive, {len(ann.negative)} negative polygons")
 

@@ -180,7 +180,7 @@ def choose_threshold(scores: np.ndarray, labels: np.ndarray) -> float:
 def pixels(prob: Path, tumour: Path, t: float) -> dict:
     """evaluate.py pixels, as a user runs it: IoU, Dice at t, AUC over tissue."""
     line = sh("evaluate.py", "pixels", prob, tumour, "--threshold", t)
-    m = re.search(r"IoU=([\d.]+) Dice=([\d.]+) .*AUC=([\d.]+|nan)", line)
+    m = re.search(r"IoU=([\d.]+|nan) Dice=([\d.]+|nan) .*AUC=([\d.]+|nan)", line)  # nan: no tumour, none called
     return {"iou": float(m[1]), "dice": float(m[2]), "auc": float(m[3])}
 
 

@@ -431,12 +431,12 @@ def test_warnings_exit_zero(tmp_path, capsys):
     xml = _write(tmp_path / "w.xml", xml_doc([("a", "Mystery", [[0, 0], [9, 0], [9, 9]]),
                                                ("line", "Tumor", [[0, 0], [9, 0], [0, 0]])]))
     code, err = script(capsys, xml, "-o", tmp_path / "w.json")  # nothing usable, and a group not mapped
-    assert code == 2 and "'line'" in err and "(groups found: ['Mystery']; tumour polygons of fewer than 3 " \
-        "distinct vertices: ['line']); nothing written" in err.splitlines()[-1]
+    assert code == 2 and "'line'" in err and "(groups found: ['Mystery']; tumour marks that are no region " \
+        "(fewer than 3 distinct vertices, points, lines): ['line']); nothing written" in err.splitlines()[-1]
     assert not (tmp_path / "w.json").exists()
     line = _write(tmp_path / "l.xml", xml_doc([("line", "Tumor", [[0, 0], [9, 0], [0, 0]])]))
     code, err = script(capsys, line, "-o", tmp_path / "l.json")  # a review: written empty, a normal slide
-    assert code == 2 and "tumour polygons of fewer than 3 distinct vertices: ['line']" in err
+    assert code == 2 and "tumour marks that are no region (fewer than 3 distinct vertices, points, lines): ['line']" in err
     assert not (tmp_path / "l.json").exists()
     convert(xml, "-o", tmp_path / "m.json", "--positive-groups", "Mystery")
     assert len(json.loads((tmp_path / "m.json").read_text())["positive"]) == 1
@@ -610,12 +610,21 @@ def test_a_newer_sibling_passed_over_is_named(tmp_path):
         warnings.simplefilter("error")
         assert an.find_annotation(tmp_path, "s") == tmp_path / "s.json"
     os.utime(empty, (used + 60, used + 60))
-    with pytest.warns(an.AnnotationWarning, match=r"s.geojson: newer than s.json but holds no tumour or exclusion "
+    with pytest.warns(an.AnnotationWarning, match=r"s.geojson: newer than s.json, but holds no tumour or exclusion "
                                                   r"polygon; s.json is used"):
         assert an.find_annotation(tmp_path, "s") == tmp_path / "s.json"
     empty.write_text("{not json")
-    with pytest.warns(an.AnnotationWarning, match=r"s.geojson: newer than s.json but does not read as an annotation"):
+    with pytest.warns(an.AnnotationWarning, match=r"s.geojson: newer than s.json, but does not read as an annotation"):
         an.find_annotation(tmp_path, "s")
+    normal = tmp_path / "normal"  # a review: an empty (normal) JSON used, a newer export of unknown tumour unsaid
+    normal.mkdir()
+    (normal / "s.json").write_text('{"positive": [], "negative": []}')
+    os.utime(normal / "s.json", (used - 60, used - 60))
+    feats = [qupath_feature({"type": "Polygon", "coordinates": [closed(square(0, 0, 10))]}, "Tumour", "t")]
+    (normal / "s.geojson").write_text(json.dumps(feats))
+    with pytest.warns(an.AnnotationWarning, match=r"newer than s.json, but no tumour region read from it "
+                                                  r"\(groups found: \['Tumour'\]\); s.json is used"):
+        assert an.find_annotation(normal, "s") == normal / "s.json"
     empty.write_text(json.dumps(ev.lesions_geojson(np.array([[0.9, 5.0, 5.0]]))))  # this tool's lesion points
     lesions.write_text("")
     os.utime(lesions, (used - 60, used - 60))
@@ -645,9 +654,9 @@ def test_a_file_whose_groups_are_all_unknown_is_refused_not_written_empty(tmp_pa
     feats = [qupath_feature({"type": "Polygon", "coordinates": [closed(square(0, 0, 10))]}, "Metastasis", "m")]
     path = _write(tmp_path / "m.geojson", json.dumps(feats))
     code, err = script(capsys, path, "-o", tmp_path / "m.json")
-    assert code == 2 and "none of its polygons is in a tumour group (groups found: ['Metastasis']); " \
+    assert code == 2 and "no tumour region read from it (groups found: ['Metastasis']); " \
         "nothing written (a normal slide's regions or cells? name their classes in --negative-groups; tumour must " \
-        "be drawn as annotations, not cells)" in err.splitlines()[-1]
+        "be drawn as regions, not cells, points or lines)" in err.splitlines()[-1]
     with pytest.raises(an.AnnotationError, match="as truth it would mean a normal slide"):  # Mask_gen, evaluate
         an.load_truth(path)
     assert not (tmp_path / "m.json").exists()
@@ -665,7 +674,7 @@ def test_a_file_whose_groups_are_all_unknown_is_refused_not_written_empty(tmp_pa
     tumour_cell = {**cells[0], "properties": {**cells[0]["properties"], "objectType": "cell"}}
     for extra in ([tumour_cell], feats):  # an exclusion among tumour cells or unknown groups: still no normal slide
         code, err = script(capsys, _write(tmp_path / "x.geojson", json.dumps(exclusion + extra)), "-o", tmp_path / "x.json")
-        assert code == 2 and "none of its polygons is in a tumour group" in err and not (tmp_path / "x.json").exists()
+        assert code == 2 and "no tumour region read from it" in err and not (tmp_path / "x.json").exists()
     normal = [{**cells[0], "properties": {"objectType": "detection"}}]  # unclassified, or of a class named negative
     code, err = script(capsys, _write(tmp_path / "n.geojson", json.dumps(normal)), "-o", tmp_path / "n.json")
     assert code == 0 and json.loads((tmp_path / "n.json").read_text()) == {"positive": [], "negative": []}
@@ -675,3 +684,32 @@ def test_a_file_whose_groups_are_all_unknown_is_refused_not_written_empty(tmp_pa
     convert(path, "-o", tmp_path / "m.json", "--positive-groups", "Metastasis")
     _write(tmp_path / "empty.geojson", json.dumps({"type": "FeatureCollection", "features": []}))
     convert(tmp_path / "empty.geojson", "-o", tmp_path / "empty.json")  # a normal slide's: written, empty
+
+
+def test_unclassified_polygons_by_name_and_tumour_points_are_no_normal_slide(tmp_path, capsys):
+    """From a regression review: the warning names unclassified polygons' group "(none)",
+    but --positive-groups "(none)" dropped them silently (an empty, normal slide); a Tumor
+    point, line or null geometry in a GeoJSON read as a normal slide, where an ASAP Dot is
+    refused."""
+    plain = [qupath_feature({"type": "Polygon", "coordinates": [closed(square(0, 0, 10))]})]
+    path = _write(tmp_path / "u.geojson", json.dumps(plain))
+    assert len(an.load_annotation(path, positive_groups=["(none)"]).positive) == 1
+    assert len(an.load_annotation(path, negative_groups=["(none)"]).negative) == 1
+    xml = _write(tmp_path / "u.xml", xml_doc([("a", "", square(0, 0, 10))]).replace(' PartOfGroup=""', ""))
+    assert len(an.load_annotation(xml, positive_groups=["(none)"]).positive) == 1
+    for geometry in ({"type": "Point", "coordinates": [5, 5]}, {"type": "LineString", "coordinates": [[0, 0], [9, 9]]},
+                     None):
+        marks = _write(tmp_path / "p.geojson", json.dumps([qupath_feature(geometry, "Tumor", "p")]))
+        code, err = script(capsys, marks, "-o", tmp_path / "p.json")
+        assert code == 2 and "tumour marks that are no region" in err and not (tmp_path / "p.json").exists()
+        with pytest.raises(an.AnnotationError, match="as truth it would mean a normal slide"):
+            an.load_truth(marks)
+
+
+def test_a_file_whose_tumour_is_all_under_a_pixel_is_not_written_as_json(tmp_path, capsys):
+    """From a regression review: a 0.4-pixel tumour triangle converted to NCRF JSON with
+    '1 positive', and the JSON (rounded to nothing) was then refused as truth."""
+    xml = _write(tmp_path / "d.xml", xml_doc([("t", "_0", [(50, 50), (50.4, 50), (50, 50.4)])]))
+    code, err = script(capsys, xml, "-o", tmp_path / "d.json")
+    assert code == 2 and "every tumour polygon is under a pixel" in err and not (tmp_path / "d.json").exists()
+    convert(xml, "-o", tmp_path / "d.geojson", "--to", "geojson")  # other formats keep the fractions

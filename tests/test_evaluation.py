@@ -255,7 +255,7 @@ def test_pixel_scores_auc_over_tissue(tmp_path):
     save_mask(tmp_path / "s_coarse_tissue.npy", tissue, {**meta, "kind": "tissue", "downsample": [32, 32]})
     res = call("evaluate.py", "pixels", tmp_path / "s_prob.npy", tmp_path / "s_tumor.npy", "--tissue",
                tmp_path / "s_coarse_tissue.npy", check=False)  # a review: only the tissue's shape was checked
-    assert res.returncode == 2 and "s_coarse_tissue.npy: a 10x10 lattice at downsample 32" in res.stderr
+    assert res.returncode == 2 and "s_coarse_tissue.npy: a 10x10 lattice at downsample 32x32, but the map's is 10x10 at 16x16" in res.stderr
     res = call("evaluate.py", "pixels", tmp_path / "s_prob.npy", tmp_path / "s_none.npy")
     assert "IoU=0.0000" in res.stdout  # the map calls one pixel tumour where there is none
 

@@ -167,5 +167,5 @@ def test_mask_gen_refuses_another_kind_and_dropped_tumour_before_the_work(syn_sl
                                                    "negative": []}))
     res = call("Mask_gen.py", syn_slide.path, "-o", tmp_path / "t.npy", "--kind", "tumor", "--annotation",
                tmp_path / "two.json", check=False)
-    assert res.returncode == 2 and "tumour polygons of fewer than 3 distinct vertices: ['t']" in res.stderr
+    assert res.returncode == 2 and "no region (fewer than 3 distinct vertices, points, lines): ['t']" in res.stderr
     assert not (tmp_path / "t.npy").exists()

@@ -43,7 +43,7 @@ __all__ = [
     "Polygon", "asap_xml", "geojson_feature", "load_annotation", "read_asap_xml", "read_geojson",
     "read_json", "read_txt", "to_asap_xml", "to_geojson", "to_json_dict", "write_annotation",
     "written_by_crfcore", "holds_geojson", "replaceable", "find_annotation", "same_polygons", "load_truth",
-    "nothing_read",
+    "nothing_read", "rounded",
 ]
 
 
@@ -94,8 +94,9 @@ def nothing_read(ann: Annotation) -> str | None:
         return None
     why = [f"groups found: {sorted(set(ann.unmapped))}"] if ann.unmapped else []
     why += [f"QuPath objects skipped, not regions: {sorted(set(ann.skipped))}"] if ann.skipped else []
-    why += [f"tumour polygons of fewer than 3 distinct vertices: {ann.dropped[:3]}"] if ann.dropped else []
-    return f"none of its polygons is in a tumour group ({'; '.join(why)})"
+    why += [f"tumour marks that are no region (fewer than 3 distinct vertices, points, lines): {ann.dropped[:3]}"
+            ] if ann.dropped else []
+    return f"no tumour region read from it ({'; '.join(why)})"
 
 
 def load_truth(path: str | Path) -> Annotation:
@@ -104,9 +105,9 @@ def load_truth(path: str | Path) -> Annotation:
     ann = load_annotation(path)
     why = nothing_read(ann)
     if why:
-        cells = " (tumour must be drawn as annotations, not cells)" if ann.skipped else ""
-        raise AnnotationError(f"{path}: {why}; as truth it would mean a normal slide: convert it with xml2json.py "
-                              f"--positive-groups / --negative-groups{cells}")
+        raise AnnotationError(f"{path}: {why}; as truth it would mean a normal slide: name its groups with "
+                              "xml2json.py --positive-groups / --negative-groups, and draw tumour as regions (not "
+                              "cells, points or lines)")
     return ann
 
 
@@ -134,16 +135,17 @@ def find_annotation(folder: str | Path, stem: str) -> Path | None:
             if len(sibling) and not same_polygons(chosen, sibling):
                 raise AnnotationError(f"{folder}: {found[0].name} (which would be used) and {other.name} both "
                                       f"annotate slide {stem} and hold different polygons; keep one of them there")
-            if not len(sibling) and len(chosen):
-                _warn_if_newer(found[0], other, "holds no tumour or exclusion polygon")
+            unread = nothing_read(sibling)  # tumour in unknown groups, cells, points: not used, yet not nothing
+            if not len(sibling) and (len(chosen) or unread):
+                _warn_if_newer(found[0], other, unread or "holds no tumour or exclusion polygon")
     return found[0] if found else None
 
 
 def _warn_if_newer(used: Path, other: Path, why: str) -> None:
     """Warn that `other`, passed over, may be the newer truth (see `find_annotation`)."""
     if other.stat().st_mtime > used.stat().st_mtime and not written_by_crfcore(other):
-        warnings.warn(f"{other}: newer than {used.name} but {why}; {used.name} is used (remove it if the "
-                      f"slide's truth changed)",
+        warnings.warn(f"{other}: newer than {used.name}, but {why}; {used.name} is used (remove {used.name} "
+                      "if the slide's truth changed)",
                       AnnotationWarning, stacklevel=3)
 
 
@@ -154,13 +156,15 @@ def _quietly(fn, *args):
         return fn(*args)
 
 
+def rounded(polys: list[np.ndarray]) -> list[np.ndarray]:
+    """Polygons as NCRF JSON holds them: whole pixels, and a polygon left with fewer than 3
+    distinct vertices dropped, as reading the JSON drops it."""
+    return [r for r in (np.round(v) for v in polys) if three_distinct(r)]
+
+
 def same_polygons(a: Annotation, b: Annotation) -> bool:
     """Whether two annotations hold the same polygons in the same order, once both are
-    rounded as NCRF JSON rounds them (whole pixels; a polygon left with fewer than 3
-    distinct vertices dropped, as reading the JSON drops it)."""
-    def rounded(polys: list[np.ndarray]) -> list[np.ndarray]:
-        return [r for r in (np.round(v) for v in polys) if three_distinct(r)]
-
+    `rounded` as NCRF JSON rounds them."""
     return all(len(pa) == len(pb) and all(u.shape == v.shape and (u == v).all() for u, v in zip(pa, pb))
                for pa, pb in ((rounded(a.positive), rounded(b.positive)), (rounded(a.negative), rounded(b.negative))))
 

@@ -12,7 +12,7 @@ import numpy as np
 from defusedxml import DefusedXmlException
 from defusedxml import ElementTree as SafeET
 
-from .model import (NEGATIVE_GROUPS, POSITIVE_GROUPS, Annotation, AnnotationError, AnnotationWarning,
+from .model import (NEGATIVE_GROUPS, POSITIVE_GROUPS, UNGROUPED, Annotation, AnnotationError, AnnotationWarning,
                     checked_vertices, remember_colour, warn_unknown)
 
 
@@ -44,7 +44,7 @@ def read_asap_xml(path: str | Path, positive_groups: Sequence[str] = POSITIVE_GR
     for part, groups in (("positive", positive_groups), ("negative", negative_groups)):
         for group in groups:
             for anno in annos:
-                if anno.get("PartOfGroup") != group:
+                if (anno.get("PartOfGroup") or UNGROUPED) != group:
                     continue
                 name = anno.get("Name", "")
                 coords = anno.findall("./Coordinates/Coordinate")
@@ -53,7 +53,7 @@ def read_asap_xml(path: str | Path, positive_groups: Sequence[str] = POSITIVE_GR
                 verts = checked_vertices(str(path), name, pairs, text=True)
                 ann.add_checked(str(path), part, name, verts, group)
                 remember_colour(ann, group, anno.get("Color"))  # when AnnotationGroups lacks it
-    ann.unmapped = warn_unknown(str(path), "group(s)", (a.get("PartOfGroup") for a in annos),
+    ann.unmapped = warn_unknown(str(path), "group(s)", (a.get("PartOfGroup") or None for a in annos),
                  (*positive_groups, *negative_groups))
     return ann
 

@@ -35,7 +35,7 @@ from typing import NamedTuple, Sequence
 import numpy as np
 import shapely
 
-from .model import (NEGATIVE_GROUPS, POSITIVE_GROUPS, Annotation, AnnotationError, AnnotationWarning,
+from .model import (NEGATIVE_GROUPS, POSITIVE_GROUPS, UNGROUPED, Annotation, AnnotationError, AnnotationWarning,
                     Polygon, checked_vertices, load_json, remember_colour, three_distinct,
                     warn_unknown)
 
@@ -88,12 +88,15 @@ def from_geojson(path: Path, data: object, positive_groups: Sequence[str],
             continue
         geom = feat.get("geometry") if isinstance(feat.get("geometry"), dict) else {}
         kind = geom.get("type")
+        cls = _class_name(props)
+        group = UNGROUPED if cls is None else cls  # so that --positive-groups "(none)" takes unclassified ones
         if kind not in ("Polygon", "MultiPolygon"):
             others["null" if kind is None else str(kind)] += 1  # GeoJSON spells a missing geometry null
+            if group in positive_groups:  # a tumour marked by a point or line: no region, no normal slide
+                ann.dropped.append(f"{'null' if kind is None else kind} {cls}")
             continue
-        cls = _class_name(props)
         classes.append(cls)
-        part = "positive" if cls in positive_groups else "negative" if cls in negative_groups else None
+        part = "positive" if group in positive_groups else "negative" if group in negative_groups else None
         if part is None:
             continue
         remember_colour(ann, cls, _class_colour(props))

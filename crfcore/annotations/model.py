@@ -71,7 +71,7 @@ class Annotation:
     colours: dict[str, str] = field(default_factory=dict)  # group -> "#RRGGBB" read from the input
     unmapped: list[str] = field(default_factory=list)  # groups of the polygons left out (in neither part)
     skipped: list[str] = field(default_factory=list)  # QuPath objects left out with a class not negative ("cell Tumor")
-    dropped: list[str] = field(default_factory=list)  # positive polygons left out: fewer than 3 distinct vertices
+    dropped: list[str] = field(default_factory=list)  # tumour marks that are no region (< 3 distinct vertices, a point)
 
     def add_checked(self, source: str, part: str, name: str, vertices: np.ndarray, group: str | None = None) -> None:
         """`add`, unless the polygon has fewer than 3 distinct vertices: then a warning, and
@@ -249,11 +249,14 @@ def check_polygon(source: str, name: str, vertices: np.ndarray) -> bool:
     return True
 
 
+UNGROUPED = "(none)"  # the group name of a polygon without one (name it in --positive-groups, say)
+
+
 def warn_unknown(source: str, kind: str, found: Iterable[str | None], known: Sequence[str]) -> list[str]:
     """One warning naming the groups (XML) or classes (GeoJSON) that are neither positive
     nor negative (None stands for a polygon without one); returns the group of each
     polygon that leaves out."""
-    found = ["(none)" if g is None else g for g in found]
+    found = [UNGROUPED if g is None else g for g in found]
     names = sorted(set(found))
     unknown = [g for g in names if g not in known]
     if unknown:
