@@ -65,7 +65,7 @@ def mask_for(folder: Path, slide: Path, kind: str | None) -> Path:
     return found[0]
 
 
-def centres_for(args, slide_path: Path, mask: np.ndarray, meta: dict, rng, side: float) -> np.ndarray:
+def centres_for(args, slide_path: Path, mask: np.ndarray, meta: dict, rng, side: np.ndarray) -> np.ndarray:
     ds = tuple(meta["downsample"])
     if args.mode == "grid":
         return tiling.grid_centres(mask, ds, side, args.min_mask_fraction)
@@ -111,8 +111,8 @@ def cut_slide(args, job: Job, rng) -> None:
                                 f"pixel of level {level}; give a larger --image-size or --mpp")
             size = round(size)
         thumb = sl.thumbnail(s, max(w0, h0) / 1024)
-    centres = centres_for(args, job.slide, mask, meta, rng, args.image_size * dx)
-    side = np.array([round(args.image_size * dx), round(args.image_size * dy)])
+    side = np.array([round(args.image_size * dx), round(args.image_size * dy)])  # level-0 pixels, per axis
+    centres = centres_for(args, job.slide, mask, meta, rng, side)
     boxes = centres - (side + 1) // 2  # whole pixels: an odd side puts the centre past the middle (TileInfo.centre)
     boxes = np.concatenate([boxes, boxes + side], 1).reshape(-1, 4)
     on = (boxes[:, 0] >= 0) & (boxes[:, 1] >= 0) & (boxes[:, 2] <= w0) & (boxes[:, 3] <= h0)

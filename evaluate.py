@@ -29,7 +29,7 @@ import numpy as np
 from crfcore import evaluation as ev
 from crfcore import masks
 from crfcore import slide as sl
-from crfcore.annotations import find_annotation, load_truth
+from crfcore.annotations import find_annotation, is_lesion_export, load_truth
 from crfcore.cli import PROBABILITY, UserError, add_workers, number, parser, run
 from crfcore.errors import CrfError
 from crfcore.heatmap import check_not_a_slide, check_picture_format, load_probability_map
@@ -43,7 +43,7 @@ MAX_TRUTH_PIXELS = 2**26  # an evaluation raster larger than this is a mistake (
 def cmd_lesions(args) -> None:
     prob, meta = load_probability_map(args.prob)
     csv_path, export = lesion_outputs(args.output, args.to)
-    if export is not None and export.is_file() and not ev.is_lesion_export(export):
+    if export is not None and export.is_file() and not is_lesion_export(export):
         raise UserError(f"{export}: exists and holds annotations other than predicted lesions (the truth?); "
                         "the export would replace it: choose another -o")
     check_replaceable(csv_path, ev.read_lesions, "a lesion list (prob,x,y)")

@@ -35,10 +35,10 @@ from openslide.deepzoom import DeepZoomGenerator
 from PIL import Image
 
 from crfcore import slide as sl
-from crfcore.annotations import find_annotation, load_annotation
+from crfcore.annotations import find_annotation, is_lesion_export, load_annotation
 from crfcore.cli import UserError, number, one_line, parser, run
 from crfcore.errors import CrfError
-from crfcore.evaluation import is_lesion_export, read_lesions
+from crfcore.evaluation import read_lesions
 from crfcore.heatmap import colourise, load_probability_map
 from crfcore.io import all_companions, check_fits_slide, companion, companion_stem, visible_names
 from crfcore.masks import overlaps
@@ -177,7 +177,7 @@ class Library:
         self.slide_dir, self.maps_dir = slide_dir, maps_dir
         self.routes = routes  # top-level folder names the app's own URLs start with ("_thumb", ...)
         self._info: dict[Path, tuple[int, SlideInfo]] = {}
-        self._cache: dict[tuple, tuple[int, object]] = {}  # (what, path) -> (mtime, value)
+        self._cache: dict[tuple, tuple[tuple, object]] = {}  # (what, path) -> (stamp, value)
         self._lock = threading.Lock()
 
     def _cached(self, what: str, path: Path, make: Callable[[], V]) -> V:
@@ -185,9 +185,10 @@ class Library:
         a file in it is added, removed or renamed: every writer here renames its outputs
         in), so an index of hundreds of slides lists each folder once, not per slide."""
         try:
-            stamp = path.stat().st_mtime_ns
+            st = path.stat()
         except OSError:
             return make()
+        stamp = (st.st_mtime_ns, st.st_size, st.st_ino)  # a file copied over with its time kept differs in size
         with self._lock:
             hit = self._cache.get((what, path))
         if hit and hit[0] == stamp:

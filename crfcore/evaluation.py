@@ -6,12 +6,11 @@ import math
 from pathlib import Path
 
 import numpy as np
-from defusedxml import ElementTree as SafeET
 from sklearn import metrics as skm
 
 from .annotations import LESION_CLASS, LESION_COLOUR, asap_xml, geojson_feature
 from .errors import CrfError
-from .io import read_json, save_figure
+from .io import save_figure
 
 
 class EvaluationError(CrfError):
@@ -134,24 +133,6 @@ def lesions_geojson(lesions: np.ndarray) -> dict:
         geojson_feature({"type": "Point", "coordinates": [int(x), int(y)]}, f"lesion {i} p={p:.4f}",
                         LESION_CLASS, LESION_COLOUR, measurements={"probability": round(float(p), 4)})
         for i, (p, x, y) in enumerate(lesions)]}
-
-
-def is_lesion_export(path: Path) -> bool:
-    """Whether the .xml or .geojson file `path` is an earlier export of predicted lesions
-    (which a new one may replace; truth may not be): every annotation, and the one group,
-    "Predicted lesion"; an empty GeoJSON only when it is named so (an empty truth is not)."""
-    try:
-        if path.suffix.lower() == ".xml":
-            root = SafeET.parse(str(path)).getroot()
-            groups = {g.get("Name") for g in root.iter("Group")}
-            return root.tag == "ASAP_Annotations" and groups == {LESION_CLASS} and all(
-                a.get("PartOfGroup") == LESION_CLASS for a in root.iter("Annotation"))
-        collection = read_json(path, "GeoJSON file")
-        features = collection["features"]
-        return (bool(features) or collection.get("name") == LESION_CLASS) and all(
-            f["properties"]["classification"]["name"] == LESION_CLASS for f in features)
-    except Exception:  # unreadable, or not shaped as an export: not one of ours
-        return False
 
 
 # ----------------------------------------------------------------------------- FROC

@@ -78,20 +78,21 @@ def mask_fraction(mask: np.ndarray, downsample: tuple[float, float],
     return np.where(n > 0, inside / np.maximum(n, 1), mask[cy, cx])
 
 
-def grid_centres(mask: np.ndarray, downsample: tuple[float, float], size: float,
+def grid_centres(mask: np.ndarray, downsample: tuple[float, float], size: int | tuple[int, int],
                  min_fraction: float = 0.2) -> np.ndarray:
-    """Centres of a regular grid of `size` squares over the mask's bounding box (as
-    histolab's GridTiler lays it) that lie at least `min_fraction` inside the mask."""
+    """Centres of a regular grid of `size` boxes (level-0 pixels, one side or (w, h): a
+    level's downsample may differ by axis) over the mask's bounding box (as histolab's
+    GridTiler lays it) that lie at least `min_fraction` inside the mask."""
     rows, cols = np.nonzero(mask)
     if not rows.size:
         return np.zeros((0, 2), int)
-    side = max(1, round(size))  # whole pixels, as Patch_gen cuts them
+    side = np.maximum(1, np.broadcast_to(np.asarray(size, int), (2,)))  # whole pixels, as Patch_gen cuts them
     x0, y0 = cols.min() * downsample[0], rows.min() * downsample[1]
     x1, y1 = (cols.max() + 1) * downsample[0], (rows.max() + 1) * downsample[1]
-    xs = np.arange(int(x0), int(np.ceil(x1)), side)
-    ys = np.arange(int(y0), int(np.ceil(y1)), side)
+    xs = np.arange(int(x0), int(np.ceil(x1)), side[0])
+    ys = np.arange(int(y0), int(np.ceil(y1)), side[1])
     gx, gy = np.meshgrid(xs, ys)
-    boxes = np.stack([gx.ravel(), gy.ravel(), gx.ravel() + side, gy.ravel() + side], 1)
+    boxes = np.stack([gx.ravel(), gy.ravel(), gx.ravel() + side[0], gy.ravel() + side[1]], 1)
     keep = mask_fraction(mask, downsample, boxes) >= min_fraction
     return boxes[keep, :2] + (side + 1) // 2  # the centre of a box, as TileInfo.centre takes it
 

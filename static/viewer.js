@@ -184,6 +184,7 @@ if (C.truth) {
 /* ------------------------------------------------------------ lesion points */
 const COLOURS = ["#00ff00", "#ff00ff", "#00ffff", "#ffffff"];
 const lesionMarks = C.lesions.map(() => []);
+let lesionsShown = false;
 function setLesions(i, on) {  // a class, not style.display: OpenSeadragon sets that on every frame
   lesionMarks[i].forEach(d => d.classList.toggle("off", !on));
   document.querySelector(`.lesion-set[data-index="${i}"]`).checked = on;
@@ -199,25 +200,30 @@ C.lesions.forEach((set, i) => {
       lesionMarks[i].push(d);
     }
     setLesions(i, params.get("lesions") !== "0");
+    lesionsShown = true;  // before, the boxes say nothing yet: carry() passes lesions= on as it came
   })).catch(err => say(`lesions ${i}`, err.message));
   document.querySelector(`.lesion-set[data-index="${i}"]`).onchange = e => setLesions(i, e.target.checked);
 });
 
 /* -------------------------------------------------------------- navigation */
 // Links to other slides keep the current map, threshold, opacity and layers (lesions: all off or not).
+// A layer this page lacks passes on as it came (a slide without lesions keeps lesions=0).
 function carry(url) {
   if (!url) return null;
   const q = new URLSearchParams();
-  for (const k of ["animation"]) if (params.has(k)) q.set(k, params.get(k));
+  for (const k of ["animation", "map", "t", "opacity", "heat", "truth", "lesions"]) {
+    if (params.has(k)) q.set(k, params.get(k));
+  }
+  const live = (key, value, when) => { if (when) q.set(key, value); else q.delete(key); };
   if (C.maps.length) {
     q.set("map", C.maps[heat.index].name);
-    if (heat.threshold) q.set("t", heat.threshold);
-    if (heat.opacity !== 0.5) q.set("opacity", heat.opacity);
-    if (!heat.on) q.set("heat", "0");
+    live("t", heat.threshold, heat.threshold);
+    live("opacity", heat.opacity, heat.opacity !== 0.5);
+    live("heat", "0", !heat.on);
   }
-  if ($("truth") && !$("truth").checked) q.set("truth", "0");
+  if ($("truth")) live("truth", "0", !$("truth").checked);
   const sets = [...document.querySelectorAll(".lesion-set")];
-  if (sets.length && sets.every(box => !box.checked)) q.set("lesions", "0");
+  if (sets.length && lesionsShown) live("lesions", "0", sets.every(box => !box.checked));
   const s = q.toString();
   return s ? `${url}?${s}` : url;
 }

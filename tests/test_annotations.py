@@ -713,3 +713,13 @@ def test_a_file_whose_tumour_is_all_under_a_pixel_is_not_written_as_json(tmp_pat
     code, err = script(capsys, xml, "-o", tmp_path / "d.json")
     assert code == 2 and "every tumour polygon is under a pixel" in err and not (tmp_path / "d.json").exists()
     convert(xml, "-o", tmp_path / "d.geojson", "--to", "geojson")  # other formats keep the fractions
+
+
+def test_a_lesion_export_beside_the_truth_is_never_its_rival(tmp_path):
+    """From a regression review: `evaluate.py lesions --to xml` beside a GeoJSON truth was
+    taken first (.xml before .geojson) and the truth refused as 'different polygons'."""
+    feats = [qupath_feature({"type": "Polygon", "coordinates": [closed(square(0, 0, 10))]}, "Tumor", "t")]
+    _write(tmp_path / "s.geojson", json.dumps(feats))
+    (tmp_path / "s.xml").write_text(ev.lesions_asap_xml(np.array([[0.9, 5.0, 5.0]])))
+    assert an.is_lesion_export(tmp_path / "s.xml")
+    assert an.find_annotation(tmp_path, "s") == tmp_path / "s.geojson"

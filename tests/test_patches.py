@@ -203,6 +203,15 @@ def test_odd_sides_at_the_slide_edge_and_other_review_findings(syn_slide, syn_ma
     assert (tmp_path / "both" / "syn_tumor.txt").read_text() == (tmp_path / "one" / "syn_tumor.txt").read_text()
 
 
+def test_grid_boxes_of_unequal_sides_start_where_they_are_laid():
+    """From a regression review: on the TCGA slide at --level 1 (downsample 2.00045 x
+    2.00056) a 1024-pixel patch is 2048 x 2049 level-0 pixels; the grid laid square rows of
+    2048 and the cut box started a pixel above, off the slide: the slide was refused."""
+    centres = tiling.grid_centres(np.ones((10, 10), bool), (500.0, 500.0), (2048, 2049))
+    boxes = centres - (np.array([2048, 2049]) + 1) // 2
+    assert boxes.min(0).tolist() == [0, 0] and sorted(set(boxes[:, 1]))[:2] == [0, 2049]
+
+
 def test_random_centres_stay_in_their_mask_cell_at_a_fractional_downsample():
     """From a review: floor((col + u) * d) stepped into the next cell for 1-2 % of centres."""
     mask = np.zeros((40, 40), bool)

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
+from defusedxml import ElementTree as SafeET
 
 from ..errors import CrfError
 from ..io import all_companions, atomic_write_text
@@ -43,7 +44,7 @@ __all__ = [
     "Polygon", "asap_xml", "geojson_feature", "load_annotation", "read_asap_xml", "read_geojson",
     "read_json", "read_txt", "to_asap_xml", "to_geojson", "to_json_dict", "write_annotation",
     "written_by_crfcore", "holds_geojson", "replaceable", "find_annotation", "same_polygons", "load_truth",
-    "nothing_read", "rounded",
+    "nothing_read", "rounded", "is_lesion_export",
 ]
 
 
@@ -86,6 +87,24 @@ def written_by_crfcore(path: str | Path) -> bool:
     return marked or older
 
 
+def is_lesion_export(path: Path) -> bool:
+    """Whether the .xml or .geojson file `path` is an earlier export of predicted lesions
+    (which a new one may replace; truth may not be): every annotation, and the one group,
+    "Predicted lesion"; an empty GeoJSON only when it is named so (an empty truth is not)."""
+    try:
+        if path.suffix.lower() == ".xml":
+            root = SafeET.parse(str(path)).getroot()
+            groups = {g.get("Name") for g in root.iter("Group")}
+            return root.tag == "ASAP_Annotations" and groups == {LESION_CLASS} and all(
+                a.get("PartOfGroup") == LESION_CLASS for a in root.iter("Annotation"))
+        collection = load_json(path, "GeoJSON file")
+        features = collection["features"]
+        return (bool(features) or collection.get("name") == LESION_CLASS) and all(
+            f["properties"]["classification"]["name"] == LESION_CLASS for f in features)
+    except Exception:  # unreadable, or not shaped as an export: not one of ours
+        return False
+
+
 def nothing_read(ann: Annotation) -> str | None:
     """Why a file that holds polygons or classified objects gave no tumour region (their
     groups, the QuPath objects skipped), or None: read as truth, it would say a normal
@@ -122,6 +141,8 @@ def find_annotation(folder: str | Path, stem: str) -> Path | None:
     newer than the file used and not this tool's output (QuPath's export after every
     polygon was deleted, or a broken one, would otherwise leave the old truth in use)."""
     found = all_companions(folder, stem, "annotation")
+    if len(found) > 1:  # an export of predicted lesions beside the truth is never one of its truths
+        found = [f for f in found if not is_lesion_export(f)] or found[:1]
     if len(found) > 1:
         chosen = _quietly(load_annotation, found[0])  # its faults are the run's: they are raised
         for other in found[1:]:
