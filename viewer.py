@@ -181,9 +181,9 @@ class Library:
         self._lock = threading.Lock()
 
     def _cached(self, what: str, path: Path, make: Callable[[], V]) -> V:
-        """`make()`, kept while `path`'s modification time stands (a folder's changes when
-        a file in it is added, removed or renamed: every writer here renames its outputs
-        in), so an index of hundreds of slides lists each folder once, not per slide."""
+        """`make()`, kept while `path`'s modification time, size and inode stand (a folder's
+        time changes when a file in it is added, removed or renamed: every writer here
+        renames its outputs in), so an index of hundreds of slides lists each folder once."""
         try:
             st = path.stat()
         except OSError:
