@@ -20,6 +20,8 @@ from crfcore.startup import quiet_ctrl_c
 quiet_ctrl_c()  # first: Ctrl-C while the libraries below load is one line
 
 import argparse
+import fcntl
+import os
 import warnings
 import zlib
 from dataclasses import dataclass
@@ -31,7 +33,7 @@ from crfcore import masks, tiling
 from crfcore import slide as sl
 from crfcore.cli import PROBABILITY, UserError, add_workers, for_each, number, parser, run
 from crfcore.datasets import extract_patches
-from crfcore.io import check_fits_slide, check_output_path, companion, write_image
+from crfcore.io import check_fits_slide, check_output_path, companion, lock_folder, write_image
 from crfcore.scale import read_scale
 from crfcore.tilefolder import TileFolder
 
@@ -180,8 +182,16 @@ def main(argv=None) -> int:
     args.level = args.level or 0  # None when not given: --level 0 --mpp X is refused by argparse
     if args.output.exists() and not args.output.is_dir():
         raise UserError(f"{args.output}: is a file; -o is PATCH_DIR, a folder")
-    for_each(jobs(args.slide, args.mask, args.mask_kind), lambda j: j.slide.name,
-             lambda j: cut_slide(args, j, slide_rng(args.seed, j.slide)), args.quiet)
+    todo = jobs(args.slide, args.mask, args.mask_kind)
+    made = not args.output.exists()
+    args.output.mkdir(parents=True, exist_ok=True)
+    lock = lock_folder(args.output, fcntl.LOCK_EX, "another Patch_gen.py is cutting into")  # one run at a time
+    try:
+        for_each(todo, lambda j: j.slide.name, lambda j: cut_slide(args, j, slide_rng(args.seed, j.slide)), args.quiet)
+    finally:
+        os.close(lock)
+        if made and not any(args.output.iterdir()):  # every slide refused before cutting: leave no trace
+            args.output.rmdir()
     return 0
 
 

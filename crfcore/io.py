@@ -7,6 +7,7 @@ would give (the umask), and a path that is a device or other special file is ref
 """
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import math
@@ -351,6 +352,19 @@ COMPANIONS: dict[str, tuple[str, ...]] = {
     "annotation": (".json", ".xml", ".geojson", ".txt"),
     "truth_mask": ("_mask.tif", ".tif", "_mask.tiff", ".tiff"),  # Camelyon16's Tumor_001_Mask.tif
 }
+
+
+def lock_folder(folder: Path, how: int, busy: str, error: type[CrfError] = OutputError) -> int:
+    """A descriptor of `folder` holding flock `how` (fcntl.LOCK_EX or LOCK_SH; the folder
+    itself: no lock file to leave behind; closing it lets go); a folder locked against it
+    is an `error`: "<folder>: <busy> this folder; wait for it"."""
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, how | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise error(f"{folder}: {busy} this folder; wait for it") from None
+    return fd
 
 
 def visible_files(folder: str | Path, suffixes: Sequence[str] = ()) -> list[Path]:

@@ -35,7 +35,7 @@ from typing import Iterator
 import numpy as np
 
 from .errors import CrfError, OutputError
-from .io import atomic_copy, atomic_path, atomic_write_json, atomic_write_text, read_json
+from .io import atomic_copy, atomic_path, atomic_write_json, atomic_write_text, lock_folder, read_json
 from .tilefolder import interrupted
 from .tiling import TileInfo, collect_tiles, read_coords
 
@@ -208,15 +208,8 @@ def write(out: Path, keep: list[str], new: list[Entry], how: str) -> list[str]:
 
 
 def _lock_folder(folder: Path, how: int, busy: str) -> int:
-    """A descriptor of `folder` holding flock `how` (the folder itself: no lock file to
-    leave behind; closing it lets go); a folder locked against it is a TrainSetError."""
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        fcntl.flock(fd, how | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        raise TrainSetError(f"{folder}: {busy} this folder; wait for it") from None
-    return fd
+    """`io.lock_folder`; a folder locked against it is a TrainSetError."""
+    return lock_folder(folder, how, busy, TrainSetError)
 
 
 @contextmanager

@@ -203,6 +203,24 @@ def test_odd_sides_at_the_slide_edge_and_other_review_findings(syn_slide, syn_ma
     assert (tmp_path / "both" / "syn_tumor.txt").read_text() == (tmp_path / "one" / "syn_tumor.txt").read_text()
 
 
+def test_two_patch_gen_runs_into_one_folder_are_one_at_a_time(syn_slide, syn_masks, tmp_path):
+    """From a hostile review: two runs at once into one PATCH_DIR failed with raw errors
+    (`.partial: File exists`); the second is now refused in one line."""
+    import fcntl
+
+    from crfcore.io import lock_folder
+    out = tmp_path / "p"
+    out.mkdir()
+    held = lock_folder(out, fcntl.LOCK_EX, "a test holds")
+    try:
+        res = call("Patch_gen.py", syn_slide.path, "--mask", syn_masks / "syn_tumor_tissue.npy", "-o", out,
+                   "--workers", "0", "--quiet", check=False)
+    finally:
+        os.close(held)
+    assert res.returncode == 2 and "another Patch_gen.py is cutting into this folder; wait for it" in res.stderr
+    assert not any(out.iterdir())
+
+
 def test_grid_boxes_of_unequal_sides_start_where_they_are_laid():
     """From a regression review: on the TCGA slide at --level 1 (downsample 2.00045 x
     2.00056) a 1024-pixel patch is 2048 x 2049 level-0 pixels; the grid laid square rows of
