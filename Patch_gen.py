@@ -93,6 +93,17 @@ def slide_rng(seed: int, slide: Path) -> np.random.Generator:
     return np.random.default_rng([seed, zlib.crc32(sl.slide_id(slide).encode())])
 
 
+def on_level_pixels(centres: np.ndarray, side: np.ndarray, level_ds: np.ndarray) -> np.ndarray:
+    """Centres moved (under half a level pixel) so that their boxes start on whole pixels
+    of the level read, as prob_map.py reads its crops (`ReadScale.read`): OpenSlide would
+    otherwise resample between pixels, and the training patches would be softer than the
+    crops the model later sees. Centres that meet are kept once."""
+    corners = centres - (side + 1) // 2
+    moved = np.round(np.round(corners / level_ds) * level_ds).astype(int) + (side + 1) // 2
+    _, first = np.unique(moved, axis=0, return_index=True)
+    return moved[np.sort(first)]
+
+
 def cut_slide(args, job: Job, rng) -> None:
     sid = sl.slide_id(job.slide)
     tiling.check_coords_id(sid, job.slide)  # before any work: the set's marker is a coords list
@@ -113,8 +124,11 @@ def cut_slide(args, job: Job, rng) -> None:
                                 f"pixel of level {level}; give a larger --image-size or --mpp")
             size = round(size)
         thumb = sl.thumbnail(s, max(w0, h0) / 1024)
+        level_ds = np.array(sl.level_downsamples(s)[level])
     side = np.array([round(args.image_size * dx), round(args.image_size * dy)])  # level-0 pixels, per axis
     centres = centres_for(args, job.slide, mask, meta, rng, side)
+    if level:
+        centres = on_level_pixels(centres, side, level_ds)
     boxes = centres - (side + 1) // 2  # whole pixels: an odd side puts the centre past the middle (TileInfo.centre)
     boxes = np.concatenate([boxes, boxes + side], 1).reshape(-1, 4)
     on = (boxes[:, 0] >= 0) & (boxes[:, 1] >= 0) & (boxes[:, 2] <= w0) & (boxes[:, 3] <= h0)

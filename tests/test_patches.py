@@ -221,6 +221,24 @@ def test_two_patch_gen_runs_into_one_folder_are_one_at_a_time(syn_slide, syn_mas
     assert not any(out.iterdir())
 
 
+def test_patches_at_a_level_start_on_its_whole_pixels(syn_slide, syn_masks, tmp_path):
+    """From a hostile review: random and coords boxes at --level 1 started between level
+    pixels, so OpenSlide resampled the training patches (prob_map.py reads its crops on
+    whole level pixels): each tile is now an exact crop of the level's pixels."""
+    (tmp_path / "c.txt").write_text("syn_tumor,1001,777\nsyn_tumor,1000,776\n")  # one box once moved
+    for mode in (["--mode", "random", "--num", "6", "--seed", "2"], ["--mode", "coords", "--coords", tmp_path / "c.txt"]):
+        out = tmp_path / mode[1]
+        call("Patch_gen.py", syn_slide.path, "--mask", syn_masks / "syn_tumor_tissue.npy", "-o", out, "--level", "1",
+             "--image-size", "64", "--workers", "0", "--quiet", *mode)
+        call("coord_list_gen.py", out, "-o", tmp_path / f"ds_{mode[1]}")
+        level1 = sl.read_level(sl.open_slide(syn_slide.path), 1)
+        tiles = tiling.collect_tiles(out)[0]["syn_tumor"]
+        assert len(tiles) == (6 if mode[1] == "random" else 1)
+        for t in tiles:
+            x0, y0 = t.box[0] // 2, t.box[1] // 2
+            assert t.box[0] % 2 == 0 and t.box[1] % 2 == 0 and np.array_equal(read_png(t.path), level1[y0:y0 + 64, x0:x0 + 64])
+
+
 def test_grid_boxes_of_unequal_sides_start_where_they_are_laid():
     """From a regression review: on the TCGA slide at --level 1 (downsample 2.00045 x
     2.00056) a 1024-pixel patch is 2048 x 2049 level-0 pixels; the grid laid square rows of
