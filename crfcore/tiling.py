@@ -86,7 +86,7 @@ def grid_centres(mask: np.ndarray, downsample: tuple[float, float], size: int | 
     rows, cols = np.nonzero(mask)
     if not rows.size:
         return np.zeros((0, 2), int)
-    side = np.maximum(1, np.broadcast_to(np.asarray(size, int), (2,)))  # whole pixels, as Patch_gen cuts them
+    side = np.maximum(1, np.broadcast_to(np.rint(size), (2,)).astype(int))  # whole pixels, as Patch_gen cuts them
     x0, y0 = cols.min() * downsample[0], rows.min() * downsample[1]
     x1, y1 = (cols.max() + 1) * downsample[0], (rows.max() + 1) * downsample[1]
     xs = np.arange(int(x0), int(np.ceil(x1)), side[0])

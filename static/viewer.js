@@ -184,10 +184,11 @@ if (C.truth) {
 /* ------------------------------------------------------------ lesion points */
 const COLOURS = ["#00ff00", "#ff00ff", "#00ffff", "#ffffff"];
 const lesionMarks = C.lesions.map(() => []);
-let lesionsShown = false;
+let lesionsShown = false;  // until a set loads or the user picks, carry() passes lesions= on as it came
 function setLesions(i, on) {  // a class, not style.display: OpenSeadragon sets that on every frame
   lesionMarks[i].forEach(d => d.classList.toggle("off", !on));
   document.querySelector(`.lesion-set[data-index="${i}"]`).checked = on;
+  lesionsShown = true;  // the boxes now say what is shown (loaded, or the user's choice)
 }
 C.lesions.forEach((set, i) => {
   fetchOk(set.url).then(r => r.json()).then(points => whenOpen(() => {
@@ -200,7 +201,6 @@ C.lesions.forEach((set, i) => {
       lesionMarks[i].push(d);
     }
     setLesions(i, params.get("lesions") !== "0");
-    lesionsShown = true;  // before, the boxes say nothing yet: carry() passes lesions= on as it came
   })).catch(err => say(`lesions ${i}`, err.message));
   document.querySelector(`.lesion-set[data-index="${i}"]`).onchange = e => setLesions(i, e.target.checked);
 });

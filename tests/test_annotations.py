@@ -697,6 +697,9 @@ def test_unclassified_polygons_by_name_and_tumour_points_are_no_normal_slide(tmp
     assert len(an.load_annotation(path, negative_groups=["(none)"]).negative) == 1
     xml = _write(tmp_path / "u.xml", xml_doc([("a", "", square(0, 0, 10))]).replace(' PartOfGroup=""', ""))
     assert len(an.load_annotation(xml, positive_groups=["(none)"]).positive) == 1
+    for src in (xml, path):  # written back as Tumor from either format, so the output is truth as it stands
+        convert(src, "-o", tmp_path / f"{src.stem}_{src.suffix[1:]}.xml", "--to", "xml", "--positive-groups", "(none)")
+        assert len(an.load_truth(tmp_path / f"{src.stem}_{src.suffix[1:]}.xml").positive) == 1
     for geometry in ({"type": "Point", "coordinates": [5, 5]}, {"type": "LineString", "coordinates": [[0, 0], [9, 9]]},
                      None):
         marks = _write(tmp_path / "p.geojson", json.dumps([qupath_feature(geometry, "Tumor", "p")]))
@@ -723,3 +726,8 @@ def test_a_lesion_export_beside_the_truth_is_never_its_rival(tmp_path):
     (tmp_path / "s.xml").write_text(ev.lesions_asap_xml(np.array([[0.9, 5.0, 5.0]])))
     assert an.is_lesion_export(tmp_path / "s.xml")
     assert an.find_annotation(tmp_path, "s") == tmp_path / "s.geojson"
+    (tmp_path / "s.geojson").unlink()  # a review: a lone export was the truth ("groups found: Predicted lesion")
+    assert an.find_annotation(tmp_path, "s") is None
+    drawn = [qupath_feature({"type": "Polygon", "coordinates": [closed(square(0, 0, 10))]}, an.LESION_CLASS, "r")]
+    _write(tmp_path / "s.geojson", json.dumps(drawn))  # regions redrawn in QuPath under that class: no export
+    assert not an.is_lesion_export(tmp_path / "s.geojson")

@@ -89,18 +89,23 @@ def written_by_crfcore(path: str | Path) -> bool:
 
 def is_lesion_export(path: Path) -> bool:
     """Whether the .xml or .geojson file `path` is an earlier export of predicted lesions
-    (which a new one may replace; truth may not be): every annotation, and the one group,
-    "Predicted lesion"; an empty GeoJSON only when it is named so (an empty truth is not)."""
+    (which a new one may replace; truth may not be): every annotation a point (Dot) of the
+    one group "Predicted lesion"; an empty GeoJSON only when it is named so (an empty truth
+    is not)."""
+    suffix = Path(path).suffix.lower()
     try:
-        if path.suffix.lower() == ".xml":
+        if suffix == ".xml":
             root = SafeET.parse(str(path)).getroot()
             groups = {g.get("Name") for g in root.iter("Group")}
             return root.tag == "ASAP_Annotations" and groups == {LESION_CLASS} and all(
-                a.get("PartOfGroup") == LESION_CLASS for a in root.iter("Annotation"))
+                a.get("PartOfGroup") == LESION_CLASS and a.get("Type") == "Dot" for a in root.iter("Annotation"))
+        if suffix != ".geojson":
+            return False
         collection = load_json(path, "GeoJSON file")
         features = collection["features"]
         return (bool(features) or collection.get("name") == LESION_CLASS) and all(
-            f["properties"]["classification"]["name"] == LESION_CLASS for f in features)
+            f["properties"]["classification"]["name"] == LESION_CLASS and f["geometry"]["type"] == "Point"
+            for f in features)
     except Exception:  # unreadable, or not shaped as an export: not one of ours
         return False
 
@@ -140,9 +145,7 @@ def find_annotation(folder: str | Path, stem: str) -> Path | None:
     groups, lesion points beside the truth, an empty export); with a warning where it is
     newer than the file used and not this tool's output (QuPath's export after every
     polygon was deleted, or a broken one, would otherwise leave the old truth in use)."""
-    found = all_companions(folder, stem, "annotation")
-    if len(found) > 1:  # an export of predicted lesions beside the truth is never one of its truths
-        found = [f for f in found if not is_lesion_export(f)] or found[:1]
+    found = [f for f in all_companions(folder, stem, "annotation") if not is_lesion_export(f)]  # never truth
     if len(found) > 1:
         chosen = _quietly(load_annotation, found[0])  # its faults are the run's: they are raised
         for other in found[1:]:

@@ -51,7 +51,7 @@ def read_asap_xml(path: str | Path, positive_groups: Sequence[str] = POSITIVE_GR
                 warn_shape(str(path), name, anno.get("Type"), [c.get("Order") for c in coords])
                 pairs = [(c.get("X"), c.get("Y")) for c in coords]
                 verts = checked_vertices(str(path), name, pairs, text=True)
-                ann.add_checked(str(path), part, name, verts, group)
+                ann.add_checked(str(path), part, name, verts, None if group == UNGROUPED else group)
                 remember_colour(ann, group, anno.get("Color"))  # when AnnotationGroups lacks it
     ann.unmapped = warn_unknown(str(path), "group(s)", (a.get("PartOfGroup") or None for a in annos),
                  (*positive_groups, *negative_groups))
