@@ -24,7 +24,7 @@ from crfcore import annotations as an
 from crfcore import masks
 from crfcore import slide as sl
 from crfcore.cli import UserError, for_each, number, parser, run
-from crfcore.io import check_array_output, check_spares_inputs, file_sha256, sidecar_path, write_image
+from crfcore.io import all_companions, check_array_output, check_spares_inputs, file_sha256, sidecar_path, write_image
 
 
 @dataclass(frozen=True)
@@ -32,6 +32,12 @@ class Job:
     slide: Path
     annotation: Path | None
     out: Path
+
+
+def exports_named(folder: Path, stem: str) -> str:
+    """A note naming the slide's files in `folder` that are lesion exports (never truth)."""
+    found = [f.name for f in all_companions(folder, stem, "annotation") if an.is_lesion_export(f)]
+    return f" ({', '.join(found)}: predicted lesions of evaluate.py, never truth)" if found else ""
 
 
 def jobs(args) -> list[Job]:
@@ -44,7 +50,8 @@ def jobs(args) -> list[Job]:
         if ann is not None and ann.is_dir():
             ann = an.find_annotation(ann, slide.stem)
             if ann is None:
-                raise UserError(f"no annotation {slide.stem}.json|.xml|.geojson|.txt in {args.annotation}")
+                raise UserError(f"no annotation {slide.stem}.json|.xml|.geojson|.txt in {args.annotation}"
+                                f"{exports_named(Path(args.annotation), slide.stem)}")
         elif ann is not None and ann.exists() and ann.stem.lower() != slide.stem.lower():
             warnings.warn(f"annotation {ann.name} and slide {slide.name} have different names")
         return [Job(slide, ann, out if out.suffix == ".npy" else out / f"{slide.stem}_{args.kind}.npy")]
@@ -55,9 +62,10 @@ def jobs(args) -> list[Job]:
         raise UserError(f"SLIDE is a directory, so --annotation must be one too: {ann}")
     todo = [Job(s, an.find_annotation(ann, s.stem) if ann else None, out / f"{s.stem}_{args.kind}.npy")
             for s in slides]
-    missing = [j.slide.name for j in todo if needs_ann and j.annotation is None]
+    missing = [j.slide for j in todo if needs_ann and j.annotation is None]
     if missing:
-        raise UserError(f"no annotation in {ann} for: {', '.join(missing)}")
+        raise UserError(f"no annotation in {ann} for: {', '.join(s.name for s in missing)}"
+                        f"{exports_named(ann, missing[0].stem)}")
     stems = [s.stem for s in slides]
     if twice := sorted({s.name for s in slides if stems.count(s.stem) > 1}):  # a.tif and a.tiff: one mask name
         raise UserError(f"{slide}: {' and '.join(twice)} would write the same mask; rename one")

@@ -93,15 +93,16 @@ def slide_rng(seed: int, slide: Path) -> np.random.Generator:
     return np.random.default_rng([seed, zlib.crc32(sl.slide_id(slide).encode())])
 
 
-def on_level_pixels(centres: np.ndarray, side: np.ndarray, level_ds: np.ndarray) -> np.ndarray:
-    """Centres moved (under half a level pixel) so that their boxes start on whole pixels
-    of the level read, as prob_map.py reads its crops (`ReadScale.read`): OpenSlide would
-    otherwise resample between pixels, and the training patches would be softer than the
-    crops the model later sees. Centres that meet are kept once."""
+def on_level_pixels(centres: np.ndarray, side: np.ndarray, d: float) -> tuple[np.ndarray, int]:
+    """Centres moved (under half a level pixel) so that their boxes start where
+    prob_map.py starts its crops on that level (`ReadScale.read`: whole level pixels of
+    downsample `d`, rounded to level 0): a training patch is then read as the crops the
+    model later sees, with no resampling between pixels where `d` is a whole number.
+    Returns the centres (those that meet, kept once) and how many met."""
     corners = centres - (side + 1) // 2
-    moved = np.round(np.round(corners / level_ds) * level_ds).astype(int) + (side + 1) // 2
+    moved = np.round(np.round(corners / d) * d).astype(int) + (side + 1) // 2
     _, first = np.unique(moved, axis=0, return_index=True)
-    return moved[np.sort(first)]
+    return moved[np.sort(first)], len(moved) - len(first)
 
 
 def cut_slide(args, job: Job, rng) -> None:
@@ -124,11 +125,14 @@ def cut_slide(args, job: Job, rng) -> None:
                                 f"pixel of level {level}; give a larger --image-size or --mpp")
             size = round(size)
         thumb = sl.thumbnail(s, max(w0, h0) / 1024)
-        level_ds = np.array(sl.level_downsamples(s)[level])
+        level_ds = sl.level_downsamples(s)[level][0]  # ReadScale's: x's, for both axes
     side = np.array([round(args.image_size * dx), round(args.image_size * dy)])  # level-0 pixels, per axis
     centres = centres_for(args, job.slide, mask, meta, rng, side)
     if level:
-        centres = on_level_pixels(centres, side, level_ds)
+        centres, met = on_level_pixels(centres, side, level_ds)
+        if met:
+            warnings.warn(f"{job.slide.name}: {met} centre(s) met another once moved onto level {level}'s pixels; "
+                          "cut once")
     boxes = centres - (side + 1) // 2  # whole pixels: an odd side puts the centre past the middle (TileInfo.centre)
     boxes = np.concatenate([boxes, boxes + side], 1).reshape(-1, 4)
     on = (boxes[:, 0] >= 0) & (boxes[:, 1] >= 0) & (boxes[:, 2] <= w0) & (boxes[:, 3] <= h0)
@@ -197,15 +201,17 @@ def main(argv=None) -> int:
     if args.output.exists() and not args.output.is_dir():
         raise UserError(f"{args.output}: is a file; -o is PATCH_DIR, a folder")
     todo = jobs(args.slide, args.mask, args.mask_kind)
-    made = not args.output.exists()
+    new = [d for d in (args.output, *args.output.parents) if not d.exists()]  # the folders this run makes
     args.output.mkdir(parents=True, exist_ok=True)
     lock = lock_folder(args.output, fcntl.LOCK_EX, "another Patch_gen.py is cutting into")  # one run at a time
     try:
         for_each(todo, lambda j: j.slide.name, lambda j: cut_slide(args, j, slide_rng(args.seed, j.slide)), args.quiet)
     finally:
+        for d in new:  # every slide refused before cutting: leave no trace (under the lock: no other run is in it)
+            if any(d.iterdir()):
+                break
+            d.rmdir()
         os.close(lock)
-        if made and not any(args.output.iterdir()):  # every slide refused before cutting: leave no trace
-            args.output.rmdir()
     return 0
 
 

@@ -186,7 +186,8 @@ def froc_hits(lesions: Path, stem: str, args) -> tuple[list[float], np.ndarray, 
 def cmd_froc(args) -> None:
     files, stems = lesion_lists(args.lesions_dir)
     truths = {companion_stem(t, kind) for kind in ("annotation", "truth_mask")
-              for t in visible_files(args.truth_dir, COMPANIONS[kind])}  # Camelyon16's mask TIFFs too
+              for t in visible_files(args.truth_dir, COMPANIONS[kind])  # Camelyon16's mask TIFFs too
+              if not is_lesion_export(t)}
     unlisted = sorted(truths - set(stems))
     if unlisted:
         print(f"note: no lesion list for {', '.join(unlisted)} (truth in {args.truth_dir}); left out")

@@ -185,6 +185,7 @@ if (C.truth) {
 const COLOURS = ["#00ff00", "#ff00ff", "#00ffff", "#ffffff"];
 const lesionMarks = C.lesions.map(() => []);
 let lesionsShown = false;  // until a set loads or the user picks, carry() passes lesions= on as it came
+const touched = new Set();  // the sets whose box the user set (before its points arrived, say)
 function setLesions(i, on) {  // a class, not style.display: OpenSeadragon sets that on every frame
   lesionMarks[i].forEach(d => d.classList.toggle("off", !on));
   document.querySelector(`.lesion-set[data-index="${i}"]`).checked = on;
@@ -200,9 +201,13 @@ C.lesions.forEach((set, i) => {
       viewer.addOverlay({ element: d, location: slideItem().imageToViewportCoordinates(x, y) });
       lesionMarks[i].push(d);
     }
-    setLesions(i, params.get("lesions") !== "0");
+    const box = document.querySelector(`.lesion-set[data-index="${i}"]`);
+    setLesions(i, touched.has(i) ? box.checked : params.get("lesions") !== "0");  // a box the user set stays so
   })).catch(err => say(`lesions ${i}`, err.message));
-  document.querySelector(`.lesion-set[data-index="${i}"]`).onchange = e => setLesions(i, e.target.checked);
+  document.querySelector(`.lesion-set[data-index="${i}"]`).onchange = e => {
+    touched.add(i);
+    setLesions(i, e.target.checked);
+  };
 });
 
 /* -------------------------------------------------------------- navigation */
@@ -243,7 +248,7 @@ const KEYS = {
   t: () => C.truth && setTruth(!$("truth").checked),
   l: () => {
     const on = !lesionMarks.some(marks => marks.some(d => !d.classList.contains("off")));
-    C.lesions.forEach((_, i) => setLesions(i, on));
+    C.lesions.forEach((_, i) => { touched.add(i); setLesions(i, on); });
   },
   "?": () => { help.hidden = !help.hidden; },
   Escape: () => { help.hidden = true; },

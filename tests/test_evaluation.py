@@ -150,6 +150,8 @@ def test_froc_ignores_hidden_files_and_pairs_by_exact_stem(truth, tmp_path):
     assert "no --slides, so every slide is taken at --mpp 0.243" in res.stdout  # the ITC rule is in microns
     (tdir / "t2_mask.tif").write_bytes(b"")  # a Camelyon16 truth mask without a lesion list is named too
     assert "note: no lesion list for t2 " in call("evaluate.py", "froc", les, tdir).stdout
+    (tdir / "t3.xml").write_text(ev.lesions_asap_xml(np.array([[0.9, 5.0, 5.0]])))  # an export: no truth to list
+    assert "t3" not in call("evaluate.py", "froc", les, tdir).stdout
 
 
 def test_froc_refuses_an_absurd_truth_raster(tmp_path):

@@ -169,3 +169,14 @@ def test_mask_gen_refuses_another_kind_and_dropped_tumour_before_the_work(syn_sl
                tmp_path / "two.json", check=False)
     assert res.returncode == 2 and "no region (fewer than 3 distinct vertices, points, lines): ['t']" in res.stderr
     assert not (tmp_path / "t.npy").exists()
+
+
+def test_a_lesion_export_is_named_when_it_is_all_a_folder_holds(syn_slide, tmp_path):
+    """From a regression review: with only `evaluate.py lesions --to xml` output in the
+    folder, Mask_gen said "no annotation ... in A" beside the very file."""
+    from crfcore import evaluation as ev
+    d = tmp_path / "A"
+    d.mkdir()
+    (d / f"{syn_slide.path.stem}.xml").write_text(ev.lesions_asap_xml(np.array([[0.9, 5.0, 5.0]])))
+    res = call("Mask_gen.py", syn_slide.path, "-o", tmp_path / "t.npy", "--kind", "tumor", "--annotation", d, check=False)
+    assert res.returncode == 2 and "syn_tumor.xml: predicted lesions of evaluate.py, never truth" in res.stderr

@@ -219,24 +219,34 @@ def test_two_patch_gen_runs_into_one_folder_are_one_at_a_time(syn_slide, syn_mas
         os.close(held)
     assert res.returncode == 2 and "another Patch_gen.py is cutting into this folder; wait for it" in res.stderr
     assert not any(out.iterdir())
+    res = call("Patch_gen.py", syn_slide.path, "--mask", syn_masks / "syn_tumor_tissue.npy", "-o", tmp_path / "n" / "a",
+               "--image-size", "100000", "--workers", "0", "--quiet", check=False)  # refused: no folder left behind
+    assert res.returncode == 2 and not (tmp_path / "n").exists()
 
 
-def test_patches_at_a_level_start_on_its_whole_pixels(syn_slide, syn_masks, tmp_path):
+def test_patches_at_a_level_are_read_as_prob_map_reads_crops(syn_slide, syn_masks, tmp_path):
     """From a hostile review: random and coords boxes at --level 1 started between level
-    pixels, so OpenSlide resampled the training patches (prob_map.py reads its crops on
-    whole level pixels): each tile is now an exact crop of the level's pixels."""
+    pixels, so OpenSlide resampled the training patches, where prob_map.py reads crops
+    from whole level pixels (`ReadScale.read`). Each tile is now what that reader gives
+    for its box: here (downsample 2) an exact crop of the level's pixels. Centres that
+    meet once moved are cut once, with a warning."""
+    from crfcore.scale import read_scale
     (tmp_path / "c.txt").write_text("syn_tumor,1001,777\nsyn_tumor,1000,776\n")  # one box once moved
+    s = sl.open_slide(syn_slide.path)
+    level1, reader = sl.read_level(s, 1), read_scale(s, syn_slide.path, level=1)
     for mode in (["--mode", "random", "--num", "6", "--seed", "2"], ["--mode", "coords", "--coords", tmp_path / "c.txt"]):
         out = tmp_path / mode[1]
-        call("Patch_gen.py", syn_slide.path, "--mask", syn_masks / "syn_tumor_tissue.npy", "-o", out, "--level", "1",
-             "--image-size", "64", "--workers", "0", "--quiet", *mode)
+        res = call("Patch_gen.py", syn_slide.path, "--mask", syn_masks / "syn_tumor_tissue.npy", "-o", out, "--level",
+                   "1", "--image-size", "64", "--workers", "0", "--quiet", *mode)
         call("coord_list_gen.py", out, "-o", tmp_path / f"ds_{mode[1]}")
-        level1 = sl.read_level(sl.open_slide(syn_slide.path), 1)
         tiles = tiling.collect_tiles(out)[0]["syn_tumor"]
         assert len(tiles) == (6 if mode[1] == "random" else 1)
+        assert ("1 centre(s) met another once moved onto level 1's pixels" in res.stderr) == (mode[1] == "coords")
         for t in tiles:
             x0, y0 = t.box[0] // 2, t.box[1] // 2
-            assert t.box[0] % 2 == 0 and t.box[1] % 2 == 0 and np.array_equal(read_png(t.path), level1[y0:y0 + 64, x0:x0 + 64])
+            tile = read_png(t.path)
+            assert np.array_equal(tile, level1[y0:y0 + 64, x0:x0 + 64]) and t.box[0] % 2 == 0 and t.box[1] % 2 == 0
+            assert np.array_equal(tile, reader.read(s, t.box[:2], (64, 64)))
 
 
 def test_grid_boxes_of_unequal_sides_start_where_they_are_laid():
