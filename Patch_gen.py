@@ -34,7 +34,7 @@ from crfcore import slide as sl
 from crfcore.cli import PROBABILITY, UserError, add_workers, for_each, number, parser, run
 from crfcore.datasets import extract_patches
 from crfcore.io import check_fits_slide, check_output_path, companion, lock_folder, write_image
-from crfcore.scale import read_scale
+from crfcore.scale import ReadScale, read_scale
 from crfcore.tilefolder import TileFolder
 
 
@@ -149,8 +149,9 @@ def cut_slide(args, job: Job, rng) -> None:
     staging = tiles.prepare(args.overwrite)
     names = [tiling.tile_name(i, level, tuple(b)) for i, b in enumerate(boxes)]
     try:
+        reader = ReadScale(dx, level, level_ds) if level else None  # as prob_map.py reads crops there
         n = extract_patches(job.slide, boxes, level, size, staging, names, args.workers, args.quiet,
-                            out_size=args.image_size)
+                            out_size=args.image_size, reader=reader)
         tiles.replace(names, tiling.format_coords(sid, centres))  # and the completion marker
     except BaseException:  # a failed or interrupted run leaves the old tiles as they were
         tiles.abandon()

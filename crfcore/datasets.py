@@ -17,7 +17,7 @@ from . import slide as sl
 from .annotations import find_annotation, load_truth
 from .errors import CrfError
 from .io import visible_files, write_image
-from .scale import resize
+from .scale import ReadScale, resize
 from .tiling import GridGeometry, group_boxes, read_coords
 from .trainset import LEGACY_FIX, SIDES, read_sides
 
@@ -38,20 +38,30 @@ class SlideDataset(Dataset):
 class PatchCutter(SlideDataset):
     """Reads the regions of `group_boxes(boxes)` (one item each), slices the patches out at
     `level` and writes them as PNGs `out_dir/names[i]`; returns how many it wrote.
-    Meant for a DataLoader with workers: each worker opens the slide once."""
+    Meant for a DataLoader with workers: each worker opens the slide once. With a
+    `reader` (a level above 0) each patch is read on its own, as prob_map.py reads a crop:
+    OpenSlide resamples a region read from a fractional level position, so a patch sliced
+    from a shared region would differ from the crop the model later sees."""
 
     def __init__(self, slide_path: str | Path, boxes: np.ndarray, level: int, size: int,
-                 out_dir: str | Path, names: list[str], batched: bool = True, out_size: int | None = None) -> None:
+                 out_dir: str | Path, names: list[str], batched: bool = True, out_size: int | None = None,
+                 reader: ReadScale | None = None) -> None:
         self.slide_path, self.level, self.size = Path(slide_path), level, size
         self.boxes, self.out_dir, self.names = boxes, Path(out_dir), names
         self.out_size = out_size  # resize each patch to this side (reading at a scale between levels)
-        self.groups = group_boxes(boxes, max_waste=3.0 if batched else 0.0)
+        self.reader = reader
+        self.groups = group_boxes(boxes, max_waste=3.0 if batched and reader is None else 0.0)
 
     def __len__(self) -> int:
         return len(self.groups)
 
     def __getitem__(self, i: int) -> int:
         (rx0, ry0, rx1, ry1), idx = self.groups[i]
+        if self.reader is not None:
+            side = self.out_size or self.size
+            for j in idx:
+                write_image(self.out_dir / self.names[j], self.reader.read(self.slide, self.boxes[j, :2], (side, side)))
+            return len(idx)
         dx, dy = sl.level_downsamples(self.slide)[self.level]
         w = int(round((rx1 - rx0) / dx)) + self.size
         h = int(round((ry1 - ry0) / dy)) + self.size
@@ -67,12 +77,14 @@ class PatchCutter(SlideDataset):
 
 def extract_patches(slide_path: str | Path, boxes: np.ndarray, level: int, size: int,
                     out_dir: str | Path, names: list[str], workers: int = 0,
-                    quiet: bool = False, batched: bool = True, out_size: int | None = None) -> int:
+                    quiet: bool = False, batched: bool = True, out_size: int | None = None,
+                    reader: ReadScale | None = None) -> int:
     """Cut and write every patch (`size` pixels at `level`, resized to `out_size` if
-    given); regions are read in `workers` DataLoader processes (`batched=False` reads
-    each patch on its own, for benchmarks)."""
+    given; with a `reader`, each read by it, see PatchCutter); regions are read in
+    `workers` DataLoader processes (`batched=False` reads each patch on its own, for
+    benchmarks)."""
     Path(out_dir).mkdir(parents=True, exist_ok=True)
-    cutter = PatchCutter(slide_path, boxes, level, size, out_dir, names, batched, out_size)
+    cutter = PatchCutter(slide_path, boxes, level, size, out_dir, names, batched, out_size, reader)
     loader = DataLoader(cutter, batch_size=None, num_workers=workers)
     done, batches = 0, iter(loader)
     try:

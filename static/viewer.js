@@ -184,14 +184,14 @@ if (C.truth) {
 /* ------------------------------------------------------------ lesion points */
 const COLOURS = ["#00ff00", "#ff00ff", "#00ffff", "#ffffff"];
 const lesionMarks = C.lesions.map(() => []);
-let lesionsShown = false;  // until a set loads or the user picks, carry() passes lesions= on as it came
-const touched = new Set();  // the sets whose box the user set (before its points arrived, say)
 function setLesions(i, on) {  // a class, not style.display: OpenSeadragon sets that on every frame
   lesionMarks[i].forEach(d => d.classList.toggle("off", !on));
   document.querySelector(`.lesion-set[data-index="${i}"]`).checked = on;
-  lesionsShown = true;  // the boxes now say what is shown (loaded, or the user's choice)
 }
 C.lesions.forEach((set, i) => {
+  const box = document.querySelector(`.lesion-set[data-index="${i}"]`);
+  box.checked = params.get("lesions") !== "0";  // the page is drawn with every box ticked
+  box.onchange = e => setLesions(i, e.target.checked);
   fetchOk(set.url).then(r => r.json()).then(points => whenOpen(() => {
     for (const [p, x, y] of points) {
       const d = document.createElement("div");
@@ -201,13 +201,8 @@ C.lesions.forEach((set, i) => {
       viewer.addOverlay({ element: d, location: slideItem().imageToViewportCoordinates(x, y) });
       lesionMarks[i].push(d);
     }
-    const box = document.querySelector(`.lesion-set[data-index="${i}"]`);
-    setLesions(i, touched.has(i) ? box.checked : params.get("lesions") !== "0");  // a box the user set stays so
+    setLesions(i, box.checked);  // as the box says by now: the URL's lesions=, or what the user set meanwhile
   })).catch(err => say(`lesions ${i}`, err.message));
-  document.querySelector(`.lesion-set[data-index="${i}"]`).onchange = e => {
-    touched.add(i);
-    setLesions(i, e.target.checked);
-  };
 });
 
 /* -------------------------------------------------------------- navigation */
@@ -228,7 +223,7 @@ function carry(url) {
   }
   if ($("truth")) live("truth", "0", !$("truth").checked);
   const sets = [...document.querySelectorAll(".lesion-set")];
-  if (sets.length && lesionsShown) live("lesions", "0", sets.every(box => !box.checked));
+  if (sets.length) live("lesions", "0", sets.every(box => !box.checked));  // the boxes: the URL's, or the user's
   const s = q.toString();
   return s ? `${url}?${s}` : url;
 }
@@ -247,8 +242,8 @@ const KEYS = {
   "]": () => C.maps.length && setThreshold(heat.threshold + 0.05),
   t: () => C.truth && setTruth(!$("truth").checked),
   l: () => {
-    const on = !lesionMarks.some(marks => marks.some(d => !d.classList.contains("off")));
-    C.lesions.forEach((_, i) => { touched.add(i); setLesions(i, on); });
+    const on = ![...document.querySelectorAll(".lesion-set")].some(box => box.checked);  // what the user sees
+    C.lesions.forEach((_, i) => setLesions(i, on));
   },
   "?": () => { help.hidden = !help.hidden; },
   Escape: () => { help.hidden = true; },

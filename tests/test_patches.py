@@ -249,6 +249,26 @@ def test_patches_at_a_level_are_read_as_prob_map_reads_crops(syn_slide, syn_mask
             assert np.array_equal(tile, reader.read(s, t.box[:2], (64, 64)))
 
 
+@pytest.mark.parametrize("name, level, size", [("tcga-cr-7395-01a-01-ts1.svs", 1, 64), ("boxes.tiff", 2, 8)])
+def test_real_slide_patches_at_a_level_are_prob_map_crops(tmp_path, name, level, size):
+    """From a regression review: at a level whose downsample is not a whole number (TCGA
+    2.0005; boxes.tiff's level 2, 4 x 4.032), grid tiles sliced from one shared region
+    differed from the crop prob_map.py's reader takes at their box (615 of 616 tiles)."""
+    from crfcore.scale import read_scale
+    path = shared("slides", name)
+    mask, meta = masks.make_mask(path, "tissue", downsample=16)
+    masks.save_mask(tmp_path / "m.npy", np.ones_like(mask), meta)
+    call("Patch_gen.py", path, "--mask", tmp_path / "m.npy", "-o", tmp_path / "p", "--level", level, "--image-size",
+         size, "--min-mask-fraction", "0", "--workers", "0", "--quiet")
+    call("coord_list_gen.py", tmp_path / "p", "-o", tmp_path / "ds")
+    s = sl.open_slide(path)
+    reader = read_scale(s, path, level=level)
+    tiles = tiling.collect_tiles(tmp_path / "p")[0][path.stem]
+    assert len(tiles) > 20
+    for t in tiles[:40]:
+        assert np.array_equal(read_png(t.path), reader.read(s, t.box[:2], (size, size))), t.path.name
+
+
 def test_grid_boxes_of_unequal_sides_start_where_they_are_laid():
     """From a regression review: on the TCGA slide at --level 1 (downsample 2.00045 x
     2.00056) a 1024-pixel patch is 2048 x 2049 level-0 pixels; the grid laid square rows of
