@@ -96,9 +96,9 @@ def slide_rng(seed: int, slide: Path) -> np.random.Generator:
 def on_level_pixels(centres: np.ndarray, side: np.ndarray, d: float) -> tuple[np.ndarray, int]:
     """Centres moved (under half a level pixel) so that their boxes start where
     prob_map.py starts its crops on that level (`ReadScale.read`: whole level pixels of
-    downsample `d`, rounded to level 0): a training patch is then read as the crops the
-    model later sees, with no resampling between pixels where `d` is a whole number.
-    Returns the centres (those that meet, kept once) and how many met."""
+    downsample `d`, rounded to level 0), so that each tile's name gives the box its reader
+    (`ReadScale`, as for the crops the model later sees) reads. Returns the centres (those
+    that meet, kept once) and how many met."""
     corners = centres - (side + 1) // 2
     moved = np.round(np.round(corners / d) * d).astype(int) + (side + 1) // 2
     _, first = np.unique(moved, axis=0, return_index=True)
