@@ -65,7 +65,7 @@ def jobs(args) -> list[Job]:
     missing = [j.slide for j in todo if needs_ann and j.annotation is None]
     if missing:
         raise UserError(f"no annotation in {ann} for: {', '.join(s.name for s in missing)}"
-                        f"{''.join(exports_named(ann, s.stem) for s in missing)}")
+                        f"{''.join(exports_named(ann, stem) for stem in dict.fromkeys(s.stem for s in missing))}")
     stems = [s.stem for s in slides]
     if twice := sorted({s.name for s in slides if stems.count(s.stem) > 1}):  # a.tif and a.tiff: one mask name
         raise UserError(f"{slide}: {' and '.join(twice)} would write the same mask; rename one")
