@@ -145,8 +145,8 @@ def main(argv=None) -> int:
         if not len(ann):
             warnings.warn(f"{src}: no polygons found; writing an empty annotation")
         if args.to == "json" and ann.positive and not an.rounded(ann.positive):
-            raise UserError(f"{src}: every tumour polygon is under a pixel, and NCRF JSON's whole pixels would leave "
-                            "none (a normal slide); nothing written")
+            raise UserError(f"{src}: every tumour polygon is left with fewer than 3 distinct vertices once rounded "
+                            "to NCRF JSON's whole pixels, so the JSON would say a normal slide; nothing written")
         an.write_annotation(ann.renamed(*rename) if rename else ann, dst, to=args.to)
         print(f"{src} -> {dst}: {len(ann.positive)} positive, {len(ann.negative)} negative polygons")
 

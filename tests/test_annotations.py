@@ -714,7 +714,7 @@ def test_a_file_whose_tumour_is_all_under_a_pixel_is_not_written_as_json(tmp_pat
     '1 positive', and the JSON (rounded to nothing) was then refused as truth."""
     xml = _write(tmp_path / "d.xml", xml_doc([("t", "_0", [(50, 50), (50.4, 50), (50, 50.4)])]))
     code, err = script(capsys, xml, "-o", tmp_path / "d.json")
-    assert code == 2 and "every tumour polygon is under a pixel" in err and not (tmp_path / "d.json").exists()
+    assert code == 2 and "every tumour polygon is left with fewer than 3 distinct vertices once rounded" in err and not (tmp_path / "d.json").exists()
     convert(xml, "-o", tmp_path / "d.geojson", "--to", "geojson")  # other formats keep the fractions
 
 
