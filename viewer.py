@@ -176,7 +176,6 @@ class Library:
     def __init__(self, slide_dir: Path, maps_dir: Path | None, routes: frozenset[str] = frozenset()) -> None:
         self.slide_dir, self.maps_dir = slide_dir, maps_dir
         self.routes = routes  # top-level folder names the app's own URLs start with ("_thumb", ...)
-        self._info: dict[Path, tuple[int, SlideInfo]] = {}
         self._cache: dict[tuple, tuple[tuple, object]] = {}  # (what, path) -> (stamp, value)
         self._lock = threading.Lock()
 
@@ -239,11 +238,9 @@ class Library:
 
     def info(self, path: Path) -> SlideInfo:
         """Size, mpp, vendor and DICOM series of `path`, cached while the file is unchanged."""
-        stamp = path.stat().st_mtime_ns
-        with self._lock:
-            hit = self._info.get(path)
-        if hit and hit[0] == stamp:
-            return hit[1]
+        return self._cached("info", path, lambda: self._read_info(path))
+
+    def _read_info(self, path: Path) -> SlideInfo:
         info = SlideInfo(path, self.rel(path))
         try:
             osr = sl.open_slide(path)
@@ -255,8 +252,6 @@ class Library:
             info.vendor = osr.properties.get(openslide.PROPERTY_NAME_VENDOR, "?")
             info.series = osr.properties.get("dicom.SeriesInstanceUID") if info.vendor == "dicom" else None
             osr.close()
-        with self._lock:
-            self._info[path] = (stamp, info)
         return info
 
     def slides(self) -> list[SlideInfo]:
