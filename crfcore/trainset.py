@@ -207,11 +207,6 @@ def write(out: Path, keep: list[str], new: list[Entry], how: str) -> list[str]:
     return lines
 
 
-def _lock_folder(folder: Path, how: int, busy: str) -> int:
-    """`io.lock_folder`; a folder locked against it is a TrainSetError."""
-    return lock_folder(folder, how, busy, TrainSetError)
-
-
 @contextmanager
 def locked(out: Path) -> Iterator[None]:
     """Hold DATASET_DIR's lock for a run: a second coord_list_gen.py on the same folder is
@@ -219,7 +214,7 @@ def locked(out: Path) -> Iterator[None]:
     if out.exists() and not out.is_dir():
         raise TrainSetError(f"{out}: exists and is not a directory (DATASET_DIR is a training set's folder)")
     out.mkdir(parents=True, exist_ok=True)
-    fd = _lock_folder(out, fcntl.LOCK_EX, "another coord_list_gen.py, or a train.py run, is using")
+    fd = lock_folder(out, fcntl.LOCK_EX, "another coord_list_gen.py, or a train.py run, is using", TrainSetError)
     try:
         yield
     finally:
@@ -230,14 +225,14 @@ def read_lock(folder: Path) -> int:
     """A shared lock on a training-set folder for as long as a training run reads it (the
     returned descriptor holds it): coord_list_gen.py refuses to write the folder
     meanwhile, and a folder being written is refused here."""
-    return _lock_folder(folder, fcntl.LOCK_SH, "coord_list_gen.py is writing")
+    return lock_folder(folder, fcntl.LOCK_SH, "coord_list_gen.py is writing", TrainSetError)
 
 
 @contextmanager
 def run_lock(save_dir: Path, held: bool = True) -> Iterator[None]:
     """Hold an exclusive lock on a training run's SAVE_DIR (when `held`: torchrun's rank 0
     only): a second train.py into the same folder is refused, not mixed in."""
-    fd = _lock_folder(save_dir, fcntl.LOCK_EX, "another train.py run is writing") if held else None
+    fd = lock_folder(save_dir, fcntl.LOCK_EX, "another train.py run is writing", TrainSetError) if held else None
     try:
         yield
     finally:
