@@ -86,10 +86,12 @@ def run_files(args) -> list[Path]:
     return [f for f in files if f is not None]
 
 
-def find_slide(slides_dir: Path | None, stem: str) -> Path | None:
-    if slides_dir is None:
-        return None
-    return next((p for p in sl.find_slides(slides_dir) if p.stem == stem), None)
+def slides_by_stem(slides_dir: Path | None) -> dict[str, Path]:
+    """The slides of `slides_dir` (listed once) by stem; of two with one stem, the first."""
+    found: dict[str, Path] = {}
+    for p in sl.find_slides(slides_dir) if slides_dir is not None else []:
+        found.setdefault(p.stem, p)
+    return found
 
 
 def truth_lattice(slide_path: Path | None, level: int, bounds, mpp: float) -> masks.Lattice:
@@ -169,10 +171,9 @@ def lesion_lists(lesions_dir: Path) -> tuple[list[Path], list[str]]:
     return files, stems
 
 
-def froc_hits(lesions: Path, stem: str, args) -> tuple[list[float], np.ndarray, bool]:
+def froc_hits(lesions: Path, stem: str, args, slide_path: Path | None) -> tuple[list[float], np.ndarray, bool]:
     """(false-positive probabilities, per-tumour best probabilities, is normal) of one
     slide's lesion list against its truth; the slide, when found, gives the microns per pixel."""
-    slide_path = find_slide(args.slides, stem)
     mpp = args.mpp
     if slide_path is not None:
         with sl.open_slide(slide_path) as s:
@@ -193,12 +194,13 @@ def cmd_froc(args) -> None:
         print(f"note: no lesion list for {', '.join(unlisted)} (truth in {args.truth_dir}); left out")
     if args.slides is None:  # the isolated-tumour-cell rule is in microns
         print(f"note: no --slides, so every slide is taken at --mpp {args.mpp:g} um per pixel")
-    elif missing := [s for s in stems if find_slide(args.slides, s) is None]:
+    slides = slides_by_stem(args.slides)
+    if args.slides is not None and (missing := [s for s in stems if s not in slides]):
         print(f"note: no slide in {args.slides} for {', '.join(missing)}: taken at --mpp {args.mpp:g} um per "
               "pixel (an annotation rasterised over its own extent)")
     fps, tps, normal = [], [], []
     for f, stem in zip(files, stems):
-        fp, tp, is_normal = froc_hits(f, stem, args)
+        fp, tp, is_normal = froc_hits(f, stem, args, slides.get(stem))
         fps.append(fp)
         tps.append(tp)
         if is_normal:
