@@ -3,7 +3,9 @@
 
 Times `naive` (NCRF's loop; on a random subset of tissue points, scaled: its cost is
 linear in points), `lattice`, `dense`, `dense` with bf16 autocast and the model alone on
-ready tensors of real crops (same batch size, precision and threads); prints their
+ready tensors of real crops (same batch size, precision and threads). Each map is timed
+`--runs` times (default 2), each time in a fresh process of its own, as prob_map.py
+runs it, the methods taking turns; the best time of each is kept (`best_alone`). Prints their
 agreement on the subset / over the tissue, then the peak memory of `prob_map.py` (a
 separate process, its DataLoader workers included) with `lattice` and with `dense` on a
 large synthetic slide (default 40k x 40k; tissue spread over the whole slide, a
@@ -28,11 +30,13 @@ are used) for agreement figures, and see bench/agreement.py for them on the demo
 from __future__ import annotations
 
 import argparse
+import multiprocessing
 import os
 import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import replace
 from pathlib import Path
 
@@ -150,6 +154,39 @@ def timed(fn, *a):
     return out, time.perf_counter() - t
 
 
+def timed_alone(fn, *a):
+    """`timed` in a fresh (spawned) process, set up as prob_map.py sets itself up: each
+    method is timed as a user runs it, alone in its process. Timed one after another in
+    one process, a method's time depended on what ran before it: dense took 27.5-30.5 s
+    right after lattice, 22.5-24.9 s after another dense (same slide and model)."""
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return pool.submit(_fresh, fn, *a).result()
+
+
+def _fresh(fn, *a):
+    retain_freed_memory()
+    return timed(fn, *a)
+
+
+def best_alone(jobs: dict[str, tuple], runs: int) -> tuple[dict, dict[str, float]]:
+    """Each job's `(function, arguments)` result and its best time over `runs` rounds (all
+    printed), every run `timed_alone`, the jobs taking turns so that a slow spell of this
+    noisy machine falls on all of them alike (one dense map took 24.3-32.8 s, alone)."""
+    out, times = {}, {name: [] for name in jobs}
+    for _ in range(runs):
+        for name, (fn, a) in jobs.items():
+            out[name], t = timed_alone(fn, *a)
+            times[name].append(t)
+    print("runs (s): " + "; ".join(f"{name} " + " ".join(f"{t:.1f}" for t in ts) for name, ts in times.items()))
+    return out, {name: min(ts) for name, ts in times.items()}
+
+
+def map_of(model: CRFNet, path: Path, mask: np.ndarray, downsample: tuple, patch: int, crop: int, method: str,
+           opts: inference.Options) -> np.ndarray:
+    """The map `prob_map.py --method <method>` writes."""
+    return inference.probability_map(model, path, mask, downsample, patch, crop, method, opts)[0]
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--lattice-side", type=int, default=220, help="tissue span in lattice points")
@@ -158,6 +195,7 @@ def main() -> None:
     p.add_argument("--stride", type=int, default=64)
     p.add_argument("--ckpt", type=Path, help="a trained grid checkpoint instead of the varied random model")
     p.add_argument("--naive-points", type=int, default=200)
+    p.add_argument("--runs", type=int, default=2, help="times each map is timed (the best is kept)")
     p.add_argument("--model-only-patches", type=int, default=1024)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--dense-tile", type=int, default=inference.Options.dense_tile, help="as prob_map.py's")
@@ -182,24 +220,27 @@ def main() -> None:
         model = inference_copy(model).to(device, memory_format=torch.channels_last)  # as probability_map does
         print(f"tissue: {mask.sum()} lattice points, spans {np.ptp(rows) + 1} x {np.ptp(cols) + 1}; patch {args.patch}, "
               f"crop {args.crop}, stride {args.stride}; {'checkpoint ' + str(args.ckpt) if args.ckpt else 'varied model'}; "
-              f"device {device}, precision {precision}, {torch.get_num_threads()} threads; load {os.getloadavg()[0]:.1f}")
+              f"device {device}, precision {precision}, {torch.get_num_threads()} threads; load {os.getloadavg()[0]:.1f}; "
+              f"each map timed {args.runs} times alone, the best kept")
         opts = inference.Options(batch_size=args.batch_size, workers=args.workers, device=device,
                                  precision=precision, quiet=True, dense_tile=args.dense_tile)
         geom = inference.Geometry(3, args.patch, args.crop, tuple(meta["downsample"]))
 
-        def run(method: str, o: inference.Options) -> np.ndarray:
-            return inference.probability_map(model, path, mask, meta["downsample"], args.patch, args.crop, method, o)[0]
-
-        lat, t_lat = timed(run, "lattice", opts)
-        whole, t_whole = timed(run, "lattice", replace(opts, share_stem=False))
-        n_lat = len(inference.needed_points(mask, geom.node_offsets()))
         pick = np.random.default_rng(0).choice(len(rows), min(args.naive_points, len(rows)), replace=False)
         sub = (rows[pick], cols[pick])
-        ref, t_naive = timed(inference.naive_map, model, path, mask, geom, opts, sub)
-        t_naive *= len(rows) / len(pick)
+        on_slide = (model, path, mask, meta["downsample"], args.patch, args.crop)
+        out, secs = best_alone({
+            "lattice": (map_of, (*on_slide, "lattice", opts)),
+            "whole": (map_of, (*on_slide, "lattice", replace(opts, share_stem=False))),
+            "naive": (inference.naive_map, (model, path, mask, geom, opts, sub)),
+            "dense": (map_of, (*on_slide, "dense", opts)),
+            "dense16": (map_of, (*on_slide, "dense", replace(opts, precision="bf16"))),
+        }, args.runs)
+        lat, whole, ref, den, den16 = (out[k] for k in ("lattice", "whole", "naive", "dense", "dense16"))
+        t_lat, t_whole, t_den, t_den16 = (secs[k] for k in ("lattice", "whole", "dense", "dense16"))
+        t_naive = secs["naive"] * len(rows) / len(pick)
+        n_lat = len(inference.needed_points(mask, geom.node_offsets()))
         diff = float(np.abs(lat[sub] - ref[sub]).max())
-        den, t_den = timed(run, "dense", opts)
-        den16, t_den16 = timed(run, "dense", replace(opts, precision="bf16"))
         job = dense.DenseJob(model, path, mask, geom, opts)
         px = job.backbone_pixels()
 
