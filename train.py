@@ -23,16 +23,23 @@ from crfcore.device import DistEnv, retain_freed_memory
 from crfcore.trainset import run_lock
 
 
+def given_path(text: str) -> Path:
+    """A path argument; an empty one (an unset shell variable) is refused, not taken as '.'."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("an empty path")
+    return Path(text)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = parser(__doc__)
-    p.add_argument("config", nargs="?", type=Path, help="config JSON (keys: see README)")
-    p.add_argument("save_dir", nargs="?", type=Path, help="output folder")
+    p.add_argument("config", nargs="?", type=given_path, help="config JSON (keys: see README)")
+    p.add_argument("save_dir", nargs="?", type=given_path, help="output folder")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key (JSON value), repeatable")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), help="shortcut for --set device=...")
     p.add_argument("--workers", type=number(int, 0), help="shortcut for --set workers=... (DataLoader processes)")
     p.add_argument("--resume", action="store_true", help="continue SAVE_DIR/train.ckpt exactly")
-    p.add_argument("--evaluate", nargs=2, type=Path, metavar=("CKPT", "DATA_DIR"),
+    p.add_argument("--evaluate", nargs=2, type=given_path, metavar=("CKPT", "DATA_DIR"),
                    help="report a checkpoint on a data folder and exit")
     p.add_argument("--json", type=Path, help="--evaluate of a grid model: the slides' annotation folder")
     p.add_argument("--plot", type=Path, help="--evaluate: confusion matrix picture (default: DATA_DIR/confusion_matrix.png)")
@@ -61,9 +68,17 @@ def main(argv=None) -> int:
         raise UserError(f"{args.save_dir}: exists and is not a directory (SAVE_DIR is a run's folder)")
     if args.resume and not (args.save_dir / "train.ckpt").is_file():  # a mistyped folder is not made
         raise UserError(f"--resume: {args.save_dir / 'train.ckpt'} does not exist")
+    training.check_run_paths(cfg, args.config, args.save_dir, args.resume)
+    main_rank = DistEnv.from_env().main
+    made = main_rank and not args.save_dir.exists()
     args.save_dir.mkdir(parents=True, exist_ok=True)
-    with run_lock(args.save_dir, held=DistEnv.from_env().main):  # a second run into SAVE_DIR is refused
-        return train(cfg, args)
+    try:
+        with run_lock(args.save_dir, held=main_rank):  # a second run into SAVE_DIR is refused
+            return train(cfg, args)
+    except Exception:
+        if made and not any(args.save_dir.iterdir()):  # a refused run leaves no empty folder behind
+            args.save_dir.rmdir()
+        raise
 
 
 def train(cfg, args) -> int:

@@ -162,6 +162,11 @@ class TrainConfig:
         if self.image_size % self.patch_size or self.grid not in (1, cells):
             raise ConfigError(f"image_size {self.image_size} / patch_size {self.patch_size} must be "
                               f"a whole grid, and grid ({self.grid}) that number or 1")
+        for split in ("train", "valid"):
+            pair = [k for k in (f"data_path_tumor_{split}", f"data_path_normal_{split}") if getattr(self, k)]
+            if pair and getattr(self, f"data_path_{split}"):
+                raise ConfigError(f"config data_path_{split} and {' + '.join(pair)}: set one or the other "
+                                  "(a single folder, or the tumour and normal folders)")
         if not (self.data_path_tumor_train and self.data_path_normal_train) and not self.data_path_train:
             raise ConfigError("grid mode needs data_path_tumor_train + data_path_normal_train "
                               "(or data_path_train) and json_path_train")
@@ -249,12 +254,18 @@ def parse_value(text: str) -> Any:
 
 
 def load_config(path: str | Path | None, overrides: typing.Sequence[str] = ()) -> TrainConfig:
-    """Defaults <- config JSON <- `key=value` overrides; unknown keys are refused by name."""
+    """Defaults <- config JSON <- `key=value` overrides; unknown keys are refused by name.
+    The keys train.py sets (`INTERNAL`) are dropped from a file (a run's config.json holds
+    them) and refused in overrides."""
     given: dict = _read_json(Path(path)) if path is not None else {}
+    for name in INTERNAL:  # a run's config.json holds them: train.py sets them again
+        given.pop(name, None)
     for item in overrides:
         name, sep, value = item.partition("=")
         if not sep:
             raise ConfigError(f"--set {item!r}: expected key=value")
+        if name in INTERNAL:
+            raise ConfigError(f"--set {name}: set by train.py from the data, not a config key")
         given[name] = parse_value(value)
     given.pop("crfcore_version", None)  # written by older versions into config.json
     known = [f.name for f in fields(TrainConfig)]

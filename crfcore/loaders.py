@@ -10,7 +10,7 @@ import torch
 from torch.utils.data import ConcatDataset, DataLoader, Sampler
 
 from .config import TrainConfig
-from .datasets import Augment, FolderDataset, GridDataset
+from .datasets import Augment, DataError, FolderDataset, GridDataset
 from .device import DistEnv
 from .stain import HEDJitter, MacenkoNormaliser
 
@@ -91,6 +91,17 @@ def collate(items):
     return x, torch.as_tensor(np.stack([np.asarray(y) for y in ys]))
 
 
+def check_classes(ds: FolderDataset, what: str, least: int) -> None:
+    """Refuse a classify set with fewer than `least` classes, or a class without images."""
+    counts = np.bincount([k for _, k in ds.items], minlength=len(ds.classes))
+    empty = [c for c, n in zip(ds.classes, counts) if not n]
+    if empty:
+        raise DataError(f"{ds.root}: the {what} has no images of class(es) {empty}")
+    if len(ds.classes) < least:
+        raise DataError(f"{ds.root}: the {what} has {len(ds.classes)} class sub-folder(s) {ds.classes}; "
+                        f"a classifier needs at least {least}")
+
+
 def build_loaders(cfg: TrainConfig, env: DistEnv = DistEnv(), norm: MacenkoNormaliser | None = None):
     """Training loader (balanced batches), validation loader (None without a valid set)
     and the class names; `norm` stain-normalises every image."""
@@ -101,9 +112,12 @@ def build_loaders(cfg: TrainConfig, env: DistEnv = DistEnv(), norm: MacenkoNorma
     else:
         train = FolderDataset(cfg.data_path_train, cfg.patch_size, augment_for(cfg), cfg.classes, norm)
         classes = train.classes
+        check_classes(train, "training set", least=2)
         train_sets = [train]
         valid_sets = ([FolderDataset(cfg.data_path_valid, cfg.patch_size, None, classes, norm)]
                       if cfg.data_path_valid else [])
+        if valid_sets and cfg.best_metric == "auc":  # a class without images has no AUC: no epoch would be best
+            check_classes(valid_sets[0], "validation set (best_metric auc)", least=len(classes))
     sampler = BalancedBatches([len(s) for s in train_sets], cfg.batch_size, cfg.seed, env.rank,
                               env.world, cfg.max_steps)
     kw = dict(num_workers=cfg.workers, collate_fn=collate, persistent_workers=False,

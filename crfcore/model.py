@@ -341,12 +341,16 @@ def model_from_checkpoint(path: str | Path, expect: dict | None = None,
 
 def init_from_checkpoint(model: CRFNet, path: str | Path) -> list[str]:
     """Fine-tuning: copy every weight of the checkpoint whose name and shape fit `model`
-    (e.g. all but the head when the class count differs); return the names left new."""
+    (e.g. all but the head when the class count differs); return the names left new.
+    The whole backbone must fit: fine-tuning from another backbone is refused."""
     state = load_checkpoint(path)["state_dict"]
     own = model.state_dict()
     fit = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
-    if not any(k.startswith("features.") for k in fit):
-        raise CheckpointError(f"{path}: no backbone weights fit this model (different width_mult?)")
+    backbone = [k for k in own if k.startswith("features.")]
+    misfit = [k for k in backbone if k not in fit]
+    if misfit:  # some of a wider or narrower backbone fit by chance (its last layer is 1,280 wide at any width)
+        raise CheckpointError(f"{path}: {len(misfit)} of this model's {len(backbone)} backbone weights are "
+                              f"missing from it or of another shape (first: {misfit[0]}); a different width_mult?")
     model.load_state_dict(fit, strict=False)
     return sorted(set(own) - set(fit))
 

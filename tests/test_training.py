@@ -398,3 +398,100 @@ def test_a_class_folder_skips_hidden_folders_and_files(tmp_path):
     (tmp_path / "0" / "._a.png").write_bytes(b"AppleDouble")
     ds = FolderDataset(tmp_path, 8)
     assert ds.classes == ["0", "1"] and [p.name for p, _ in ds.items] == ["a.png", "a.png"]
+
+
+def test_a_run_never_replaces_its_own_inputs(grid_data, tmp_path):
+    """From a hostile test: a config file, an init_from checkpoint or a stain reference
+    kept in SAVE_DIR was overwritten by the run's own files; SAVE_DIR = a data folder
+    blocked on its own lock; an empty SAVE_DIR trained into the working folder."""
+    run = tmp_path / "run"
+    run.mkdir()
+    own = run / "config.json"
+    own.write_text((grid_data / "cfg.json").read_text())
+    before = own.read_bytes()
+    (run / "best.ckpt").write_bytes(before)
+    (run / "curves.png").write_bytes(before)
+    for args, name in (([own, run], "config.json"),
+                       ([grid_data / "cfg.json", run, "--set", f'init_from="{run / "best.ckpt"}"'], "best.ckpt"),
+                       ([grid_data / "cfg.json", run, "--set", f'stain_norm="{run / "curves.png"}"'], "curves.png")):
+        res = call("train.py", *args, check=False)
+        assert res.returncode == 2 and "is also an input of this run" in res.stderr and "Traceback" not in res.stderr
+        assert (run / name).read_bytes() == before and not (run / "train.ckpt").exists()
+    res = call("train.py", grid_data / "cfg.json", grid_data / "normal", check=False)
+    assert res.returncode == 2 and "is one of the run's data folders" in res.stderr
+    res = call("train.py", grid_data / "cfg.json", "", check=False)
+    assert res.returncode == 2 and "empty path" in res.stderr
+
+
+def test_a_refused_run_leaves_no_save_dir_behind(grid_data, tmp_path):
+    res = call("train.py", grid_data / "cfg.json", tmp_path / "new", "--set", f'json_path_train="{tmp_path}"',
+               check=False)
+    assert res.returncode == 2 and "syn_tumor" in res.stderr and not (tmp_path / "new").exists()
+
+
+def test_keys_train_py_sets_are_not_config_keys(tmp_path):
+    """A hostile test set num_classes and classes with --set and trained a phantom class.
+    A run's config.json, which holds them, still starts a new run."""
+    from crfcore.config import ConfigError, load_config
+
+    for bad in ("num_classes=5", 'classes=["0","1","2"]', "stain_reference={}"):
+        with pytest.raises(ConfigError, match="set by train.py"):
+            load_config(None, ["mode=classify", "grid=1", "data_path_train=x", bad])
+    (tmp_path / "config.json").write_text(json.dumps({"mode": "classify", "grid": 1, "data_path_train": "x",
+                                                      "classes": ["a"], "num_classes": 1}))
+    cfg = load_config(tmp_path / "config.json")
+    assert cfg.classes is None and cfg.num_classes is None
+
+
+def test_one_folder_or_the_tumour_and_normal_pair_not_both():
+    """A hostile test: data_path_train beside data_path_tumor_train was silently ignored."""
+    from crfcore.config import ConfigError, load_config
+
+    base = ["data_path_tumor_train=t", "data_path_normal_train=n", "json_path_train=j"]
+    with pytest.raises(ConfigError, match="data_path_train and data_path_tumor_train"):
+        load_config(None, [*base[1:], "data_path_tumor_train=t", "data_path_train=d"])
+    with pytest.raises(ConfigError, match="data_path_valid and data_path_normal_valid"):
+        load_config(None, [*base, "data_path_valid=v", "data_path_normal_valid=n"])
+    assert load_config(None, base).data_path_train is None
+
+
+def test_fine_tuning_from_another_backbone_width_is_refused(tmp_path):
+    """A hostile test: a width-0.5 checkpoint under width_mult 1.0 trained from scratch in
+    silence (a few of its layers, 1,280 wide at any width, fit by shape)."""
+    from crfcore.errors import CrfError
+
+    half = CRFNet(ModelConfig(grid=1, width_mult=0.5))
+    save_checkpoint(tmp_path / "half.ckpt", half, {"mode": "grid", "grid": 1, "width_mult": 0.5})
+    with pytest.raises(CrfError, match="backbone weights are missing from it or of another shape"):
+        init_from_checkpoint(CRFNet(ModelConfig(grid=1, width_mult=1.0)), tmp_path / "half.ckpt")
+
+
+def _classes(root: Path, counts: dict[str, int]) -> None:
+    for c, n in counts.items():
+        (root / c).mkdir(parents=True)
+        for i in range(n):
+            cv2.imwrite(str(root / c / f"{i}.png"), np.full((8, 8, 3), 40 * i, np.uint8))
+
+
+@pytest.mark.parametrize("train, valid, message", [
+    ({"a": 3}, None, "needs at least 2"),
+    ({"a": 3, "b": 3, "c": 0}, None, "no images of class(es) ['c']"),
+    ({"a": 3, "b": 3}, {"a": 2}, "no images of class(es) ['b']"),
+])
+def test_classify_sets_without_two_classes_with_images_are_refused(tmp_path, train, valid, message):
+    """A hostile test: one class trained a sigmoid on all-zero targets; an empty class (or
+    one the validation set lacks) gave AUC nan in every epoch, so no best.ckpt."""
+    from crfcore.config import load_config
+    from crfcore.datasets import DataError
+
+    _classes(tmp_path / "train", train)
+    sets = [f"data_path_train={tmp_path / 'train'}"]
+    if valid:
+        _classes(tmp_path / "valid", valid)
+        sets.append(f"data_path_valid={tmp_path / 'valid'}")
+    cfg = load_config(None, ["mode=classify", "grid=1", "patch_size=8", "workers=0", *sets])
+    with pytest.raises(DataError) as err:
+        loaders.build_loaders(cfg)
+    assert message in str(err.value)
+    if valid:  # with another metric a validation set without some class still picks a best epoch
+        loaders.build_loaders(cfg.replace(best_metric="acc"))
