@@ -122,10 +122,12 @@ def image_index(path: Path) -> int | None:
 
 
 def listed(out: Path) -> list[str]:
-    """The lines of DATASET_DIR/list.txt (none when there is none)."""
+    """The lines of DATASET_DIR/list.txt (none when there is none), read as train.py reads
+    them (`tiling.read_coords`): a BOM and blank lines are not lines."""
     path = out / "list.txt"
     try:
-        return path.read_text().splitlines() if path.exists() else []
+        text = path.read_text(encoding="utf-8-sig") if path.exists() else ""
+        return [line for line in text.splitlines() if line.strip()]
     except UnicodeDecodeError:
         raise TrainSetError(f"{path}: not a text file (expected a coords list)") from None
 
@@ -213,10 +215,15 @@ def locked(out: Path) -> Iterator[None]:
     refused instead of mixing two sets."""
     if out.exists() and not out.is_dir():
         raise TrainSetError(f"{out}: exists and is not a directory (DATASET_DIR is a training set's folder)")
+    made = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
     fd = lock_folder(out, fcntl.LOCK_EX, "another coord_list_gen.py, or a train.py run, is using", TrainSetError)
     try:
         yield
+    except Exception:
+        if made and not any(out.iterdir()):  # a refused run leaves no empty DATASET_DIR behind
+            out.rmdir()
+        raise
     finally:
         os.close(fd)
 

@@ -123,6 +123,23 @@ def test_coord_list_gen_refusals_and_append(syn_slide, syn_masks, tmp_path):
     assert len((killed / "list.txt").read_text().split()) == 5
 
 
+def test_coord_list_gen_reads_list_txt_as_train_py_does_and_leaves_no_empty_set(syn_slide, syn_masks, tmp_path):
+    """A hostile test: a blank line in list.txt (which train.py reads past) made --append
+    call 40.png missing; a run refused for an empty PATCH_DIR left its new DATASET_DIR."""
+    (tmp_path / "empty").mkdir()
+    proc = call("coord_list_gen.py", tmp_path / "empty", "-o", tmp_path / "newds", check=False)
+    assert proc.returncode == 2 and "no tiles found" in proc.stderr and not (tmp_path / "newds").exists()
+    for kind, out, seed in (("tumor", "a", "1"), ("tissue", "b", "2")):
+        call("Patch_gen.py", syn_slide.path, "--mask", syn_masks / f"syn_tumor_{kind}.npy", "-o", tmp_path / out,
+             "--mode", "random", "--num", "3", "--image-size", "64", "--workers", "0", "--quiet", "--seed", seed)
+    call("coord_list_gen.py", tmp_path / "a", "-o", tmp_path / "ds")
+    listing = tmp_path / "ds" / "list.txt"
+    lines = listing.read_text().splitlines()
+    listing.write_text("\n".join([lines[0], "", *lines[1:], ""]), encoding="utf-8-sig")
+    call("coord_list_gen.py", tmp_path / "b", "-o", tmp_path / "ds", "--append", "--copy")
+    assert len(listing.read_text().split()) == 6 and (tmp_path / "ds" / "5.png").is_file()
+
+
 def test_sides_txt_is_checked_and_kept_by_append(syn_slide, syn_masks, tmp_path):
     """sides.txt: lines beyond list.txt (a run killed between the two) are ignored, a short
     or malformed one is refused, an append keeps the old lines' sides, and a folder
