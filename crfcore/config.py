@@ -69,7 +69,8 @@ class TrainConfig:
     gamma: float = key(0.1, "`step` schedule: decay factor")
     epochs: int = key(20, "training epochs")
     max_steps: Optional[int] = key(None, "cap on training steps per epoch (quick runs)")
-    batch_size: int = key(10, "samples per batch (grid: half tumour, half normal with two sets)")
+    batch_size: int = key(10, "samples per batch (grid with a tumour and a normal set: "
+                              "batch_size // 2 of each, at least 1)")
     class_weights: Optional[tuple[float, ...]] = key(None, "loss weight per class, e.g. [1.0, 3.0] "
                                                            "(grid: [normal, tumour])")
     color_jitter: Optional[tuple[float, ...]] = key(
