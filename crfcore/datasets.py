@@ -3,6 +3,7 @@ label grids (train.py grid mode) and plain image folders (classify mode)."""
 from __future__ import annotations
 
 import functools
+import struct
 import warnings
 from pathlib import Path
 from typing import Callable, Sequence
@@ -194,6 +195,19 @@ class Augment:
 MAX_SCALE = 64  # level-0 pixels per image pixel beyond which a sides.txt line is taken as corrupt
 
 
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def png_size(path: Path) -> tuple[int, int] | None:
+    """`(width, height)` from a PNG's header (its IHDR chunk), or None when the file does
+    not start as a PNG."""
+    with open(path, "rb") as f:
+        head = f.read(24)
+    if len(head) < 24 or not head.startswith(PNG_SIGNATURE) or head[12:16] != b"IHDR":
+        return None
+    return struct.unpack(">II", head[16:24])
+
+
 class GridDataset(Dataset):
     """NCRF's training set: `list.txt` (`slide_id,x,y`) + `0.png, 1.png, ...`; each item is
     `(patches [N, 3, crop, crop], labels [N])`, labels = tumour at each cell centre by the
@@ -276,6 +290,15 @@ class GridDataset(Dataset):
         missing = next((i for i in range(len(self.coords)) if not (self.dir / f"{i}.png").is_file()), None)
         if missing is not None:
             raise DataError(f"{self.dir}: list.txt names {len(self.coords)} images but {missing}.png is missing")
+        size = self.geom.image_size
+        for i in range(len(self.coords)):  # headers only (a few seconds for 100,000): not hours into a run
+            path = self.dir / f"{i}.png"
+            wh = png_size(path)
+            if wh is None:
+                raise DataError(f"{path}: not a PNG image")
+            if wh != (size, size):
+                raise DataError(f"{path}: is {wh[0]}x{wh[1]}, but image_size is {size} "
+                                "(make the patches with Patch_gen.py --image-size, or change the config)")
         self._read(0)
 
     def __len__(self) -> int:

@@ -495,3 +495,23 @@ def test_classify_sets_without_two_classes_with_images_are_refused(tmp_path, tra
     assert message in str(err.value)
     if valid:  # with another metric a validation set without some class still picks a best epoch
         loaders.build_loaders(cfg.replace(best_metric="acc"))
+
+
+def test_every_image_of_a_grid_set_is_checked_before_training(grid_data, tmp_path):
+    """A hostile test: only 0.png was checked, so a bad 7.png stopped the run inside an
+    epoch (hours in, on a large set), after config.json was written."""
+    import shutil
+
+    from crfcore.datasets import DataError, GridDataset
+
+    bad = tmp_path / "tumor"
+    shutil.copytree(grid_data / "tumor", bad)
+    last = bad / f"{len((bad / 'list.txt').read_text().split()) - 1}.png"
+    for content, message in ((b"garbage\n", "not a PNG image"),
+                             (cv2.imencode(".png", np.zeros((50, 40, 3), np.uint8))[1].tobytes(), "is 40x50")):
+        last.write_bytes(content)
+        with pytest.raises(DataError, match=message):
+            GridDataset(bad, grid_data / "json", 96, 32, 32)
+        res = call("train.py", grid_data / "cfg.json", tmp_path / "run", "--set", f'data_path_tumor_train="{bad}"',
+                   check=False)
+        assert res.returncode == 2 and message in res.stderr and not (tmp_path / "run").exists()
