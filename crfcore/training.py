@@ -246,6 +246,9 @@ class Run:
         state = ckpt["scheduler"]  # all the closed form needs (older runs stored other schedulers' states)
         self.sched.last_epoch, self.sched.base_lrs = state["last_epoch"], list(state["base_lrs"])
         self.epoch, self.step, self.best = ckpt["epoch"], ckpt["step"], ckpt["best"]
+        if self.cfg.epochs < self.epoch:  # it would train nothing, and config.json would claim the shorter run
+            raise ConfigError(f"--resume: {self.save_dir / 'train.ckpt'} has trained {self.epoch} epochs; "
+                              f"epochs={self.cfg.epochs} is fewer (set epochs above {self.epoch} to train on)")
         self.best_epoch = ckpt.get("best_epoch", 0)
         set_rng_state(ckpt["rng"])
         self.log(f"resuming after epoch {self.epoch} (step {self.step})")

@@ -86,6 +86,10 @@ def test_resume_continues_exactly(grid_data, tmp_path):
         proc = call("train.py", grid_data / "cfg.json", tmp_path / "b", "--set", "epochs=3", "--set", change,
                     "--resume", check=False)
         assert proc.returncode == 2 and f"['{change.split('=')[0]}']" in proc.stderr, change
+    before = (tmp_path / "b" / "config.json").read_text()  # fewer epochs than done: nothing to train (a hostile test)
+    proc = call("train.py", grid_data / "cfg.json", tmp_path / "b", "--set", "epochs=1", "--resume", check=False)
+    assert proc.returncode == 2 and "has trained 2 epochs; epochs=1 is fewer" in proc.stderr
+    assert (tmp_path / "b" / "config.json").read_text() == before
 
 
 def lr_column(run) -> list[float]:
