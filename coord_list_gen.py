@@ -67,6 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     p = build_parser()
     args = p.parse_args(argv)
+    args.output = args.output.resolve()  # `new/../ds` is `ds`, and makes no `new`
     missing = next((d for d in args.patch_dirs if not d.is_dir()), None)
     if missing is not None:  # before DATASET_DIR is made
         raise UserError(f"{missing}: no such PATCH_DIR (a folder of Patch_gen.py output)")

@@ -208,6 +208,12 @@ def png_size(path: Path) -> tuple[int, int] | None:
     return struct.unpack(">II", head[16:24])
 
 
+def image_size(path: Path) -> tuple[int, int] | None:
+    """`(width, height)` of an image OpenCV can decode (the whole of it), else None."""
+    img = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+    return None if img is None else (img.shape[1], img.shape[0])
+
+
 class GridDataset(Dataset):
     """NCRF's training set: `list.txt` (`slide_id,x,y`) + `0.png, 1.png, ...`; each item is
     `(patches [N, 3, crop, crop], labels [N])`, labels = tumour at each cell centre by the
@@ -291,11 +297,11 @@ class GridDataset(Dataset):
         if missing is not None:
             raise DataError(f"{self.dir}: list.txt names {len(self.coords)} images but {missing}.png is missing")
         size = self.geom.image_size
-        for i in range(len(self.coords)):  # headers only (a few seconds for 100,000): not hours into a run
+        for i in range(len(self.coords)):  # headers (about 1 s per 100,000 cached): not hours into a run
             path = self.dir / f"{i}.png"
-            wh = png_size(path)
+            wh = png_size(path) or image_size(path)  # another format named .png is read too, as cv2 reads it
             if wh is None:
-                raise DataError(f"{path}: not a PNG image")
+                raise DataError(f"{path}: missing or unreadable image")
             if wh != (size, size):
                 raise DataError(f"{path}: is {wh[0]}x{wh[1]}, but image_size is {size} "
                                 "(make the patches with Patch_gen.py --image-size, or change the config)")

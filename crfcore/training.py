@@ -441,20 +441,26 @@ def training_set_folders(cfg: TrainConfig) -> list[str]:
     return [p for split in ("train", "valid") for p in grid_folders(cfg, split) if Path(p).is_dir()]
 
 
-RUN_FILES = ("config.json", "train.ckpt", "best.ckpt", PENDING_BEST, "log.csv", "curves.png")  # what a run writes
+# what a run writes into SAVE_DIR (the last two in classify mode)
+RUN_FILES = ("config.json", "train.ckpt", "best.ckpt", PENDING_BEST, "log.csv", "curves.png",
+             "confusion_matrix.png", "report.txt")
 
 
-def check_run_paths(cfg: TrainConfig, config: Path, save_dir: Path, resume: bool) -> None:
-    """Refuse, before any work, a SAVE_DIR that is one of the run's data folders, or whose
-    run files would replace one of the run's input files (the config file, `init_from`,
-    `pretrained`, `stain_norm`), by any name. On --resume the run's own config.json may be
-    the config file: it is the run's record, rewritten with the run's config."""
+def check_run_paths(cfg: TrainConfig, config: Path, save_dir: Path) -> None:
+    """Refuse, before any work, a SAVE_DIR (resolved) that is one of the run's data
+    folders, or whose run files would replace one of the run's input files (the config
+    file, `init_from`, `pretrained`, `stain_norm`), by any name. The run's own config.json
+    may be the config file (a restart, a resume): it is the run's record, rewritten with
+    the run's config."""
     data = [p for p in (getattr(cfg, f.name) for f in fields(cfg) if f.name.startswith(("data_path", "json_path")))
             if p and Path(p).is_dir()]
     if save_dir.is_dir() and any(os.path.samefile(save_dir, p) for p in data):
         raise ConfigError(f"{save_dir}: is one of the run's data folders; give SAVE_DIR a folder of its own")
-    outputs = [save_dir / name for name in RUN_FILES if not (resume and name == "config.json")]
-    check_spares_inputs(outputs, [config, cfg.init_from, cfg.pretrained, cfg.stain_norm])
+    own = save_dir / "config.json"
+    inputs = [cfg.init_from, cfg.pretrained, cfg.stain_norm]
+    if not (own.is_file() and Path(config).is_file() and os.path.samefile(own, config)):
+        inputs.append(config)
+    check_spares_inputs([save_dir / name for name in RUN_FILES], inputs)
 
 
 def write_config(cfg: TrainConfig, save_dir: Path) -> None:

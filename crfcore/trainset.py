@@ -220,7 +220,7 @@ def locked(out: Path) -> Iterator[None]:
     fd = lock_folder(out, fcntl.LOCK_EX, "another coord_list_gen.py, or a train.py run, is using", TrainSetError)
     try:
         yield
-    except Exception:
+    except BaseException:  # Ctrl-C too; under the lock, so no other run is in the folder
         if made and not any(out.iterdir()):  # a refused run leaves no empty DATASET_DIR behind
             out.rmdir()
         raise

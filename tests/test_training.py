@@ -413,16 +413,29 @@ def test_a_run_never_replaces_its_own_inputs(grid_data, tmp_path):
     own = run / "config.json"
     own.write_text((grid_data / "cfg.json").read_text())
     before = own.read_bytes()
-    (run / "best.ckpt").write_bytes(before)
-    (run / "curves.png").write_bytes(before)
-    for args, name in (([own, run], "config.json"),
-                       ([grid_data / "cfg.json", run, "--set", f'init_from="{run / "best.ckpt"}"'], "best.ckpt"),
-                       ([grid_data / "cfg.json", run, "--set", f'stain_norm="{run / "curves.png"}"'], "curves.png")):
+    for name in ("best.ckpt", "curves.png", "confusion_matrix.png", "report.txt"):
+        (run / name).write_bytes(before)
+    # the run's own config.json may be the config (a restart); other run files may not be inputs
+    for args, name in (([own, run, "--set", f'init_from="{run / "best.ckpt"}"'], "best.ckpt"),
+                       ([grid_data / "cfg.json", run, "--set", f'stain_norm="{run / "curves.png"}"'], "curves.png"),
+                       ([grid_data / "cfg.json", run, "--set", f'stain_norm="{run / "confusion_matrix.png"}"'],
+                        "confusion_matrix.png"),  # classify mode writes it
+                       ([run / "report.txt", run], "report.txt")):
         res = call("train.py", *args, check=False)
         assert res.returncode == 2 and "is also an input of this run" in res.stderr and "Traceback" not in res.stderr
+        assert f"({run / name})" in res.stderr, res.stderr
         assert (run / name).read_bytes() == before and not (run / "train.ckpt").exists()
-    res = call("train.py", grid_data / "cfg.json", grid_data / "normal", check=False)
-    assert res.returncode == 2 and "is one of the run's data folders" in res.stderr
+    for data in (grid_data / "normal", tmp_path / "new" / ".." / ".." / grid_data.name / "normal"):
+        res = call("train.py", grid_data / "cfg.json", data, check=False)
+        assert res.returncode == 2 and "is one of the run's data folders" in res.stderr
+    assert not (tmp_path / "new").exists()  # `new/..` is not made
+    keep = tmp_path / "keep"  # a review: the cleanup removed a folder that existed, named through `new/..`
+    keep.mkdir()
+    res = call("train.py", grid_data / "cfg.json", tmp_path / "newer" / ".." / "keep", "--set",
+               f'init_from="{tmp_path / "none.ckpt"}"', check=False)
+    assert res.returncode == 2 and keep.is_dir() and not (tmp_path / "newer").exists()
+    call("train.py", own, run, "--quiet")  # a review: a run killed before its first epoch restarts from its config.json
+    assert (run / "train.ckpt").is_file() and json.loads(own.read_text())["epochs"] == 1
     res = call("train.py", grid_data / "cfg.json", "", check=False)
     assert res.returncode == 2 and "empty path" in res.stderr
 
@@ -511,11 +524,14 @@ def test_every_image_of_a_grid_set_is_checked_before_training(grid_data, tmp_pat
     bad = tmp_path / "tumor"
     shutil.copytree(grid_data / "tumor", bad)
     last = bad / f"{len((bad / 'list.txt').read_text().split()) - 1}.png"
-    for content, message in ((b"garbage\n", "not a PNG image"),
-                             (cv2.imencode(".png", np.zeros((50, 40, 3), np.uint8))[1].tobytes(), "is 40x50")):
+    for content, message in ((b"garbage\n", "missing or unreadable image"),
+                             (cv2.imencode(".png", np.zeros((50, 40, 3), np.uint8))[1].tobytes(), "is 40x50"),
+                             (cv2.imencode(".jpg", np.zeros((50, 40, 3), np.uint8))[1].tobytes(), "is 40x50")):
         last.write_bytes(content)
         with pytest.raises(DataError, match=message):
             GridDataset(bad, grid_data / "json", 96, 32, 32)
         res = call("train.py", grid_data / "cfg.json", tmp_path / "run", "--set", f'data_path_tumor_train="{bad}"',
                    check=False)
         assert res.returncode == 2 and message in res.stderr and not (tmp_path / "run").exists()
+    last.write_bytes(cv2.imencode(".jpg", np.zeros((96, 96, 3), np.uint8))[1].tobytes())  # a JPEG named .png
+    assert len(GridDataset(bad, grid_data / "json", 96, 32, 32)) > 0  # read as before: cv2 reads by content
