@@ -22,6 +22,7 @@ from pathlib import Path
 
 from crfcore import trainset
 from crfcore.cli import UserError, parser, run
+from crfcore.io import resolved_folder
 
 
 def entries(patch_dirs: list[Path], keep: list[str]) -> tuple[list[trainset.Entry], int]:
@@ -67,7 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     p = build_parser()
     args = p.parse_args(argv)
-    args.output = args.output.resolve()  # `new/../ds` is `ds`, and makes no `new`
+    args.output = resolved_folder(args.output)  # `new/../ds` is `ds`, and makes no `new`
     missing = next((d for d in args.patch_dirs if not d.is_dir()), None)
     if missing is not None:  # before DATASET_DIR is made
         raise UserError(f"{missing}: no such PATCH_DIR (a folder of Patch_gen.py output)")

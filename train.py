@@ -20,6 +20,7 @@ from crfcore import training
 from crfcore.cli import UserError, number, parser, run
 from crfcore.config import load_config
 from crfcore.device import DistEnv, retain_freed_memory
+from crfcore.io import make_folder, remove_empty, resolved_folder
 from crfcore.trainset import run_lock
 
 
@@ -64,22 +65,19 @@ def main(argv=None) -> int:
         p.error("--plot and --json go with --evaluate")
     shortcuts = [f"{k}={v}" for k, v in (("device", args.device), ("workers", args.workers)) if v is not None]
     cfg = load_config(args.config, [*args.set, *shortcuts])
-    args.save_dir = args.save_dir.resolve()  # `new/../data` is `data`, and makes no `new`
+    args.save_dir = resolved_folder(args.save_dir)  # `new/../data` is `data`, and makes no `new`
     if args.save_dir.exists() and not args.save_dir.is_dir():
         raise UserError(f"{args.save_dir}: exists and is not a directory (SAVE_DIR is a run's folder)")
     if args.resume and not (args.save_dir / "train.ckpt").is_file():  # a mistyped folder is not made
         raise UserError(f"--resume: {args.save_dir / 'train.ckpt'} does not exist")
     training.check_run_paths(cfg, args.config, args.save_dir)
     main_rank = DistEnv.from_env().main  # torchrun: rank 0 makes SAVE_DIR and writes in it
-    made = main_rank and not args.save_dir.exists()
-    if main_rank:
-        args.save_dir.mkdir(parents=True, exist_ok=True)
+    made = make_folder(args.save_dir) if main_rank else []
     with run_lock(args.save_dir, held=main_rank):  # a second run into SAVE_DIR is refused
         try:
             return train(cfg, args)
         except BaseException:  # Ctrl-C too; under the lock, so no other run is in the folder
-            if made and not any(args.save_dir.iterdir()):  # a refused run leaves no empty folder behind
-                args.save_dir.rmdir()
+            remove_empty(made)  # a refused run leaves none of the folders it made
             raise
 
 

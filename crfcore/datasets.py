@@ -297,7 +297,7 @@ class GridDataset(Dataset):
         if missing is not None:
             raise DataError(f"{self.dir}: list.txt names {len(self.coords)} images but {missing}.png is missing")
         size = self.geom.image_size
-        for i in range(len(self.coords)):  # headers (about 1 s per 100,000 cached): not hours into a run
+        for i in range(len(self.coords)):  # PNG headers (about 1 s per 100,000 cached): not hours into a run
             path = self.dir / f"{i}.png"
             wh = png_size(path) or image_size(path)  # another format named .png is read too, as cv2 reads it
             if wh is None:

@@ -367,6 +367,32 @@ def lock_folder(folder: Path, how: int, busy: str, error: type[CrfError] = Outpu
     return fd
 
 
+def resolved_folder(path: Path) -> Path:
+    """`path` resolved (`new/../data` is `data`), or an OutputError naming it (a symlink loop)."""
+    try:
+        return path.resolve()
+    except (OSError, RuntimeError) as err:
+        raise OutputError(f"{path}: cannot resolve the folder ({getattr(err, 'strerror', None) or err})") from None
+
+
+def make_folder(path: Path) -> list[Path]:
+    """Make folder `path` with its missing parents; return the folders made, deepest first
+    (for `remove_empty` when the run that needed them is refused)."""
+    made = [p for p in (path, *path.parents) if not p.exists()]
+    path.mkdir(parents=True, exist_ok=True)
+    return made
+
+
+def remove_empty(folders: list[Path]) -> None:
+    """Remove these folders (deepest first) while they are empty: a refused run leaves none
+    of the folders it made behind, and never a folder with something in it."""
+    for folder in folders:
+        try:
+            folder.rmdir()
+        except OSError:  # not empty (or gone): what is above it stays too
+            return
+
+
 def visible_files(folder: str | Path, suffixes: Sequence[str] = ()) -> list[Path]:
     """Regular files directly in `folder` whose names end with one of `suffixes` (any when
     empty), sorted; hidden files (temporary files of writers among them) are left out."""

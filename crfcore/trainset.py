@@ -35,7 +35,8 @@ from typing import Iterator
 import numpy as np
 
 from .errors import CrfError, OutputError
-from .io import atomic_copy, atomic_path, atomic_write_json, atomic_write_text, lock_folder, read_json
+from .io import (atomic_copy, atomic_path, atomic_write_json, atomic_write_text, lock_folder, make_folder, read_json,
+                 remove_empty)
 from .tilefolder import interrupted
 from .tiling import TileInfo, collect_tiles, read_coords
 
@@ -215,14 +216,12 @@ def locked(out: Path) -> Iterator[None]:
     refused instead of mixing two sets."""
     if out.exists() and not out.is_dir():
         raise TrainSetError(f"{out}: exists and is not a directory (DATASET_DIR is a training set's folder)")
-    made = not out.exists()
-    out.mkdir(parents=True, exist_ok=True)
+    made = make_folder(out)
     fd = lock_folder(out, fcntl.LOCK_EX, "another coord_list_gen.py, or a train.py run, is using", TrainSetError)
     try:
         yield
     except BaseException:  # Ctrl-C too; under the lock, so no other run is in the folder
-        if made and not any(out.iterdir()):  # a refused run leaves no empty DATASET_DIR behind
-            out.rmdir()
+        remove_empty(made)  # a refused run leaves none of the folders it made
         raise
     finally:
         os.close(fd)

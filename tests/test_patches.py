@@ -131,6 +131,8 @@ def test_coord_list_gen_reads_list_txt_as_train_py_does_and_leaves_no_empty_set(
     assert proc.returncode == 2 and "no tiles found" in proc.stderr and not (tmp_path / "newds").exists()
     proc = call("coord_list_gen.py", tmp_path / "empty", "-o", tmp_path / "x" / ".." / "newds", check=False)
     assert proc.returncode == 2 and not (tmp_path / "x").exists() and not (tmp_path / "newds").exists()
+    proc = call("coord_list_gen.py", tmp_path / "empty", "-o", tmp_path / "a" / "b" / "ds", check=False)
+    assert proc.returncode == 2 and not (tmp_path / "a").exists()  # the parents it made go too
     for kind, out, seed in (("tumor", "a", "1"), ("tissue", "b", "2")):
         call("Patch_gen.py", syn_slide.path, "--mask", syn_masks / f"syn_tumor_{kind}.npy", "-o", tmp_path / out,
              "--mode", "random", "--num", "3", "--image-size", "64", "--workers", "0", "--quiet", "--seed", seed)

@@ -441,9 +441,14 @@ def test_a_run_never_replaces_its_own_inputs(grid_data, tmp_path):
 
 
 def test_a_refused_run_leaves_no_save_dir_behind(grid_data, tmp_path):
-    res = call("train.py", grid_data / "cfg.json", tmp_path / "new", "--set", f'json_path_train="{tmp_path}"',
-               check=False)
-    assert res.returncode == 2 and "syn_tumor" in res.stderr and not (tmp_path / "new").exists()
+    res = call("train.py", grid_data / "cfg.json", tmp_path / "new" / "er" / "run", "--set",
+               f'json_path_train="{tmp_path}"', check=False)
+    assert res.returncode == 2 and "syn_tumor" in res.stderr and not (tmp_path / "new").exists()  # parents too
+    (tmp_path / "loop").symlink_to(tmp_path / "loop")
+    for script, args in (("train.py", [grid_data / "cfg.json", tmp_path / "loop"]),
+                         ("coord_list_gen.py", [grid_data / "p_tumor", "-o", tmp_path / "loop"])):
+        res = call(script, *args, check=False)
+        assert res.returncode == 2 and "loop: cannot resolve the folder" in res.stderr and "Traceback" not in res.stderr
 
 
 def test_keys_train_py_sets_are_not_config_keys(tmp_path):
