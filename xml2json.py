@@ -88,7 +88,8 @@ def group_lists(positive: str, negative: str | None) -> tuple[list[str], list[st
     """`--positive-groups` and `--negative-groups` (None: the default) as lists, checked: a
     group named twice would take its polygons twice, and one in both lists would be
     tumour and not."""
-    pos, neg = ([g for g in option.split(",") if g] for option in (positive, negative or DEFAULT_NEGATIVE))
+    # "_0, _1" names _1, not " _1" (a group no file has: its polygons were dropped)
+    pos, neg = ([g.strip() for g in option.split(",") if g.strip()] for option in (positive, negative or DEFAULT_NEGATIVE))
     for option, groups in (("--positive-groups", pos), ("--negative-groups", neg)):
         if len(set(groups)) < len(groups):
             raise UserError(f"{option}: a group is named twice ({','.join(groups)})")

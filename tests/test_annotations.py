@@ -731,3 +731,21 @@ def test_a_lesion_export_beside_the_truth_is_never_its_rival(tmp_path):
     drawn = [qupath_feature({"type": "Polygon", "coordinates": [closed(square(0, 0, 10))]}, an.LESION_CLASS, "r")]
     _write(tmp_path / "s.geojson", json.dumps(drawn))  # regions redrawn in QuPath under that class: no export
     assert not an.is_lesion_export(tmp_path / "s.geojson")
+
+
+def test_a_hostile_tests_xml2json_findings(tmp_path, capsys):
+    """Spaces after commas in the group options dropped the groups after them (exit 0); a
+    vertex list with a BOM was refused; a FeatureCollection nested in the features was
+    read as a normal slide."""
+    assert xml2json.group_lists("_0, _1", "Exclusion, _2") == (["_0", "_1"], ["Exclusion", "_2"])
+    txt = tmp_path / "bom.txt"
+    txt.write_bytes(b"\xef\xbb\xbf10 10\r\n100 10\r\n100 100\r\n")
+    assert an.load_annotation(txt).positive[0].tolist() == [[10, 10], [100, 10], [100, 100]]
+    inner = {"type": "FeatureCollection", "features": [{"type": "Feature", "properties": {
+        "classification": {"name": "Tumor"}}, "geometry": {"type": "Polygon", "coordinates": [
+            [[0, 0], [50, 0], [50, 50], [0, 0]]]}}]}
+    nested = tmp_path / "nested.geojson"
+    nested.write_text(json.dumps({"type": "FeatureCollection", "features": [inner]}))
+    code, err = script(capsys, nested, "-o", tmp_path / "n.json")
+    assert code == 2 and "feature 0 is a FeatureCollection inside the FeatureCollection" in err
+    assert not (tmp_path / "n.json").exists()

@@ -73,6 +73,9 @@ def _features(path: Path, data: object) -> list[dict]:
     for i, feat in enumerate(feats):
         if not isinstance(feat, dict):
             raise AnnotationError(f"{path}: feature {i} is not a JSON object")
+        if feat.get("type") == "FeatureCollection":  # not GeoJSON; its polygons would be lost without a word
+            raise AnnotationError(f"{path}: feature {i} is a FeatureCollection inside the FeatureCollection "
+                                  "(GeoJSON has no nesting: list its features at the top)")
     return feats
 
 

@@ -46,7 +46,7 @@ def read_txt(path: str | Path, part: str = "positive") -> Annotation:
     path = Path(path)
     pairs, lines = [], []
     try:
-        text = path.read_text().splitlines()
+        text = path.read_text(encoding="utf-8-sig").splitlines()  # Windows editors' BOM
     except (OSError, UnicodeDecodeError) as err:
         raise AnnotationError(f"{path}: cannot read ({err})") from None
     for lineno, line in enumerate(text, 1):
