@@ -33,7 +33,7 @@ from crfcore import masks, tiling
 from crfcore import slide as sl
 from crfcore.cli import PROBABILITY, UserError, add_workers, for_each, number, parser, run
 from crfcore.datasets import extract_patches
-from crfcore.io import check_fits_slide, check_output_path, companion, lock_folder, write_image
+from crfcore.io import check_fits_slide, check_output_path, companion, lock_folder, make_folder, remove_empty, write_image
 from crfcore.scale import ReadScale, read_scale
 from crfcore.tilefolder import TileFolder
 
@@ -202,16 +202,12 @@ def main(argv=None) -> int:
     if args.output.exists() and not args.output.is_dir():
         raise UserError(f"{args.output}: is a file; -o is PATCH_DIR, a folder")
     todo = jobs(args.slide, args.mask, args.mask_kind)
-    new = [d for d in (args.output, *args.output.parents) if not d.exists()]  # the folders this run makes
-    args.output.mkdir(parents=True, exist_ok=True)
+    made = make_folder(args.output)
     lock = lock_folder(args.output, fcntl.LOCK_EX, "another Patch_gen.py is cutting into")  # one run at a time
     try:
         for_each(todo, lambda j: j.slide.name, lambda j: cut_slide(args, j, slide_rng(args.seed, j.slide)), args.quiet)
     finally:
-        for d in new:  # every slide refused before cutting: leave no trace (under the lock: no other run is in it)
-            if any(d.iterdir()):
-                break
-            d.rmdir()
+        remove_empty(made)  # every slide refused before cutting: leave no trace (under the lock: no other run is in it)
         os.close(lock)
     return 0
 
