@@ -23,7 +23,7 @@ from pathlib import Path
 from crfcore import annotations as an
 from crfcore import masks
 from crfcore import slide as sl
-from crfcore.cli import UserError, for_each, number, parser, run
+from crfcore.cli import UserError, for_each, given_path, number, parser, run
 from crfcore.io import all_companions, check_array_output, check_spares_inputs, file_sha256, sidecar_path, write_image
 
 
@@ -88,11 +88,11 @@ def mask_slide(job: Job, args) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     p = parser(__doc__)
-    p.add_argument("slide", help="slide file, or a directory of slides")
-    p.add_argument("-o", "--output", required=True, help="OUT.npy, or a directory")
+    p.add_argument("slide", type=given_path, help="slide file, or a directory of slides")
+    p.add_argument("-o", "--output", type=given_path, required=True, help="OUT.npy, or a directory")
     p.add_argument("--kind", required=True, choices=masks.KINDS,
                    help="tumor: annotation polygons; tissue: Otsu on the slide; normal: tissue minus tumour")
-    p.add_argument("--annotation", help="annotation (.json/.xml/.geojson/.txt), or a directory of them")
+    p.add_argument("--annotation", type=given_path, help="annotation (.json/.xml/.geojson/.txt), or a directory of them")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--level", type=number(int, 0), help="pyramid level of the mask")
     g.add_argument("--downsample", type=number(float, 1),

@@ -31,9 +31,10 @@ import numpy as np
 
 from crfcore import masks, tiling
 from crfcore import slide as sl
-from crfcore.cli import PROBABILITY, UserError, add_workers, for_each, number, parser, run
+from crfcore.cli import PROBABILITY, UserError, add_workers, for_each, given_path, number, parser, run
 from crfcore.datasets import extract_patches
-from crfcore.io import check_fits_slide, check_output_path, companion, lock_folder, make_folder, remove_empty, write_image
+from crfcore.io import (check_fits_slide, check_output_path, companion, lock_folder, make_folder, remove_empty,
+                        resolved_folder, write_image)
 from crfcore.scale import ReadScale, read_scale
 from crfcore.tilefolder import TileFolder
 
@@ -163,14 +164,14 @@ def cut_slide(args, job: Job, rng) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     p = parser(__doc__)
-    p.add_argument("slide", type=Path, help="slide file, or a directory of slides")
-    p.add_argument("--mask", type=Path, required=True, help="mask .npy (Mask_gen.py), or a directory")
+    p.add_argument("slide", type=given_path, help="slide file, or a directory of slides")
+    p.add_argument("--mask", type=given_path, required=True, help="mask .npy (Mask_gen.py), or a directory")
     p.add_argument("--mask-kind", choices=masks.KINDS, help="which mask of each slide in a --mask directory")
-    p.add_argument("-o", "--output", type=Path, required=True, help="PATCH_DIR")
+    p.add_argument("-o", "--output", type=given_path, required=True, help="PATCH_DIR")
     p.add_argument("--mode", choices=("grid", "random", "coords"), default="grid",
                    help="grid: squares over the mask; random: --num centres inside it; coords: a coords list")
     p.add_argument("--num", type=number(int, 1, 10**7), help="patches per slide (random mode)")
-    p.add_argument("--coords", type=Path, help="NCRF coords list `slide_id,x,y` (coords mode)")
+    p.add_argument("--coords", type=given_path, help="NCRF coords list `slide_id,x,y` (coords mode)")
     p.add_argument("--image-size", type=number(int, 1), default=768, help="patch side in pixels at --level")
     read = p.add_mutually_exclusive_group()
     read.add_argument("--level", type=number(int, 0), help="pyramid level the patches are read at (default 0)")
@@ -199,6 +200,7 @@ def main(argv=None) -> int:
     if args.mode != "coords" and args.coords:
         raise UserError(f"--coords is for --mode coords; --mode {args.mode} does not read it")
     args.level = args.level or 0  # None when not given: --level 0 --mpp X is refused by argparse
+    args.output = resolved_folder(args.output)  # 'a/../b' is 'b': a refused run then leaves no 'a'
     if args.output.exists() and not args.output.is_dir():
         raise UserError(f"{args.output}: is a file; -o is PATCH_DIR, a folder")
     todo = jobs(args.slide, args.mask, args.mask_kind)

@@ -21,7 +21,7 @@ import warnings
 from pathlib import Path
 
 from crfcore import trainset
-from crfcore.cli import UserError, parser, run
+from crfcore.cli import UserError, given_path, parser, run
 from crfcore.io import resolved_folder
 
 
@@ -53,8 +53,8 @@ def entries(patch_dirs: list[Path], keep: list[str]) -> tuple[list[trainset.Entr
 
 def build_parser() -> argparse.ArgumentParser:
     p = parser(__doc__)
-    p.add_argument("patch_dirs", nargs="+", type=Path, metavar="PATCH_DIR", help="Patch_gen.py output folders")
-    p.add_argument("-o", "--output", type=Path, required=True, metavar="DATASET_DIR", help="training-set folder")
+    p.add_argument("patch_dirs", nargs="+", type=given_path, metavar="PATCH_DIR", help="Patch_gen.py output folders")
+    p.add_argument("-o", "--output", type=given_path, required=True, metavar="DATASET_DIR", help="training-set folder")
     how = p.add_mutually_exclusive_group()
     for mode, text in (("link", "hard-link the images, copying across devices (the default)"),
                        ("copy", "copy the images"), ("move", "move the images (journaled: a kill is undone)")):

@@ -14,24 +14,23 @@ from crfcore.startup import quiet_ctrl_c
 quiet_ctrl_c()  # first: Ctrl-C while the libraries below load is one line
 
 import argparse
-from pathlib import Path
 
 from crfcore import heatmap
 from crfcore import slide as sl
-from crfcore.cli import PROBABILITY, UserError, parser, run
+from crfcore.cli import PROBABILITY, UserError, given_path, parser, run
 from crfcore.io import check_fits_slide, check_spares_inputs, ensure_free_space, sidecar_path
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = parser(__doc__)
-    p.add_argument("prob", type=Path, help="probability map .npy (prob_map.py)")
-    p.add_argument("-o", "--output", type=Path, required=True, help="OUT.png")
-    p.add_argument("--slide", type=Path, help="draw over this slide's thumbnail")
+    p.add_argument("prob", type=given_path, help="probability map .npy (prob_map.py)")
+    p.add_argument("-o", "--output", type=given_path, required=True, help="OUT.png")
+    p.add_argument("--slide", type=given_path, help="draw over this slide's thumbnail")
     p.add_argument("--alpha", type=PROBABILITY, default=0.5, help="overlay opacity (0 to 1)")
     p.add_argument("--cmap", default="jet", help="matplotlib colour map")
     p.add_argument("--vmin", type=PROBABILITY, default=0.0, help="probability at the bottom of the colour map")
     p.add_argument("--vmax", type=PROBABILITY, default=1.0, help="probability at the top of the colour map")
-    p.add_argument("--tiff", type=Path, help="also write a pyramidal TIFF at the slide's size and levels (needs "
+    p.add_argument("--tiff", type=given_path, help="also write a pyramidal TIFF at the slide's size and levels (needs "
                                               "--slide); a name ending .ome.tif writes an OME-TIFF for QuPath")
     p.add_argument("--tiff-values", choices=heatmap.TIFF_VALUES, default="uint8",
                    help="what the TIFF holds: probability x 255, the probability, or colours")

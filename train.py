@@ -14,21 +14,13 @@ quiet_ctrl_c()  # first: Ctrl-C while the libraries below load is one line
 
 import argparse
 import sys
-from pathlib import Path
 
 from crfcore import training
-from crfcore.cli import UserError, number, parser, run
+from crfcore.cli import UserError, given_path, number, parser, run
 from crfcore.config import load_config
 from crfcore.device import DistEnv, retain_freed_memory
 from crfcore.io import make_folder, remove_empty, resolved_folder
 from crfcore.trainset import run_lock
-
-
-def given_path(text: str) -> Path:
-    """A path argument; an empty one (an unset shell variable) is refused, not taken as '.'."""
-    if not text.strip():
-        raise argparse.ArgumentTypeError("an empty path")
-    return Path(text)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -42,8 +34,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue SAVE_DIR/train.ckpt exactly")
     p.add_argument("--evaluate", nargs=2, type=given_path, metavar=("CKPT", "DATA_DIR"),
                    help="report a checkpoint on a data folder and exit")
-    p.add_argument("--json", type=Path, help="--evaluate of a grid model: the slides' annotation folder")
-    p.add_argument("--plot", type=Path, help="--evaluate: confusion matrix picture (default: DATA_DIR/confusion_matrix.png)")
+    p.add_argument("--json", type=given_path, help="--evaluate of a grid model: the slides' annotation folder")
+    p.add_argument("--plot", type=given_path, help="--evaluate: confusion matrix picture (default: DATA_DIR/confusion_matrix.png)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     return p
 
@@ -98,6 +90,8 @@ def train(cfg, args) -> int:
             print(report)
         best = args.save_dir / "best.ckpt"
         metric = f"; last epoch valid_auc={last['valid_auc']:.4f}" if "valid_auc" in last else ""
+        if best.exists() and run_.best_epoch:  # which epoch the maps will use, and why
+            metric = f"; best.ckpt is epoch {run_.best_epoch} ({run_.best_metric}={run_.best:.4f}){metric}"
         print(f"done: {best}, train.ckpt, log.csv, curves.png{metric}" if best.exists()
               else f"done: {args.save_dir}/train.ckpt, log.csv (no epoch gave a finite {run_.best_metric}: no best.ckpt)")
     return 0

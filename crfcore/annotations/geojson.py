@@ -23,7 +23,8 @@ exactly the Annotation written (names, groups, order, vertices), each feature ca
 one entry per hole, in ring order. Reading drops each ring's closing vertex, flips
 reversed rings back and sorts each part by `index` when every polygon has one. A file
 without these properties (QuPath's own export) reads in feature order, rings as written,
-holes named `<name> hole <k>`.
+holes named `<name> hole <k>` (in group `_2` when the polygon's class is `_0` or `_1`,
+as Camelyon's XML has them; else without a group: `Exclusion` when written).
 """
 from __future__ import annotations
 
@@ -166,6 +167,11 @@ def _warn_islands(path: Path, polys: list[list[_Ring]]) -> None:
                       "mask (draw the ring around it as two polygons instead)", AnnotationWarning, stacklevel=4)
 
 
+# A hole with no group of its own (QuPath keeps no crfcore properties) in a polygon of
+# Camelyon's tumour groups is Camelyon's exclusion group, not the generic `Exclusion`.
+CAMELYON_HOLE_GROUP = {"_0": "_2", "_1": "_2"}
+
+
 def _polygon_rings(path: Path, part: str, name: str, cls: str, poly: object,
                    meta: dict) -> tuple[list[_Ring], int]:
     """One GeoJSON polygon: its exterior ring in `part` and, for a positive polygon, its
@@ -179,7 +185,7 @@ def _polygon_rings(path: Path, part: str, name: str, cls: str, poly: object,
     for k, hole in enumerate(poly[1:]):
         hm = holes[k] if k < len(holes) and isinstance(holes[k], dict) else {}
         hname = str(hm.get("name") or f"{name} hole {k + 1}")
-        group = hm.get("group") if isinstance(hm.get("group"), str) else None
+        group = hm.get("group") if isinstance(hm.get("group"), str) else CAMELYON_HOLE_GROUP.get(cls)
         rings.append(_Ring("negative", hm.get("index"), hname, group, _ring(path, hname, hole, hm), True))
     return rings, 0
 

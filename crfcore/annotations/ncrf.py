@@ -10,7 +10,7 @@ import numpy as np
 
 from .geojson import from_geojson, is_geojson
 from .model import (NEGATIVE_GROUPS, POSITIVE_GROUPS, Annotation, AnnotationError,
-                    checked_vertices, load_json)
+                    checked_vertices, load_json, three_distinct)
 
 
 def read_json(path: str | Path, positive_groups: Sequence[str] = POSITIVE_GROUPS,
@@ -64,7 +64,14 @@ def read_txt(path: str | Path, part: str = "positive") -> Annotation:
 
 
 def to_json_dict(ann: Annotation) -> dict:
-    """NCRF's JSON object: integer vertices rounded as `numpy.round` does."""
-    return {part: [{"name": n, "vertices": np.round(v).astype(int).tolist()}
-                   for n, v in zip(getattr(ann, f"{part}_names"), getattr(ann, part))]
+    """NCRF's JSON object: integer vertices rounded as `numpy.round` does; a polygon left
+    with fewer than 3 distinct vertices (`lost_in_json`) is not written, as reading drops it."""
+    return {part: [{"name": n, "vertices": r.astype(int).tolist()}
+                   for n, r in zip(getattr(ann, f"{part}_names"), map(np.round, getattr(ann, part)))
+                   if three_distinct(r)]
             for part in ("positive", "negative")}
+
+
+def lost_in_json(ann: Annotation) -> list[str]:
+    """The names of the polygons NCRF JSON's whole pixels leave with fewer than 3 distinct vertices."""
+    return [p.name for p in ann.parts() if not three_distinct(np.round(p.vertices))]
