@@ -30,7 +30,7 @@ from crfcore import evaluation as ev
 from crfcore import masks
 from crfcore import slide as sl
 from crfcore.annotations import find_annotation, is_lesion_export, load_truth
-from crfcore.cli import PROBABILITY, UserError, add_workers, number, parser, run
+from crfcore.cli import PROBABILITY, UserError, add_workers, given_path, number, parser, run
 from crfcore.errors import CrfError
 from crfcore.heatmap import check_not_a_slide, check_picture_format, load_probability_map
 from crfcore.io import (COMPANIONS, atomic_write_text, check_fits_slide, check_spares_inputs, companion, companion_stem,
@@ -118,6 +118,12 @@ def truth_labels(stem: str, truth_dir: Path, level: int, mpp: float,
         ann = load_truth(path)
         if not ann.positive:
             return None, (1.0, 1.0)
+        if slide_path is not None:
+            with sl.open_slide(slide_path) as s:
+                size = s.dimensions
+            if not masks.overlaps(ann, size):
+                raise UserError(f"{path}: lies wholly outside {slide_path.name}'s {size[0]}x{size[1]} level-0 "
+                                "pixels: the truth of another slide? (its tumour would count as a normal slide)")
         lat = truth_lattice(slide_path, level, ann.bounds(), mpp)
         if lat.shape[0] * lat.shape[1] > MAX_TRUTH_PIXELS:
             raise UserError(f"{path}: reaches ({ann.bounds()[2]:.0f}, {ann.bounds()[3]:.0f}): too large an "
@@ -131,7 +137,7 @@ def truth_labels(stem: str, truth_dir: Path, level: int, mpp: float,
                     check_same_size(tif, m.dimensions, s.dimensions, slide_path.name)
             lvl = min(level, m.level_count - 1)  # a shallow mask pyramid: its deepest level, real downsample
             ds = sl.level_downsamples(m)[lvl]
-            pixels = sl.read_level(m, lvl)
+            pixels = sl.read_level(m, lvl, background=0)  # a sparse TIFF's missing tiles: no tumour
         check_grey(tif, pixels)
         return tumour_labels(pixels[..., 0] > 0, ds, mpp)
     return None, (1.0, 1.0)
@@ -174,13 +180,18 @@ def lesion_lists(lesions_dir: Path) -> tuple[list[Path], list[str]]:
 def froc_hits(lesions: Path, stem: str, args, slide_path: Path | None) -> tuple[list[float], np.ndarray, bool]:
     """(false-positive probabilities, per-tumour best probabilities, is normal) of one
     slide's lesion list against its truth; the slide, when found, gives the microns per pixel."""
-    mpp = args.mpp
+    mpp, found = args.mpp, ev.read_lesions(lesions)
     if slide_path is not None:
         with sl.open_slide(slide_path) as s:
-            mpp = (sl.slide_mpp(s) or (mpp,))[0]
+            mpp, size = (sl.slide_mpp(s) or (mpp,))[0], s.dimensions
+        off = np.flatnonzero((found[:, 1] >= size[0]) | (found[:, 2] >= size[1]))
+        if off.size:  # a lesion list of another slide, or of a map of another size
+            x, y = found[off[0], 1:]
+            raise UserError(f"{lesions}: {off.size} lesion(s) outside {slide_path.name}'s {size[0]}x{size[1]} "
+                            f"level-0 pixels, the first at ({x:g}, {y:g}): the lesions of another slide?")
     labels, ds = truth_labels(stem, args.truth_dir, args.level, mpp, slide_path)
     itc = ev.isolated_tumour_cells(labels, ds[0], mpp) if labels is not None else set()
-    fp, tp, _ = ev.slide_hits(ev.read_lesions(lesions), labels, itc, ds)
+    fp, tp, _ = ev.slide_hits(found, labels, itc, ds)
     return fp, tp, labels is None
 
 
@@ -189,7 +200,8 @@ def cmd_froc(args) -> None:
     truths = {companion_stem(t, kind) for kind in ("annotation", "truth_mask")
               for t in visible_files(args.truth_dir, COMPANIONS[kind])  # Camelyon16's mask TIFFs too
               if not is_lesion_export(t)}
-    unlisted = sorted(truths - set(stems))
+    listed = {stem.lower() for stem in stems}  # Tumor_001.json is tumor_001.csv's truth (companion's rule)
+    unlisted = sorted(t for t in truths if t not in stems and t.lower() not in listed)
     if unlisted:
         print(f"note: no lesion list for {', '.join(unlisted)} (truth in {args.truth_dir}); left out")
     if args.slides is None:  # the isolated-tumour-cell rule is in microns
@@ -255,12 +267,12 @@ def read_labels(path: Path) -> dict[str, int]:
 
 def cmd_slides(args) -> None:
     labels = read_labels(args.labels)
-    names, y, score = [], [], []
+    names, y, score, unlabelled = [], [], [], []
     for f in visible_files(args.probs_dir, COMPANIONS["prob"]):
         prob, meta = load_probability_map(f)
-        stem = Path(meta["slide"]).stem
-        if stem not in labels:
-            print(f"note: {f.name} ({stem}) has no label; left out")
+        stem = labelled_as(Path(meta["slide"]).stem, labels)
+        if stem is None:
+            unlabelled.append(f"{f.name} ({Path(meta['slide']).stem})")
             continue
         if stem in names:
             raise UserError(f"{f}: is a second map of slide {meta['slide']} in {args.probs_dir}; keep one")
@@ -268,8 +280,11 @@ def cmd_slides(args) -> None:
         y.append(labels[stem])
         score.append(float(prob.max()) if prob.size else 0.0)
     missing = sorted(set(labels) - set(names))
-    if missing:
-        print(f"note: no map for {', '.join(missing)}")
+    if unlabelled or missing:  # an AUC over a subset, without a word, is a wrong figure
+        raise UserError(f"{args.labels}: " + "; ".join(
+            ([f"no label for {', '.join(unlabelled)}"] if unlabelled else [])
+            + ([f"no map in {args.probs_dir} for {', '.join(missing)}"] if missing else []))
+            + ": give maps and labels of the same slides")
     r = ev.slide_roc(np.array(y), np.array(score))
     print(f"{len(y)} slides ({sum(y)} tumour): AUC={r['auc']:.4f} (95% CI {r['auc_low']:.4f}-{r['auc_high']:.4f})")
     print(f"specificity at sensitivity >= {ev.SCREENING_SENSITIVITY:.0%}: {r['specificity']:.4f} "
@@ -278,12 +293,24 @@ def cmd_slides(args) -> None:
         plot(args.plot, r["fpr"], r["tpr"], "1 - specificity", "sensitivity", f"ROC AUC {r['auc']:.3f}")
 
 
+def labelled_as(stem: str, labels: dict[str, int]) -> str | None:
+    """The name `stem` has in `labels`: itself, else the one name equal to it in another
+    case (Camelyon16's reference lists `Test_001` for `test_001.tif`), else None."""
+    if stem in labels:
+        return stem
+    same = [name for name in labels if name.lower() == stem.lower()]
+    return same[0] if len(same) == 1 else None
+
+
 def tissue_for(args, prob: np.ndarray, meta: dict) -> tuple[np.ndarray, str]:
     """The tissue the AUC is taken over: --tissue, else the mask prob_map.py used, else
     the map's non-zero cells."""
-    path = args.tissue or (Path(meta["mask"]) if meta.get("mask") and Path(meta["mask"]).exists() else None)
-    if path is None:
+    path = args.tissue or (Path(meta["mask"]) if meta.get("mask") else None)
+    if path is None:  # a map that records no mask
         return prob > 0, "map > 0"
+    if not path.is_file():  # a relative path from another working folder, or a mask moved since
+        raise UserError(f"{args.prob}: made with tissue mask {path}, which is not found from here; "
+                        "give it with --tissue")
     tissue, tissue_meta = masks.load_mask(path, slide=meta["slide"])
     check_map_lattice(path, tissue, tissue_meta, prob, meta)
     return tissue, str(path)
@@ -345,7 +372,7 @@ def map_truth(truth_dir: Path, stem: str, map_path: Path, shape: tuple[int, int]
         if lw * lh > MAX_TRUTH_PIXELS:  # averaging it down would lose thin tumour of value 1: not guessed at
             raise UserError(f"{tif}: its level nearest the map's downsample {min(ds):g} is {lw}x{lh}, too large to "
                             "read whole; write the mask with more pyramid levels")
-        pixels = sl.read_level(m, level)
+        pixels = sl.read_level(m, level, background=0)  # a sparse TIFF's missing tiles: no tumour
     check_grey(tif, pixels)
     return masks.any_on_lattice(pixels[..., 0] > 0, (ds[0] / dx, ds[1] / dy), shape), tif
 
@@ -354,12 +381,15 @@ def cmd_negatives(args) -> None:
     maps = visible_files(args.probs_dir, COMPANIONS["prob"])
     if not maps:
         raise UserError(f"{args.probs_dir}: no probability maps (<slide>_prob.npy)")
-    check_replaceable(args.output, read_coords, "a coords list (slide_id,x,y)")
+    check_coords_output(args.output)
     rng = np.random.default_rng(args.seed)
-    lines, total = [], 0
+    lines, total, seen = [], 0, set()
     for f in maps:
         prob, meta = load_probability_map(f)
         stem, ds = Path(meta["slide"]).stem, tuple(meta["downsample"])
+        if stem in seen:  # its points would be listed twice
+            raise UserError(f"{f}: is a second map of slide {meta['slide']} in {args.probs_dir}; keep one")
+        seen.add(stem)
         tumour, truth = map_truth(args.truth_dir, stem, f, prob.shape, meta)
         mpp = (meta.get("mpp") or [args.mpp])[0]
         points = ev.hard_negatives(prob, tumour, ds, args.threshold, args.per_slide,
@@ -369,6 +399,22 @@ def cmd_negatives(args) -> None:
         print(f"{stem}: {len(points)} false-positive points" + ("" if truth else " (no truth: a normal slide)"))
     atomic_write_text(args.output, "".join(lines))
     print(f"{total} hard-negative points from {len(maps)} slides -> {args.output}")
+
+
+def check_coords_output(path: Path) -> None:
+    """`negatives -o`: replace only an earlier coords list, never a lesion list (`prob,x,y`
+    reads as one) or a training set's `list.txt`."""
+    check_replaceable(path, read_coords, "a coords list (slide_id,x,y)")
+    if not (path.is_file() and path.stat().st_size):
+        return
+    try:
+        ev.read_lesions(path)
+    except CrfError:
+        pass
+    else:
+        raise UserError(f"{path}: exists and is a lesion list (prob,x,y); not replaced: choose another output")
+    if path.name == "list.txt" and any((path.parent / name).exists() for name in ("0.png", "sides.txt")):
+        raise UserError(f"{path}: is a training set's list (coord_list_gen.py); not replaced: choose another output")
 
 
 def plot(path: Path, x, y, xlabel: str, ylabel: str, title: str, logx: bool = False) -> None:
@@ -390,43 +436,43 @@ def plot(path: Path, x, y, xlabel: str, ylabel: str, title: str, logx: bool = Fa
 def add_commands(p) -> None:
     sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
     q = sub.add_parser("lesions", help="NMS lesion points from a probability map", formatter_class=p.formatter_class)
-    q.add_argument("prob", type=Path, help="probability map .npy (prob_map.py)")
-    q.add_argument("-o", "--output", type=Path, required=True, help="LESIONS.csv (prob,x,y per line)")
+    q.add_argument("prob", type=given_path, help="probability map .npy (prob_map.py)")
+    q.add_argument("-o", "--output", type=given_path, required=True, help="LESIONS.csv (prob,x,y per line)")
     q.add_argument("--threshold", type=PROBABILITY, default=0.5, help="keep maxima above this probability")
     q.add_argument("--radius", type=number(int, 0, 10**6), default=12, help="suppression half-side, map pixels")
     q.add_argument("--sigma", type=number(float, 0, 1000), default=0.0, help="Gaussian smoothing of the map first, map pixels")
     q.add_argument("--to", choices=("csv", "xml", "geojson"), default="csv",
                    help="also write ASAP XML points or GeoJSON points")
     q = sub.add_parser("froc", help="Camelyon16 FROC over a folder of lesion CSVs", formatter_class=p.formatter_class)
-    q.add_argument("lesions_dir", type=Path, help="folder of <slide>.csv lesion files")
-    q.add_argument("truth_dir", type=Path, help="annotation (JSON, XML, GeoJSON or txt) or mask TIFF per tumour slide")
+    q.add_argument("lesions_dir", type=given_path, help="folder of <slide>.csv lesion files")
+    q.add_argument("truth_dir", type=given_path, help="annotation (JSON, XML, GeoJSON or txt) or mask TIFF per tumour slide")
     q.add_argument("--level", type=number(int, 0, 20), default=5, help="evaluation level (the slide's, or downsample 2**level)")
     q.add_argument("--mpp", type=number(float, most=1000, above=0), default=ev.CAMELYON_MPP, help="um/pixel when a slide has none")
-    q.add_argument("--slides", type=Path, help="slide folder: each slide's mpp, levels and size")
-    q.add_argument("--plot", type=Path, help="FROC curve PNG")
+    q.add_argument("--slides", type=given_path, help="slide folder: each slide's mpp, levels and size")
+    q.add_argument("--plot", type=given_path, help="FROC curve PNG")
     q = sub.add_parser("slides", help="slide-level ROC from map maxima", formatter_class=p.formatter_class)
-    q.add_argument("probs_dir", type=Path, help="folder of <slide>_prob.npy maps")
-    q.add_argument("labels", type=Path, help="CSV: slide,label (tumor/normal or 1/0)")
-    q.add_argument("--plot", type=Path, help="ROC curve PNG")
+    q.add_argument("probs_dir", type=given_path, help="folder of <slide>_prob.npy maps")
+    q.add_argument("labels", type=given_path, help="CSV: slide,label (tumor/normal or 1/0)")
+    q.add_argument("--plot", type=given_path, help="ROC curve PNG")
     q = sub.add_parser("pixels", help="IoU, Dice and pixel AUC of a map against a tumour mask",
                        formatter_class=p.formatter_class)
-    q.add_argument("prob", type=Path, help="probability map .npy")
-    q.add_argument("mask", type=Path, help="tumour mask .npy on the same lattice (Mask_gen.py)")
+    q.add_argument("prob", type=given_path, help="probability map .npy")
+    q.add_argument("mask", type=given_path, help="tumour mask .npy on the same lattice (Mask_gen.py)")
     q.add_argument("--threshold", type=PROBABILITY, default=0.5, help="decision threshold for IoU and Dice")
-    q.add_argument("--tissue", type=Path, help="tissue mask the AUC is taken over (default: the map's own)")
+    q.add_argument("--tissue", type=given_path, help="tissue mask the AUC is taken over (default: the map's own)")
     q = sub.add_parser("patches", help="classification report of a checkpoint on a data folder",
                        formatter_class=p.formatter_class)
-    q.add_argument("ckpt", type=Path, help="checkpoint from train.py")
-    q.add_argument("data", type=Path, help="class sub-folders (classify) or a list.txt folder (grid)")
-    q.add_argument("--json", type=Path, help="grid models: the slides' annotation folder")
-    q.add_argument("--plot", type=Path, help="confusion matrix picture (default: DATA/confusion_matrix.png)")
+    q.add_argument("ckpt", type=given_path, help="checkpoint from train.py")
+    q.add_argument("data", type=given_path, help="class sub-folders (classify) or a list.txt folder (grid)")
+    q.add_argument("--json", type=given_path, help="grid models: the slides' annotation folder")
+    q.add_argument("--plot", type=given_path, help="confusion matrix picture (default: DATA/confusion_matrix.png)")
     add_workers(q, beside_cnn=True)
     q.add_argument("--quiet", action="store_true", help="no progress bar")
     q = sub.add_parser("negatives", help="hard-negative points: false positives of maps with known truth",
                        formatter_class=p.formatter_class)
-    q.add_argument("probs_dir", type=Path, help="folder of <slide>_prob.npy maps")
-    q.add_argument("truth_dir", type=Path, help="annotations per tumour slide (no file: a normal slide)")
-    q.add_argument("-o", "--output", type=Path, required=True, help="NCRF coords list slide_id,x,y")
+    q.add_argument("probs_dir", type=given_path, help="folder of <slide>_prob.npy maps")
+    q.add_argument("truth_dir", type=given_path, help="annotations per tumour slide (no file: a normal slide)")
+    q.add_argument("-o", "--output", type=given_path, required=True, help="NCRF coords list slide_id,x,y")
     q.add_argument("--threshold", type=PROBABILITY, default=0.5, help="false positive: probability above this")
     q.add_argument("--per-slide", type=number(int, 1), default=200, help="at most this many points per slide")
     q.add_argument("--margin-um", type=number(float, 0), default=0.0, help="keep this far from any tumour, micrometres")

@@ -22,6 +22,7 @@ from crfcore.startup import quiet_ctrl_c
 quiet_ctrl_c()  # first: Ctrl-C while the libraries below load is one line
 
 import argparse
+import os
 import time
 import warnings
 from dataclasses import dataclass
@@ -31,7 +32,7 @@ import numpy as np
 
 from crfcore import dense, inference, masks
 from crfcore import slide as sl
-from crfcore.cli import UserError, add_workers, for_each, number, one_line, parser, run
+from crfcore.cli import UserError, add_workers, for_each, given_path, number, one_line, parser, run
 from crfcore.device import PRECISIONS, DistEnv, resolve_device, resolve_precision, retain_freed_memory
 from crfcore.heatmap import load_probability_map, save_probability_map
 from crfcore.io import (ArrayFileError, check_array_output, check_fits_slide, check_spares_inputs, companion,
@@ -172,7 +173,7 @@ def map_slide(job: Job, model, ckpt: dict, args, opts: inference.Options, wanted
     save_probability_map(job.out, prob, {
         "slide": job.slide.name, "slide_path": str(job.slide), "slide_dimensions": list(size),
         "mpp": list(mpp) if mpp else None, "level": meta["level"], "downsample": meta["downsample"],
-        "mask": str(job.mask), "checkpoint": str(args.ckpt), **wanted, "grid": cfg["grid"],
+        "mask": os.path.abspath(job.mask), "checkpoint": str(args.ckpt), **wanted, "grid": cfg["grid"],
         "patch_size": cfg["patch_size"], "crop_size": cfg["crop_size"], "method": method,
         "stain_normalised": bool(cfg.get("stain_reference")), **read.describe(), "seconds": seconds,
         "device": str(opts.device)})
@@ -183,11 +184,11 @@ def map_slide(job: Job, model, ckpt: dict, args, opts: inference.Options, wanted
 
 def build_parser() -> argparse.ArgumentParser:
     p = parser(__doc__)
-    p.add_argument("slide", type=Path, help="slide, or a directory of slides")
-    p.add_argument("ckpt", type=Path, help="checkpoint from train.py (grid mode)")
-    p.add_argument("mask", type=Path, help="tissue mask .npy (Mask_gen.py), or a directory")
-    p.add_argument("out", type=Path, nargs="?", help="OUT.npy or a directory (or give -o)")
-    p.add_argument("-o", "--output", type=Path, help="OUT.npy, or a directory")
+    p.add_argument("slide", type=given_path, help="slide, or a directory of slides")
+    p.add_argument("ckpt", type=given_path, help="checkpoint from train.py (grid mode)")
+    p.add_argument("mask", type=given_path, help="tissue mask .npy (Mask_gen.py), or a directory")
+    p.add_argument("out", type=given_path, nargs="?", help="OUT.npy or a directory (or give -o)")
+    p.add_argument("-o", "--output", type=given_path, help="OUT.npy, or a directory")
     p.add_argument("--method", choices=("lattice", "dense", "naive"), default="lattice",
                    help="lattice: each patch through the CNN once (exact); dense: each pixel through the "
                         "backbone about twice (tile margins), crop windows pooled (approximate); "

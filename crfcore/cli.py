@@ -61,7 +61,7 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescript
     where there is none (None, False); descriptions kept as written (usage examples)."""
 
     def _get_help_string(self, action: argparse.Action) -> str:
-        if action.default in (None, False) or action.default is argparse.SUPPRESS:
+        if action.default is None or action.default is False or action.default is argparse.SUPPRESS:  # 0 is shown
             return action.help or ""
         return super()._get_help_string(action)
 

@@ -100,7 +100,7 @@ def read_lesions(path: str | Path) -> np.ndarray:
     outside 0-1 and negative coordinates are refused."""
     rows = []
     try:
-        lines = Path(path).read_text().splitlines()
+        lines = Path(path).read_text(encoding="utf-8-sig").splitlines()  # -sig: a spreadsheet's BOM
     except (OSError, UnicodeDecodeError) as err:
         raise EvaluationError(f"{path}: cannot read ({getattr(err, 'strerror', None) or err})") from None
     for lineno, line in enumerate(lines, 1):

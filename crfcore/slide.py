@@ -86,22 +86,23 @@ def slide_mpp(slide: openslide.OpenSlide) -> tuple[float, float] | None:
     return mpp if all(low <= v <= high for v in mpp) else None
 
 
-def rgba_to_rgb(rgba: np.ndarray) -> np.ndarray:
-    """Composite an RGBA array over white (transparent and outside pixels become white)."""
+def rgba_to_rgb(rgba: np.ndarray, background: int = 255) -> np.ndarray:
+    """Composite an RGBA array over white (transparent and outside pixels become white), or
+    over grey level `background`."""
     if rgba[..., 3].min() == 255:  # opaque, as most regions inside a slide: nothing to composite
         if rgba.ndim == 3 and rgba.dtype == np.uint8:  # an image: OpenCV drops alpha ~20x faster than numpy
             return cv2.cvtColor(rgba, cv2.COLOR_RGBA2RGB)
         return np.ascontiguousarray(rgba[..., :3])
     rgb = rgba[..., :3].astype(np.uint16)
     alpha = rgba[..., 3:4].astype(np.uint16)
-    return ((rgb * alpha + 255 * (255 - alpha) + 127) // 255).astype(np.uint8)
+    return ((rgb * alpha + background * (255 - alpha) + 127) // 255).astype(np.uint8)
 
 
 def read_rgb(slide: openslide.OpenSlide, xy: tuple[int, int], level: int,
-             size: tuple[int, int]) -> np.ndarray:
+             size: tuple[int, int], background: int = 255) -> np.ndarray:
     """Read a `(h, w, 3)` uint8 region whose top-left is level-0 point `xy`, at `level`.
 
-    Pixels outside the slide or transparent in it are white.
+    Pixels outside the slide or transparent in it are white (grey level `background`).
     """
     x, y = (int(round(v)) for v in xy)
     w, h = (int(v) for v in size)
@@ -110,12 +111,12 @@ def read_rgb(slide: openslide.OpenSlide, xy: tuple[int, int], level: int,
     except openslide.OpenSlideError as err:  # a corrupt tile: name the file and the place
         name = getattr(slide, "_filename", "slide")  # OpenSlide keeps the path only privately
         raise SlideError(f"{name}: cannot read the {w}x{h} region at ({x}, {y}), level {level} ({err})") from None
-    return rgba_to_rgb(np.asarray(region))
+    return rgba_to_rgb(np.asarray(region), background)
 
 
-def read_level(slide: openslide.OpenSlide, level: int) -> np.ndarray:
-    """The whole of `level` as an `(H, W, 3)` uint8 array."""
-    return read_rgb(slide, (0, 0), level, slide.level_dimensions[level])
+def read_level(slide: openslide.OpenSlide, level: int, background: int = 255) -> np.ndarray:
+    """The whole of `level` as an `(H, W, 3)` uint8 array (transparent pixels: `background`)."""
+    return read_rgb(slide, (0, 0), level, slide.level_dimensions[level], background)
 
 
 WHOLE_LEVEL_PIXELS = 2**27  # 512 MiB as RGBA: a larger level is read block by block

@@ -5,6 +5,7 @@ import pytest
 import sklearn.metrics
 
 from crfcore import evaluation as ev
+from crfcore import masks
 from crfcore import slide as sl
 from crfcore import synthetic
 from crfcore.annotations import Annotation, write_annotation
@@ -445,3 +446,101 @@ def test_any_on_lattice_sets_every_cell_a_tumour_pixel_touches():
             must = (oy[:, None] > 0.02) & (ox[None, :] > 0.02)  # a real share of the pixel
             never = (oy[:, None] <= 0) | (ox[None, :] <= 0)
             assert must.any() and out[must].all() and not out[never].any(), (per, y, x)
+
+
+def sparse(path) -> None:
+    """Drop every all-zero tile of each page of a tiled TIFF (offset and byte count 0),
+    as sparse truth masks leave out empty tiles: OpenSlide reads them as transparent."""
+    import tifffile
+    with tifffile.TiffFile(path) as tif:
+        plan = []
+        for page in tif.pages:
+            offsets, counts = page.tags["TileOffsets"], page.tags["TileByteCounts"]
+            img, tw, th = page.asarray(), page.tilewidth, page.tilelength
+            across = -(-img.shape[1] // tw)
+            empty = [i for i in range(len(offsets.value))
+                     if not img[i // across * th:(i // across + 1) * th, i % across * tw:(i % across + 1) * tw].any()]
+            size = np.dtype(tif.byteorder + ("Q" if tif.is_bigtiff else "I")).itemsize
+            plan.append((offsets.valueoffset, counts.valueoffset, size, counts.dtype, empty))
+    with open(path, "r+b") as fh:
+        for off_at, cnt_at, size, cnt_type, empty in plan:
+            csize = 8 if cnt_type == 16 else 4 if cnt_type == 4 else 2
+            for i in empty:
+                fh.seek(off_at + i * size), fh.write(bytes(size))
+                fh.seek(cnt_at + i * csize), fh.write(bytes(csize))
+
+
+def test_a_hostile_test_of_evaluate(truth, tmp_path):
+    """From a hostile test of evaluate.py: each of these printed a wrong figure with exit 0,
+    replaced a file it should not, or said something false."""
+    les, tdir = lesion_setup(tmp_path, truth)  # t1's tumour spans (4000-5000, 4000-5000) and more
+    slides = tmp_path / "slides"
+    synthetic.write_slide(slides / "t1.tif", 2048, 2048, tumours=0, seed=1)  # the truth lies wholly outside it
+    (les / "t1.csv").write_text("0.9,1000,1000\n")
+    res = call("evaluate.py", "froc", les, tdir, "--slides", slides, check=False)
+    assert res.returncode == 2 and "t1.json: lies wholly outside t1.tif's 2048x2048" in res.stderr
+    (les / "t1.csv").write_text("0.9,1000,1000\n0.8,3000,100\n")  # a lesion off the slide
+    (tdir / "t1.json").unlink()
+    res = call("evaluate.py", "froc", les, tdir, "--slides", slides, check=False)
+    assert res.returncode == 2 and "t1.csv: 1 lesion(s) outside t1.tif's 2048x2048" in res.stderr
+    # a sparse truth mask TIFF: its missing tiles are no tumour (they read as white: all tumour)
+    mask = np.zeros((3072, 4096), np.uint8)
+    mask[200:1400, 200:1600] = 255  # 290 x 340 um: no isolated tumour cells
+    (tmp_path / "t2").mkdir(), (tmp_path / "l2").mkdir()
+    write_mask_tiff(tmp_path / "t2" / "t_mask.tif", mask, levels=3)
+    sparse(tmp_path / "t2" / "t_mask.tif")
+    with sl.open_slide(tmp_path / "t2" / "t_mask.tif") as m:
+        assert np.asarray(m.read_region((3500, 2500), 0, (1, 1)))[0, 0, 3] == 0  # transparent: the test holds
+    (tmp_path / "l2" / "t.csv").write_text("0.9,800,800\n0.7,3500,2500\n")
+    res = call("evaluate.py", "froc", tmp_path / "l2", tmp_path / "t2", "--level", "1")
+    assert "1 tumours" in res.stdout and "FROC=1.0000" in res.stdout, res.stdout
+    # a truth whose name differs from its lesion list's in case is used, and not called missing
+    (les / "t1.csv").write_text("0.9,4800,4800\n")
+    write_annotation(truth, tdir / "T1.json")
+    res = call("evaluate.py", "froc", les, tdir)
+    assert "no lesion list" not in res.stdout and "FROC=" in res.stdout
+    (les / "t1.csv").write_text("\ufeff0.9,4800,4800\n")  # a spreadsheet's byte-order mark
+    assert "FROC=" in call("evaluate.py", "froc", les, tdir).stdout
+    # slides: names paired as companion pairs them; a map or a label left over is refused
+    maps = tmp_path / "maps"
+    meta = {"level": 5, "downsample": [32.0, 32.0]}
+    for name, v in (("m0", .9), ("m1", .8), ("m2", .85), ("m3", .1)):
+        save_probability_map(maps / f"{name}_prob.npy", np.full((8, 8), v, np.float32), {**meta, "slide": f"{name}.tif"})
+    (tmp_path / "labels.csv").write_text("M0,tumor\nm1,tumor\nm2,normal\nm3,normal\n")
+    assert "4 slides (2 tumour): AUC=0.7500" in call("evaluate.py", "slides", maps, tmp_path / "labels.csv").stdout
+    (tmp_path / "labels.csv").write_text("m0,tumor\nm1,tumor\nm2x,normal\nm3,normal\nm4,tumor\n")
+    res = call("evaluate.py", "slides", maps, tmp_path / "labels.csv", check=False)
+    assert res.returncode == 2 and "no label for m2_prob.npy (m2)" in res.stderr and "for m2x, m4" in res.stderr
+    # negatives: never over a lesion list or a training set's list.txt; one map per slide
+    save_probability_map(maps / "m0_prob.npy", np.full((8, 8), 0.9, np.float32), {**meta, "slide": "m0.tif"})
+    (tmp_path / "ds").mkdir()
+    (tmp_path / "ds" / "list.txt").write_text("a,10,10\n")
+    (tmp_path / "ds" / "0.png").write_bytes(b"")
+    for out, why in ((les / "t1.csv", "is a lesion list"), (tmp_path / "ds" / "list.txt", "a training set's list")):
+        before = out.read_bytes()
+        res = call("evaluate.py", "negatives", maps, tdir, "-o", out, check=False)
+        assert res.returncode == 2 and why in res.stderr and out.read_bytes() == before
+    save_probability_map(maps / "copy_prob.npy", np.full((8, 8), 0.9, np.float32), {**meta, "slide": "m0.tif"})
+    res = call("evaluate.py", "negatives", maps, tdir, "-o", tmp_path / "n.txt", check=False)
+    assert res.returncode == 2 and "second map of slide m0.tif" in res.stderr and not (tmp_path / "n.txt").exists()
+
+
+def test_pixels_takes_the_recorded_mask_from_any_folder(tmp_path, monkeypatch):
+    """From a hostile test: the sidecar's relative mask path was read from the working
+    folder, so `cd` changed the AUC (over the mask, or over map > 0 when not found)."""
+    prob = np.random.default_rng(0).random((16, 16)).astype(np.float32)
+    tumour, tissue = np.zeros((16, 16), bool), np.zeros((16, 16), bool)
+    tumour[4:8, 4:8], tissue[2:12, 2:12] = True, True
+    meta = {"slide": "a.tif", "level": 5, "downsample": [32.0, 32.0]}
+    p = tmp_path / "p"
+    masks.save_mask(p / "a_tumor.npy", tumour, {**meta, "kind": "tumor"})
+    masks.save_mask(p / "a_tissue.npy", tissue, {**meta, "kind": "tissue"})
+    monkeypatch.chdir(tmp_path)
+    save_probability_map(p / "a_prob.npy", prob, {**meta, "mask": "p/a_tissue.npy"})  # as prob_map.py wrote it
+    here = call("evaluate.py", "pixels", "p/a_prob.npy", "p/a_tumor.npy").stdout
+    assert "over tissue (p/a_tissue.npy)" in here
+    monkeypatch.chdir(p)
+    res = call("evaluate.py", "pixels", "a_prob.npy", "a_tumor.npy", check=False)
+    assert res.returncode == 2 and "made with tissue mask p/a_tissue.npy, which is not found from here" in res.stderr
+    assert here.split("AUC=")[1][:6] == call("evaluate.py", "pixels", "a_prob.npy", "a_tumor.npy", "--tissue",
+                                             "a_tissue.npy").stdout.split("AUC=")[1][:6]
