@@ -52,6 +52,8 @@ class Job:
 def jobs(slide: Path, mask: Path, out: Path) -> list[Job]:
     """One job per slide; directories are paired by the slide's exact stem."""
     if not slide.is_dir():
+        if not out.exists() and out.suffix and out.suffix != ".npy":  # out.png: a folder, silently
+            raise UserError(f"{out}: a map is a .npy file: end -o with .npy, or name a folder without a suffix")
         if out.is_dir() or out.suffix != ".npy":
             out = out / f"{slide.stem}_prob.npy"
         return [Job(slide, mask_in(mask, slide.stem) if mask.is_dir() else mask, out)]
@@ -228,6 +230,9 @@ def main(argv=None) -> int:
     opts = inference.Options(batch_size=args.batch_size, workers=args.workers, device=device,
                              precision=precision, tta=args.tta, quiet=args.quiet, dense_tile=args.dense_tile,
                              normaliser=MacenkoNormaliser.from_dict(ref) if ref else None)
+    if args.method == "dense" and not ckpt["config"].get("dense_consistency"):
+        warnings.warn(f"{args.ckpt}: not fine-tuned for --method dense (dense_consistency 0), so its dense map "
+                      "differs from lattice's more than a fine-tuned model's does (README: dense whole-slide inference)")
     wanted = settings(args, file_sha256(args.ckpt), precision, resolution(args, ckpt["config"]))
     todo = jobs(args.slide, args.mask, out)[env.rank::env.world]
     check_spares_inputs([j.out for j in todo], [args.ckpt] + [f for j in todo for f in job_files(j)])

@@ -202,6 +202,9 @@ def read_json(path: str | Path, what: str, error: type[CrfError] = CrfError) -> 
 
 
 def sidecar_path(npy: str | Path) -> Path:
+    """`<name>.json` beside `<name>.npy`; a path without a name ('/') is no array file."""
+    if not Path(npy).name:
+        raise ArrayFileError(f"{npy}: is no .npy file")
     return Path(npy).with_suffix(".json")
 
 
@@ -242,12 +245,26 @@ def save_array(path: str | Path, array: np.ndarray, meta: dict) -> None:
     path = Path(path)
     check_array_output(path, meta.get("kind"))
     meta = {**meta, "shape": list(array.shape), "crfcore_version": __version__}
-    with atomic_path(path, ".npy") as tmp:
-        np.save(tmp, array)
-        # before the new array goes in: a kill before the new sidecar then leaves an array
-        # without one (refused, recomputed), never new numbers under the old settings
-        sidecar_path(path).unlink(missing_ok=True)
-    atomic_write_json(sidecar_path(path), meta)
+    with writing_pair(path.parent):
+        with atomic_path(path, ".npy") as tmp:
+            np.save(tmp, array)
+            # before the new array goes in: a kill before the new sidecar then leaves an array
+            # without one (refused, recomputed), never new numbers under the old settings
+            sidecar_path(path).unlink(missing_ok=True)
+        atomic_write_json(sidecar_path(path), meta)
+
+
+@contextmanager
+def writing_pair(folder: Path) -> Iterator[None]:
+    """Hold an exclusive flock on `folder` (waiting for it) while a file pair is written:
+    two runs writing one map then never leave one's array under the other's sidecar."""
+    folder.mkdir(parents=True, exist_ok=True)  # as atomic_path would make it
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
 
 
 def load_array(path: str | Path, kind: str | tuple[str, ...] | None = None,
@@ -275,6 +292,10 @@ def load_array(path: str | Path, kind: str | tuple[str, ...] | None = None,
         raise ArrayFileError(f"{path}: {what}, expected {' or '.join(map(repr, kinds))}")
     if slide is not None and meta.get("slide") != Path(slide).name:
         raise ArrayFileError(f"{path}: belongs to slide {meta.get('slide')!r}, not {Path(slide).name!r}")
+    if slide is not None and isinstance(meta.get("slide_bytes"), int) and Path(slide).is_file() \
+            and Path(slide).stat().st_size != meta["slide_bytes"]:
+        raise ArrayFileError(f"{path}: made from a {meta['slide_bytes']:,}-byte {meta['slide']}, but {slide} has "
+                             f"{Path(slide).stat().st_size:,} bytes: another slide of the same name?")
     meta["downsample"] = _downsample(path, meta)
     level = meta.setdefault("level", None)  # null: the lattice is no pyramid level of the slide
     if level is not None and (not isinstance(level, int) or isinstance(level, bool) or level < 0):

@@ -172,7 +172,8 @@ def make_mask(slide_path: str | Path, kind: str, annotation: Annotation | None =
     meta = {"slide": Path(slide_path).name, "slide_path": str(slide_path), "level": lattice.level,
             "downsample": list(lattice.downsample), "kind": kind,
             "method": "polygons" if kind == "tumor" else method, "slide_dimensions": dimensions,
-            "mpp": list(mpp) if mpp else None}
+            "mpp": list(mpp) if mpp else None,
+            "slide_bytes": Path(slide_path).stat().st_size if Path(slide_path).is_file() else None}
     return mask, meta
 
 

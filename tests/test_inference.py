@@ -1,4 +1,5 @@
 import json
+import os
 
 import numpy as np
 import pytest
@@ -172,7 +173,11 @@ def test_a_map_of_another_checkpoint_is_not_kept(border_slide, grid_ckpt, few_po
     twin = tmp_path / "twin" / s.path.name  # another slide of the same name and size
     synthetic.write_slide(twin, 768, 640, tumours=1, seed=6, tumour_radius=0.15, tissue=[(0.2, 0.3, 0.45, 0.5)])
     res = call("prob_map.py", twin, other, few_points, out, "--workers", "0", "--quiet", check=False)
-    assert res.returncode == 2 and "slide_bytes" in res.stderr
+    assert res.returncode == 2 and "another slide of the same name?" in res.stderr  # its mask is the other's
+    twin_mask = tmp_path / "twin" / "edge_tissue.npy"  # a mask sidecar from before masks recorded slide_bytes
+    masks.save_mask(twin_mask, mask, {k: v for k, v in mask_meta.items() if k != "slide_bytes"})
+    res = call("prob_map.py", twin, other, twin_mask, out, "--workers", "0", "--quiet", check=False)
+    assert res.returncode == 2 and "slide_bytes" in res.stderr  # the map's own record still tells
 
 
 def test_a_map_never_replaces_a_mask(border_slide, grid_ckpt, few_points, tmp_path):
@@ -271,3 +276,41 @@ def test_directory_mode_skips_finished_maps(border_slide, grid_ckpt, tmp_path):
     res = call("prob_map.py", slides, grid_ckpt, mdir, out, "--workers", "0", "--quiet")
     assert "skipped" in res.stdout
     assert json.loads((out / "edge_prob.json").read_text())["method_asked"] == "lattice"
+
+
+def test_a_hostile_test_of_prob_map(border_slide, grid_ckpt, few_points, tmp_path):
+    """From a hostile test of prob_map.py and prob_map_show.py: an -o with another suffix
+    became a folder; a map was drawn over another slide of the same name; dense ran a
+    model not tuned for it without a word; '/' as the map was a traceback."""
+    s, _, _ = border_slide
+    res = call("prob_map.py", s.path, grid_ckpt, few_points, "-o", tmp_path / "out.png", "--quiet", check=False)
+    assert res.returncode == 2 and "a map is a .npy file" in res.stderr and not (tmp_path / "out.png").exists()
+    out = tmp_path / "m" / "edge_prob.npy"
+    res = call("prob_map.py", s.path, grid_ckpt, few_points, "-o", out, "--quiet", "--method", "dense")
+    assert "not fine-tuned for --method dense" in res.stderr and out.is_file()
+    twin = tmp_path / "twin" / s.path.name  # another slide of the same name
+    synthetic.write_slide(twin, 768, 640, tumours=1, seed=6, tumour_radius=0.15, tissue=[(0.2, 0.3, 0.45, 0.5)])
+    res = call("prob_map_show.py", out, "-o", tmp_path / "o.png", "--slide", twin, check=False)
+    assert res.returncode == 2 and "another slide of the same name?" in res.stderr
+    assert not (tmp_path / "o.png").exists()
+    res = call("prob_map_show.py", "/", "-o", tmp_path / "o.png", check=False)
+    assert res.returncode == 2 and "Traceback" not in res.stderr and "is no .npy file" in res.stderr
+
+
+def test_a_map_pair_is_written_whole_while_another_run_writes(tmp_path):
+    """From a hostile test: two runs writing one map could leave one's array under the
+    other's sidecar (then skipped as up to date). A pair is written under the folder's flock."""
+    import fcntl
+    import threading
+    from crfcore.io import lock_folder
+
+    out = tmp_path / "a_prob.npy"
+    held = lock_folder(tmp_path, fcntl.LOCK_EX, "a test")  # another run writing its pair
+    writer = threading.Thread(target=heatmap.save_probability_map,
+                              args=(out, np.zeros((2, 2), np.float32), {"slide": "a.tif", "downsample": [1, 1]}))
+    writer.start()
+    writer.join(0.5)
+    assert writer.is_alive() and not out.exists()  # it waits for the pair before it
+    os.close(held)
+    writer.join(10)
+    assert heatmap.load_probability_map(out)[0].shape == (2, 2)
