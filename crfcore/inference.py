@@ -76,10 +76,10 @@ class Geometry:
         return self.grid // 2
 
     def integer_stride(self) -> int | None:
-        """The stride as an integer (within the pyramid tolerance, equal on both axes), else None."""
-        sx, sy = (round(v) for v in self.stride)
-        ok = sx == sy and sx > 0 and all(sl.same_downsample(v, round(v)) for v in self.stride)
-        return sx if ok else None
+        """The stride as one integer when both axes are within the pyramid tolerance of it
+        (63.47 x 63.70 is 64, though 63.47 alone rounds to 63), else None."""
+        s = round(sum(self.stride) / 2)
+        return s if s > 0 and all(sl.same_downsample(v, s) for v in self.stride) else None
 
     def lattice_step(self) -> int | None:
         """`k = patch / stride` (both in level-0 pixels) when the lattice method applies,

@@ -276,7 +276,7 @@ def load_array(path: str | Path, kind: str | tuple[str, ...] | None = None,
     maker = MAKER.get(kinds[0], "Mask_gen.py") if kinds else "Mask_gen.py or prob_map.py"
     side = sidecar_path(path)
     if not path.is_file():
-        raise ArrayFileError(f"{path}: no such file")
+        raise ArrayFileError(f"{path}: is a folder, not a .npy file" if path.is_dir() else f"{path}: no such file")
     if not side.is_file():
         raise ArrayFileError(f"{path}: sidecar {side.name} is missing (write it with {maker})")
     array = _read_array(path)

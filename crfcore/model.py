@@ -282,7 +282,7 @@ def load_weights_file(path: str | Path, what: str = "checkpoint", map_location: 
     """What a `torch.save` file holds, loaded safely (`weights_only`); every way it can be
     wrong is a `CheckpointError` naming the file."""
     if not Path(path).is_file():
-        raise CheckpointError(f"{path}: no such {what}")
+        raise CheckpointError(f"{path}: is a folder, not a {what} file" if Path(path).is_dir() else f"{path}: no such {what}")
     with open(path, "rb") as fh:
         head = fh.read(4)
     # torch.save writes a zip archive (directory at the end), or before torch 1.6 a pickle
@@ -331,7 +331,10 @@ def model_from_checkpoint(path: str | Path, expect: dict | None = None,
     missing = [k for k in needs if cfg.get(k) is None]
     if missing:
         raise CheckpointError(f"{path}: the checkpoint's config has no {', '.join(missing)}")
-    model = CRFNet(ModelConfig.from_dict(cfg))
+    try:
+        model = CRFNet(ModelConfig.from_dict(cfg))
+    except CheckpointError as err:  # a config value out of range: name the file
+        raise CheckpointError(f"{path}: {err}") from None
     try:
         model.load_state_dict(ckpt["state_dict"])
     except RuntimeError as err:

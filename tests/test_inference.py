@@ -314,3 +314,29 @@ def test_a_map_pair_is_written_whole_while_another_run_writes(tmp_path):
     os.close(held)
     writer.join(10)
     assert heatmap.load_probability_map(out)[0].shape == (2, 2)
+
+
+def test_a_stride_within_1_percent_of_one_whole_number_on_both_axes_is_it():
+    """From a hostile test: a mask at downsample 63.47 x 63.70 (TCGA, --downsample 64) was
+    rounded axis by axis to 63 and 64, so prob_map.py fell back to the naive method, 9x slower."""
+    geom = lambda stride: inference.Geometry(3, 256, 224, stride)  # noqa: E731
+    assert geom((63.47, 63.70)).integer_stride() == 64
+    assert geom((31.7, 32.0)).integer_stride() == 32
+    assert geom((63.0, 64.0)).integer_stride() is None  # 63.5: 64 is 1.6 % from 63
+    assert geom((60.0, 60.0)).integer_stride() == 60 and geom((0.4, 0.4)).integer_stride() is None
+
+
+def test_messages_name_the_file_and_the_problem(grid_ckpt, tmp_path):
+    """From a hostile test: a folder given as the checkpoint or the map was 'no such file',
+    and a checkpoint with grid 2 was refused without naming it."""
+    res = call("prob_map_show.py", tmp_path, "-o", tmp_path / "o.png", check=False)
+    assert res.returncode == 2 and "is a folder, not a .npy file" in res.stderr
+    res = call("evaluate.py", "patches", tmp_path, tmp_path, check=False)
+    assert res.returncode == 2 and "is a folder, not a checkpoint file" in res.stderr
+    ckpt = torch.load(grid_ckpt, weights_only=True)
+    ckpt["config"]["grid"] = 2
+    torch.save(ckpt, tmp_path / "g2.ckpt")
+    from crfcore.errors import CrfError
+    from crfcore.model import model_from_checkpoint
+    with pytest.raises(CrfError, match=r"g2.ckpt: .*grid"):
+        model_from_checkpoint(tmp_path / "g2.ckpt")
