@@ -16,6 +16,7 @@ import tifffile
 from . import slide as sl
 from .errors import CrfError, OutputError
 from .io import ArrayFileError, atomic_path, load_array, save_array, save_figure
+from .masks import KINDS as MASK_KINDS
 from .slide import MAP_SOFTWARE
 
 TILE = 256
@@ -46,9 +47,22 @@ def check_picture_format(out: Path) -> None:
 
 
 def check_not_a_slide(path: Path) -> None:
-    """Refuse, before any work, a picture or map TIFF named like an existing slide that this
-    tool did not write (a --plot or --tiff given a slide's name would replace the slide)."""
-    if not path.is_file() or path.suffix.lower() not in sl.SLIDE_EXTENSIONS or sl.is_map_tiff(path):
+    """Refuse, before any work, a picture named like an existing slide that this tool did
+    not write (a --plot given a slide's name would replace the slide), like a heat-map TIFF
+    of `--tiff`, or like a mask's preview (Mask_gen.py's `<mask>.png` beside `<mask>.npy`)."""
+    if not path.is_file():
+        return
+    if sl.is_map_tiff(path):
+        raise OutputError(f"{path}: is a heat-map TIFF (prob_map_show.py --tiff); the picture would replace it: "
+                          "choose another name")
+    try:
+        kind = load_array(path.with_suffix(".npy"))[1].get("kind") if path.with_suffix(".npy").is_file() else None
+    except CrfError:
+        kind = None
+    if kind in MASK_KINDS:
+        raise OutputError(f"{path}: is the preview of the {kind} mask {path.with_suffix('.npy').name}; the picture "
+                          "would replace it: choose another name")
+    if path.suffix.lower() not in sl.SLIDE_EXTENSIONS:
         return
     try:
         sl.open_slide(path).close()

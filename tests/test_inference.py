@@ -340,3 +340,20 @@ def test_messages_name_the_file_and_the_problem(grid_ckpt, tmp_path):
     from crfcore.model import model_from_checkpoint
     with pytest.raises(CrfError, match=r"g2.ckpt: .*grid"):
         model_from_checkpoint(tmp_path / "g2.ckpt")
+
+
+def test_a_picture_never_replaces_a_heat_map_tiff_or_a_mask_preview(border_slide, tmp_path):
+    """From a hostile test: prob_map_show.py -o replaced a --tiff pyramid and Mask_gen.py's
+    mask preview with a matplotlib picture (exit 0)."""
+    s, mask, meta = border_slide
+    prob = np.where(mask, 0.5, 0).astype(np.float32)
+    heatmap.save_probability_map(tmp_path / "edge_prob.npy", prob, {**meta, "slide": "edge.tif"})
+    call("prob_map_show.py", tmp_path / "edge_prob.npy", "-o", tmp_path / "edge_prob.png", "--slide", s.path,
+         "--tiff", tmp_path / "heat.tif")
+    masks.save_mask(tmp_path / "edge_tissue.npy", mask, meta)
+    (tmp_path / "edge_tissue.png").write_bytes(b"preview")
+    for out, why in (("heat.tif", "is a heat-map TIFF"), ("edge_tissue.png", "is the preview of the tissue mask")):
+        before = (tmp_path / out).read_bytes()
+        res = call("prob_map_show.py", tmp_path / "edge_prob.npy", "-o", tmp_path / out, check=False)
+        assert res.returncode == 2 and why in res.stderr and (tmp_path / out).read_bytes() == before
+    call("prob_map_show.py", tmp_path / "edge_prob.npy", "-o", tmp_path / "edge_prob.png")  # its own, again
