@@ -23,6 +23,7 @@ quiet_ctrl_c()  # first: Ctrl-C while the libraries below load is one line
 
 import argparse
 import os
+import sys
 import time
 import warnings
 from dataclasses import dataclass
@@ -234,10 +235,24 @@ def main(argv=None) -> int:
         warnings.warn(f"{args.ckpt}: not fine-tuned for --method dense (dense_consistency 0), so its dense map "
                       "differs from lattice's more than a fine-tuned model's does (README: dense whole-slide inference)")
     wanted = settings(args, file_sha256(args.ckpt), precision, resolution(args, ckpt["config"]))
-    todo = jobs(args.slide, args.mask, out)[env.rank::env.world]
+    todo, clash = split_clashes(jobs(args.slide, args.mask, out))
+    todo = todo[env.rank::env.world]
     check_spares_inputs([j.out for j in todo], [args.ckpt] + [f for j in todo for f in job_files(j)])
     for_each(todo, lambda j: j.slide.name, lambda j: map_slide(j, model, ckpt, args, opts, wanted))
+    if clash:
+        raise UserError(f"not mapped: {', '.join(j.slide.name for j in clash)}: slides of one name in two formats "
+                        "would write one map; map each on its own with its own -o")
     return 0
+
+
+def split_clashes(todo: list[Job]) -> tuple[list[Job], list[Job]]:
+    """The jobs whose maps are their own, and those whose slides share a stem (`a.tif` and
+    `a.svs`: one `a_prob.npy`): those are left out, and the others go on."""
+    outs = [j.out for j in todo]
+    clash = [j for j in todo if outs.count(j.out) > 1]
+    for j in clash:
+        print(f"error: {j.slide}: another slide of this run is named {j.slide.stem} too; not mapped", file=sys.stderr)
+    return [j for j in todo if j not in clash], clash
 
 
 if __name__ == "__main__":

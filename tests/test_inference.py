@@ -357,3 +357,17 @@ def test_a_picture_never_replaces_a_heat_map_tiff_or_a_mask_preview(border_slide
         res = call("prob_map_show.py", tmp_path / "edge_prob.npy", "-o", tmp_path / out, check=False)
         assert res.returncode == 2 and why in res.stderr and (tmp_path / out).read_bytes() == before
     call("prob_map_show.py", tmp_path / "edge_prob.npy", "-o", tmp_path / "edge_prob.png")  # its own, again
+
+
+def test_two_slides_of_one_name_are_left_out_and_the_batch_goes_on(border_slide, grid_ckpt, few_points, tmp_path):
+    """From a hostile test: a.tif beside a.svs (one a_prob.npy) refused the whole batch."""
+    s, _, _ = border_slide
+    slides, maskdir = tmp_path / "slides", tmp_path / "masks"
+    slides.mkdir(), maskdir.mkdir()
+    for name in ("edge.tif", "edge.svs", "solo.tif"):
+        os.symlink(s.path, slides / name)
+    mask, meta = masks.load_mask(few_points)
+    masks.save_mask(maskdir / "solo_tissue.npy", mask, {**meta, "slide": "solo.tif", "slide_bytes": None})
+    res = call("prob_map.py", slides, grid_ckpt, maskdir, tmp_path / "maps", "--quiet", check=False)
+    assert res.returncode == 2 and (tmp_path / "maps" / "solo_prob.npy").is_file()
+    assert "named edge too; not mapped" in res.stderr and "not mapped: edge.svs, edge.tif" in res.stderr
