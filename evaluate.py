@@ -34,7 +34,8 @@ from crfcore.cli import PROBABILITY, UserError, add_workers, given_path, number,
 from crfcore.errors import CrfError
 from crfcore.heatmap import check_not_a_slide, check_picture_format, load_probability_map
 from crfcore.io import (COMPANIONS, atomic_write_text, check_fits_slide, check_spares_inputs, companion, companion_stem,
-                        save_figure, sidecar_path, visible_files)
+                        file_sha256, save_figure, sidecar_path, visible_files)
+from crfcore.tilefolder import tiles_in
 from crfcore.tiling import format_coords, read_coords
 
 MAX_TRUTH_PIXELS = 2**26  # an evaluation raster larger than this is a mistake (a bad coordinate)
@@ -60,6 +61,8 @@ def cmd_lesions(args) -> None:
 def lesion_outputs(out: Path, to: str) -> tuple[Path, Path | None]:
     """`lesions -o OUT --to TO` writes the CSV (OUT with .csv) and, unless TO is csv, the
     export (OUT with .xml or .geojson)."""
+    if out.name in ("", ".", "..") or out.is_dir():
+        raise UserError(f"{out}: is a folder; -o names the lesion list, LESIONS.csv")
     return out.with_suffix(".csv"), (None if to == "csv" else out.with_suffix("." + to))
 
 
@@ -87,10 +90,15 @@ def run_files(args) -> list[Path]:
 
 
 def slides_by_stem(slides_dir: Path | None) -> dict[str, Path]:
-    """The slides of `slides_dir` (listed once) by stem; of two with one stem, the first."""
+    """The slides of `slides_dir` (listed once) by stem; of two with one stem, the first.
+    A stem also finds its slide in another case where only one matches (Tumor_001.tif)."""
     found: dict[str, Path] = {}
     for p in sl.find_slides(slides_dir) if slides_dir is not None else []:
         found.setdefault(p.stem, p)
+    lower = [stem.lower() for stem in found]
+    for stem, p in list(found.items()):
+        if lower.count(stem.lower()) == 1:
+            found.setdefault(stem.lower(), p)
     return found
 
 
@@ -207,12 +215,12 @@ def cmd_froc(args) -> None:
     if args.slides is None:  # the isolated-tumour-cell rule is in microns
         print(f"note: no --slides, so every slide is taken at --mpp {args.mpp:g} um per pixel")
     slides = slides_by_stem(args.slides)
-    if args.slides is not None and (missing := [s for s in stems if s not in slides]):
+    if args.slides is not None and (missing := [s for s in stems if s not in slides and s.lower() not in slides]):
         print(f"note: no slide in {args.slides} for {', '.join(missing)}: taken at --mpp {args.mpp:g} um per "
               "pixel (an annotation rasterised over its own extent)")
     fps, tps, normal = [], [], []
     for f, stem in zip(files, stems):
-        fp, tp, is_normal = froc_hits(f, stem, args, slides.get(stem))
+        fp, tp, is_normal = froc_hits(f, stem, args, slides.get(stem, slides.get(stem.lower())))
         fps.append(fp)
         tps.append(tp)
         if is_normal:
@@ -305,15 +313,25 @@ def labelled_as(stem: str, labels: dict[str, int]) -> str | None:
 def tissue_for(args, prob: np.ndarray, meta: dict) -> tuple[np.ndarray, str]:
     """The tissue the AUC is taken over: --tissue, else the mask prob_map.py used, else
     the map's non-zero cells."""
-    path = args.tissue or (Path(meta["mask"]) if meta.get("mask") else None)
+    path = args.tissue or recorded_mask(args.prob, meta)
     if path is None:  # a map that records no mask
         return prob > 0, "map > 0"
-    if not path.is_file():  # a relative path from another working folder, or a mask moved since
-        raise UserError(f"{args.prob}: made with tissue mask {path}, which is not found from here; "
-                        "give it with --tissue")
     tissue, tissue_meta = masks.load_mask(path, slide=meta["slide"])
     check_map_lattice(path, tissue, tissue_meta, prob, meta)
     return tissue, str(path)
+
+
+def recorded_mask(prob_path: Path, meta: dict) -> Path | None:
+    """The tissue mask a map was made with: its absolute path, else the path as given to
+    prob_map.py, from here (a project tree moved or copied); a file whose SHA-256 is not the
+    recorded one is not it. None where the map records no mask."""
+    if not meta.get("mask"):
+        return None
+    for where in filter(None, (meta.get("mask_abspath"), meta["mask"])):
+        if Path(where).is_file() and meta.get("mask_sha256") in (None, file_sha256(where)):
+            return Path(where)
+    raise UserError(f"{prob_path}: made with tissue mask {meta['mask']}, which is not found from here; "
+                    "give it with --tissue")
 
 
 def check_map_lattice(path: Path, mask: np.ndarray, mask_meta: dict, prob: np.ndarray, meta: dict) -> None:
@@ -415,6 +433,9 @@ def check_coords_output(path: Path) -> None:
         raise UserError(f"{path}: exists and is a lesion list (prob,x,y); not replaced: choose another output")
     if path.name == "list.txt" and any((path.parent / name).exists() for name in ("0.png", "sides.txt")):
         raise UserError(f"{path}: is a training set's list (coord_list_gen.py); not replaced: choose another output")
+    if tiles_in(path.with_suffix("")):
+        raise UserError(f"{path}: is the list of the tiles in {path.with_suffix('').name}/ (Patch_gen.py); not "
+                        "replaced: choose another output")
 
 
 def plot(path: Path, x, y, xlabel: str, ylabel: str, title: str, logx: bool = False) -> None:

@@ -50,10 +50,13 @@ class Job:
     out: Path
 
 
+FILE_SUFFIXES = {".npy", ".npz", ".png", ".jpg", ".jpeg", ".tif", ".tiff", ".svg", ".pdf", ".csv", ".json", ".txt"}
+
+
 def jobs(slide: Path, mask: Path, out: Path) -> list[Job]:
     """One job per slide; directories are paired by the slide's exact stem."""
     if not slide.is_dir():
-        if not out.exists() and out.suffix and out.suffix != ".npy":  # out.png: a folder, silently
+        if not out.exists() and out.suffix != ".npy" and out.suffix.lower() in FILE_SUFFIXES:  # out.png: not a folder
             raise UserError(f"{out}: a map is a .npy file: end -o with .npy, or name a folder without a suffix")
         if out.is_dir() or out.suffix != ".npy":
             out = out / f"{slide.stem}_prob.npy"
@@ -176,7 +179,7 @@ def map_slide(job: Job, model, ckpt: dict, args, opts: inference.Options, wanted
     save_probability_map(job.out, prob, {
         "slide": job.slide.name, "slide_path": str(job.slide), "slide_dimensions": list(size),
         "mpp": list(mpp) if mpp else None, "level": meta["level"], "downsample": meta["downsample"],
-        "mask": os.path.abspath(job.mask), "checkpoint": str(args.ckpt), **wanted, "grid": cfg["grid"],
+        "mask": str(job.mask), "mask_abspath": os.path.abspath(job.mask), "checkpoint": str(args.ckpt), **wanted, "grid": cfg["grid"],
         "patch_size": cfg["patch_size"], "crop_size": cfg["crop_size"], "method": method,
         "stain_normalised": bool(cfg.get("stain_reference")), **read.describe(), "seconds": seconds,
         "device": str(opts.device)})

@@ -244,33 +244,27 @@ def save_array(path: str | Path, array: np.ndarray, meta: dict) -> None:
     """Write `array` to `path` (.npy) and `meta` (+ shape, version) to its sidecar."""
     path = Path(path)
     check_array_output(path, meta.get("kind"))
-    meta = {**meta, "shape": list(array.shape), "crfcore_version": __version__}
-    with writing_pair(path.parent):
-        with atomic_path(path, ".npy") as tmp:
-            np.save(tmp, array)
-            # before the new array goes in: a kill before the new sidecar then leaves an array
-            # without one (refused, recomputed), never new numbers under the old settings
-            sidecar_path(path).unlink(missing_ok=True)
-        atomic_write_json(sidecar_path(path), meta)
+    # the sidecar names its array's content: two runs writing one map at once can leave one
+    # run's array under the other's sidecar, and readers then refuse the pair (no lock to wait on)
+    meta = {**meta, "shape": list(array.shape), "array_sha256": array_sha256(array), "crfcore_version": __version__}
+    with atomic_path(path, ".npy") as tmp:
+        np.save(tmp, array)
+        # before the new array goes in: a kill before the new sidecar then leaves an array
+        # without one (refused, recomputed), never new numbers under the old settings
+        sidecar_path(path).unlink(missing_ok=True)
+    atomic_write_json(sidecar_path(path), meta)
 
 
-@contextmanager
-def writing_pair(folder: Path) -> Iterator[None]:
-    """Hold an exclusive flock on `folder` (waiting for it) while a file pair is written:
-    two runs writing one map then never leave one's array under the other's sidecar."""
-    folder.mkdir(parents=True, exist_ok=True)  # as atomic_path would make it
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)
+def array_sha256(array: np.ndarray) -> str:
+    """The SHA-256 of an array's values (its C-order bytes)."""
+    return hashlib.sha256(np.ascontiguousarray(array).tobytes()).hexdigest()
 
 
 def load_array(path: str | Path, kind: str | tuple[str, ...] | None = None,
                slide: str | Path | None = None) -> tuple[np.ndarray, dict]:
-    """Read a 2-D array and its sidecar; check the sidecar's lattice, `kind` and the
-    slide's file name if given. Non-finite values are refused."""
+    """Read a 2-D array and its sidecar; check the sidecar's lattice, `kind` and, when given,
+    the slide: its file name (a str), or the slide file itself (a Path: its size in bytes
+    too, where the sidecar records it). Non-finite values are refused."""
     path = Path(path)
     kinds = (kind,) if isinstance(kind, str) else kind
     maker = MAKER.get(kinds[0], "Mask_gen.py") if kinds else "Mask_gen.py or prob_map.py"
@@ -285,6 +279,9 @@ def load_array(path: str | Path, kind: str | tuple[str, ...] | None = None,
         raise ArrayFileError(f"{side}: not a sidecar (expected a JSON object naming its slide)")
     if list(array.shape) != meta.get("shape"):
         raise ArrayFileError(f"{path}: shape {array.shape} does not match its sidecar {meta.get('shape')}")
+    if meta.get("array_sha256") not in (None, array_sha256(array)):
+        raise ArrayFileError(f"{path}: its values are not those its sidecar {side.name} records (two runs wrote it "
+                             "at once?); make it again")
     if array.ndim != 2:
         raise ArrayFileError(f"{path}: is a {array.ndim}-D array; masks and maps are 2-D [row, col]")
     if kinds is not None and meta.get("kind") not in kinds:
@@ -292,8 +289,8 @@ def load_array(path: str | Path, kind: str | tuple[str, ...] | None = None,
         raise ArrayFileError(f"{path}: {what}, expected {' or '.join(map(repr, kinds))}")
     if slide is not None and meta.get("slide") != Path(slide).name:
         raise ArrayFileError(f"{path}: belongs to slide {meta.get('slide')!r}, not {Path(slide).name!r}")
-    if slide is not None and isinstance(meta.get("slide_bytes"), int) and Path(slide).is_file() \
-            and Path(slide).stat().st_size != meta["slide_bytes"]:
+    if isinstance(slide, Path) and isinstance(meta.get("slide_bytes"), int) and slide.is_file() \
+            and slide.stat().st_size != meta["slide_bytes"]:  # a Path: the slide file itself, not just its name
         raise ArrayFileError(f"{path}: made from a {meta['slide_bytes']:,}-byte {meta['slide']}, but {slide} has "
                              f"{Path(slide).stat().st_size:,} bytes: another slide of the same name?")
     meta["downsample"] = _downsample(path, meta)

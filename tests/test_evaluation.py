@@ -544,3 +544,49 @@ def test_pixels_takes_the_recorded_mask_from_any_folder(tmp_path, monkeypatch):
     assert res.returncode == 2 and "made with tissue mask p/a_tissue.npy, which is not found from here" in res.stderr
     assert here.split("AUC=")[1][:6] == call("evaluate.py", "pixels", "a_prob.npy", "a_tumor.npy", "--tissue",
                                              "a_tissue.npy").stdout.split("AUC=")[1][:6]
+
+
+def test_a_regression_review_of_the_evaluate_fixes(truth, tmp_path, monkeypatch):
+    """From a regression review: a project tree copied elsewhere lost its recorded mask,
+    `--tissue MISSING` blamed the map, a file of the slide's name in the working folder was
+    taken for the slide, `lesions -o .` was a traceback, `--slides` found `Tumor_001.tif`
+    for no lesion list, and `negatives -o` replaced a Patch_gen list."""
+    import shutil
+    from crfcore.io import file_sha256
+    prob = np.random.default_rng(0).random((16, 16)).astype(np.float32)
+    tumour, tissue = np.zeros((16, 16), bool), np.zeros((16, 16), bool)
+    tumour[4:8, 4:8], tissue[2:12, 2:12] = True, True
+    meta = {"slide": "a.tif", "level": 5, "downsample": [32.0, 32.0]}
+    old = tmp_path / "old" / "p"
+    masks.save_mask(old / "a_tumor.npy", tumour, {**meta, "kind": "tumor", "slide_bytes": 123})
+    masks.save_mask(old / "a_tissue.npy", tissue, {**meta, "kind": "tissue"})
+    save_probability_map(old / "a_prob.npy", prob, {**meta, "mask": "p/a_tissue.npy", "mask_abspath": str(
+        old / "a_tissue.npy"), "mask_sha256": file_sha256(old / "a_tissue.npy")})
+    new = tmp_path / "new"
+    shutil.copytree(tmp_path / "old", new)
+    shutil.rmtree(tmp_path / "old")
+    monkeypatch.chdir(new)
+    (new / "a.tif").write_text("junk")  # a file of the slide's name here is not the slide
+    res = call("evaluate.py", "pixels", "p/a_prob.npy", "p/a_tumor.npy")
+    assert "over tissue (p/a_tissue.npy)" in res.stdout
+    masks.save_mask(new / "p" / "a_tissue.npy", tissue[::-1], {**meta, "kind": "tissue"})  # another mask there
+    res = call("evaluate.py", "pixels", "p/a_prob.npy", "p/a_tumor.npy", check=False)
+    assert res.returncode == 2 and "which is not found from here" in res.stderr
+    res = call("evaluate.py", "pixels", "p/a_prob.npy", "p/a_tumor.npy", "--tissue", "none.npy", check=False)
+    assert res.returncode == 2 and "none.npy: no such file" in res.stderr
+    for out in (".", "/"):
+        res = call("evaluate.py", "lesions", "p/a_prob.npy", "-o", out, check=False)
+        assert res.returncode == 2 and "is a folder; -o names the lesion list" in res.stderr
+    les, tdir = lesion_setup(tmp_path, truth)
+    slides = tmp_path / "slides"
+    synthetic.write_slide(slides / "T1.tif", 2048, 2048, tumours=0, seed=1)  # t1's, in another case
+    res = call("evaluate.py", "froc", les, tdir, "--slides", slides, check=False)
+    assert res.returncode == 2 and "outside T1.tif" in res.stderr  # the slide was found
+    patches = tmp_path / "patches"
+    (patches / "s1").mkdir(parents=True)
+    (patches / "s1" / "tile_0_level0_0-0-64-64.png").write_bytes(b"")
+    (patches / "s1.txt").write_text("s1,32,32\n")
+    save_probability_map(tmp_path / "maps" / "a_prob.npy", prob, meta)
+    res = call("evaluate.py", "negatives", tmp_path / "maps", tdir, "-o", patches / "s1.txt", check=False)
+    assert res.returncode == 2 and "is the list of the tiles in s1/" in res.stderr
+    assert (patches / "s1.txt").read_text() == "s1,32,32\n"

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from crfcore import heatmap, inference, masks, synthetic
+from crfcore.errors import CrfError
 from crfcore import slide as sl
 from crfcore.model import CRFNet, ModelConfig, save_checkpoint
 from crfcore.testing import varied_model
@@ -285,6 +286,8 @@ def test_a_hostile_test_of_prob_map(border_slide, grid_ckpt, few_points, tmp_pat
     s, _, _ = border_slide
     res = call("prob_map.py", s.path, grid_ckpt, few_points, "-o", tmp_path / "out.png", "--quiet", check=False)
     assert res.returncode == 2 and "a map is a .npy file" in res.stderr and not (tmp_path / "out.png").exists()
+    call("prob_map.py", s.path, grid_ckpt, few_points, "-o", tmp_path / "maps.2024.05", "--quiet")  # a review
+    assert (tmp_path / "maps.2024.05" / "edge_prob.npy").is_file()
     out = tmp_path / "m" / "edge_prob.npy"
     res = call("prob_map.py", s.path, grid_ckpt, few_points, "-o", out, "--quiet", "--method", "dense")
     assert "not fine-tuned for --method dense" in res.stderr and out.is_file()
@@ -297,23 +300,22 @@ def test_a_hostile_test_of_prob_map(border_slide, grid_ckpt, few_points, tmp_pat
     assert res.returncode == 2 and "Traceback" not in res.stderr and "is no .npy file" in res.stderr
 
 
-def test_a_map_pair_is_written_whole_while_another_run_writes(tmp_path):
+def test_an_array_under_another_runs_sidecar_is_refused_and_made_again(border_slide, grid_ckpt, few_points, tmp_path):
     """From a hostile test: two runs writing one map could leave one's array under the
-    other's sidecar (then skipped as up to date). A pair is written under the folder's flock."""
-    import fcntl
-    import threading
-    from crfcore.io import lock_folder
-
-    out = tmp_path / "a_prob.npy"
-    held = lock_folder(tmp_path, fcntl.LOCK_EX, "a test")  # another run writing its pair
-    writer = threading.Thread(target=heatmap.save_probability_map,
-                              args=(out, np.zeros((2, 2), np.float32), {"slide": "a.tif", "downsample": [1, 1]}))
-    writer.start()
-    writer.join(0.5)
-    assert writer.is_alive() and not out.exists()  # it waits for the pair before it
-    os.close(held)
-    writer.join(10)
-    assert heatmap.load_probability_map(out)[0].shape == (2, 2)
+    other's sidecar, then skipped as up to date. The sidecar records its array's values
+    (no lock: a folder lock made a run wait, silently, on train.py's lock of SAVE_DIR)."""
+    s, _, _ = border_slide
+    out = tmp_path / "edge_prob.npy"
+    call("prob_map.py", s.path, grid_ckpt, few_points, out, "--quiet")
+    good = out.read_bytes()
+    np.save(out, np.load(out) * 0.5)  # the other run's array
+    with pytest.raises(CrfError, match="its values are not those its sidecar edge_prob.json records"):
+        heatmap.load_probability_map(out)
+    res = call("prob_map.py", s.path, grid_ckpt, few_points, out, "--quiet")
+    assert "computed again" in res.stderr and out.read_bytes() == good
+    from crfcore.trainset import run_lock
+    with run_lock(tmp_path):  # a training run's lock on the folder: the map is still written
+        call("prob_map.py", s.path, grid_ckpt, few_points, tmp_path / "other_prob.npy", "--quiet")
 
 
 def test_a_stride_within_1_percent_of_one_whole_number_on_both_axes_is_it():
@@ -336,7 +338,6 @@ def test_messages_name_the_file_and_the_problem(grid_ckpt, tmp_path):
     ckpt = torch.load(grid_ckpt, weights_only=True)
     ckpt["config"]["grid"] = 2
     torch.save(ckpt, tmp_path / "g2.ckpt")
-    from crfcore.errors import CrfError
     from crfcore.model import model_from_checkpoint
     with pytest.raises(CrfError, match=r"g2.ckpt: .*grid"):
         model_from_checkpoint(tmp_path / "g2.ckpt")
