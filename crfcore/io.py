@@ -168,6 +168,8 @@ def ensure_free_space(path: str | Path, nbytes: int, what: str = "output") -> No
         folder = folder.parent
     if not os.access(folder, os.W_OK):
         raise OutputError(f"{path}: cannot write ({folder} is not writable)")
+    if os.statvfs(folder).f_flag & os.ST_RDONLY:  # root passes os.access even there
+        raise OutputError(f"{path}: cannot write ({folder} is on a read-only file system)")
     free = shutil.disk_usage(folder).free
     if free < nbytes:
         raise OutputError(f"{path}: the {what} needs {nbytes:,} bytes but only {free:,} are free on that "
@@ -301,7 +303,8 @@ def load_array(path: str | Path, kind: str | tuple[str, ...] | None = None,
         raise ArrayFileError(f"{side}: 'mpp' must be null or two positive numbers, got {meta['mpp']!r}")
     if array.dtype.kind == "f" and not np.isfinite(array).all():
         bad = int((~np.isfinite(array)).sum())
-        raise ArrayFileError(f"{path}: {bad} cell(s) are NaN or infinite; refusing a non-finite map")
+        what = "map" if meta.get("kind") == "probability" else "mask" if meta.get("kind") else "array"
+        raise ArrayFileError(f"{path}: {bad} cell(s) are NaN or infinite; refusing a non-finite {what}")
     return array, meta
 
 

@@ -83,7 +83,8 @@ def sidecar(path, **meta):
     ({"downsample": [True, 16]}, np.zeros((4, 5), np.float32), "'downsample' must be two positive numbers"),
     ({"shape": [4, 5, 3]}, np.zeros((4, 5, 3), np.float32), "3-D array"),
     ({}, np.full((4, 5), np.nan, np.float32), "20 cell\\(s\\) are NaN or infinite"),
-    ({}, np.array([[np.inf] * 5] * 4, np.float32), "NaN or infinite"),
+    ({}, np.array([[np.inf] * 5] * 4, np.float32), "NaN or infinite; refusing a non-finite map"),
+    ({"kind": "tissue"}, np.full((4, 5), np.nan, np.float32), "refusing a non-finite mask"),  # was called a map
     ({"shape": [5, 4]}, np.zeros((4, 5), np.float32), "does not match its sidecar"),
     ({"shape": [4, 5]}, np.full((4, 5), "a"), "holds <U1 values; masks and maps hold numbers"),
     ({"shape": [0, 0]}, np.zeros((0, 0), np.float32), "empty 0x0 array"),
@@ -97,7 +98,7 @@ def test_bad_arrays_and_sidecars_are_refused(tmp_path, meta, array, message):
     np.save(tmp_path / "p.npy", array)
     sidecar(tmp_path / "p.npy", **meta)
     with pytest.raises(io.ArrayFileError, match=message):
-        io.load_array(tmp_path / "p.npy", kind="probability")
+        io.load_array(tmp_path / "p.npy", kind=meta.get("kind", "probability"))
 
 
 def test_a_sidecar_without_level_reads_as_no_pyramid_level(tmp_path):
