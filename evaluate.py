@@ -90,16 +90,20 @@ def run_files(args) -> list[Path]:
 
 
 def slides_by_stem(slides_dir: Path | None) -> dict[str, Path]:
-    """The slides of `slides_dir` (listed once) by stem; of two with one stem, the first.
-    A stem also finds its slide in another case where only one matches (Tumor_001.tif)."""
+    """The slides of `slides_dir` (listed once) by stem; of two with one stem, the first."""
     found: dict[str, Path] = {}
     for p in sl.find_slides(slides_dir) if slides_dir is not None else []:
         found.setdefault(p.stem, p)
-    lower = [stem.lower() for stem in found]
-    for stem, p in list(found.items()):
-        if lower.count(stem.lower()) == 1:
-            found.setdefault(stem.lower(), p)
     return found
+
+
+def slide_for(stem: str, slides: dict[str, Path]) -> Path | None:
+    """The slide of `stem`: the exact stem, else the one slide whose stem is it in another
+    case (Tumor_001.tif for tumor_001.csv); None where none or several are."""
+    if stem in slides:
+        return slides[stem]
+    same = [p for s, p in slides.items() if s.lower() == stem.lower()]
+    return same[0] if len(same) == 1 else None
 
 
 def truth_lattice(slide_path: Path | None, level: int, bounds, mpp: float) -> masks.Lattice:
@@ -215,12 +219,12 @@ def cmd_froc(args) -> None:
     if args.slides is None:  # the isolated-tumour-cell rule is in microns
         print(f"note: no --slides, so every slide is taken at --mpp {args.mpp:g} um per pixel")
     slides = slides_by_stem(args.slides)
-    if args.slides is not None and (missing := [s for s in stems if s not in slides and s.lower() not in slides]):
+    if args.slides is not None and (missing := [s for s in stems if slide_for(s, slides) is None]):
         print(f"note: no slide in {args.slides} for {', '.join(missing)}: taken at --mpp {args.mpp:g} um per "
               "pixel (an annotation rasterised over its own extent)")
     fps, tps, normal = [], [], []
     for f, stem in zip(files, stems):
-        fp, tp, is_normal = froc_hits(f, stem, args, slides.get(stem, slides.get(stem.lower())))
+        fp, tp, is_normal = froc_hits(f, stem, args, slide_for(stem, slides))
         fps.append(fp)
         tps.append(tp)
         if is_normal:
@@ -322,15 +326,17 @@ def tissue_for(args, prob: np.ndarray, meta: dict) -> tuple[np.ndarray, str]:
 
 
 def recorded_mask(prob_path: Path, meta: dict) -> Path | None:
-    """The tissue mask a map was made with: its absolute path, else the path as given to
-    prob_map.py, from here (a project tree moved or copied); a file whose SHA-256 is not the
-    recorded one is not it. None where the map records no mask."""
+    """The tissue mask a map was made with: its recorded path (absolute since 2026-12-07),
+    else the path as given to prob_map.py, from here (a project tree moved or copied); a
+    file whose SHA-256 is not the recorded one is not it. None where the map records no mask."""
     if not meta.get("mask"):
         return None
-    for where in filter(None, (meta.get("mask_abspath"), meta["mask"])):
-        if Path(where).is_file() and meta.get("mask_sha256") in (None, file_sha256(where)):
-            return Path(where)
-    raise UserError(f"{prob_path}: made with tissue mask {meta['mask']}, which is not found from here; "
+    places = [Path(p) for p in (meta["mask"], meta.get("mask_given")) if p and Path(p).is_file()]
+    for where in places:
+        if meta.get("mask_sha256") in (None, file_sha256(where)):
+            return where
+    why = f"{places[0]} is not it (its SHA-256 differs: made again since?)" if places else "not found from here"
+    raise UserError(f"{prob_path}: made with tissue mask {meta.get('mask_given') or meta['mask']}, {why}; "
                     "give it with --tissue")
 
 

@@ -36,8 +36,8 @@ from crfcore import slide as sl
 from crfcore.cli import UserError, add_workers, for_each, given_path, number, one_line, parser, run
 from crfcore.device import PRECISIONS, DistEnv, resolve_device, resolve_precision, retain_freed_memory
 from crfcore.heatmap import load_probability_map, save_probability_map
-from crfcore.io import (ArrayFileError, check_array_output, check_fits_slide, check_spares_inputs, companion,
-                        ensure_free_space, file_sha256, own_sidecar, sidecar_path)
+from crfcore.io import (ArrayFileError, array_sha256, check_array_output, check_fits_slide, check_spares_inputs,
+                        companion, ensure_free_space, file_sha256, own_sidecar, sidecar_path)
 from crfcore.model import model_from_checkpoint
 from crfcore.scale import ReadScale, read_scale
 from crfcore.stain import MacenkoNormaliser
@@ -56,7 +56,7 @@ FILE_SUFFIXES = {".npy", ".npz", ".png", ".jpg", ".jpeg", ".tif", ".tiff", ".svg
 def jobs(slide: Path, mask: Path, out: Path) -> list[Job]:
     """One job per slide; directories are paired by the slide's exact stem."""
     if not slide.is_dir():
-        if not out.exists() and out.suffix != ".npy" and out.suffix.lower() in FILE_SUFFIXES:  # out.png: not a folder
+        if not out.exists() and out.suffix != ".npy" and out.suffix.lower() in FILE_SUFFIXES:  # out.png: no folder
             raise UserError(f"{out}: a map is a .npy file: end -o with .npy, or name a folder without a suffix")
         if out.is_dir() or out.suffix != ".npy":
             out = out / f"{slide.stem}_prob.npy"
@@ -118,9 +118,12 @@ def readable(out: Path) -> bool:
     """Whether a finished map reads as one; else a warning, and it is computed again (a
     truncated copy with its sidecar intact would be skipped as done, run after run)."""
     try:
-        load_probability_map(out)
+        prob, meta = load_probability_map(out)
     except ArrayFileError as err:
         warnings.warn(f"{one_line(err)}; computed again")
+        return False
+    if meta.get("array_sha256") not in (None, array_sha256(prob)):  # two runs wrote it at once, or edited since
+        warnings.warn(f"{out}: its values are not those its sidecar records; computed again")
         return False
     return True
 
@@ -179,7 +182,7 @@ def map_slide(job: Job, model, ckpt: dict, args, opts: inference.Options, wanted
     save_probability_map(job.out, prob, {
         "slide": job.slide.name, "slide_path": str(job.slide), "slide_dimensions": list(size),
         "mpp": list(mpp) if mpp else None, "level": meta["level"], "downsample": meta["downsample"],
-        "mask": str(job.mask), "mask_abspath": os.path.abspath(job.mask), "checkpoint": str(args.ckpt), **wanted, "grid": cfg["grid"],
+        "mask": os.path.abspath(job.mask), "mask_given": str(job.mask), "checkpoint": str(args.ckpt), **wanted, "grid": cfg["grid"],
         "patch_size": cfg["patch_size"], "crop_size": cfg["crop_size"], "method": method,
         "stain_normalised": bool(cfg.get("stain_reference")), **read.describe(), "seconds": seconds,
         "device": str(opts.device)})

@@ -541,7 +541,7 @@ def test_pixels_takes_the_recorded_mask_from_any_folder(tmp_path, monkeypatch):
     assert "over tissue (p/a_tissue.npy)" in here
     monkeypatch.chdir(p)
     res = call("evaluate.py", "pixels", "a_prob.npy", "a_tumor.npy", check=False)
-    assert res.returncode == 2 and "made with tissue mask p/a_tissue.npy, which is not found from here" in res.stderr
+    assert res.returncode == 2 and "made with tissue mask p/a_tissue.npy, not found from here" in res.stderr
     assert here.split("AUC=")[1][:6] == call("evaluate.py", "pixels", "a_prob.npy", "a_tumor.npy", "--tissue",
                                              "a_tissue.npy").stdout.split("AUC=")[1][:6]
 
@@ -560,8 +560,8 @@ def test_a_regression_review_of_the_evaluate_fixes(truth, tmp_path, monkeypatch)
     old = tmp_path / "old" / "p"
     masks.save_mask(old / "a_tumor.npy", tumour, {**meta, "kind": "tumor", "slide_bytes": 123})
     masks.save_mask(old / "a_tissue.npy", tissue, {**meta, "kind": "tissue"})
-    save_probability_map(old / "a_prob.npy", prob, {**meta, "mask": "p/a_tissue.npy", "mask_abspath": str(
-        old / "a_tissue.npy"), "mask_sha256": file_sha256(old / "a_tissue.npy")})
+    save_probability_map(old / "a_prob.npy", prob, {**meta, "mask": str(old / "a_tissue.npy"), "mask_given":
+                         "p/a_tissue.npy", "mask_sha256": file_sha256(old / "a_tissue.npy")})
     new = tmp_path / "new"
     shutil.copytree(tmp_path / "old", new)
     shutil.rmtree(tmp_path / "old")
@@ -571,7 +571,7 @@ def test_a_regression_review_of_the_evaluate_fixes(truth, tmp_path, monkeypatch)
     assert "over tissue (p/a_tissue.npy)" in res.stdout
     masks.save_mask(new / "p" / "a_tissue.npy", tissue[::-1], {**meta, "kind": "tissue"})  # another mask there
     res = call("evaluate.py", "pixels", "p/a_prob.npy", "p/a_tumor.npy", check=False)
-    assert res.returncode == 2 and "which is not found from here" in res.stderr
+    assert res.returncode == 2 and "p/a_tissue.npy is not it (its SHA-256 differs" in res.stderr
     res = call("evaluate.py", "pixels", "p/a_prob.npy", "p/a_tumor.npy", "--tissue", "none.npy", check=False)
     assert res.returncode == 2 and "none.npy: no such file" in res.stderr
     for out in (".", "/"):
@@ -582,6 +582,13 @@ def test_a_regression_review_of_the_evaluate_fixes(truth, tmp_path, monkeypatch)
     synthetic.write_slide(slides / "T1.tif", 2048, 2048, tumours=0, seed=1)  # t1's, in another case
     res = call("evaluate.py", "froc", les, tdir, "--slides", slides, check=False)
     assert res.returncode == 2 and "outside T1.tif" in res.stderr  # the slide was found
+    (les / "t1.csv").rename(les / "TT.csv")  # a second review: of tt.tif and TT.tif, neither is TT's alone...
+    write_annotation(truth, tdir / "TT.json")
+    for name in ("tt.tif", "Tt.tif"):
+        synthetic.write_slide(slides / name, 2048, 2048, tumours=0, seed=1)
+    (les / "TT.csv").rename(les / "tT.csv")
+    res = call("evaluate.py", "froc", les, tdir, "--slides", slides, check=False)
+    assert f"no slide in {slides} for tT" in res.stdout  # ...so it is not taken for one
     patches = tmp_path / "patches"
     (patches / "s1").mkdir(parents=True)
     (patches / "s1" / "tile_0_level0_0-0-64-64.png").write_bytes(b"")

@@ -309,10 +309,9 @@ def test_an_array_under_another_runs_sidecar_is_refused_and_made_again(border_sl
     call("prob_map.py", s.path, grid_ckpt, few_points, out, "--quiet")
     good = out.read_bytes()
     np.save(out, np.load(out) * 0.5)  # the other run's array
-    with pytest.raises(CrfError, match="its values are not those its sidecar edge_prob.json records"):
-        heatmap.load_probability_map(out)
+    heatmap.load_probability_map(out)  # still a map to read (a review: maps edited on purpose are read)
     res = call("prob_map.py", s.path, grid_ckpt, few_points, out, "--quiet")
-    assert "computed again" in res.stderr and out.read_bytes() == good
+    assert "its values are not those its sidecar records; computed again" in res.stderr and out.read_bytes() == good
     from crfcore.trainset import run_lock
     with run_lock(tmp_path):  # a training run's lock on the folder: the map is still written
         call("prob_map.py", s.path, grid_ckpt, few_points, tmp_path / "other_prob.npy", "--quiet")
