@@ -42,7 +42,7 @@ def exports_named(folder: Path, stem: str) -> str:
 
 def jobs(args) -> list[Job]:
     """One job per slide to mask; directories are paired by the slide's exact stem."""
-    slide, ann, out = Path(args.slide), args.annotation and Path(args.annotation), Path(args.output)
+    slide, ann, out = args.slide, args.annotation, args.output  # Paths (cli.given_path)
     needs_ann = args.kind != "tissue"
     if needs_ann and ann is None:
         raise UserError(f"--kind {args.kind} needs --annotation")
@@ -51,7 +51,7 @@ def jobs(args) -> list[Job]:
             ann = an.find_annotation(ann, slide.stem)
             if ann is None:
                 raise UserError(f"no annotation {slide.stem}.json|.xml|.geojson|.txt in {args.annotation}"
-                                f"{exports_named(Path(args.annotation), slide.stem)}")
+                                f"{exports_named(args.annotation, slide.stem)}")
         elif ann is not None and ann.exists() and ann.stem.lower() != slide.stem.lower():
             warnings.warn(f"annotation {ann.name} and slide {slide.name} have different names")
         return [Job(slide, ann, out if out.suffix == ".npy" else out / f"{slide.stem}_{args.kind}.npy")]

@@ -34,7 +34,7 @@ from crfcore.cli import PROBABILITY, UserError, add_workers, given_path, number,
 from crfcore.errors import CrfError
 from crfcore.heatmap import check_not_a_slide, check_picture_format, load_probability_map
 from crfcore.io import (COMPANIONS, atomic_write_text, check_fits_slide, check_spares_inputs, companion, companion_stem,
-                        file_sha256, save_figure, sidecar_path, visible_files)
+                        file_sha256, matching_name, save_figure, sidecar_path, visible_files)
 from crfcore.tilefolder import tiles_in
 from crfcore.tiling import format_coords, read_coords
 
@@ -95,15 +95,6 @@ def slides_by_stem(slides_dir: Path | None) -> dict[str, Path]:
     for p in sl.find_slides(slides_dir) if slides_dir is not None else []:
         found.setdefault(p.stem, p)
     return found
-
-
-def slide_for(stem: str, slides: dict[str, Path]) -> Path | None:
-    """The slide of `stem`: the exact stem, else the one slide whose stem is it in another
-    case (Tumor_001.tif for tumor_001.csv); None where none or several are."""
-    if stem in slides:
-        return slides[stem]
-    same = [p for s, p in slides.items() if s.lower() == stem.lower()]
-    return same[0] if len(same) == 1 else None
 
 
 def truth_lattice(slide_path: Path | None, level: int, bounds, mpp: float) -> masks.Lattice:
@@ -219,12 +210,12 @@ def cmd_froc(args) -> None:
     if args.slides is None:  # the isolated-tumour-cell rule is in microns
         print(f"note: no --slides, so every slide is taken at --mpp {args.mpp:g} um per pixel")
     slides = slides_by_stem(args.slides)
-    if args.slides is not None and (missing := [s for s in stems if slide_for(s, slides) is None]):
+    if args.slides is not None and (missing := [s for s in stems if matching_name(s, slides) is None]):
         print(f"note: no slide in {args.slides} for {', '.join(missing)}: taken at --mpp {args.mpp:g} um per "
               "pixel (an annotation rasterised over its own extent)")
     fps, tps, normal = [], [], []
     for f, stem in zip(files, stems):
-        fp, tp, is_normal = froc_hits(f, stem, args, slide_for(stem, slides))
+        fp, tp, is_normal = froc_hits(f, stem, args, slides.get(matching_name(stem, slides)))  # Tumor_001.tif too
         fps.append(fp)
         tps.append(tp)
         if is_normal:
@@ -282,7 +273,7 @@ def cmd_slides(args) -> None:
     names, y, score, unlabelled = [], [], [], []
     for f in visible_files(args.probs_dir, COMPANIONS["prob"]):
         prob, meta = load_probability_map(f)
-        stem = labelled_as(Path(meta["slide"]).stem, labels)
+        stem = matching_name(Path(meta["slide"]).stem, labels)  # Test_001 in Camelyon16's list for test_001.tif
         if stem is None:
             unlabelled.append(f"{f.name} ({Path(meta['slide']).stem})")
             continue
@@ -303,15 +294,6 @@ def cmd_slides(args) -> None:
           f"(score threshold {r['threshold']:.4f}, sensitivity reached {r['sensitivity']:.0%})")
     if args.plot:
         plot(args.plot, r["fpr"], r["tpr"], "1 - specificity", "sensitivity", f"ROC AUC {r['auc']:.3f}")
-
-
-def labelled_as(stem: str, labels: dict[str, int]) -> str | None:
-    """The name `stem` has in `labels`: itself, else the one name equal to it in another
-    case (Camelyon16's reference lists `Test_001` for `test_001.tif`), else None."""
-    if stem in labels:
-        return stem
-    same = [name for name in labels if name.lower() == stem.lower()]
-    return same[0] if len(same) == 1 else None
 
 
 def tissue_for(args, prob: np.ndarray, meta: dict) -> tuple[np.ndarray, str]:

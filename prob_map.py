@@ -182,7 +182,8 @@ def map_slide(job: Job, model, ckpt: dict, args, opts: inference.Options, wanted
     save_probability_map(job.out, prob, {
         "slide": job.slide.name, "slide_path": str(job.slide), "slide_dimensions": list(size),
         "mpp": list(mpp) if mpp else None, "level": meta["level"], "downsample": meta["downsample"],
-        "mask": os.path.abspath(job.mask), "mask_given": str(job.mask), "checkpoint": str(args.ckpt), **wanted, "grid": cfg["grid"],
+        "mask": os.path.abspath(job.mask), "mask_given": str(job.mask), "checkpoint": str(args.ckpt), **wanted,
+        "grid": cfg["grid"],
         "patch_size": cfg["patch_size"], "crop_size": cfg["crop_size"], "method": method,
         "stain_normalised": bool(cfg.get("stain_reference")), **read.describe(), "seconds": seconds,
         "device": str(opts.device)})

@@ -288,10 +288,10 @@ def load_array(path: str | Path, kind: str | tuple[str, ...] | None = None,
         raise ArrayFileError(f"{path}: {what}, expected {' or '.join(map(repr, kinds))}")
     if slide is not None and meta.get("slide") != Path(slide).name:
         raise ArrayFileError(f"{path}: belongs to slide {meta.get('slide')!r}, not {Path(slide).name!r}")
-    if isinstance(slide, Path) and isinstance(meta.get("slide_bytes"), int) and slide.is_file() \
-            and slide.stat().st_size != meta["slide_bytes"]:  # a Path: the slide file itself, not just its name
+    size = slide.stat().st_size if isinstance(slide, Path) and slide.is_file() else None  # the file, not a name
+    if isinstance(meta.get("slide_bytes"), int) and size not in (None, meta["slide_bytes"]):
         raise ArrayFileError(f"{path}: made from a {meta['slide_bytes']:,}-byte {meta['slide']}, but {slide} has "
-                             f"{Path(slide).stat().st_size:,} bytes: another slide of the same name?")
+                             f"{size:,} bytes: another slide of the same name?")
     meta["downsample"] = _downsample(path, meta)
     level = meta.setdefault("level", None)  # null: the lattice is no pyramid level of the slide
     if level is not None and (not isinstance(level, int) or isinstance(level, bool) or level < 0):
@@ -452,6 +452,16 @@ def all_companions(folder: str | Path, stem: str, kind: str, names: dict[str, Pa
         elif len(lower.get(want.lower(), [])) == 1:
             found.append(lower[want.lower()][0])
     return found
+
+
+def matching_name(name: str, names: Iterable[str]) -> str | None:
+    """`name` when it is one of `names`, else the one of them equal to it in another case;
+    None where none or several are (`all_companions`' rule, for one lookup)."""
+    names = list(names)
+    if name in names:
+        return name
+    same = [n for n in names if n.lower() == name.lower()]
+    return same[0] if len(same) == 1 else None
 
 
 def companion_stem(path: str | Path, kind: str) -> str:

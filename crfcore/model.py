@@ -282,7 +282,8 @@ def load_weights_file(path: str | Path, what: str = "checkpoint", map_location: 
     """What a `torch.save` file holds, loaded safely (`weights_only`); every way it can be
     wrong is a `CheckpointError` naming the file."""
     if not Path(path).is_file():
-        raise CheckpointError(f"{path}: is a folder, not a {what} file" if Path(path).is_dir() else f"{path}: no such {what}")
+        raise CheckpointError(f"{path}: is a folder, not a {what} file" if Path(path).is_dir()
+                              else f"{path}: no such {what}")
     with open(path, "rb") as fh:
         head = fh.read(4)
     # torch.save writes a zip archive (directory at the end), or before torch 1.6 a pickle
