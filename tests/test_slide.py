@@ -103,6 +103,32 @@ def test_rgba_to_rgb_composites_over_white_and_keeps_opaque_pixels():
     assert np.array_equal(out[1:], rgba[1:, :, :3])
 
 
+@pytest.mark.parametrize("name", REAL)
+def test_direct_reads_equal_openslide_python_images(name, monkeypatch):
+    """read_rgb reads OpenSlide's buffer into numpy itself (DIRECT_READ); it gives what
+    openslide-python's PIL image gives, over white and over black, across the slide's edge."""
+    assert sl.DIRECT_READ  # on this little-endian machine with openslide-python 1.x
+    s = sl.open_slide(shared("slides", name))
+    w0, h0 = s.dimensions
+    boxes = [((0, 0), (min(w0, 300), min(h0, 200))), ((w0 - 40, h0 - 30), (90, 70)), ((-5, -7), (30, 20))]
+    direct = [sl.read_rgb(s, xy, 0, size, bg) for xy, size in boxes for bg in (255, 0)]
+    monkeypatch.setattr(sl, "DIRECT_READ", False)
+    via_pil = [sl.read_rgb(s, xy, 0, size, bg) for xy, size in boxes for bg in (255, 0)]
+    for a, b in zip(direct, via_pil):
+        assert a.shape == b.shape and np.array_equal(a, b)
+    assert (direct[2][-1, -1] == 255).all() and (direct[5][0, 0] == 0).all()  # outside: the background
+
+
+def test_premultiplied_pixels_composite_over_the_background():
+    bgra = np.full((2, 3, 4), 255, np.uint8)
+    bgra[0, 0] = (0, 0, 0, 0)  # transparent
+    bgra[0, 1] = (100, 50, 0, 128)  # RGB (0, 100, 200) at alpha 128, premultiplied
+    out = sl.premultiplied_to_rgb(bgra)
+    assert tuple(out[0, 0]) == (255, 255, 255) and tuple(out[0, 1]) == (127, 177, 227)
+    assert tuple(out[1, 2]) == (255, 255, 255)
+    assert tuple(sl.premultiplied_to_rgb(bgra, 0)[0, 1]) == (0, 50, 100)
+
+
 def test_a_corrupt_tile_is_an_error_naming_the_slide_and_the_region(syn_slide, tmp_path):
     path = tmp_path / "corrupt.tif"
     data = bytearray(syn_slide.path.read_bytes())
