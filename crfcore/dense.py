@@ -32,9 +32,13 @@ frame the crop corners still fall on the cell grid.
 
 Memory. MobileNetV2's largest activations are its first layers' (up to 96 channels at
 half the input's side): a whole 2,720 x 8,864-pixel tile would hold 3-5 GiB of them.
-`StripStem` runs those layers (to stride 8) over horizontal strips of the tile, each
-with the few rows of context they see, and the rest of the network over the joined
+`TileFeatures` runs those layers (to stride 8) over blocks of the tile, each with the few
+pixels of context they see on every side, and the rest of the network over the joined
 result: the same numbers, at about a quarter of the memory, so tiles can be wide.
+
+Margins. A tile's margin is context for its first layers only: the later a block, the
+less of the tile the blocks after it still need, so `TileFeatures` trims each later block's
+output to the needed cells widened by the rest's reach (the same numbers again).
 """
 from __future__ import annotations
 
@@ -56,8 +60,8 @@ from .model import CRFNet
 from .scale import ReadScale
 
 MARGIN = 8  # cells of context around the used cells (8 x 32 = 256 px: MobileNetV2's receptive-field radius, 245)
-STEM_LAYERS = 5  # MobileNetV2 layers run in strips: to stride 8 (after them, 3 floats per input pixel at most, not 24)
-STRIP_PIXELS = 2_000_000  # input pixels per strip: smaller strips recompute more context rows
+STEM_LAYERS = 5  # MobileNetV2 layers run in blocks: to stride 8 (after them, 3 floats per input pixel at most, not 24)
+STEM_BLOCK_PIXELS = 2_000_000  # input pixels per stem block: smaller blocks recompute more context
 WIDEST = 4  # a tile is at most this many times as wide as high (see the module docstring)
 
 
@@ -94,31 +98,75 @@ def conv_reach(layers: nn.Module) -> tuple[int, int]:
     return stride, radius
 
 
-class StripStem:
+class TileFeatures:
     """`features(normalise(u8))` for one `[1, 3, H, W]` uint8 image, the first `layers`
-    run over horizontal strips (see the module docstring). A strip starts on a multiple of
-    the stem's stride and carries `halo` rows of context on each side, which covers the
-    stem's reach, so its kept rows are exactly the whole image's."""
+    run over blocks of about `pixels` (see the module docstring). A block starts on a
+    multiple of the stem's stride and carries `halo` pixels of context on each side, which
+    covers the stem's reach, so its kept cells are exactly the whole image's.
+
+    With `need`, the pixel box whose feature cells are wanted, each later block's output
+    is trimmed to the cells that the blocks after it still need for those (the box
+    widened by their reach): a tile's margins are context for its first layers only."""
 
     def __init__(self, features: nn.Sequential, layers: int, pixels: int) -> None:
         self.stem, self.rest, self.pixels = features[:layers], features[layers:], pixels
         self.dtype = next(features.parameters()).dtype  # the input is cast to it (a float64 model gets float64)
         self.stride, radius = conv_reach(self.stem)
         self.halo = -(-radius // self.stride) * self.stride
+        self.cell = conv_reach(features)[0]
+        # per later block: its output's stride, and the reach (input pixels) of the blocks after it
+        strides = [conv_reach(features[:i + 1])[0] for i in range(len(features))]
+        self.trims = [(strides[i], conv_reach(features[i + 1:])[1] * strides[i] if i + 1 < len(features) else 0)
+                      for i in range(layers, len(features))]
 
-    def __call__(self, u8: torch.Tensor) -> torch.Tensor:
+    def __call__(self, u8: torch.Tensor, need: tuple[int, int, int, int] | None = None
+                 ) -> tuple[torch.Tensor, tuple[int, int]]:
+        """The feature map and the input pixel `(y, x)` of its first cell (0, 0 untrimmed).
+        `need`: `(y0, y1, x0, x1)`, input pixels."""
         h, w = u8.shape[2:]
-        strip_rows = max(1, self.pixels // (w * self.stride)) * self.stride
-        parts = []
-        for y in range(0, h, strip_rows):
-            y0, y1 = max(0, y - self.halo), min(h, y + strip_rows + self.halo)
-            # normalise_batch takes [n, H, W, 3]: the permuted view (no copy) of the strip
-            x = normalise_batch(u8[:, :, y0:y1].permute(0, 2, 3, 1)).to(self.dtype)
-            x = x.contiguous(memory_format=torch.channels_last)
-            first = (y - y0) // self.stride  # the output rows of this strip's own input rows
-            kept = -(-(min(h, y + strip_rows) - y) // self.stride)
-            parts.append(self.stem(x)[:, :, first:first + kept])
-        return self.rest(torch.cat(parts, 2).contiguous(memory_format=torch.channels_last))
+        # blocks as square as the image allows: the halo is recomputed on every side of
+        # each (strips of a wide tile, 225 rows high, recomputed 14 %)
+        bw = min(w, max(1, math.isqrt(self.pixels) // self.stride) * self.stride)
+        bh = max(1, self.pixels // (bw * self.stride)) * self.stride
+        rows = []
+        for y in range(0, h, bh):
+            row = [self.block(u8, (y, min(h, y + bh)), (x, min(w, x + bw))) for x in range(0, w, bw)]
+            rows.append(row[0] if len(row) == 1 else torch.cat(row, 3))
+        x = torch.cat(rows, 2).contiguous(memory_format=torch.channels_last)
+        origin = [0, 0]
+        for layer, (stride, reach) in zip(self.rest, self.trims):
+            x = layer(x)
+            if need is not None:
+                x = self.trimmed(x, need, stride, reach, origin)
+        return x, tuple(origin)
+
+    def block(self, u8: torch.Tensor, ys: tuple[int, int], xs: tuple[int, int]) -> torch.Tensor:
+        """The stem's output cells of input pixels `ys` x `xs` (each starting on a multiple
+        of the stride), run over them with `halo` pixels of context on every side."""
+        h, w = u8.shape[2:]
+        y0, y1 = max(0, ys[0] - self.halo), min(h, ys[1] + self.halo)
+        x0, x1 = max(0, xs[0] - self.halo), min(w, xs[1] + self.halo)
+        # normalise_batch takes [n, H, W, 3]: the permuted view (no copy) of the block
+        x = normalise_batch(u8[:, :, y0:y1, x0:x1].permute(0, 2, 3, 1)).to(self.dtype)
+        out = self.stem(x.contiguous(memory_format=torch.channels_last))
+        s = self.stride  # the cells of the block's own pixels:
+        return out[:, :, (ys[0] - y0) // s:-(-(ys[1] - y0) // s), (xs[0] - x0) // s:-(-(xs[1] - x0) // s)]
+
+    def trimmed(self, x: torch.Tensor, need: tuple[int, int, int, int], stride: int, reach: int,
+                origin: list[int]) -> torch.Tensor:
+        """`x` (cells of `stride` from input pixel `origin`) cut to the box `need` widened by
+        `reach`; the cut starts on whole last-layer cells, so the later strided layers
+        sample where they did on the whole tile. Updates `origin`."""
+        cuts = []
+        for axis, (a, b) in enumerate((need[:2], need[2:])):
+            start = max(origin[axis], (a - reach) // self.cell * self.cell)
+            first = (start - origin[axis]) // stride
+            end = min(x.shape[2 + axis], -(-(b + reach - origin[axis]) // stride))
+            cuts.append(slice(first, end))
+            origin[axis] += first * stride
+        if cuts[0] == slice(0, x.shape[2]) and cuts[1] == slice(0, x.shape[3]):
+            return x
+        return x[:, :, cuts[0], cuts[1]].contiguous(memory_format=torch.channels_last)
 
 
 def model_stride(geom: Geometry) -> int | None:
@@ -193,7 +241,7 @@ class DenseJob(LatticeJob):
         self.tile_rows = max(1, opts.dense_tile // model_stride(geom))  # lattice rows per tile and per band
         super().__init__(model, slide_path, mask, geom, replace(opts, band_rows=self.tile_rows))
         self.stride = feature_stride(model)
-        self.features = StripStem(model.features, STEM_LAYERS, STRIP_PIXELS)
+        self.features = TileFeatures(model.features, STEM_LAYERS, STEM_BLOCK_PIXELS)
         self.window = feature_side(model, geom.crop)
         corners = geom.crop_origin(geom.centres(self.need[:, 0], self.need[:, 1]))
         self.origins = np.round(corners / geom.read.scale).astype(np.int64)  # model pixels
@@ -259,12 +307,14 @@ class DenseJob(LatticeJob):
         h, w = u8.shape[2:]
         logits, feats = [], []
         for k, flip in DIHEDRAL[:opts.tta]:
-            with autocast(opts.device, opts.precision):
-                fmap = self.features(dihedral_images(u8, k, flip))
-            pooled = F.avg_pool2d(fmap.float(), self.window, stride=1)[0]  # [D, rows, cols]: every window
             bx, by = dihedral_boxes(rel[:, 0], rel[:, 1], self.geom.crop, h, w, k, flip)
             assert not (bx % self.stride).any() and not (by % self.stride).any(), "tile off the cell grid"
-            rows, cols = (torch.from_numpy(v // self.stride).to(pooled.device) for v in (by, bx))
+            span = self.window * self.stride  # the pixels of a window's cells
+            need = (int(by.min()), int(by.max()) + span, int(bx.min()), int(bx.max()) + span)
+            with autocast(opts.device, opts.precision):
+                fmap, (oy, ox) = self.features(dihedral_images(u8, k, flip), need)
+            pooled = F.avg_pool2d(fmap.float(), self.window, stride=1)[0]  # [D, rows, cols]: every window
+            rows, cols = (torch.from_numpy((v - o) // self.stride).to(pooled.device) for v, o in ((by, oy), (bx, ox)))
             fe = pooled[:, rows, cols].T
             lo = model.fc(fe)
             logits.append(lo.squeeze(1).cpu())

@@ -71,7 +71,7 @@ def test_one_crop_per_tile_without_context_is_the_lattice(slide, model, stride, 
 
 def test_tiles_do_not_change_the_map(slide, monkeypatch):
     """With the default margin (the receptive field) the cells a window uses never see a
-    tile's edge: small tiles (run in many strips) give the map of large ones. (A model whose batch-norm
+    tile's edge: small tiles (their stems run in many blocks) give the map of large ones. (A model whose batch-norm
     statistics come from large regions: in context, the crop-calibrated one saturates.)"""
     model = varied_model(slide.path, 256, 3, width=0.25, head_scale=20, crf_std=0.3, n=16)
     mask, meta = masks.make_mask(slide.path, "tissue", downsample=32)
@@ -79,28 +79,45 @@ def test_tiles_do_not_change_the_map(slide, monkeypatch):
     sub[4:9, 6:11] = mask[4:9, 6:11]  # a block of tissue: 1 large tile or 9 small ones
     opts = inference.Options(workers=0, quiet=True)
     big, _ = inference.probability_map(model, slide.path, sub, meta["downsample"], CROP, CROP, "dense", opts)
-    monkeypatch.setattr(dense, "STRIP_PIXELS", 5000)  # many strips as well
+    monkeypatch.setattr(dense, "STEM_BLOCK_PIXELS", 5000)  # many stem blocks as well
     small, _ = inference.probability_map(model, slide.path, sub, meta["downsample"], CROP, CROP, "dense",
                                          replace(opts, dense_tile=64))
     assert big[sub].std() > 0.02
     assert np.abs(big - small).max() < 1e-4
 
 
-def test_strips_give_the_whole_tiles_features(slide):
-    """The stem run over strips (a partial last one, sides off the stride, a rotated
-    NCHW input) gives the features of the whole image, and the strips are many. In
-    float64: in float32 oneDNN picks other kernels for other shapes, and their rounding
-    (1e-6 after the stem) would hide a misplaced row."""
+def test_stem_blocks_give_the_whole_tiles_features(slide):
+    """The stem run over blocks (partial last ones in both directions, sides off the
+    stride, a rotated NCHW input) gives the features of the whole image, and the blocks
+    are many (5 x 4 of 56 x 72 pixels). In float64: in float32 oneDNN picks other kernels
+    for other shapes, and their rounding (1e-6 after the stem) would hide a misplaced row."""
     model = varied_model(slide.path, CROP, 3, width=0.25, n=8).double()
     u8 = torch.randint(0, 256, (1, 3, 301, 203), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
-    stem = dense.StripStem(model.features, dense.STEM_LAYERS, pixels=203 * 20)
+    stem = dense.TileFeatures(model.features, dense.STEM_LAYERS, pixels=203 * 20)
     assert stem.stride == 8 and 0 < stem.halo < 40
-    whole = dense.StripStem(model.features, dense.STEM_LAYERS, pixels=10 ** 9)
+    whole = dense.TileFeatures(model.features, dense.STEM_LAYERS, pixels=10 ** 9)
     with torch.no_grad():
         for x in (u8, torch.rot90(u8, 1, dims=(2, 3))):
-            want, got = whole(x), stem(x)
-            assert got.shape == want.shape and want.std() > 0.1
+            (want, at), (got, at_too) = whole(x), stem(x)
+            assert got.shape == want.shape and want.std() > 0.1 and at == at_too == (0, 0)
             assert torch.allclose(got, want, atol=1e-10, rtol=0)
+
+
+@pytest.mark.parametrize("need", [(96, 160, 64, 288), (0, 32, 288, 320), (200, 261, 0, 17)])
+def test_later_blocks_trimmed_to_the_needed_cells_give_the_same_cells(slide, need):
+    """Each block after the stem keeps only the cells that the needed ones still see: a
+    tile's margins are context for the first layers only. The needed cells are the whole
+    image's (float64, as above), from a box in the middle, at an edge, or off the cell grid."""
+    model = varied_model(slide.path, CROP, 3, width=0.25, n=8).double()
+    u8 = torch.randint(0, 256, (1, 3, 320, 352), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    stem = dense.TileFeatures(model.features, dense.STEM_LAYERS, pixels=352 * 40)
+    with torch.no_grad():
+        (whole, _), (cut, (oy, ox)) = stem(u8), stem(u8, need)
+    assert oy % 32 == 0 and ox % 32 == 0
+    y0, y1, x0, x1 = (v // 32 for v in (need[0], need[1] + 31, need[2], need[3] + 31))
+    rows, cols = slice(y0 - oy // 32, y1 - oy // 32), slice(x0 - ox // 32, x1 - ox // 32)
+    assert cut.numel() < whole.numel() and whole[:, :, y0:y1, x0:x1].std() > 0.1
+    assert torch.allclose(cut[:, :, rows, cols], whole[:, :, y0:y1, x0:x1], atol=1e-10, rtol=0)
 
 
 def test_each_band_takes_the_tile_width_with_the_fewest_backbone_pixels(slide, model):
