@@ -7,6 +7,7 @@ powers of two and mis-registered such slides).
 from __future__ import annotations
 
 import ctypes
+import functools
 import math
 import sys
 from pathlib import Path
@@ -121,10 +122,14 @@ def read_rgb(slide: openslide.OpenSlide, xy: tuple[int, int], level: int,
 
 # OpenSlide's C call fills a buffer with premultiplied ARGB words; openslide-python then
 # un-premultiplies them into a PIL image, which numpy copies again (a third of a large
-# region's read time). Where the call is there (openslide-python 1.x keeps it as
-# lowlevel._read_region) and words are little-endian (bytes B, G, R, A), crfcore reads
-# into numpy directly.
-DIRECT_READ = sys.byteorder == "little" and hasattr(lowlevel, "_read_region")
+# region's read time). Where the calls are there (openslide-python 1.x keeps them as
+# lowlevel._read_region and _convert.argb2rgba) and words are little-endian (bytes B, G,
+# R, A), crfcore reads into numpy directly, with the same pixels as a result.
+try:
+    from openslide import _convert
+except ImportError:  # an openslide-python without its C helper: the PIL path
+    _convert = None
+DIRECT_READ = sys.byteorder == "little" and hasattr(lowlevel, "_read_region") and hasattr(_convert, "argb2rgba")
 
 
 def read_bgra(slide: openslide.OpenSlide, x: int, y: int, level: int, w: int, h: int) -> np.ndarray:
@@ -135,16 +140,36 @@ def read_bgra(slide: openslide.OpenSlide, x: int, y: int, level: int, w: int, h:
 
 
 def premultiplied_to_rgb(bgra: np.ndarray, background: int = 255) -> np.ndarray:
-    """A premultiplied BGRA region composited over grey level `background`, as RGB: each
-    pixel's colour plus the background times its transparency (a lookup table of alpha,
-    all in OpenCV: a dense tile reaching off the slide took 0.1 s in numpy's uint16)."""
+    """A premultiplied BGRA region as RGB over grey level `background`, pixel for pixel
+    what `rgba_to_rgb` makes of openslide-python's image of it: opaque pixels as they are,
+    transparent ones the background, and the few partly transparent ones (level seams,
+    slide edges) through `composite_table`."""
     rgb = cv2.cvtColor(bgra, cv2.COLOR_BGRA2RGB)
     alpha = cv2.extractChannel(bgra, 3)
     if cv2.minMaxLoc(alpha)[0] == 255:  # opaque, as most regions inside a slide
         return rgb
-    a = np.arange(256)
-    lut = ((background * (255 - a) + 127) // 255).astype(np.uint8)
-    return cv2.add(rgb, cv2.cvtColor(cv2.LUT(alpha, lut), cv2.COLOR_GRAY2RGB))  # saturating: a bad word's cap
+    # colour + background * transparency: exact where a pixel is opaque or all 0 (absent)
+    rgb = cv2.add(rgb, cv2.cvtColor(cv2.LUT(alpha, composite_table(background)[:, 0]), cv2.COLOR_GRAY2RGB))
+    # the others (partly transparent, or a colour without alpha) from the table, one by one
+    neither = cv2.bitwise_not(cv2.bitwise_or(cv2.inRange(alpha, 255, 255), cv2.inRange(bgra, (0,) * 4, (0,) * 4)))
+    odd = cv2.findNonZero(neither)
+    if odd is not None:
+        x, y = odd.reshape(-1, 2).T
+        px = bgra[y, x]  # [n, 4]: B, G, R, A
+        rgb[y, x] = composite_table(background)[px[:, 3:], px[:, 2::-1]]
+    return rgb
+
+
+@functools.lru_cache(maxsize=256)
+def composite_table(background: int) -> np.ndarray:
+    """`[alpha, premultiplied colour]` -> the composite over `background` that
+    `rgba_to_rgb` gives after openslide-python's own un-premultiplying (its rounding,
+    and its wrap-around for invalid words, included: the table is made by it)."""
+    a, c = np.divmod(np.arange(256 * 256, dtype=np.uint32), 256)
+    words = (a << 24) | (c << 16) | (c << 8) | c
+    _convert.argb2rgba(words)
+    rgba = words.view(np.uint8).reshape(256, 256, 4)
+    return rgba_to_rgb(rgba, background)[..., 0]
 
 
 def read_level(slide: openslide.OpenSlide, level: int, background: int = 255) -> np.ndarray:

@@ -111,9 +111,14 @@ def test_direct_reads_equal_openslide_python_images(name, monkeypatch):
     s = sl.open_slide(shared("slides", name))
     w0, h0 = s.dimensions
     boxes = [((0, 0), (min(w0, 300), min(h0, 200))), ((w0 - 40, h0 - 30), (90, 70)), ((-5, -7), (30, 20))]
-    direct = [sl.read_rgb(s, xy, 0, size, bg) for xy, size in boxes for bg in (255, 0)]
+    reads = [(xy, 0, size, bg) for xy, size in boxes for bg in (255, 0)]
+    top = s.level_count - 1  # off its pixel grid: partly transparent seams and edges
+    reads += [((3, 5), top, s.level_dimensions[top], bg) for bg in (255, 128, 0)]
+    if name.startswith("tcga"):  # level 1 (downsample 2.0005): tile-corner seams, the last row and column
+        reads += [((2049, 2049), 1, (600, 600), 255), ((1488, 3551), 1, (455, 363), 235)]
+    direct = [sl.read_rgb(s, *r) for r in reads]
     monkeypatch.setattr(sl, "DIRECT_READ", False)
-    via_pil = [sl.read_rgb(s, xy, 0, size, bg) for xy, size in boxes for bg in (255, 0)]
+    via_pil = [sl.read_rgb(s, *r) for r in reads]
     for a, b in zip(direct, via_pil):
         assert a.shape == b.shape and np.array_equal(a, b)
     assert (direct[2][-1, -1] == 255).all() and (direct[5][0, 0] == 0).all()  # outside: the background
@@ -123,10 +128,21 @@ def test_premultiplied_pixels_composite_over_the_background():
     bgra = np.full((2, 3, 4), 255, np.uint8)
     bgra[0, 0] = (0, 0, 0, 0)  # transparent
     bgra[0, 1] = (100, 50, 0, 128)  # RGB (0, 100, 200) at alpha 128, premultiplied
+    bgra[1, 0] = (200, 200, 200, 0)  # an invalid word (colour without alpha): still the background
     out = sl.premultiplied_to_rgb(bgra)
     assert tuple(out[0, 0]) == (255, 255, 255) and tuple(out[0, 1]) == (127, 177, 227)
     assert tuple(out[1, 2]) == (255, 255, 255)
-    assert tuple(sl.premultiplied_to_rgb(bgra, 0)[0, 1]) == (0, 50, 100)
+    over_black = sl.premultiplied_to_rgb(bgra, 0)
+    assert tuple(over_black[0, 1]) == (0, 50, 100) and tuple(over_black[1, 0]) == (0, 0, 0)
+    # every (alpha, colour) pair as openslide-python's image of it composites (its rounding)
+    a, c = np.divmod(np.arange(256 * 256), 256)
+    pairs = np.stack([c, c, c, a], 1).astype(np.uint8).reshape(256, 256, 4)
+    words = pairs.copy().view(np.uint32)[..., 0]
+    from openslide import _convert
+    _convert.argb2rgba(words)
+    for bg in (255, 97, 0):
+        want = sl.rgba_to_rgb(words.view(np.uint8).reshape(256, 256, 4), bg)
+        assert np.array_equal(sl.premultiplied_to_rgb(pairs, bg), want)
 
 
 def test_a_corrupt_tile_is_an_error_naming_the_slide_and_the_region(syn_slide, tmp_path):
