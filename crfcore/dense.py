@@ -157,9 +157,10 @@ class TileFeatures:
         """`x` (cells of `stride` from input pixel `origin`) cut to the box `need` widened by
         `reach`; the cut starts on whole last-layer cells, so the later strided layers
         sample where they did on the whole tile. Updates `origin`."""
-        cuts = []
+        cuts, c = [], self.cell
         for axis, (a, b) in enumerate((need[:2], need[2:])):
-            start = max(origin[axis], (a - reach) // self.cell * self.cell)
+            a, b = a // c * c, -(-b // c) * c  # the needed cells' pixels
+            start = max(origin[axis], (a - reach) // c * c)
             first = (start - origin[axis]) // stride
             end = min(x.shape[2 + axis], -(-(b + reach - origin[axis]) // stride))
             cuts.append(slice(first, end))

@@ -103,7 +103,8 @@ def test_stem_blocks_give_the_whole_tiles_features(slide):
             assert torch.allclose(got, want, atol=1e-10, rtol=0)
 
 
-@pytest.mark.parametrize("need", [(96, 160, 64, 288), (0, 32, 288, 320), (200, 261, 0, 17)])
+@pytest.mark.parametrize("need", [(96, 160, 64, 288), (0, 32, 288, 320), (200, 261, 0, 17), (150, 320, 0, 352),
+                                  (304, 320, 45, 352), (176, 190, 210, 230)])
 def test_later_blocks_trimmed_to_the_needed_cells_give_the_same_cells(slide, need):
     """Each block after the stem keeps only the cells that the needed ones still see: a
     tile's margins are context for the first layers only. The needed cells are the whole
