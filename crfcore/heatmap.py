@@ -15,7 +15,7 @@ import tifffile
 
 from . import slide as sl
 from .errors import CrfError, OutputError
-from .io import ArrayFileError, atomic_path, load_array, read_json, save_array, save_figure, sidecar_path
+from .io import ArrayFileError, atomic_path, load_array, save_array, save_figure, sidecar_json, sidecar_path
 from .masks import KINDS as MASK_KINDS
 from .slide import MAP_SOFTWARE
 
@@ -46,15 +46,6 @@ def check_picture_format(out: Path) -> None:
         raise OutputError(f"{out}: cannot write {what} (end its name with one of .{', .'.join(sorted(known))})")
 
 
-def array_kind(npy: Path) -> str | None:
-    """The `kind` its sidecar gives an array file (the array itself is not read), or None."""
-    try:
-        meta = read_json(sidecar_path(npy), "sidecar")
-    except CrfError:
-        return None
-    return meta.get("kind") if isinstance(meta, dict) else None
-
-
 def check_not_a_slide(path: Path) -> None:
     """Refuse, before any work, a picture named like an existing slide that this tool did
     not write (a --plot given a slide's name would replace the slide), like a heat-map TIFF
@@ -65,7 +56,7 @@ def check_not_a_slide(path: Path) -> None:
         raise OutputError(f"{path}: is a heat-map TIFF (prob_map_show.py --tiff); the picture would replace it: "
                           "choose another name")
     mask = path.with_suffix(".npy")
-    kind = array_kind(mask) if mask.is_file() else None
+    kind = (sidecar_json(sidecar_path(mask)) or {}).get("kind") if mask.is_file() else None  # the array is not read
     if kind in MASK_KINDS:
         raise OutputError(f"{path}: is the preview of the {kind} mask {mask.name}; the picture would replace it: "
                           "choose another name")

@@ -214,14 +214,20 @@ class ArrayFileError(CrfError):
     """An array file or sidecar that is missing, malformed or belongs to another slide."""
 
 
-def own_sidecar(path: Path) -> dict | None:
-    """What `path` holds when it is a sidecar `save_array` wrote, else None (an annotation
-    of the same name, say, or an unreadable file)."""
+def sidecar_json(path: Path) -> dict | None:
+    """The JSON object the file `path` holds, or None (unreadable, or not an object)."""
     try:
         meta = read_json(path, "sidecar")
     except CrfError:
         return None
-    return meta if isinstance(meta, dict) and {"shape", "crfcore_version"} <= meta.keys() else None
+    return meta if isinstance(meta, dict) else None
+
+
+def own_sidecar(path: Path) -> dict | None:
+    """What `path` holds when it is a sidecar `save_array` wrote, else None (an annotation
+    of the same name, say, or an unreadable file)."""
+    meta = sidecar_json(path)
+    return meta if meta is not None and {"shape", "crfcore_version"} <= meta.keys() else None
 
 
 def check_array_output(path: str | Path, kind: str | None = None) -> None:
