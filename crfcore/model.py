@@ -10,7 +10,7 @@ import pickle
 import zipfile
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 import torchvision
@@ -49,26 +49,25 @@ class ModelConfig:
 
 
 class StridedDepthwiseConv2d(nn.Conv2d):
-    """A strided depthwise convolution whose input gradient is computed in fp32 under CPU
-    autocast. oneDNN's bf16 input gradient for it is about 12x slower than fp32 on an
-    AVX-512 CPU without AMX (75 ms against 6 ms for MobileNetV2's first one, batch 32),
-    while its bf16 forward pass and weight gradient are fast; MobileNetV2's four of them
-    took 40 % of a bf16 training step. Without autocast or gradients, or with padding that
-    is not zeros given as numbers, it is a plain convolution."""
+    """A 3x3, stride-2, padding-1 depthwise convolution whose input gradient, under CPU
+    autocast, is four stride-1 depthwise convolutions (`phased_input_grad`). oneDNN's
+    own bf16 input gradient for it is 5-45x slower than its fp32 one (batch 32: 109 ms
+    against 22 ms for MobileNetV2's first, 40 against 0.9 ms for its last, on a CPU with
+    AMX; 75 against 6 ms for the first without AMX), while its bf16 forward pass and
+    weight gradient are fast: MobileNetV2's four of them took 40 % of a bf16 training
+    step. Without autocast or gradients it is a plain convolution."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not (x.device.type == "cpu" and torch.is_grad_enabled() and torch.is_autocast_enabled("cpu")
-                and self.padding_mode == "zeros" and not isinstance(self.padding, str)):
+        if not (x.device.type == "cpu" and torch.is_grad_enabled() and torch.is_autocast_enabled("cpu")):
             return super().forward(x)
         dtype = torch.get_autocast_dtype("cpu")  # as autocast casts a convolution's fp32 inputs
-        y = Fp32InputGradConv.apply(x.to(dtype), self.weight.to(dtype), self)
+        y = PhasedInputGradConv.apply(x.to(dtype), self.weight.to(dtype), self)
         return y if self.bias is None else y + self.bias.to(dtype)[:, None, None]
 
 
-class Fp32InputGradConv(torch.autograd.Function):
+class PhasedInputGradConv(torch.autograd.Function):
     """`conv`'s convolution of `x` by `weight` in their dtype, whose backward pass computes
-    the weight gradient in that dtype and the input gradient in fp32 (as a transposed
-    convolution), handed back in `x`'s dtype."""
+    the weight gradient as usual and the input gradient by `phased_input_grad`."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
@@ -82,23 +81,47 @@ class Fp32InputGradConv(torch.autograd.Function):
         c = ctx.conv
         grad_x = grad_w = None
         if ctx.needs_input_grad[0]:
-            # the rows and columns a strided convolution leaves unread at the end
-            extra = [size - ((n - 1) * s - 2 * p + d * (k - 1) + 1) for size, n, s, p, d, k in
-                     zip(x.shape[2:], grad.shape[2:], c.stride, c.padding, c.dilation, c.kernel_size)]
-            with torch.autocast("cpu", enabled=False):  # backward may run inside autocast, which would cast back
-                grad_x = nn.functional.conv_transpose2d(grad.float(), weight.float(), None, c.stride, c.padding,
-                                                        extra, c.groups, c.dilation).to(x.dtype)
+            grad_x = phased_input_grad(grad.to(x.dtype), weight, x.shape[2:])
         if ctx.needs_input_grad[1]:
             grad_w = nn.grad.conv2d_weight(x, weight.shape, grad, c.stride, c.padding, c.dilation, c.groups)
         return grad_x, grad_w, None
 
 
-def strided_depthwise_input_grad_in_fp32(features: nn.Module) -> nn.Module:
-    """`features` with every strided depthwise convolution made a `StridedDepthwiseConv2d`
-    holding the same parameters (same state-dict keys, devices and dtypes), in place."""
+# A 3x3, stride-2, padding-1 convolution reads input row 2m + a (a = 0 or 1) through
+# these (kernel row, output row) pairs: a = 0 through row 1 at output row m; a = 1
+# through row 2 at m and row 0 at m + 1. Written as a stride-1, padding-1 3x3 kernel
+# over the gradient, output row m + d sits at that kernel's row d + 1:
+# (row of the stride-1 kernel, row of the weight), and the same for columns.
+PHASE_TAPS = {0: ((1, 1),), 1: ((1, 2), (2, 0))}
+
+
+def phased_input_grad(grad: torch.Tensor, weight: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
+    """The input gradient `[N, C, *size]` (channels-last) of a 3x3, stride-2, padding-1
+    depthwise convolution with `weight` `[C, 1, 3, 3]`, from its output gradient `grad`:
+    the input pixels of each parity (even or odd row, even or odd column) get a stride-1
+    depthwise convolution of `grad`, which runs at forward-pass speed in bf16."""
+    n, c, rows, cols = grad.shape
+    out = grad.new_empty(n, rows, 2, cols, 2, c)  # channels-last [N, 2 rows, 2 cols, C]
+    for a, row_taps in PHASE_TAPS.items():
+        for b, col_taps in PHASE_TAPS.items():
+            kernel = weight.new_zeros(weight.shape)
+            for r, wr in row_taps:
+                for s, ws in col_taps:
+                    kernel[:, 0, r, s] = weight[:, 0, wr, ws]
+            out[:, :, a, :, b] = nn.functional.conv2d(grad, kernel, None, 1, 1, 1, c).permute(0, 2, 3, 1)
+    # an odd side has one row or column fewer than twice the output's
+    return out.view(n, 2 * rows, 2 * cols, c).permute(0, 3, 1, 2)[:, :, :size[0], :size[1]]
+
+
+def phased_strided_depthwise(features: nn.Module) -> nn.Module:
+    """`features` with every 3x3, stride-2, padding-1 depthwise convolution made a
+    `StridedDepthwiseConv2d` holding the same parameters (same state-dict keys, devices
+    and dtypes), in place."""
     for parent in list(features.modules()):
         for name, conv in list(parent.named_children()):
-            if type(conv) is nn.Conv2d and conv.groups == conv.in_channels > 1 and max(conv.stride) > 1:
+            if (type(conv) is nn.Conv2d and conv.groups == conv.in_channels > 1 and conv.kernel_size == (3, 3)
+                    and conv.stride == (2, 2) and conv.padding == (1, 1) and conv.dilation == (1, 1)
+                    and conv.padding_mode == "zeros"):
                 # built on the meta device: no memory and no random draws (seeded models stay as they were)
                 new = StridedDepthwiseConv2d(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride,
                                              conv.padding, conv.dilation, conv.groups, conv.bias is not None,
@@ -155,7 +178,7 @@ class CRFNet(nn.Module):
         super().__init__()
         self.cfg = cfg
         backbone = torchvision.models.mobilenet_v2(weights=None, width_mult=cfg.width_mult)
-        self.features = relu6_from_output(strided_depthwise_input_grad_in_fp32(backbone.features))
+        self.features = relu6_from_output(phased_strided_depthwise(backbone.features))
         self.feature_dim = backbone.last_channel
         self.fc = nn.Linear(self.feature_dim, cfg.num_classes)
         self.crf = CRF(cfg.grid * cfg.grid, cfg.crf_iters) if cfg.grid > 1 else None

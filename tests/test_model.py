@@ -196,23 +196,43 @@ def test_without_the_fused_op_inference_copy_only_folds(monkeypatch):
     assert sum(isinstance(k, torch.nn.ReLU6) for k in copy.modules()) == 35
 
 
-class ConvolutionDtypes(TorchDispatchMode):
-    """Records (kind, dtype) of every convolution run inside it."""
+class Convolutions(TorchDispatchMode):
+    """Records (op, dtype, output mask) of every convolution and convolution gradient run
+    inside it (the mask says which gradients a convolution_backward computes)."""
 
     def __init__(self) -> None:
         super().__init__()
-        self.seen: list[tuple[str, torch.dtype]] = []
+        self.seen: list[tuple[str, torch.dtype, tuple[bool, ...]]] = []
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         if func is torch.ops.aten.convolution.default:  # args: input, weight, ..., transposed at 6
-            self.seen.append(("transposed" if args[6] else "forward", args[0].dtype))
+            self.seen.append(("transposed" if args[6] else "forward", args[0].dtype, ()))
+        if func is torch.ops.aten.convolution_backward.default:  # args: grad, ..., output mask last
+            self.seen.append(("backward", args[0].dtype, tuple(args[-1])))
         return func(*args, **(kwargs or {}))
 
 
-def test_strided_depthwise_convolutions_take_their_input_gradient_in_fp32_under_cpu_bf16_autocast():
-    """Only with gradients: oneDNN's bf16 input gradient for them is slow. The forward
-    pass and the weight gradient stay bf16, and every gradient matches fp32's within
-    bf16 rounding, for even and odd sizes. The swap keeps torchvision's state-dict keys."""
+def test_phased_input_grad_is_the_strided_depthwise_input_gradient():
+    """Exact in float64 against aten's own, for even, odd, 1-pixel and unequal sides."""
+    from crfcore.model import phased_input_grad
+
+    torch.manual_seed(0)
+    for side in ((16, 16), (15, 17), (7, 7), (1, 1), (2, 3)):
+        x = torch.randn(2, 5, *side, dtype=torch.float64)
+        w = torch.randn(5, 1, 3, 3, dtype=torch.float64)
+        grad = torch.randn_like(torch.nn.functional.conv2d(x, w, None, 2, 1, 1, 5))
+        want = torch.ops.aten.convolution_backward(grad, x, w, None, [2, 2], [1, 1], [1, 1], False, [0, 0], 5,
+                                                   [True, False, False])[0]
+        got = phased_input_grad(grad, w, side)
+        assert got.shape == want.shape
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
+
+
+def test_strided_depthwise_convolutions_take_their_input_gradient_from_stride_1_convolutions_under_cpu_bf16_autocast():
+    """Only with gradients: oneDNN's bf16 input gradient for them is slow. Forward pass,
+    weight gradient and the four phase convolutions stay bf16, and every gradient
+    matches fp32's within bf16 rounding, for even and odd sizes, with the backward pass
+    run outside autocast or inside it. The swap keeps torchvision's state-dict keys."""
     import torchvision
 
     model = CRFNet(ModelConfig(grid=1, width_mult=0.5))
@@ -221,7 +241,7 @@ def test_strided_depthwise_convolutions_take_their_input_gradient_in_fp32_under_
     plain = torchvision.models.mobilenet_v2(weights=None, width_mult=0.5).features
     assert model.features.state_dict().keys() == plain.state_dict().keys()
     conv = strided[0]
-    for side in ((16, 16), (15, 17)):  # a strided convolution leaves a row unread on odd sides
+    for side, inside in (((16, 16), False), ((15, 17), False), ((15, 17), True)):
         x = torch.randn(2, conv.in_channels, *side).to(torch.bfloat16).requires_grad_()
         with torch.autocast("cpu", dtype=torch.bfloat16):
             trained = conv(x)
@@ -229,25 +249,17 @@ def test_strided_depthwise_convolutions_take_their_input_gradient_in_fp32_under_
                 inferred = conv(x)
         assert trained.dtype == torch.bfloat16 and torch.equal(trained, inferred)
         grad = torch.randn_like(trained)
-        trained.backward(grad)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=inside), Convolutions() as backward:
+            trained.backward(grad)
         assert x.grad.dtype == torch.bfloat16 and conv.weight.grad.dtype == torch.float32
+        assert backward.seen.count(("forward", torch.bfloat16, ())) == 4  # one per phase
+        assert not any(kind == "backward" and mask[0] for kind, _, mask in backward.seen)  # no oneDNN input grad
+        assert not any(dtype != torch.bfloat16 for _, dtype, _ in backward.seen)
         x32, w32 = x.detach().float().requires_grad_(), conv.weight.detach().bfloat16().float().requires_grad_()
         torch.nn.functional.conv2d(x32, w32, None, conv.stride, conv.padding, conv.dilation, conv.groups).backward(grad.float())
         torch.testing.assert_close(x.grad.float(), x32.grad, rtol=2e-2, atol=2e-2)
         torch.testing.assert_close(conv.weight.grad, w32.grad, rtol=2e-2, atol=5e-2)
         conv.weight.grad = None
-    for inside in (False, True):  # backward may also run inside autocast: the input gradient stays fp32
-        x = torch.randn(2, conv.in_channels, 15, 17, requires_grad=True)
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            y = conv(x).float().sum()
-            with ConvolutionDtypes() as backward_inside:
-                if inside:
-                    y.backward()
-        with ConvolutionDtypes() as backward_outside:
-            if not inside:
-                y.backward()
-        seen = (backward_inside if inside else backward_outside).seen
-        assert ("transposed", torch.float32) in seen and ("transposed", torch.bfloat16) not in seen
     with torch.autocast("cpu", dtype=torch.bfloat16):  # the whole model trains, also cast to bf16
         model.embed(torch.randn(2, 3, 64, 64))[0].float().sum().backward()
         assert all(m.weight.grad is not None for m in strided)
@@ -256,12 +268,12 @@ def test_strided_depthwise_convolutions_take_their_input_gradient_in_fp32_under_
 
 def test_the_swap_draws_no_random_numbers_and_keeps_devices():
     import torchvision
-    from crfcore.model import strided_depthwise_input_grad_in_fp32
+    from crfcore.model import phased_strided_depthwise
 
     torch.manual_seed(0)
     features = torchvision.models.mobilenet_v2(weights=None, width_mult=0.5).features
     before, state = {k: v.clone() for k, v in features.state_dict().items()}, torch.get_rng_state()
-    strided_depthwise_input_grad_in_fp32(features)
+    phased_strided_depthwise(features)
     assert torch.equal(torch.get_rng_state(), state)  # seeded models stay as they were
     assert all(torch.equal(v, before[k]) for k, v in features.state_dict().items())
     with torch.device("meta"):
