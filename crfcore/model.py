@@ -144,11 +144,24 @@ class ReLU6(nn.ReLU6):
         return super().forward(x)  # also what torch.jit traces: it cannot trace a Python Function
 
 
+# 6.0's bf16 bit pattern as an int16. Non-negative bf16 numbers sort as their int16
+# patterns do; negative ones, -0.0 included, are negative int16s.
+BF16_SIX = int(torch.tensor(6.0, dtype=torch.bfloat16).view(torch.int16))
+
+
 class ReLU6FromOutput(torch.autograd.Function):
-    """In-place ReLU6 whose backward pass reads the output (setup_context: torch.func works too)."""
+    """In-place ReLU6 whose backward pass reads the output (setup_context: torch.func works too).
+    On the CPU a bf16 input is clamped as int16 bit patterns to those of [+0.0, 6.0]: the
+    same numbers as clamp gives (negative numbers become +0.0, +inf 6) and about 3x faster
+    (bf16 clamp converts every value to fp32 and back: 7 % of a bf16 training step). A NaN,
+    which clamp keeps, becomes 0 or 6, so the training loop checks that parameters and
+    batch-norm statistics stay finite (`all_finite`)."""
 
     @staticmethod
     def forward(x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.bfloat16 and x.device.type == "cpu":
+            x.view(torch.int16).clamp_(0, BF16_SIX)
+            return x
         return x.clamp_(0.0, 6.0)
 
     @staticmethod
@@ -160,6 +173,14 @@ class ReLU6FromOutput(torch.autograd.Function):
     def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
         (y,) = ctx.saved_tensors
         return torch.ops.aten.hardtanh_backward(grad, y, 0.0, 6.0)  # zero where y <= 0 or y >= 6
+
+
+def all_finite(model: nn.Module) -> bool:
+    """Whether every floating-point parameter and buffer of `model` is finite: a NaN that a
+    bf16 ReLU6 turned into 0 or 6 leaves NaN in a batch norm's running statistics (or
+    came from a parameter), where the loss may no longer show it."""
+    sums = [t.detach().float().sum() for t in (*model.parameters(), *model.buffers()) if t.is_floating_point()]
+    return bool(torch.isfinite(torch.stack(sums).sum())) if sums else True
 
 
 def relu6_from_output(features: nn.Module) -> nn.Module:

@@ -30,7 +30,7 @@ from .errors import CrfError
 from .evaluation import patch_metrics, patch_report
 from .heatmap import check_not_a_slide, check_picture_format
 from .io import atomic_write_json, atomic_write_text, check_spares_inputs, ensure_free_space
-from .model import CRFNet, ModelConfig, init_from_checkpoint, load_checkpoint, load_pretrained_backbone
+from .model import CRFNet, ModelConfig, all_finite, init_from_checkpoint, load_checkpoint, load_pretrained_backbone
 from .model import inference_copy, model_from_checkpoint, save_checkpoint
 from .loaders import build_loaders, collate, grid_folders, stain_normaliser
 from .runlog import append_log, plot_curves, read_log
@@ -44,7 +44,7 @@ RESUME_MAY_CHANGE = ("epochs", "lr", "workers", "device", "precision", "pretrain
 
 
 class TrainingError(CrfError):
-    """Training cannot go on (a NaN loss); the last good checkpoint is kept."""
+    """Training cannot go on (a NaN loss or parameter); the last good checkpoint is kept."""
 
 
 # ----------------------------------------------------------------------------- steps
@@ -348,16 +348,20 @@ class Run:
         task = self.loss(o, t)
         loss = task + self.cfg.dense_consistency * gap
         if not torch.isfinite(loss):
-            kept = (f"{self.save_dir / 'train.ckpt'} keeps the last good epoch" if self.epoch
-                    else "no epoch was completed")
-            raise TrainingError(f"loss is {loss.item()} at epoch {self.epoch + 1}, step {self.step + 1}; "
-                                f"stopped, {kept} (lower lr?)")
+            self._diverged(f"loss is {loss.item()}")
         self.opt.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         self.scaler.step(self.opt)
         self.scaler.update()
+        if not all_finite(self.model):  # what a bf16 ReLU6 may hide from the loss (model.ReLU6FromOutput)
+            self._diverged("a parameter or batch-norm statistic is not finite")
         self.step += 1
         return task.item(), o.detach(), t, gap.item()
+
+    def _diverged(self, what: str) -> None:
+        kept = (f"{self.save_dir / 'train.ckpt'} keeps the last good epoch" if self.epoch
+                else "no epoch was completed")
+        raise TrainingError(f"{what} at epoch {self.epoch + 1}, step {self.step + 1}; stopped, {kept} (lower lr?)")
 
     def validate(self) -> dict:
         if self.valid_loader is None:

@@ -266,6 +266,34 @@ def test_strided_depthwise_convolutions_take_their_input_gradient_from_stride_1_
         model.to(torch.bfloat16).embed(torch.randn(2, 3, 64, 64))[0].float().sum().backward()
 
 
+def test_bf16_relu6_clamps_every_bf16_number_as_clamp_does():
+    """All 65,536 bf16 bit patterns: the int16 clamp gives clamp's numbers (+0.0 for every
+    negative and for -0.0) and the same gradients; NaN becomes 0 or 6, which all_finite
+    exists to catch."""
+    from crfcore.model import ReLU6FromOutput, all_finite
+
+    every = torch.arange(-2**15, 2**15, dtype=torch.int32).to(torch.int16).view(torch.bfloat16)
+    nan = every.isnan()
+    x = every.clone().requires_grad_()
+    y = ReLU6FromOutput.apply(x * 1)  # in place needs a non-leaf
+    want = every.clamp(0, 6)
+    assert torch.equal(y[~nan], want[~nan]) and not y.isnan().any() and set(y[nan].tolist()) <= {0.0, 6.0}
+    assert not y[every == 0].signbit().any()  # -0.0 too becomes +0.0
+    grad = torch.rand(every.shape).to(torch.bfloat16)
+    y.backward(grad)
+    assert torch.equal(x.grad[~nan], torch.where((want > 0) & (want < 6), grad, 0)[~nan])
+    with torch.no_grad():
+        assert torch.equal(ReLU6FromOutput.apply(every.float()).isnan(), nan)  # fp32 keeps clamp's NaN
+    model = CRFNet(ModelConfig(grid=1, width_mult=0.5))
+    assert all_finite(model)
+    model.features[1].conv[2].running_mean[3] = float("nan")
+    assert not all_finite(model)
+    model.features[1].conv[2].running_mean[3] = 0.0
+    with torch.no_grad():
+        model.fc.weight[0, 0] = float("inf")
+    assert not all_finite(model)
+
+
 def test_the_swap_draws_no_random_numbers_and_keeps_devices():
     import torchvision
     from crfcore.model import phased_strided_depthwise

@@ -540,3 +540,22 @@ def test_every_image_of_a_grid_set_is_checked_before_training(grid_data, tmp_pat
         assert res.returncode == 2 and message in res.stderr and not (tmp_path / "run").exists()
     last.write_bytes(cv2.imencode(".jpg", np.zeros((96, 96, 3), np.uint8))[1].tobytes())  # a JPEG named .png
     assert len(GridDataset(bad, grid_data / "json", 96, 32, 32)) > 0  # read as before: cv2 reads by content
+
+
+def test_a_nan_that_a_bf16_relu6_hides_from_the_loss_still_stops_training(grid_data, tmp_path, monkeypatch):
+    """On the CPU a bf16 ReLU6 turns NaN into 0 or 6 (model.ReLU6FromOutput), so a NaN
+    input gives a finite loss; the NaN batch-norm statistics it leaves stop training."""
+    class Poisoned(training.CRFNet):
+        def embed(self, x, first_block=0):
+            x = x.clone()
+            x[0, 0, 0, 0] = float("nan")
+            return super().embed(x, first_block)
+
+    losses = []
+    real_loss_fn = training.loss_fn
+    monkeypatch.setattr(training, "loss_fn", lambda *a: lambda o, t: losses.append(real_loss_fn(*a)(o, t)) or losses[-1])
+    monkeypatch.setattr(training, "CRFNet", Poisoned)
+    proc = call("train.py", grid_data / "cfg.json", tmp_path / "r", "--quiet", "--set", "precision=bf16", check=False)
+    assert torch.isfinite(losses[0])  # the loss cannot see it
+    assert proc.returncode == 2 and "batch-norm statistic is not finite at epoch 1, step 1" in proc.stderr
+    assert "Traceback" not in proc.stderr
