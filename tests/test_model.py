@@ -290,6 +290,8 @@ def test_bf16_relu6_clamps_every_bf16_number_as_clamp_does():
     assert not all_finite(model)
     model.features[1].conv[2].running_mean[3] = 0.0
     with torch.no_grad():
+        model.fc.weight[0, 0] = 1e38  # huge but finite: no sum to overflow
+        assert all_finite(model)
         model.fc.weight[0, 0] = float("inf")
     assert not all_finite(model)
 
