@@ -24,7 +24,8 @@ import time
 import torch
 
 from crfcore.device import autocast, cpu_has_native_bf16, retain_freed_memory
-from crfcore.model import CRFNet, ConvReLU6, ModelConfig, fold_batch_norm, inference_copy
+from crfcore.layers import ConvReLU6
+from crfcore.model import CRFNet, ModelConfig, fold_batch_norm, inference_copy
 
 
 def step_time(model: CRFNet, x: torch.Tensor, precision: str, train: bool) -> float:

@@ -30,7 +30,8 @@ from .errors import CrfError
 from .evaluation import patch_metrics, patch_report
 from .heatmap import check_not_a_slide, check_picture_format
 from .io import atomic_write_json, atomic_write_text, check_spares_inputs, ensure_free_space
-from .model import CRFNet, ModelConfig, all_finite, init_from_checkpoint, load_checkpoint, load_pretrained_backbone
+from .layers import all_finite
+from .model import CRFNet, ModelConfig, init_from_checkpoint, load_checkpoint, load_pretrained_backbone
 from .model import inference_copy, model_from_checkpoint, save_checkpoint
 from .loaders import build_loaders, collate, grid_folders, stain_normaliser
 from .runlog import append_log, plot_curves, read_log
@@ -353,7 +354,7 @@ class Run:
         self.scaler.scale(loss).backward()
         self.scaler.step(self.opt)
         self.scaler.update()
-        if not all_finite(self.model):  # what a bf16 ReLU6 may hide from the loss (model.ReLU6FromOutput)
+        if not all_finite(self.model):  # what a bf16 ReLU6 may hide from the loss (layers.ReLU6FromOutput)
             self._diverged("a parameter or batch-norm statistic is not finite")
         self.step += 1
         return task.item(), o.detach(), t, gap.item()

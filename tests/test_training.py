@@ -543,7 +543,7 @@ def test_every_image_of_a_grid_set_is_checked_before_training(grid_data, tmp_pat
 
 
 def test_a_nan_that_a_bf16_relu6_hides_from_the_loss_still_stops_training(grid_data, tmp_path, monkeypatch):
-    """On the CPU a bf16 ReLU6 turns NaN into 0 or 6 (model.ReLU6FromOutput), so a NaN
+    """On the CPU a bf16 ReLU6 turns NaN into 0 or 6 (layers.ReLU6FromOutput), so a NaN
     input gives a finite loss; the NaN batch-norm statistics and weight gradients it
     leaves stop training (statistics alone: test_model's all_finite check)."""
     class Poisoned(training.CRFNet):
