@@ -9,7 +9,9 @@ from __future__ import annotations
 import ctypes
 import functools
 import math
+import os
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import cv2
@@ -132,10 +134,31 @@ except ImportError:  # an openslide-python without its C helper: the PIL path
 DIRECT_READ = sys.byteorder == "little" and hasattr(lowlevel, "_read_region") and hasattr(_convert, "argb2rgba")
 
 
+# OpenSlide (3.3.1 on) reads one slide from several threads in parallel, and the C call
+# releases the GIL: a large level-0 region is read as row bands, one per thread, about
+# 1.9x faster on 2 cores. Level 0 only: there a band is exactly those rows of the region,
+# where at other levels OpenSlide scales the level-0 origin of each band on its own.
+READ_THREADS = min(4, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+PARALLEL_READ_PIXELS = 2**18  # below this, starting threads costs more than they save
+
+
 def read_bgra(slide: openslide.OpenSlide, x: int, y: int, level: int, w: int, h: int) -> np.ndarray:
     """OpenSlide's region as `(h, w, 4)` uint8, B, G, R, A, colours premultiplied by alpha."""
     words = np.empty((h, w), np.uint32)
-    lowlevel._read_region(slide._osr, words.ctypes.data_as(ctypes.POINTER(ctypes.c_uint32)), x, y, level, w, h)
+
+    def read(rows: tuple[int, int]) -> None:
+        top, bottom = rows
+        out = words[top:bottom].ctypes.data_as(ctypes.POINTER(ctypes.c_uint32))
+        lowlevel._read_region(slide._osr, out, x, y + top, level, w, bottom - top)
+
+    bands = min(READ_THREADS, h) if level == 0 and w * h >= PARALLEL_READ_PIXELS else 1
+    if bands == 1:
+        read((0, h))
+    else:
+        edges = [h * i // bands for i in range(bands + 1)]
+        # threads of this call only: none left running when a DataLoader forks its workers
+        with ThreadPoolExecutor(bands, thread_name_prefix="slide-read") as pool:
+            list(pool.map(read, zip(edges, edges[1:])))  # list: a band's error raises here
     return words.view(np.uint8).reshape(h, w, 4)
 
 

@@ -124,6 +124,44 @@ def test_direct_reads_equal_openslide_python_images(name, monkeypatch):
     assert (direct[2][-1, -1] == 255).all() and (direct[5][0, 0] == 0).all()  # outside: the background
 
 
+@pytest.mark.parametrize("name", REAL)
+def test_level_0_reads_in_parallel_bands_equal_one_read(name, monkeypatch):
+    """A large level-0 region read as row bands by several threads at once gives the
+    pixels of one read and of openslide-python's image, for 2, 3 and 4 bands, also across
+    the slide's edge; other levels are read in one call."""
+    s = sl.open_slide(shared("slides", name))
+    w0, h0 = s.dimensions
+    boxes = [((0, 0), (min(w0, 1500), min(h0, 1100))), ((w0 - 700, h0 - 500), (900, 703))]
+    monkeypatch.setattr(sl, "PARALLEL_READ_PIXELS", 2**40)
+    one = [sl.read_rgb(s, xy, 0, size) for xy, size in boxes]
+    monkeypatch.setattr(sl, "PARALLEL_READ_PIXELS", 2**16)
+    for threads in (2, 3, 4):
+        monkeypatch.setattr(sl, "READ_THREADS", threads)
+        for (xy, size), want in zip(boxes, one):
+            assert np.array_equal(sl.read_rgb(s, xy, 0, size), want)
+    monkeypatch.setattr(sl, "DIRECT_READ", False)
+    assert all(np.array_equal(sl.read_rgb(s, xy, 0, size), want) for (xy, size), want in zip(boxes, one))
+
+
+def test_forked_readers_read_in_bands_too(syn_slide):
+    """DataLoader workers forked after the parent read in bands read in bands as well."""
+    import torch
+    from torch.utils.data import DataLoader, Dataset
+
+    class Regions(Dataset):
+        def __len__(self):
+            return 2
+
+        def __getitem__(self, i):
+            with sl.open_slide(syn_slide.path) as s:
+                return torch.from_numpy(sl.read_rgb(s, (0, 0), 0, (2048, 1536 - i)))
+
+    with sl.open_slide(syn_slide.path) as s:
+        want = sl.read_rgb(s, (0, 0), 0, (2048, 1536))
+    got = list(DataLoader(Regions(), batch_size=None, num_workers=2, multiprocessing_context="fork"))
+    assert np.array_equal(got[0].numpy(), want) and np.array_equal(got[1].numpy(), want[:-1])
+
+
 def test_premultiplied_pixels_composite_over_the_background():
     bgra = np.full((2, 3, 4), 255, np.uint8)
     bgra[0, 0] = (0, 0, 0, 0)  # transparent
