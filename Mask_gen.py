@@ -23,7 +23,7 @@ from pathlib import Path
 from crfcore import annotations as an
 from crfcore import masks
 from crfcore import slide as sl
-from crfcore.cli import UserError, for_each, given_path, number, parser, run
+from crfcore.cli import UserError, check_npy_or_folder, for_each, given_path, number, parser, run
 from crfcore.io import all_companions, check_array_output, check_spares_inputs, file_sha256, sidecar_path, write_image
 
 
@@ -54,6 +54,7 @@ def jobs(args) -> list[Job]:
                                 f"{exports_named(args.annotation, slide.stem)}")
         elif ann is not None and ann.exists() and ann.stem.lower() != slide.stem.lower():
             warnings.warn(f"annotation {ann.name} and slide {slide.name} have different names")
+        check_npy_or_folder(out, "a mask")
         return [Job(slide, ann, out if out.suffix == ".npy" else out / f"{slide.stem}_{args.kind}.npy")]
     slides = sl.find_slides(slide)
     if not slides:

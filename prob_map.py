@@ -33,7 +33,8 @@ import numpy as np
 
 from crfcore import dense, inference, masks
 from crfcore import slide as sl
-from crfcore.cli import UserError, add_workers, for_each, given_path, number, one_line, parser, run
+from crfcore.cli import (UserError, add_workers, check_npy_or_folder, for_each, given_path, number, one_line, parser,
+                         run)
 from crfcore.device import PRECISIONS, DistEnv, resolve_device, resolve_precision, retain_freed_memory
 from crfcore.heatmap import load_probability_map, save_probability_map
 from crfcore.io import (ArrayFileError, array_sha256, check_array_output, check_fits_slide, check_spares_inputs,
@@ -50,14 +51,10 @@ class Job:
     out: Path
 
 
-FILE_SUFFIXES = {".npy", ".npz", ".png", ".jpg", ".jpeg", ".tif", ".tiff", ".svg", ".pdf", ".csv", ".json", ".txt"}
-
-
 def jobs(slide: Path, mask: Path, out: Path) -> list[Job]:
     """One job per slide; directories are paired by the slide's exact stem."""
     if not slide.is_dir():
-        if not out.exists() and out.suffix != ".npy" and out.suffix.lower() in FILE_SUFFIXES:  # out.png: no folder
-            raise UserError(f"{out}: a map is a .npy file: end -o with .npy, or name a folder without a suffix")
+        check_npy_or_folder(out, "a map")
         if out.is_dir() or out.suffix != ".npy":
             out = out / f"{slide.stem}_prob.npy"
         return [Job(slide, mask_in(mask, slide.stem) if mask.is_dir() else mask, out)]
@@ -118,7 +115,9 @@ def readable(out: Path) -> bool:
     """Whether a finished map reads as one; else a warning, and it is computed again (a
     truncated copy with its sidecar intact would be skipped as done, run after run)."""
     try:
-        prob, meta = load_probability_map(out)
+        with warnings.catch_warnings():  # its own, clearer warning below
+            warnings.simplefilter("ignore")
+            prob, meta = load_probability_map(out)
     except ArrayFileError as err:
         warnings.warn(f"{one_line(err)}; computed again")
         return False
@@ -233,7 +232,8 @@ def main(argv=None) -> int:
     env = DistEnv.from_env()
     device = resolve_device(args.device, env.local_rank)
     precision = resolve_precision(device, args.precision)
-    model, ckpt = model_from_checkpoint(args.ckpt, expect={"mode": "grid"}, needs=("patch_size", "crop_size"))
+    model, ckpt = model_from_checkpoint(args.ckpt, expect={"mode": "grid"},
+                                        needs=("grid", "patch_size", "crop_size"))
     ref = ckpt["config"].get("stain_reference")
     opts = inference.Options(batch_size=args.batch_size, workers=args.workers, device=device,
                              precision=precision, tta=args.tta, quiet=args.quiet, dense_tile=args.dense_tile,

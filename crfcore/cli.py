@@ -21,6 +21,17 @@ class UserError(CrfError):
     """A mistake in the user's input or options: reported as one line, exit status 2."""
 
 
+# Suffixes of files, not folders: `-o mask.png` asks for a file, where a folder would be made.
+FILE_SUFFIXES = {".npy", ".npz", ".png", ".jpg", ".jpeg", ".tif", ".tiff", ".svg", ".pdf", ".csv", ".json", ".txt"}
+
+
+def check_npy_or_folder(out: Path, what: str) -> None:
+    """Refuse an `-o` that names a new file of another kind (`mask.png`) where a `.npy`
+    file or a folder is meant: it would become a folder of that name."""
+    if not out.exists() and out.suffix != ".npy" and out.suffix.lower() in FILE_SUFFIXES:
+        raise UserError(f"{out}: {what} is a .npy file: end -o with .npy, or name a folder without a suffix")
+
+
 def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
     print(f"warning: {message}", file=sys.stderr)
 

@@ -278,7 +278,7 @@ def load_config(path: str | Path | None, overrides: typing.Sequence[str] = ()) -
 
 
 def _read_json(path: Path) -> dict:
-    data = read_json(path, "config file", ConfigError)
+    data = read_json(path, "config file", ConfigError, unique_keys=True)
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a JSON object of config keys")
     return data

@@ -179,9 +179,10 @@ def ensure_free_space(path: str | Path, nbytes: int, what: str = "output") -> No
 # ----------------------------------------------------------------------------- arrays + sidecars
 
 
-def read_json(path: str | Path, what: str, error: type[CrfError] = CrfError) -> object:
+def read_json(path: str | Path, what: str, error: type[CrfError] = CrfError, unique_keys: bool = False) -> object:
     """What the JSON file `path` (a `what`) holds; every way it can be unreadable is an
-    `error` naming the file (a byte-order mark is allowed)."""
+    `error` naming the file (a byte-order mark is allowed). With `unique_keys`, a key given
+    twice in one object is one of them (JSON itself lets the last one win, silently)."""
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8-sig")
@@ -194,13 +195,22 @@ def read_json(path: str | Path, what: str, error: type[CrfError] = CrfError) -> 
     except OSError as err:
         raise error(f"{path}: cannot read ({err.strerror or err})") from None
     try:
-        return json.loads(text)
+        return json.loads(text, object_pairs_hook=unique_object if unique_keys else None)
     except json.JSONDecodeError as err:
         raise error(f"{path}: malformed JSON at line {err.lineno}: {err.msg}") from None
     except RecursionError:
         raise error(f"{path}: malformed JSON (nested too deeply)") from None
     except ValueError as err:  # e.g. an integer of more digits than Python converts
         raise error(f"{path}: malformed JSON ({str(err).splitlines()[0]})") from None
+
+
+def unique_object(pairs: list[tuple[str, object]]) -> dict:
+    """A JSON object's pairs as a dict; a key given twice is a ValueError naming it."""
+    keys = [k for k, _ in pairs]
+    twice = next((k for k in keys if keys.count(k) > 1), None)
+    if twice is not None:
+        raise ValueError(f"key {twice!r} is given twice")
+    return dict(pairs)
 
 
 def sidecar_path(npy: str | Path) -> Path:
@@ -272,7 +282,8 @@ def load_array(path: str | Path, kind: str | tuple[str, ...] | None = None,
                slide: str | Path | None = None) -> tuple[np.ndarray, dict]:
     """Read a 2-D array and its sidecar; check the sidecar's lattice, `kind` and, when given,
     the slide: its file name (a str), or the slide file itself (a Path: its size in bytes
-    too, where the sidecar records it). Non-finite values are refused."""
+    too, where the sidecar records it). Non-finite values are refused; values that are not
+    those the sidecar records (its hash) are read with a warning."""
     path = Path(path)
     kinds = (kind,) if isinstance(kind, str) else kind
     maker = MAKER.get(kinds[0], "Mask_gen.py") if kinds else "Mask_gen.py or prob_map.py"
@@ -287,6 +298,10 @@ def load_array(path: str | Path, kind: str | tuple[str, ...] | None = None,
         raise ArrayFileError(f"{side}: not a sidecar (expected a JSON object naming its slide)")
     if list(array.shape) != meta.get("shape"):
         raise ArrayFileError(f"{path}: shape {array.shape} does not match its sidecar {meta.get('shape')}")
+    if meta.get("array_sha256") not in (None, array_sha256(array)):  # older sidecars have none
+        # read all the same: an array edited on purpose keeps what its sidecar says of it
+        warnings.warn(f"{path}: its values are not those its sidecar {side.name} records (edited since, or "
+                      f"written by two runs at once: then make it again with {maker})")
     if array.ndim != 2:
         raise ArrayFileError(f"{path}: is a {array.ndim}-D array; masks and maps are 2-D [row, col]")
     if kinds is not None and meta.get("kind") not in kinds:

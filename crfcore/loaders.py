@@ -4,6 +4,7 @@ and shared out between torchrun ranks."""
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -38,8 +39,14 @@ def grid_sets(cfg: TrainConfig, split: str, augment: Augment | None,
 
 def grid_folders(cfg: TrainConfig, split: str) -> list[str]:
     """The coord_list_gen.py folders of `split`: tumour and normal, or the single one."""
-    paths = [getattr(cfg, f"data_path_tumor_{split}"), getattr(cfg, f"data_path_normal_{split}")]
-    return [p for p in paths if p] or [p for p in [getattr(cfg, f"data_path_{split}")] if p]
+    return [getattr(cfg, k) for k in folder_keys(cfg, split)]
+
+
+def folder_keys(cfg: TrainConfig, split: str) -> list[str]:
+    """The config keys of the folders `split` reads: tumour and normal (grid mode), or the
+    single one; only those set."""
+    pair = [f"data_path_tumor_{split}", f"data_path_normal_{split}"] if cfg.mode == "grid" else []
+    return [k for k in pair if getattr(cfg, k)] or [k for k in [f"data_path_{split}"] if getattr(cfg, k)]
 
 
 class BalancedBatches(Sampler):
@@ -102,6 +109,19 @@ def check_classes(ds: FolderDataset, what: str, least: int) -> None:
                         f"a classifier needs at least {least}")
 
 
+def check_folders(cfg: TrainConfig) -> None:
+    """Refuse one folder given as two sets: as tumour and normal set of a split (a set of
+    both labels at once), or as a training and a validation set (validation scores, and
+    so best.ckpt, would be measured on training data)."""
+    keys = [k for split in ("train", "valid") for k in folder_keys(cfg, split)]
+    given = [(k, Path(getattr(cfg, k)).resolve()) for k in keys]
+    for i, (key, path) in enumerate(given):
+        other = next((k for k, p in given[:i] if p == path), None)
+        if other is not None:
+            raise DataError(f"{getattr(cfg, key)}: config {other} and {key} are the same folder; "
+                            "each set needs a folder of its own")
+
+
 def build_loaders(cfg: TrainConfig, env: DistEnv = DistEnv(), norm: MacenkoNormaliser | None = None):
     """Training loader (balanced batches), validation loader (None without a valid set)
     and the class names; `norm` stain-normalises every image."""
@@ -118,8 +138,13 @@ def build_loaders(cfg: TrainConfig, env: DistEnv = DistEnv(), norm: MacenkoNorma
                       if cfg.data_path_valid else [])
         if valid_sets and cfg.best_metric == "auc":  # a class without images has no AUC: no epoch would be best
             check_classes(valid_sets[0], "validation set (best_metric auc)", least=len(classes))
-    sampler = BalancedBatches([len(s) for s in train_sets], cfg.batch_size, cfg.seed, env.rank,
-                              env.world, cfg.max_steps)
+    check_folders(cfg)
+    sizes = [len(s) for s in train_sets]
+    half = cfg.batch_size // 2
+    if len(sizes) == 2 and half > max(sizes):  # each batch would repeat both sets, all in memory at once
+        raise DataError(f"config batch_size {cfg.batch_size} takes {half} samples of each set per step, more than "
+                        f"the larger set's {max(sizes)}: lower batch_size")
+    sampler = BalancedBatches(sizes, cfg.batch_size, cfg.seed, env.rank, env.world, cfg.max_steps)
     kw = dict(num_workers=cfg.workers, collate_fn=collate, persistent_workers=False,
               pin_memory=torch.cuda.is_available())
     train_loader = DataLoader(ConcatDataset(train_sets), batch_sampler=sampler, **kw)

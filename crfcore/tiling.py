@@ -123,8 +123,10 @@ MAX_COORD = 2**31  # no slide is larger; a bigger coordinate is a corrupt line
 
 
 def read_coords(path: str | Path) -> list[tuple[str, int, int]]:
-    """An NCRF coords list: `slide_id,x,y` per line (level-0 centre), no header."""
-    out = []
+    """An NCRF coords list: `slide_id,x,y` per line (level-0 centre); a first line whose x
+    and y are not numbers (a spreadsheet's header, `slide_id,x,y`) is skipped."""
+    out: list[tuple[str, int, int]] = []
+    header_allowed = True
     try:
         lines = Path(path).read_text(encoding="utf-8-sig").splitlines()  # a spreadsheet's BOM
     except (OSError, UnicodeDecodeError) as err:
@@ -137,11 +139,24 @@ def read_coords(path: str | Path) -> list[tuple[str, int, int]]:
             sid, x, y = parts
             xy = float(x), float(y)
         except ValueError:
-            raise TilingError(f"{path}:{lineno}: expected 'slide_id,x,y', got {line.strip()!r}") from None
+            if header_allowed and len(parts) == 3 and not any(map(is_number, parts[1:])):
+                header_allowed = False
+                continue
+            raise TilingError(f"{path}:{lineno}: expected 'slide_id,x,y' with numbers x and y, "
+                              f"got {line.strip()!r}") from None
+        header_allowed = False
         if not all(math.isfinite(v) and abs(v) < MAX_COORD for v in xy):
             raise TilingError(f"{path}:{lineno}: coordinates {x}, {y} are not finite pixel positions")
         out.append((sid, int(round(xy[0])), int(round(xy[1]))))
     return out
+
+
+def is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
 
 
 def check_coords_id(slide_id: str, source: str | Path) -> None:

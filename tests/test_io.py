@@ -2,6 +2,7 @@
 import json
 import os
 import stat
+import warnings
 
 import numpy as np
 import pytest
@@ -184,4 +185,22 @@ def test_an_array_written_without_its_sidecar_is_refused_not_read_with_the_old_o
     with pytest.raises(KeyboardInterrupt):
         io.save_array(out, np.ones((2, 2), np.float32), {"slide": "s.tif", "downsample": [1, 1], "checkpoint": "new"})
     with pytest.raises(io.ArrayFileError, match="sidecar m.json is missing"):
+        io.load_array(out)
+
+
+def test_an_array_whose_values_its_sidecar_does_not_record_is_read_with_a_warning(tmp_path):
+    """From a hostile test: two runs writing one mask at once left one's array under the
+    other's sidecar, read silently. Such an array, or one edited on purpose, is read with
+    a warning naming both files; an older sidecar without the hash reads quietly."""
+    out = tmp_path / "s_tumor.npy"
+    io.save_array(out, np.zeros((3, 4), bool), {"slide": "s.tif", "kind": "tumor", "downsample": [8, 8]})
+    np.save(out, np.ones((3, 4), bool))
+    with pytest.warns(UserWarning, match=r"s_tumor.npy: its values are not those its sidecar s_tumor.json records"):
+        array, _ = io.load_array(out)
+    assert array.all()
+    meta = json.loads(out.with_suffix(".json").read_text())
+    del meta["array_sha256"]
+    out.with_suffix(".json").write_text(json.dumps(meta))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
         io.load_array(out)

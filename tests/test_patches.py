@@ -841,3 +841,15 @@ def test_a_coords_list_never_takes_an_id_it_cannot_hold():
         with pytest.raises(tiling.TilingError, match="coords list"):
             tiling.format_coords(bad, np.array([[1, 2]]))
     assert tiling.format_coords("a,b", np.zeros((0, 2))) == ""  # no line to write: nothing to refuse
+
+
+def test_a_coords_list_may_start_with_a_header_line(tmp_path):
+    """A spreadsheet's header (`slide_id,x,y`) is skipped; anywhere else, or with numbers
+    in it, a line that does not parse is an error that says what a line must hold."""
+    path = tmp_path / "c.txt"
+    path.write_text("slide_id,x,y\nsyn_tumor,100,200\n\nsyn_tumor,7.6,8\n")
+    assert tiling.read_coords(path) == [("syn_tumor", 100, 200), ("syn_tumor", 8, 8)]
+    for text, line in (("syn_tumor,1,2\nslide_id,x,y\n", 2), ("slide_id,x,5\n", 1), ("slide_id,x\n", 1)):
+        path.write_text(text)
+        with pytest.raises(tiling.TilingError, match=rf"c.txt:{line}: expected 'slide_id,x,y' with numbers x and y"):
+            tiling.read_coords(path)

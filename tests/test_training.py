@@ -1,5 +1,6 @@
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -28,9 +29,10 @@ def grid_data(syn_slide, tmp_path_factory):
         call("Patch_gen.py", syn_slide.path, "--mask", d / f"{kind}.npy", "-o", d / f"p_{kind}",
                    "--mode", "random", "--num", "12", "--image-size", "96", "--workers", "0", "--quiet")
         call("coord_list_gen.py", d / f"p_{kind}", "-o", d / kind)
+        shutil.copytree(d / kind, d / f"{kind}_valid")  # the same patches: a set of its own is a folder of its own
     cfg = {"mode": "grid", "data_path_tumor_train": str(d / "tumor"), "data_path_normal_train": str(d / "normal"),
-           "json_path_train": str(d / "json"), "data_path_tumor_valid": str(d / "tumor"),
-           "data_path_normal_valid": str(d / "normal"), **TINY}
+           "json_path_train": str(d / "json"), "data_path_tumor_valid": str(d / "tumor_valid"),
+           "data_path_normal_valid": str(d / "normal_valid"), **TINY}
     (d / "cfg.json").write_text(json.dumps(cfg))
     return d
 
@@ -560,3 +562,21 @@ def test_a_nan_that_a_bf16_relu6_hides_from_the_loss_still_stops_training(grid_d
     assert torch.isfinite(losses[0])  # the loss cannot see it
     assert proc.returncode == 2 and "batch-norm statistic is not finite at epoch 1, step 1" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_one_folder_as_two_sets_and_a_batch_larger_than_the_set_are_refused(grid_data, tmp_path):
+    """Before any step: the tumour folder as the normal one, a training folder as a
+    validation one (best.ckpt would be chosen on training data), and a batch_size that
+    would repeat both sets in every batch (it once filled 24 GB)."""
+    tumor, normal = grid_data / "tumor", grid_data / "normal"
+    for sets, words in (({"data_path_normal_train": tumor}, "data_path_tumor_train and data_path_normal_train are"),
+                        ({"data_path_tumor_valid": tumor}, "data_path_tumor_train and data_path_tumor_valid are"),
+                        ({"data_path_normal_valid": f"{normal}/../normal"}, "data_path_normal_train and "
+                                                                              "data_path_normal_valid are"),
+                        ({"batch_size": 100000000}, "batch_size 100000000 takes 50000000 samples of each set per "
+                                                    "step, more than the larger set's 12")):
+        res = call("train.py", grid_data / "cfg.json", tmp_path / "r", "--quiet",
+                   *[a for k, v in sets.items() for a in ("--set", f"{k}={json.dumps(v if isinstance(v, int) else str(v))}")],
+                   check=False)
+        assert res.returncode == 2 and words in res.stderr and "Traceback" not in res.stderr, res.stderr
+        assert not (tmp_path / "r" / "train.ckpt").exists()
