@@ -38,7 +38,7 @@ from crfcore.cli import (UserError, add_workers, check_npy_or_folder, for_each, 
 from crfcore.device import PRECISIONS, DistEnv, resolve_device, resolve_precision, retain_freed_memory
 from crfcore.heatmap import load_probability_map, save_probability_map
 from crfcore.io import (ArrayFileError, array_sha256, check_array_output, check_fits_slide, check_spares_inputs,
-                        companion, ensure_free_space, file_sha256, own_sidecar, sidecar_path)
+                        companion, ensure_free_space, file_sha256, own_sidecar, settle, sidecar_path)
 from crfcore.model import model_from_checkpoint
 from crfcore.scale import ReadScale, read_scale
 from crfcore.stain import MacenkoNormaliser
@@ -97,6 +97,7 @@ MIN_DENSE_TILE = 256  # --dense-tile: below the tiles' margin (256 px a side), m
 
 def up_to_date(out: Path, wanted: dict, overwrite: bool) -> bool:
     """True when `out` exists with these settings; a stale map is an error unless --overwrite."""
+    settle(out)  # a save a kill stopped: finished or undone, so its sidecar is its array's
     if not (out.exists() and sidecar_path(out).exists()):
         return False
     meta = own_sidecar(sidecar_path(out)) or {}  # a foreign file there is refused before writing

@@ -246,6 +246,7 @@ def check_array_output(path: str | Path, kind: str | None = None) -> None:
     or, given the `kind` to write, an array of another kind (a tissue mask as a map's -o)."""
     side = sidecar_path(check_output_path(path))
     check_output_path(side)
+    settle(path)
     meta = own_sidecar(side) if side.is_file() else {}
     if meta is None:
         raise OutputError(f"{path}: writing it would replace {side}, which is not a sidecar of crfcore "
@@ -259,7 +260,10 @@ MAKER = {"probability": "prob_map.py"}  # which script writes each kind (masks: 
 
 
 def save_array(path: str | Path, array: np.ndarray, meta: dict) -> None:
-    """Write `array` to `path` (.npy) and `meta` (+ shape, version) to its sidecar."""
+    """Write `array` to `path` (.npy) and `meta` (+ shape, hash, version) to its sidecar.
+    A kill at any moment leaves the old pair or the new one, as the next reader sees it:
+    the new sidecar waits beside the old one (`pending_sidecar_path`) until the new array
+    is in place, and `settle` finishes or undoes a save stopped between the two."""
     path = Path(path)
     check_array_output(path, meta.get("kind"))
     # the sidecar names its array's content: two runs writing one map at once can leave one
@@ -267,10 +271,39 @@ def save_array(path: str | Path, array: np.ndarray, meta: dict) -> None:
     meta = {**meta, "shape": list(array.shape), "array_sha256": array_sha256(array), "crfcore_version": __version__}
     with atomic_path(path, ".npy") as tmp:
         np.save(tmp, array)
-        # before the new array goes in: a kill before the new sidecar then leaves an array
-        # without one (refused, recomputed), never new numbers under the old settings
-        sidecar_path(path).unlink(missing_ok=True)
-    atomic_write_json(sidecar_path(path), meta)
+        atomic_write_json(pending_sidecar_path(path), meta)
+    try:
+        os.replace(pending_sidecar_path(path), sidecar_path(path))
+    except OSError as err:
+        raise OutputError(f"{sidecar_path(path)}: cannot write ({err.strerror or err})") from None
+
+
+def pending_sidecar_path(npy: str | Path) -> Path:
+    """Where `save_array` keeps an array's new sidecar until the new array is in place."""
+    side = sidecar_path(npy)
+    return side.with_name(f".{side.name}.pending")
+
+
+def settle(npy: str | Path) -> None:
+    """Finish or undo a `save_array` that a kill stopped: its pending sidecar goes in when
+    the array in place is the one it records, else it goes (the old pair stands). In a
+    folder this process cannot write, nothing changes (the array then reads with a
+    warning when its sidecar does not record it)."""
+    pending = pending_sidecar_path(npy)
+    if not pending.is_file():
+        return
+    recorded = (sidecar_json(pending) or {}).get("array_sha256")
+    try:
+        new = recorded is not None and Path(npy).is_file() and recorded == array_sha256(_read_array(Path(npy)))
+    except ArrayFileError:  # a truncated array in place: the pending sidecar cannot be its own
+        new = False
+    try:
+        if new:
+            os.replace(pending, sidecar_path(npy))
+        else:
+            pending.unlink()
+    except OSError:
+        pass
 
 
 def array_sha256(array: np.ndarray) -> str:
@@ -288,6 +321,7 @@ def load_array(path: str | Path, kind: str | tuple[str, ...] | None = None,
     kinds = (kind,) if isinstance(kind, str) else kind
     maker = MAKER.get(kinds[0], "Mask_gen.py") if kinds else "Mask_gen.py or prob_map.py"
     side = sidecar_path(path)
+    settle(path)
     if not path.is_file():
         raise ArrayFileError(f"{path}: is a folder, not a .npy file" if path.is_dir() else f"{path}: no such file")
     if not side.is_file():
