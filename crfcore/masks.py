@@ -53,6 +53,9 @@ class Lattice:
             w, h = slide.level_dimensions[level]
             return cls((h, w), (w0 / w, h0 / h), level)
         d = DEFAULT_DOWNSAMPLE if downsample is None else float(downsample)
+        if d > max(w0, h0):  # thumbnail_shape would round the lattice up to one pixel
+            raise MaskError(f"downsample {d:g} is more than the slide's {w0}x{h0} level-0 pixels: the mask "
+                            "would be one pixel")
         h, w = sl.thumbnail_shape(slide, d)
         lvl = slide.level_dimensions.index((w, h)) if (w, h) in slide.level_dimensions else None
         return cls((h, w), (w0 / w, h0 / h), lvl)

@@ -110,6 +110,8 @@ CASES = {
                                             "--annotation"),
     "Mask_gen: level out of range": ("Mask_gen.py", ["{s}", "-o", "{w}/m.npy", "--kind", "tissue", "--level", "40"],
                                      "level 40"),
+    "Mask_gen: downsample beyond the slide": ("Mask_gen.py", ["{s}", "-o", "{w}/m.npy", "--kind", "tissue",
+                                                              "--downsample", "100000"], "is more than the slide's"),
     "Mask_gen: annotation is not one": ("Mask_gen.py", ["{s}", "-o", "{w}/m.npy", "--kind", "tumor",
                                                         "--annotation", "{bad:x.csv:text}"], "x.csv"),
     "Patch_gen: mask is a map": ("Patch_gen.py", ["{s}", "--mask", "{w}/syn_tumor_prob.npy", "-o", "{w}/p2"],
