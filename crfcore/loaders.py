@@ -127,6 +127,9 @@ def build_loaders(cfg: TrainConfig, env: DistEnv = DistEnv(), norm: MacenkoNorma
     and the class names; `norm` stain-normalises every image."""
     if cfg.mode == "grid":
         train_sets = grid_sets(cfg, "train", augment_for(cfg), norm)
+        if not any(s.labels.any() for s in train_sets):  # a detector of tumour with no tumour to learn from
+            raise DataError(f"{', '.join(grid_folders(cfg, 'train'))}: no cell of the training set is tumour by the "
+                            f"annotations in {cfg.json_path_train} (the wrong json_path_train?)")
         valid_sets = grid_sets(cfg, "valid", None, norm)  # none when no validation folder is set
         classes = ["normal", "tumor"]
     else:

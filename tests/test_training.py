@@ -565,11 +565,15 @@ def test_a_nan_that_a_bf16_relu6_hides_from_the_loss_still_stops_training(grid_d
 
 
 def test_one_folder_as_two_sets_and_a_batch_larger_than_the_set_are_refused(grid_data, tmp_path):
-    """Before any step: the tumour folder as the normal one, a training folder as a
-    validation one (best.ckpt would be chosen on training data), and a batch_size that
-    would repeat both sets in every batch (it once filled 24 GB)."""
+    """Before any step: a training set without a tumour cell, the tumour folder as the
+    normal one, a training folder as a validation one (best.ckpt would be chosen on
+    training data), and a batch_size that would repeat both sets in every batch (it once
+    filled 24 GB)."""
     tumor, normal = grid_data / "tumor", grid_data / "normal"
-    for sets, words in (({"data_path_normal_train": tumor}, "data_path_tumor_train and data_path_normal_train are"),
+    (tmp_path / "empty").mkdir()  # the slide's annotation with no tumour: a wrong json_path_train, say
+    (tmp_path / "empty" / "syn_tumor.json").write_text('{"positive": [], "negative": []}')
+    for sets, words in (({"json_path_train": tmp_path / "empty"}, "no cell of the training set is tumour"),
+                        ({"data_path_normal_train": tumor}, "data_path_tumor_train and data_path_normal_train are"),
                         ({"data_path_tumor_valid": tumor}, "data_path_tumor_train and data_path_tumor_valid are"),
                         ({"data_path_normal_valid": f"{normal}/../normal"}, "data_path_normal_train and "
                                                                               "data_path_normal_valid are"),
