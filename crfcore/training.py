@@ -355,14 +355,14 @@ class Run:
         self.scaler.step(self.opt)
         self.scaler.update()
         if not all_finite(self.model):  # what a bf16 ReLU6 may hide from the loss (layers.ReLU6FromOutput)
-            self._diverged("a parameter or batch-norm statistic is not finite")
+            self._diverged("a parameter or batch-norm statistic is not finite", "lower lr, or a NaN in the data?")
         self.step += 1
         return task.item(), o.detach(), t, gap.item()
 
-    def _diverged(self, what: str) -> None:
+    def _diverged(self, what: str, hint: str = "lower lr?") -> None:
         kept = (f"{self.save_dir / 'train.ckpt'} keeps the last good epoch" if self.epoch
                 else "no epoch was completed")
-        raise TrainingError(f"{what} at epoch {self.epoch + 1}, step {self.step + 1}; stopped, {kept} (lower lr?)")
+        raise TrainingError(f"{what} at epoch {self.epoch + 1}, step {self.step + 1}; stopped, {kept} ({hint})")
 
     def validate(self) -> dict:
         if self.valid_loader is None:
