@@ -181,8 +181,8 @@ def ensure_free_space(path: str | Path, nbytes: int, what: str = "output") -> No
 
 def read_json(path: str | Path, what: str, error: type[CrfError] = CrfError, unique_keys: bool = False) -> object:
     """What the JSON file `path` (a `what`) holds; every way it can be unreadable is an
-    `error` naming the file (a byte-order mark is allowed). With `unique_keys`, a key given
-    twice in one object is one of them (JSON itself lets the last one win, silently)."""
+    `error` naming the file (a byte-order mark is allowed). With `unique_keys`, so is a key
+    given twice in one object (JSON itself lets the last one win, silently)."""
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8-sig")

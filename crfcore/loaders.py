@@ -125,6 +125,7 @@ def check_folders(cfg: TrainConfig) -> None:
 def build_loaders(cfg: TrainConfig, env: DistEnv = DistEnv(), norm: MacenkoNormaliser | None = None):
     """Training loader (balanced batches), validation loader (None without a valid set)
     and the class names; `norm` stain-normalises every image."""
+    check_folders(cfg)
     if cfg.mode == "grid":
         train_sets = grid_sets(cfg, "train", augment_for(cfg), norm)
         if not any(s.labels.any() for s in train_sets):  # a detector of tumour with no tumour to learn from
@@ -141,7 +142,6 @@ def build_loaders(cfg: TrainConfig, env: DistEnv = DistEnv(), norm: MacenkoNorma
                       if cfg.data_path_valid else [])
         if valid_sets and cfg.best_metric == "auc":  # a class without images has no AUC: no epoch would be best
             check_classes(valid_sets[0], "validation set (best_metric auc)", least=len(classes))
-    check_folders(cfg)
     sizes = [len(s) for s in train_sets]
     half = cfg.batch_size // 2
     if len(sizes) == 2 and half > max(sizes):  # each batch would repeat both sets, all in memory at once

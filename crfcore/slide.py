@@ -136,7 +136,7 @@ DIRECT_READ = sys.byteorder == "little" and hasattr(lowlevel, "_read_region") an
 
 # OpenSlide (3.3.1 on) reads one slide from several threads in parallel, and the C call
 # releases the GIL: a large level-0 region is read as row bands, one per thread, about
-# 1.9x faster on 2 cores. Level 0 only: there a band is exactly those rows of the region,
+# 1.8x faster on 2 cores. Level 0 only: there a band is exactly those rows of the region,
 # where at other levels OpenSlide scales the level-0 origin of each band on its own.
 READ_THREADS = min(4, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
 PARALLEL_READ_PIXELS = 2**18  # below this, starting threads costs more than they save
