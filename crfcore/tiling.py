@@ -152,6 +152,7 @@ def read_coords(path: str | Path) -> list[tuple[str, int, int]]:
 
 
 def is_number(text: str) -> bool:
+    """Whether `text` reads as a float (a header's `x` does not)."""
     try:
         float(text)
     except ValueError:
