@@ -37,7 +37,7 @@ from crfcore.cli import (UserError, add_workers, check_npy_or_folder, for_each, 
                          run)
 from crfcore.device import PRECISIONS, DistEnv, resolve_device, resolve_precision, retain_freed_memory
 from crfcore.heatmap import load_probability_map, save_probability_map
-from crfcore.io import (ArrayFileError, array_sha256, check_array_output, check_fits_slide, check_spares_inputs,
+from crfcore.io import (ArrayFileError, ValuesChangedWarning, check_array_output, check_fits_slide, check_spares_inputs,
                         companion, ensure_free_space, file_sha256, own_sidecar, settle, sidecar_path)
 from crfcore.model import model_from_checkpoint
 from crfcore.scale import ReadScale, read_scale
@@ -116,13 +116,13 @@ def readable(out: Path) -> bool:
     """Whether a finished map reads as one; else a warning, and it is computed again (a
     truncated copy with its sidecar intact would be skipped as done, run after run)."""
     try:
-        with warnings.catch_warnings():  # its own, clearer warning below
-            warnings.simplefilter("ignore")
-            prob, meta = load_probability_map(out)
+        with warnings.catch_warnings():  # load_array's check of the values, raised here
+            warnings.simplefilter("error", ValuesChangedWarning)
+            load_probability_map(out)
     except ArrayFileError as err:
         warnings.warn(f"{one_line(err)}; computed again")
         return False
-    if meta.get("array_sha256") not in (None, array_sha256(prob)):  # two runs wrote it at once, or edited since
+    except ValuesChangedWarning:  # two runs wrote it at once, or edited since
         warnings.warn(f"{out}: its values are not those its sidecar records; computed again")
         return False
     return True

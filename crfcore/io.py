@@ -224,6 +224,10 @@ class ArrayFileError(CrfError):
     """An array file or sidecar that is missing, malformed or belongs to another slide."""
 
 
+class ValuesChangedWarning(UserWarning):
+    """An array read whose values are not those its sidecar records (its SHA-256)."""
+
+
 def sidecar_json(path: Path) -> dict | None:
     """The JSON object the file `path` holds, or None (unreadable, or not an object)."""
     try:
@@ -335,7 +339,7 @@ def load_array(path: str | Path, kind: str | tuple[str, ...] | None = None,
     if meta.get("array_sha256") not in (None, array_sha256(array)):  # older sidecars have none
         # read all the same: an array edited on purpose keeps what its sidecar says of it
         warnings.warn(f"{path}: its values are not those its sidecar {side.name} records (edited since, or "
-                      f"written by two runs at once: then make it again with {maker})")
+                      f"written by two runs at once: then make it again with {maker})", ValuesChangedWarning)
     if array.ndim != 2:
         raise ArrayFileError(f"{path}: is a {array.ndim}-D array; masks and maps are 2-D [row, col]")
     if kinds is not None and meta.get("kind") not in kinds:
