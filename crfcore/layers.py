@@ -3,9 +3,9 @@
 For training (installed by `model.CRFNet`): under CPU autocast, the strided depthwise
 convolutions' input gradient as stride-1 convolutions (`StridedDepthwiseConv2d`); and a
 ReLU6 that keeps its output, not a copy of its input (`ReLU6`), clamping CPU bf16 as
-int16 bit patterns, with `all_finite`, the check that needs. For inference (`model.inference_copy`): each convolution and
-the ReLU6 after it in one oneDNN call (`ConvReLU6`), after `merge_after_conv` has folded
-batch norm in.
+int16 bit patterns, with `all_finite`, the check that needs. For inference
+(`model.inference_copy`): each convolution and the ReLU6 after it in one oneDNN call
+(`ConvReLU6`), after `merge_after_conv` has folded batch norm in.
 """
 from __future__ import annotations
 
@@ -219,8 +219,7 @@ def fuse_conv_relu6(model: nn.Module) -> nn.Module:
     batch norm was folded) replaced by a `ConvReLU6`, in place; unchanged when this
     PyTorch lacks the fused op, or when a weight is not finite (oneDNN's clamp turns NaN
     into 0, and a diverged model must give a NaN map, which is refused, not a plausible one)."""
-    finite = all(torch.isfinite(t).all() for t in model.state_dict().values() if t.is_floating_point())
-    if not (FUSED_CONV and finite):
+    if not (FUSED_CONV and all_finite(model)):
         return model
     # the fused op pads with zeros, given as numbers
     merge_after_conv(model, nn.ReLU6, lambda conv, _: ConvReLU6(conv),
