@@ -21,7 +21,7 @@ from .io import read_json
 CHOICES = {"mode": ("grid", "classify"), "optimizer": ("sgd", "adamw"),
            "schedule": ("none", "cosine", "step"), "device": ("auto", "cpu", "cuda"),
            "precision": ("auto", "fp32", "bf16", "fp16"),
-           "best_metric": ("auc", "balanced_acc", "acc", "loss")}
+           "best_metric": ("auc", "balanced_acc", "acc", "loss", "total_loss")}
 
 
 class ConfigError(CrfError):
@@ -85,7 +85,8 @@ class TrainConfig:
     seed: int = key(0, "random seed (data order, augmentation, initialisation)")
     device: str = key("auto", "`auto` (CUDA when present), `cpu`, `cuda`")
     precision: str = key("auto", "`auto` (CUDA: bf16/fp16 mixed precision; CPU: fp32), `fp32`, `bf16`, `fp16`")
-    best_metric: str = key("auc", "validation metric that picks best.ckpt: auc, balanced_acc, acc or loss")
+    best_metric: str = key("auc", "validation metric that picks best.ckpt: auc, balanced_acc, acc, loss, or "
+                                  "total_loss (with dense_consistency: loss + dense_consistency * the dense gap)")
     # Set by train.py, stored in checkpoints; not for config files.
     classes: Optional[tuple[str, ...]] = key(None, "set by train.py: the class names")
     num_classes: Optional[int] = key(None, "set by train.py: 1 (grid mode) or the number of classes")
@@ -140,6 +141,9 @@ class TrainConfig:
                               "contrast, saturation, hue) or null")
         if self.dense_consistency and self.mode != "grid":
             raise ConfigError("config dense_consistency: grid mode only (classify images have no context)")
+        if self.best_metric == "total_loss" and not self.dense_consistency:
+            raise ConfigError("config best_metric total_loss is loss + dense_consistency * the dense gap: it needs "
+                              "dense_consistency above 0 (else use loss)")
         return self
 
     def _check_range(self, name: str) -> None:

@@ -29,9 +29,9 @@ def stain_normaliser(cfg: TrainConfig) -> MacenkoNormaliser | None:
 
 def grid_sets(cfg: TrainConfig, split: str, augment: Augment | None,
               normalise: MacenkoNormaliser | None) -> list[GridDataset]:
-    """The tumour and normal sets (or the single set) of `split`; training items carry
-    the whole image too when the dense-consistency loss is on."""
-    context = split == "train" and cfg.dense_consistency > 0
+    """The tumour and normal sets (or the single set) of `split`; items carry the whole
+    image too when the dense-consistency loss is on (validation measures the gap too)."""
+    context = cfg.dense_consistency > 0
     js = getattr(cfg, f"json_path_{split}") or cfg.json_path_train
     return [GridDataset(p, js, cfg.image_size, cfg.patch_size, cfg.crop_size, augment, normalise, context,
                         mpp_set=cfg.mpp is not None) for p in grid_folders(cfg, split)]

@@ -54,7 +54,7 @@ def plot_curves(log_csv: Path, png: Path) -> None:
         return [float(r[k]) if r.get(k) not in (None, "") else np.nan for r in rows]
 
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
-    for k in ("train_loss", "valid_loss"):
+    for k in ("train_loss", "valid_loss", "train_dense_gap", "valid_dense_gap"):
         if k in rows[0]:
             a.plot(ep, col(k), marker="o", label=k)
     for k in ("train_acc", "valid_acc", "valid_balanced_acc", "valid_auc"):

@@ -15,6 +15,7 @@ import time
 import warnings
 from dataclasses import fields
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -80,24 +81,45 @@ def probabilities(out: torch.Tensor, num_classes: int) -> np.ndarray:
     return (torch.sigmoid(out) if num_classes == 1 else torch.softmax(out, -1)).detach().cpu().numpy()
 
 
+class Predictions(NamedTuple):
+    """What `predict` returns: targets and probabilities (one row per patch), the mean
+    task loss, and the mean dense-consistency gap (nan unless the model reports one)."""
+    y: np.ndarray
+    p: np.ndarray
+    loss: float
+    dense_gap: float
+
+
+def to_device(x: torch.Tensor | tuple[torch.Tensor, ...], device) -> torch.Tensor | tuple[torch.Tensor, ...]:
+    """A batch (or `(cells, context)`) on `device`."""
+    if isinstance(x, (tuple, list)):
+        return tuple(v.to(device, non_blocking=True) for v in x)
+    return x.to(device, non_blocking=True)
+
+
 @torch.no_grad()
 def predict(model: nn.Module, loader, device, precision: str, num_classes: int, loss=None,
-            quiet: bool = False, desc: str = "valid"):
-    """Run `model` over `loader`; return (targets, probabilities, mean loss)."""
+            quiet: bool = False, desc: str = "valid") -> Predictions:
+    """Run `model` over `loader` (a `DenseConsistent` model also gives its gap)."""
     model.eval()
     ys, ps, total, n = [], [], 0.0, 0
+    gap, images = 0.0, 0  # the gap is a mean over a batch's images
     for x, y in tqdm(loader, desc=desc, disable=quiet, leave=False):
-        x = x.to(device, non_blocking=True)
         y = y.to(device, non_blocking=True)
         with autocast(device, precision):
-            out = model(x)
+            out = model(to_device(x, device))
+        if isinstance(out, tuple):
+            out, batch_gap = out
+            gap, images = gap + float(batch_gap) * len(y), images + len(y)
         o, t = flat(out, y, num_classes)
         if loss is not None:
             total += float(loss(o, t)) * len(t)
             n += len(t)
         ys.append(t.cpu().numpy())
         ps.append(probabilities(o, num_classes))
-    return np.concatenate(ys), np.concatenate(ps), (total / n if n else float("nan"))
+    nan = float("nan")
+    return Predictions(np.concatenate(ys), np.concatenate(ps), total / n if n else nan,
+                       gap / images if images else nan)
 
 
 # ----------------------------------------------------------------------------- random state
@@ -197,6 +219,7 @@ class Run:
         self.epoch, self.step, self.best, self.best_epoch = 0, 0, None, 0
         if ckpt is not None:
             self._restore(ckpt, cfg.lr)
+        self.scored = self._scored()
         self.net = self._wrap_ddp()
 
     # -- construction steps
@@ -224,7 +247,7 @@ class Run:
         validation set) the training loss or accuracy, which the log says."""
         if self.valid_loader is not None:
             return f"valid_{self.cfg.best_metric}"
-        fallback = "train_loss" if self.cfg.best_metric == "loss" else "train_acc"
+        fallback = {"loss": "train_loss", "total_loss": "train_total_loss"}.get(self.cfg.best_metric, "train_acc")
         self.log(f"no validation set: best.ckpt is picked by {fallback}, not by validation {self.cfg.best_metric}")
         return fallback
 
@@ -284,19 +307,23 @@ class Run:
         if [e for e in logged if e <= self.epoch] != list(range(1, self.epoch + 1)):
             raise ConfigError(f"--resume: {self.save_dir / 'log.csv'} does not hold epochs 1..{self.epoch}")
 
+    def _scored(self) -> nn.Module:
+        """What training and validation run: the model, wrapped to report its dense-consistency
+        gap when that loss is on."""
+        if not self.cfg.dense_consistency:
+            return self.model
+        why = check_geometry(self.model, self.cfg.patch_size)
+        if why:
+            raise ConfigError(f"config {why}")
+        return DenseConsistent(self.model, self.cfg.patch_size, self.cfg.crop_size)
+
     def _wrap_ddp(self) -> nn.Module:
-        """What a training step calls: the model, with the dense-consistency loss when asked,
-        under DistributedDataParallel when there are several processes."""
-        net = self.model
-        if self.cfg.dense_consistency:
-            why = check_geometry(self.model, self.cfg.patch_size)
-            if why:
-                raise ConfigError(f"config {why}")
-            net = DenseConsistent(self.model, self.cfg.patch_size, self.cfg.crop_size)
+        """What a training step calls: `scored`, under DistributedDataParallel when there
+        are several processes."""
         if self.env.world == 1:
-            return net
+            return self.scored
         ids = [self.device.index] if self.device.type == "cuda" else None
-        return nn.parallel.DistributedDataParallel(net, device_ids=ids)
+        return nn.parallel.DistributedDataParallel(self.scored, device_ids=ids)
 
     @property
     def main(self) -> bool:
@@ -328,18 +355,19 @@ class Run:
         self.sched.step()
         row = {"train_loss": total / max(n, 1), "train_acc": correct / max(n, 1)}
         if self.cfg.dense_consistency:
-            row["train_dense_gap"] = gap / max(n, 1)
+            row.update(self._with_gap("train", row["train_loss"], gap / max(n, 1)))
         return row
+
+    def _with_gap(self, split: str, loss: float, gap: float) -> dict:
+        """The dense-consistency columns of `split`: the gap, and the loss the run
+        minimises (task loss + dense_consistency * gap)."""
+        return {f"{split}_dense_gap": gap, f"{split}_total_loss": loss + self.cfg.dense_consistency * gap}
 
     def _step(self, x: torch.Tensor | tuple[torch.Tensor, torch.Tensor],
               y: torch.Tensor) -> tuple[float, torch.Tensor, torch.Tensor, float]:
         """One optimiser step; returns the task loss, outputs, targets and the
         dense-consistency gap (0 when off). `x` is a batch, or `(cells, context)`."""
-        if isinstance(x, (tuple, list)):
-            x = tuple(v.to(self.device, non_blocking=True) for v in x)
-        else:
-            x = x.to(self.device, non_blocking=True)
-        y = y.to(self.device, non_blocking=True)
+        x, y = to_device(x, self.device), y.to(self.device, non_blocking=True)
         gap = torch.zeros(())
         with autocast(self.device, self.precision):
             out = self.net(x)
@@ -367,11 +395,13 @@ class Run:
     def validate(self) -> dict:
         if self.valid_loader is None:
             return {}
-        y, p, loss = predict(self.model, self.valid_loader, self.device, self.precision,
-                             self.num_classes, self.loss, self.quiet)
+        y, p, loss, gap = predict(self.scored, self.valid_loader, self.device, self.precision,
+                                  self.num_classes, self.loss, self.quiet)
         m = patch_metrics(y, p)
         out = {"valid_loss": loss, "valid_acc": m["acc"], "valid_balanced_acc": m["balanced_acc"],
                "valid_auc": m["auc"]}
+        if self.cfg.dense_consistency:
+            out.update(self._with_gap("valid", loss, gap))
         for k, name in enumerate(self.cfg.classes):
             if f"acc_class{k}" in m:
                 out[f"valid_acc_{name}"] = m[f"acc_class{k}"]
@@ -424,8 +454,8 @@ class Run:
         best = self.save_dir / "best.ckpt"
         if best.exists():
             self.model.load_state_dict(load_checkpoint(best)["state_dict"])
-        y, p, _ = predict(self.model, self.valid_loader, self.device, self.precision,
-                          self.num_classes, quiet=self.quiet)
+        y, p, *_ = predict(self.scored, self.valid_loader, self.device, self.precision,
+                           self.num_classes, quiet=self.quiet)
         text = patch_report(y, p, list(self.cfg.classes), self.save_dir / "confusion_matrix.png",
                             "validation set, best.ckpt")
         atomic_write_text(self.save_dir / "report.txt", text + "\n")
@@ -501,6 +531,6 @@ def evaluate_folder(ckpt_path: str | Path, data_dir: str | Path, picture: str | 
     check_spares_inputs([picture], [ckpt_path, *ds.files()])  # --plot DATA/1.png would replace an image
     loader = DataLoader(ds, batch_size=batch_size, num_workers=reader_workers(workers, dev), collate_fn=collate)
     model = inference_copy(model).to(dev, memory_format=torch.channels_last)
-    y, p, _ = predict(model, loader, dev, resolve_precision(dev, cfg.precision), model.cfg.num_classes, quiet=quiet)
+    y, p, *_ = predict(model, loader, dev, resolve_precision(dev, cfg.precision), model.cfg.num_classes, quiet=quiet)
     title = f"{Path(ckpt_path).name} on {Path(data_dir).name}"  # the folder, not where it lies on this machine
     return patch_report(y, p, list(cfg.classes), picture, title)

@@ -153,20 +153,38 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(grid_data, tmp_path, monk
 
 
 def test_dense_consistency_fine_tune(grid_data, tmp_path):
-    """train.py with dense_consistency: fine-tunes init_from with batch norm frozen and logs
-    the gap; without init_from it is refused in one line."""
+    """train.py with dense_consistency: fine-tunes init_from with batch norm frozen, logs
+    the gap on the training and the validation set, and can pick best.ckpt by the loss it
+    minimises on validation (best_metric total_loss); without init_from it is refused."""
+    from crfcore.consistency import DenseConsistent
+    from crfcore.datasets import GridDataset
+    from crfcore.runlog import read_log
     call("train.py", grid_data / "cfg.json", tmp_path / "base", "--quiet")
     base = tmp_path / "base" / "train.ckpt"
-    call("train.py", grid_data / "cfg.json", tmp_path / "dense", "--set", "dense_consistency=1.0",
-         "--set", f'init_from="{base}"', "--set", "epochs=2", "--quiet")
-    log = (tmp_path / "dense" / "log.csv").read_text().splitlines()
-    gaps = [float(row.split(",")[log[0].split(",").index("train_dense_gap")]) for row in log[1:]]
-    assert len(gaps) == 2 and all(np.isfinite(gaps))
+    call("train.py", grid_data / "cfg.json", tmp_path / "dense", "--set", "dense_consistency=0.5",
+         "--set", f'init_from="{base}"', "--set", "epochs=3", "--set", "best_metric=total_loss", "--quiet")
+    log = read_log(tmp_path / "dense" / "log.csv")
+    col = {k: np.array([float(r[k]) for r in log]) for k in log[0] if k != "epoch"}
+    assert len(log) == 3 and np.isfinite(col["train_dense_gap"]).all() and np.isfinite(col["valid_dense_gap"]).all()
+    assert np.allclose(col["valid_total_loss"], col["valid_loss"] + 0.5 * col["valid_dense_gap"])
+    best = load_checkpoint(tmp_path / "dense" / "best.ckpt")
+    assert best["best_metric"] == "valid_total_loss" and best["epoch"] == int(np.argmin(col["valid_total_loss"])) + 1
+    # the logged validation gap is the gap of the last epoch's weights over the validation images
+    last = CRFNet(ModelConfig(grid=3, width_mult=0.25))
+    last.load_state_dict(load_checkpoint(tmp_path / "dense" / "train.ckpt")["state_dict"])
+    net = DenseConsistent(last, 32, 32).eval()
+    sets = [GridDataset(grid_data / k, grid_data / "json", 96, 32, 32, context=True) for k in ("tumor_valid", "normal_valid")]
+    items = [ds[i][0] for ds in sets for i in range(len(ds))]
+    with torch.no_grad():
+        _, gap = net((torch.stack([c for c, _ in items]), torch.stack([x for _, x in items])))
+    assert gap.item() == pytest.approx(col["valid_dense_gap"][-1], rel=1e-4)
     old, new = load_checkpoint(base)["state_dict"], load_checkpoint(tmp_path / "dense" / "train.ckpt")["state_dict"]
     assert all(torch.equal(old[k], new[k]) for k in old if "running" in k)  # batch norm frozen
     assert not torch.equal(old["fc.weight"], new["fc.weight"])
     proc = call("train.py", grid_data / "cfg.json", tmp_path / "x", "--set", "dense_consistency=1.0", check=False)
     assert proc.returncode == 2 and "init_from" in proc.stderr and "Traceback" not in proc.stderr
+    proc = call("train.py", grid_data / "cfg.json", tmp_path / "y", "--set", "best_metric=total_loss", check=False)
+    assert proc.returncode == 2 and "needs dense_consistency" in proc.stderr and "Traceback" not in proc.stderr
 
 
 def test_fine_tune_to_a_different_head(tmp_path):
