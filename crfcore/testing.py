@@ -41,14 +41,15 @@ def varied_model(slide_path: str | Path, crop: int, grid: int = 3, width: float 
     return model.eval()
 
 
-def write_bench_slide(path: Path, lattice_side: int, stride: int = 64, patch: int = 256) -> int:
+def write_bench_slide(path: Path, lattice_side: int, stride: int = 64, patch: int = 256,
+                      xml: Path | None = None) -> int:
     """The speed benches' synthetic slide (bench/prob_map.py, cpu_settings.py,
-    dense_tile.py), written unless `path` exists: tissue over its middle half with two
-    tumours, `lattice_side` lattice points of `stride` across plus a patch each side.
-    Returns its side in pixels."""
+    dense_tile.py, dense_ncrf.py), written unless `path` exists: tissue over its middle half
+    with two tumours, `lattice_side` lattice points of `stride` across plus a patch each
+    side, and its ASAP XML at `xml` if given. Returns its side in pixels."""
     side = lattice_side * stride + 2 * patch
-    if not Path(path).exists():
-        write_slide(path, side, side, tumours=2, seed=0, tissue=[(0.5, 0.5, 0.5, 0.5)])
+    if not Path(path).exists() or (xml is not None and not Path(xml).exists()):
+        write_slide(path, side, side, tumours=2, seed=0, tissue=[(0.5, 0.5, 0.5, 0.5)], xml=xml)
     return side
 
 

@@ -79,3 +79,29 @@ def test_geometry_and_config_are_checked():
     with pytest.raises(ConfigError, match="grid mode"):
         TrainConfig(mode="classify", grid=1, data_path_train="d", dense_consistency=1.0, init_from="c").check()
     TrainConfig(**base, dense_consistency=1.0, init_from="c").check()
+
+
+def test_the_ncrf_geometry_bench_configs_are_valid(tmp_path):
+    """bench/dense_ncrf.py's two train.py configs load as train.py loads them (unknown or
+    out-of-range keys would stop the bench after its slides), the fine-tune is the demo's
+    dense recipe on the first model, and its slides are not the bench slide (seed 0)."""
+    import argparse
+    import json
+
+    from conftest import ROOT, load_script
+    from crfcore.config import load_config
+
+    bench = load_script("bench/dense_ncrf.py")
+    cfgs = bench.configs(tmp_path, argparse.Namespace(epochs=4, tune_epochs=6))
+    loaded = {}
+    for name, cfg in cfgs.items():
+        (tmp_path / f"{name}.json").write_text(json.dumps(cfg))
+        loaded[name] = load_config(tmp_path / f"{name}.json")
+    demo = json.loads((ROOT / "example" / "config_dense.json").read_text())
+    tune = loaded["dense"]
+    assert tune.init_from == str(tmp_path / "trained.ckpt") and loaded["trained"].dense_consistency == 0
+    assert (tune.dense_consistency, tune.lr, tune.schedule, tune.best_metric) == \
+        (demo["dense_consistency"], demo["lr"], demo["schedule"], demo["best_metric"])
+    assert check_geometry(CRFNet(ModelConfig(grid=3)), tune.patch_size) is None
+    assert (tune.patch_size, tune.crop_size, tune.width_mult) == (256, 224, 1.0)
+    assert 0 not in [seed for _, seed in bench.SLIDES.values()]
