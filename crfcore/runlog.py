@@ -53,8 +53,10 @@ def plot_curves(log_csv: Path, png: Path) -> None:
     def col(k):
         return [float(r[k]) if r.get(k) not in (None, "") else np.nan for r in rows]
 
-    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
-    for k in ("train_loss", "valid_loss", "train_dense_gap", "valid_dense_gap"):
+    gaps = [k for k in ("train_dense_gap", "valid_dense_gap") if k in rows[0]]
+    fig, axes = plt.subplots(1, 3 if gaps else 2, figsize=(15 if gaps else 10, 4))
+    a, b = axes[:2]
+    for k in ("train_loss", "valid_loss", "train_total_loss", "valid_total_loss"):
         if k in rows[0]:
             a.plot(ep, col(k), marker="o", label=k)
     for k in ("train_acc", "valid_acc", "valid_balanced_acc", "valid_auc"):
@@ -63,4 +65,9 @@ def plot_curves(log_csv: Path, png: Path) -> None:
     a.set(xlabel="epoch", title="loss")
     b.set(xlabel="epoch", title="metrics", ylim=(0, 1.02))
     a.legend(), b.legend(loc="lower right")
+    if gaps:  # a scale of its own: the gap is often 100x below the loss
+        for k in gaps:
+            axes[2].plot(ep, col(k), marker="o", label=k)
+        axes[2].set(xlabel="epoch", title="dense-consistency gap", yscale="log")
+        axes[2].legend()
     save_figure(fig, png, dpi=90)

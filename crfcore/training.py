@@ -274,6 +274,10 @@ class Run:
             raise ConfigError(f"--resume: {self.save_dir / 'train.ckpt'} has trained {self.epoch} epochs; "
                               f"epochs={self.cfg.epochs} is fewer (set epochs above {self.epoch} to train on)")
         self.best_epoch = ckpt.get("best_epoch", 0)
+        if ckpt.get("best_metric", self.best_metric) != self.best_metric:  # a validation set added or dropped
+            self.log(f"best.ckpt (epoch {self.best_epoch}) was picked by {ckpt['best_metric']}; from here on by "
+                     f"{self.best_metric}, whose first value will replace it")
+            self.best = None  # unlike columns are not compared
         set_rng_state(ckpt["rng"])
         self.log(f"resuming after epoch {self.epoch} (step {self.step})")
         if lr != ckpt["config"]["lr"]:  # an explicit new lr (e.g. lower) applies from here

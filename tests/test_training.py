@@ -126,6 +126,22 @@ def test_without_validation_best_is_picked_by_training_and_says_so(grid_data, tm
     assert res.returncode == 2 and "has no optimizer, scheduler, rng" in res.stderr and "Traceback" not in res.stderr
 
 
+def test_a_validation_set_added_on_resume_picks_best_afresh(grid_data, tmp_path):
+    """A run resumed with a validation set it did not have picks best.ckpt by the
+    validation metric from then on, never comparing it with the training value before."""
+    from crfcore.runlog import read_log
+    cfg = {k: v for k, v in json.loads((grid_data / "cfg.json").read_text()).items() if "valid" not in k}
+    (tmp_path / "c.json").write_text(json.dumps(cfg))
+    call("train.py", tmp_path / "c.json", tmp_path / "r", "--set", "best_metric=loss", "--quiet")
+    res = call("train.py", grid_data / "cfg.json", tmp_path / "r", "--set", "best_metric=loss", "--set", "epochs=2",
+               "--resume")
+    assert "was picked by train_loss; from here on by valid_loss" in res.stderr + res.stdout
+    best, log = load_checkpoint(tmp_path / "r" / "train.ckpt"), read_log(tmp_path / "r" / "log.csv")
+    assert (best["best_metric"], best["best_epoch"]) == ("valid_loss", 2)
+    assert best["best"] == pytest.approx(float(log[1]["valid_loss"]))
+    assert load_checkpoint(tmp_path / "r" / "best.ckpt")["epoch"] == 2
+
+
 def test_config_errors_are_one_line(grid_data, tmp_path):
     proc = call("train.py", grid_data / "cfg.json", tmp_path / "x", "--set", "lernrate=1", check=False)
     assert proc.returncode == 2 and "lernrate" in proc.stderr and "Traceback" not in proc.stderr
