@@ -41,10 +41,10 @@ from pathlib import Path
 import numpy as np
 
 from crfcore.cli import parser, run
-from crfcore.heatmap import load_probability_map
-from crfcore.masks import load_mask
 from crfcore.device import cpu_has_native_bf16
+from crfcore.heatmap import load_probability_map
 from crfcore.io import atomic_write_json
+from crfcore.masks import load_mask
 from crfcore.synthetic import write_slide
 from crfcore.testing import write_bench_slide
 
