@@ -42,9 +42,7 @@ import numpy as np
 
 from crfcore.cli import parser, run
 from crfcore.device import cpu_has_native_bf16
-from crfcore.heatmap import load_probability_map
 from crfcore.io import atomic_write_json
-from crfcore.masks import load_mask
 from crfcore.synthetic import write_slide
 from crfcore.testing import write_bench_slide
 
@@ -123,10 +121,8 @@ def agreement(lattice: Path, other: Path) -> dict:
     difference over the tissue and the share of tissue points the two maps put on
     different sides of 0.5: on a slide this easy most points are near 0 or 1, and Pearson r
     alone says little about the points in between."""
-    p, meta = load_probability_map(lattice)
-    q, _ = load_probability_map(other)
-    tissue, _ = load_mask(meta["mask"], slide=meta["slide"])
-    return {**idc_dense.agreement(lattice, other), "mean_abs_diff": float(np.abs(p - q)[tissue].mean()),
+    p, q, tissue = idc_dense.read_pair(lattice, other)
+    return {**idc_dense.compare(p, q, tissue), "mean_abs_diff": float(np.abs(p - q)[tissue].mean()),
             "sides": float(((p[tissue] >= 0.5) != (q[tissue] >= 0.5)).mean())}
 
 

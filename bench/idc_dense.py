@@ -89,12 +89,21 @@ def make_maps(out: Path, ckpts: list[str], splits: list[str]) -> None:
                        map_path(out, ckpt, method, split).parent, "--method", method, "--overwrite", "--quiet")
 
 
-def agreement(a: Path, b: Path) -> dict:
-    """Max abs difference (whole maps) and Pearson r over the tissue of `a`'s mask."""
+def read_pair(a: Path, b: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Two probability maps of one slide, and the tissue mask that `a` names."""
     p, meta = load_probability_map(a)
     q, _ = load_probability_map(b)
-    tissue, _ = load_mask(meta["mask"], slide=meta["slide"])
+    return p, q, load_mask(meta["mask"], slide=meta["slide"])[0]
+
+
+def compare(p: np.ndarray, q: np.ndarray, tissue: np.ndarray) -> dict:
+    """Max abs difference (whole maps) and Pearson r over the tissue."""
     return {"max_abs_diff": float(np.abs(p - q).max()), "pearson": float(np.corrcoef(p[tissue], q[tissue])[0, 1])}
+
+
+def agreement(a: Path, b: Path) -> dict:
+    """`compare` of the maps `a` and `b`, over the tissue of `a`'s mask."""
+    return compare(*read_pair(a, b))
 
 
 def froc(out: Path, prob: Path) -> float:
