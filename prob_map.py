@@ -40,7 +40,7 @@ from crfcore.heatmap import load_probability_map, save_probability_map
 from crfcore.io import (ArrayFileError, ValuesChangedWarning, check_array_output, check_fits_slide, check_spares_inputs,
                         companion, ensure_free_space, file_sha256, own_sidecar, settle, sidecar_path)
 from crfcore.model import model_from_checkpoint
-from crfcore.scale import ReadScale, read_scale
+from crfcore.scale import ReadScale, check_patch_fits, read_scale
 from crfcore.stain import MacenkoNormaliser
 
 
@@ -163,6 +163,7 @@ def map_slide(job: Job, model, ckpt: dict, args, opts: inference.Options, wanted
         check_fits_slide(job.mask, mask.shape, meta["downsample"], s.dimensions)
         size, mpp = s.dimensions, sl.slide_mpp(s)
         read = read_scale(s, job.slide, **wanted["read_at"])
+        check_patch_fits(read, cfg["patch_size"], size, job.slide)
     check_array_output(job.out, "probability")  # before the staleness test: a mask there is named as such
     wanted = {**wanted, **inputs(job)}
     if up_to_date(job.out, wanted, args.overwrite):

@@ -91,3 +91,14 @@ def read_scale(slide: openslide.OpenSlide, path: str | Path, mpp: float | None =
     if sl.same_downsample(scale, d):
         return ReadScale() if lvl == 0 else ReadScale(d, lvl, d)
     return ReadScale(scale, lvl, d)
+
+
+def check_patch_fits(read: ReadScale, patch: int, dimensions: tuple[int, int], path: str | Path) -> None:
+    """Refuse a resolution at which one `patch`-pixel patch covers more than the whole
+    slide: its map would be padding, and the read of one crop can need gigabytes."""
+    side = patch * read.scale
+    if side > max(dimensions):
+        raise ScaleError(f"{path}: at {read.scale:.4g} level-0 pixels per model pixel, one {patch}-pixel patch covers "
+                         f"{side:.0f} level-0 pixels, more than the whole {dimensions[0]}x{dimensions[1]} slide "
+                         "(the wrong --mpp or --level, or the checkpoint's mpp?)")
+

@@ -228,3 +228,16 @@ def test_an_absurdly_fine_mpp_is_refused(scans):
         assert read_scale(s, "fine.tif", mpp=MPP / 8).scale == pytest.approx(1 / 4)  # upsampling a little is allowed
         with pytest.raises(ScaleError, match="times finer than the slide's level 0"):
             read_scale(s, "fine.tif", mpp=0.0001)
+
+
+def test_an_mpp_at_which_one_patch_covers_the_slide_is_refused(scans, tmp_path):
+    """From a hostile review: prob_map.py --mpp 1000 on a one-level slide read each crop
+    as a 128k-pixel square and died allocating 47 GiB; --mpp 50 made a map of padding."""
+    d, _ = scans
+    res = call("prob_map.py", d / "fine.tif", d / "m.ckpt", d / "fine_tissue.npy", tmp_path / "x.npy",
+               "--mpp", "8", check=False)  # 32 model pixels x 32 = 1024 level-0 pixels > 768
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    assert "one 32-pixel patch covers 1024 level-0 pixels, more than the whole 768x640 slide" in res.stderr
+    assert not (tmp_path / "x.npy").exists()
+    call("prob_map.py", d / "fine.tif", d / "m.ckpt", d / "fine_tissue.npy", tmp_path / "y.npy", "--mpp", "4",
+         "--workers", "0", "--quiet")  # 512 level-0 pixels: still a map
