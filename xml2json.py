@@ -30,20 +30,28 @@ DEFAULT_NEGATIVE = ",".join(an.NEGATIVE_GROUPS)
 
 
 def collect(inputs: list[Path], to: str) -> list[Path]:
-    """The annotation files named, with directories expanded (sorted; files already in
-    the output format are left out of a directory, so xml + json side by side work; a
-    `.json` holding QuPath GeoJSON is an input all the same)."""
+    """The annotation files named, with directories expanded (sorted). Files already in
+    the output format are left out of a directory, with a note naming them, so xml + json
+    side by side work (a `.json` holding QuPath GeoJSON is an input all the same); named
+    one by one, they are converted (e.g. to rename their groups)."""
     files: list[Path] = []
+    left_out: list[Path] = []
     for item in inputs:
         if item.is_dir():
-            files += [p for p in visible_files(item, SUFFIXES)
-                      if p.suffix.lower() != OUT_SUFFIX[to] or (to == "json" and an.holds_geojson(p))]
+            for p in visible_files(item, SUFFIXES):
+                same = p.suffix.lower() == OUT_SUFFIX[to] and not (to == "json" and an.holds_geojson(p))
+                (left_out if same else files).append(p)
         elif item.exists():
             files.append(item)
         else:
             raise UserError(f"{item}: no such file or directory")
+    why = f"{OUT_SUFFIX[to]} files are taken for earlier outputs of --to {to}"
     if not files:
-        raise UserError(f"no annotation files (.xml, .json, .geojson, .txt) in {', '.join(map(str, inputs))}")
+        raise UserError(f"no annotation files to convert (.xml, .json, .geojson, .txt; {why}) in "
+                        f"{', '.join(map(str, inputs))}; name a file to convert it anyway")
+    if left_out:
+        names = ", ".join(str(p) for p in left_out[:3]) + (f" and {len(left_out) - 3} more" if len(left_out) > 3 else "")
+        warnings.warn(f"left out {names}: {why}; name a file to convert it anyway")
     return files
 
 

@@ -527,7 +527,8 @@ def test_an_original_xml_beside_its_json_is_not_converted_over(tmp_path, capsys)
     original = xml_doc([("a", "_0", [(0.5, 0), (10, 0), (10, 10.25)])])
     (d / "t.xml").write_text(original)
     convert(d / "t.xml", "-o", d / "t.json")
-    assert "was not written by this tool" in error(capsys, d, "-o", d, "--to", "xml")
+    code, err = script(capsys, d, "-o", d, "--to", "xml")  # t.xml is left out as an input, and named
+    assert code == 2 and "left out" in err and "was not written by this tool" in err.splitlines()[-1]
     assert (d / "t.xml").read_text() == original
     out = tmp_path / "out"
     for _ in range(2):  # its own outputs are replaced on a second run, XML and GeoJSON alike
@@ -770,3 +771,20 @@ def test_qupath_holes_and_polygons_rounded_to_nothing(tmp_path, capsys):
     assert [p["name"] for p in written["positive"]] == ["big"]
     convert(xml, "-o", tmp_path / "d2.json")
     assert ": 1 positive, 0 negative polygons" in capsys.readouterr().out
+
+
+def test_files_of_the_output_format_in_a_folder_are_named_when_left_out(tmp_path, capsys):
+    """From a hostile review: a folder of ASAP XML with `--to xml --rename-groups` said
+    "no annotation files" although it held one, and in a mixed folder the XML was dropped
+    without a word. They are left out (earlier outputs, as a folder converted in place
+    holds) but named, and a file named on its own is converted."""
+    d = tmp_path / "in"
+    d.mkdir()
+    (d / "t.xml").write_text(xml_doc([("a", "_0", square(0, 0, 10))]))
+    err = error(capsys, d, "-o", tmp_path / "out", "--to", "xml")
+    assert "no annotation files to convert" in err and ".xml files are taken for earlier outputs" in err
+    (d / "u.geojson").write_text(json.dumps({"type": "FeatureCollection", "features": []}))
+    code, err = script(capsys, d, "-o", tmp_path / "out", "--to", "xml")
+    assert code == 0 and f"left out {d / 't.xml'}" in err
+    convert(d / "t.xml", "-o", tmp_path / "named.xml", "--to", "xml")
+    assert an.load_annotation(tmp_path / "named.xml").positive_names == ["a"]
