@@ -50,19 +50,27 @@ def cmd_lesions(args) -> None:
     check_replaceable(csv_path, ev.read_lesions, "a lesion list (prob,x,y)")
     found = ev.find_lesions(prob, tuple(meta["downsample"]), args.threshold, args.radius, args.sigma)
     atomic_write_text(csv_path, ev.lesions_csv(found))
-    if args.to == "xml":
-        atomic_write_text(export, ev.lesions_asap_xml(found))
-    elif args.to == "geojson":
-        atomic_write_text(export, json.dumps(ev.lesions_geojson(found)))
+    if export is not None:
+        text = ev.lesions_asap_xml(found) if export.suffix == ".xml" else json.dumps(ev.lesions_geojson(found))
+        atomic_write_text(export, text)
     print(f"{meta['slide']}: {len(found)} lesions above {args.threshold} -> {csv_path}"
           + (f" and {export}" if export is not None else ""))
 
 
-def lesion_outputs(out: Path, to: str) -> tuple[Path, Path | None]:
+LESION_FORMATS = ("csv", "xml", "geojson")
+
+
+def lesion_outputs(out: Path, to: str | None) -> tuple[Path, Path | None]:
     """`lesions -o OUT --to TO` writes the CSV (OUT with .csv) and, unless TO is csv, the
-    export (OUT with .xml or .geojson)."""
+    export (OUT with .xml or .geojson). Without --to, OUT's suffix says which."""
     if out.name in ("", ".", "..") or out.is_dir():
         raise UserError(f"{out}: is a folder; -o names the lesion list, LESIONS.csv")
+    suffix = out.suffix[1:].lower()
+    if suffix and suffix not in LESION_FORMATS:
+        raise UserError(f"{out}: -o ends with .csv (the lesion list), or .xml or .geojson (the list and that export)")
+    if to is not None and suffix not in ("", "csv", to):
+        raise UserError(f"{out}: a .{suffix} name, but --to {to}: end -o with .{to} or .csv, or drop --to")
+    to = to or suffix or "csv"
     return out.with_suffix(".csv"), (None if to == "csv" else out.with_suffix("." + to))
 
 
@@ -450,8 +458,8 @@ def add_commands(p) -> None:
     q.add_argument("--threshold", type=PROBABILITY, default=0.5, help="keep maxima above this probability")
     q.add_argument("--radius", type=number(int, 0, 10**6), default=12, help="suppression half-side, map pixels")
     q.add_argument("--sigma", type=number(float, 0, 1000), default=0.0, help="Gaussian smoothing of the map first, map pixels")
-    q.add_argument("--to", choices=("csv", "xml", "geojson"), default="csv",
-                   help="also write ASAP XML points or GeoJSON points")
+    q.add_argument("--to", choices=LESION_FORMATS,
+                   help="also write ASAP XML points or GeoJSON points (default: as -o ends, else csv only)")
     q = sub.add_parser("froc", help="Camelyon16 FROC over a folder of lesion CSVs", formatter_class=p.formatter_class)
     q.add_argument("lesions_dir", type=given_path, help="folder of <slide>.csv lesion files")
     q.add_argument("truth_dir", type=given_path, help="annotation (JSON, XML, GeoJSON or txt) or mask TIFF per tumour slide")

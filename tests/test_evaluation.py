@@ -597,3 +597,20 @@ def test_a_regression_review_of_the_evaluate_fixes(truth, tmp_path, monkeypatch)
     res = call("evaluate.py", "negatives", tmp_path / "maps", tdir, "-o", patches / "s1.txt", check=False)
     assert res.returncode == 2 and "is the list of the tiles in s1/" in res.stderr
     assert (patches / "s1.txt").read_text() == "s1,32,32\n"
+
+
+def test_lesions_takes_the_export_format_from_the_output_name(tmp_path):
+    """From a hostile review: `lesions -o a.geojson` wrote a.csv alone, exit 0."""
+    p = np.zeros((40, 40), np.float32)
+    p[10, 12] = 0.9
+    save_probability_map(tmp_path / "t_prob.npy", p, {"slide": "t.tif", "downsample": [16.0, 16.0]})
+    call("evaluate.py", "lesions", tmp_path / "t_prob.npy", "-o", tmp_path / "a.geojson")
+    feats = json.loads((tmp_path / "a.geojson").read_text())["features"]
+    assert len(feats) == 1 and (tmp_path / "a.csv").read_text().count("\n") == 1
+    call("evaluate.py", "lesions", tmp_path / "t_prob.npy", "-o", tmp_path / "b.xml")
+    assert (tmp_path / "b.xml").exists() and (tmp_path / "b.csv").exists()
+    for args, why in ((["-o", tmp_path / "c.geojson", "--to", "xml"], "a .geojson name, but --to xml"),
+                      (["-o", tmp_path / "d.txt"], "-o ends with .csv")):
+        res = call("evaluate.py", "lesions", tmp_path / "t_prob.npy", *args, check=False)
+        assert res.returncode == 2 and why in res.stderr, res.stderr
+    assert not (tmp_path / "c.csv").exists() and not (tmp_path / "d.csv").exists()
