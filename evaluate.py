@@ -32,7 +32,7 @@ from crfcore import slide as sl
 from crfcore.annotations import find_annotation, is_lesion_export, load_truth
 from crfcore.cli import PROBABILITY, UserError, add_workers, given_path, number, parser, run
 from crfcore.errors import CrfError
-from crfcore.heatmap import check_not_a_slide, check_picture_format, load_probability_map
+from crfcore.heatmap import check_picture_output, load_probability_map
 from crfcore.io import (COMPANIONS, atomic_write_text, check_fits_slide, check_spares_inputs, companion, companion_stem,
                         file_sha256, matching_name, save_figure, sidecar_path, visible_files)
 from crfcore.tilefolder import tiles_in
@@ -511,8 +511,7 @@ def main(argv=None) -> int:
         if getattr(args, name, None) is not None and not getattr(args, name).is_dir():
             raise UserError(f"{getattr(args, name)}: not a directory")
     if getattr(args, "plot", None) is not None:
-        check_picture_format(args.plot)
-        check_not_a_slide(args.plot)
+        check_picture_output(args.plot)
     outputs = [getattr(args, "plot", None), getattr(args, "output", None)]
     if args.cmd == "lesions":
         outputs = lesion_outputs(args.output, args.to)

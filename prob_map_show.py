@@ -48,11 +48,10 @@ def main(argv=None) -> int:
         raise UserError(f"--vmin {args.vmin} must be below --vmax {args.vmax}")
     if args.tiff and args.slide is None:
         raise UserError("--tiff needs --slide (the TIFF takes the slide's size and mpp)")
-    heatmap.check_picture_format(args.output)
     if args.tiff and args.tiff.suffix.lower() not in (".tif", ".tiff"):
         raise UserError(f"{args.tiff}: --tiff writes a TIFF: end its name with .tif, .tiff or .ome.tif")
     check_spares_inputs((args.output, args.tiff), (args.prob, sidecar_path(args.prob), args.slide))
-    heatmap.check_not_a_slide(args.output)
+    heatmap.check_picture_output(args.output)
     if args.tiff:
         heatmap.check_tiff_output(args.tiff)
     for out in filter(None, (args.output, args.tiff)):

@@ -15,7 +15,8 @@ import tifffile
 
 from . import slide as sl
 from .errors import CrfError, OutputError
-from .io import ArrayFileError, atomic_path, load_array, save_array, save_figure, sidecar_json, sidecar_path
+from .io import PICTURE_MARKS, ArrayFileError, atomic_path, is_own_picture, load_array, save_array, save_figure
+from .io import sidecar_json, sidecar_path
 from .masks import KINDS as MASK_KINDS
 from .slide import MAP_SOFTWARE
 
@@ -36,21 +37,15 @@ def load_probability_map(path: str | Path, slide: str | Path | None = None) -> t
     return prob, meta
 
 
-def check_picture_format(out: Path) -> None:
-    """Refuse, before any work, a picture name whose format matplotlib cannot write."""
-    from matplotlib.backend_bases import FigureCanvasBase
-
-    known = FigureCanvasBase.get_supported_filetypes()
-    if out.suffix[1:].lower() not in known:
-        what = f"a {out.suffix} picture" if out.suffix else "a picture without a suffix"
-        raise OutputError(f"{out}: cannot write {what} (end its name with one of .{', .'.join(sorted(known))})")
-
-
-def check_not_a_slide(path: Path) -> None:
-    """Refuse, before any work, a picture named like an existing slide that this tool did
-    not write (a --plot given a slide's name would replace the slide), like a heat-map TIFF
-    of `--tiff`, or like a mask's preview (Mask_gen.py's `<mask>.png` beside `<mask>.npy`)."""
-    if not path.is_file():
+def check_picture_output(path: Path) -> None:
+    """Refuse, before any work, a picture name in a format this tool does not write (and
+    mark), or one that would replace a file other than a picture this tool wrote: a slide,
+    a heat-map TIFF (`--tiff`), a mask's preview (Mask_gen.py's `<mask>.png` beside
+    `<mask>.npy`), a training image, a patch, your own file."""
+    if path.suffix[1:].lower() not in PICTURE_MARKS:
+        what = f"a {path.suffix} picture" if path.suffix else "a picture without a suffix"
+        raise OutputError(f"{path}: cannot write {what} (end its name with one of .{', .'.join(PICTURE_MARKS)})")
+    if not path.is_file() or is_own_picture(path):
         return
     if sl.is_map_tiff(path):
         raise OutputError(f"{path}: is a heat-map TIFF (prob_map_show.py --tiff); the picture would replace it: "
@@ -60,13 +55,18 @@ def check_not_a_slide(path: Path) -> None:
     if kind in MASK_KINDS:
         raise OutputError(f"{path}: is the preview of the {kind} mask {mask.name}; the picture would replace it: "
                           "choose another name")
-    if path.suffix.lower() not in sl.SLIDE_EXTENSIONS:
-        return
+    if path.suffix.lower() in sl.SLIDE_EXTENSIONS and is_slide(path):
+        raise OutputError(f"{path}: is a slide; the picture would replace it: choose another name")
+    raise OutputError(f"{path}: exists and is not a picture this tool wrote (an image of a training set or a patch "
+                      "folder, your own file?); not replaced: choose another name or remove it")
+
+
+def is_slide(path: Path) -> bool:
     try:
         sl.open_slide(path).close()
     except CrfError:
-        return  # not a slide (a picture matplotlib wrote earlier, say)
-    raise OutputError(f"{path}: is a slide; the picture would replace it: choose another name")
+        return False
+    return True
 
 
 def check_tiff_output(path: Path) -> None:

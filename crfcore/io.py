@@ -50,16 +50,41 @@ def check_output_path(path: str | Path) -> Path:
     return path
 
 
+PICTURE_SOFTWARE = "crfcore picture"  # in every picture save_figure writes: its own are told from others'
+_JPEG = {"pil_kwargs": {"comment": PICTURE_SOFTWARE}}
+_TIFF = {"pil_kwargs": {"tiffinfo": {305: PICTURE_SOFTWARE}}}  # tag 305: Software
+# The picture formats written, and where each carries PICTURE_SOFTWARE.
+PICTURE_MARKS = {"png": {"metadata": {"Software": PICTURE_SOFTWARE}},
+                 **{f: {"metadata": {"Creator": PICTURE_SOFTWARE}} for f in ("pdf", "svg", "eps", "ps")},
+                 "jpg": _JPEG, "jpeg": _JPEG, "tif": _TIFF, "tiff": _TIFF}
+
+
 def save_figure(fig, path: str | Path, dpi: int = 100) -> None:
-    """Lay out a matplotlib figure, write it atomically to `path` and free it."""
+    """Lay out a matplotlib figure, write it atomically to `path` (marked as this tool's,
+    `PICTURE_MARKS`) and free it."""
     import matplotlib.pyplot as plt
 
+    fmt = Path(path).suffix[1:].lower()
     fig.tight_layout()
     try:
         with atomic_path(path) as tmp:
-            fig.savefig(tmp, dpi=dpi)
+            fig.savefig(tmp, dpi=dpi, format=fmt or None, **PICTURE_MARKS.get(fmt, {}))
     finally:
         plt.close(fig)
+
+
+def is_own_picture(path: Path) -> bool:
+    """Whether `path` is a picture `save_figure` wrote (it carries `PICTURE_SOFTWARE`)."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        if path.suffix[1:].lower() in ("pdf", "svg", "eps", "ps"):
+            return PICTURE_SOFTWARE.encode() in path.read_bytes()
+        with Image.open(path) as im:
+            found = [*im.info.values(), *(getattr(im, "tag_v2", None) or {}).values()]
+    except (OSError, UnidentifiedImageError, ValueError):
+        return False
+    return any(v in (PICTURE_SOFTWARE, PICTURE_SOFTWARE.encode()) for v in found if isinstance(v, (str, bytes)))
 
 
 def check_spares_inputs(outputs: Iterable[str | Path | None], inputs: Iterable[str | Path | None]) -> None:

@@ -29,7 +29,7 @@ from .datasets import FolderDataset, GridDataset
 from .device import DistEnv, autocast, reader_workers, resolve_device, resolve_precision
 from .errors import CrfError
 from .evaluation import patch_metrics, patch_report
-from .heatmap import check_not_a_slide, check_picture_format
+from .heatmap import check_picture_output
 from .io import atomic_write_json, atomic_write_text, check_spares_inputs, ensure_free_space
 from .layers import all_finite
 from .model import CRFNet, ModelConfig, init_from_checkpoint, load_checkpoint, load_pretrained_backbone
@@ -518,8 +518,7 @@ def evaluate_folder(ckpt_path: str | Path, data_dir: str | Path, picture: str | 
     list.txt grid folder with `json_dir` (grid). Writes the confusion matrix to `picture`
     (`confusion_picture`), checked before the work."""
     picture = Path(picture)
-    check_picture_format(picture)
-    check_not_a_slide(picture)
+    check_picture_output(picture)
     ensure_free_space(picture, 0, "picture")  # a read-only data folder is named now, not after the work
     dev = resolve_device(device)
     model, ckpt = model_from_checkpoint(ckpt_path)

@@ -1,9 +1,10 @@
 """Map TIFFs for other tools: values, levels, compression and OME layout."""
+import cv2
 import numpy as np
 import pytest
 import tifffile
 
-from crfcore import heatmap
+from crfcore import heatmap, io
 from crfcore import slide as sl
 from conftest import call
 
@@ -123,3 +124,26 @@ def test_max_pooled_partitions_the_map():
     p = np.arange(35, dtype=np.float32).reshape(5, 7)
     assert heatmap.max_pooled(p, 3, 2).tolist() == [[8, 10, 13], [29, 31, 34]]  # columns 0-1, 2-3, 4-6
     assert heatmap.max_pooled(p, 7, 5) is p
+
+
+def test_a_picture_replaces_only_a_picture_this_tool_wrote(prob, tmp_path):
+    """From a hostile review: `prob_map_show.py -o DATASET/0.png` replaced a training image,
+    `evaluate.py --plot` a patch or a text file named .pdf, all with exit 0. Every picture
+    now carries a mark of its writer, in each format written."""
+    m = tmp_path / "s_prob.npy"
+    heatmap.save_probability_map(m, prob, {"slide": "s.tif", "downsample": [32.0, 32.0]})
+    for fmt in io.PICTURE_MARKS:  # written, marked, and replaced on a second run
+        out = tmp_path / f"p.{fmt}"
+        for _ in range(2):
+            call("prob_map_show.py", m, "-o", out)
+        assert io.is_own_picture(out), fmt
+    cv2.imwrite(str(tmp_path / "0.png"), np.zeros((96, 96, 3), np.uint8))  # a training image
+    (tmp_path / "notes.pdf").write_text("my notes")
+    tifffile.imwrite(tmp_path / "photo.tif", np.zeros((8, 8, 3), np.uint8))
+    for name in ("0.png", "notes.pdf", "photo.tif"):
+        before = (tmp_path / name).read_bytes()
+        res = call("prob_map_show.py", m, "-o", tmp_path / name, check=False)
+        assert res.returncode == 2 and "exists and is not a picture this tool wrote" in res.stderr, res.stderr
+        assert (tmp_path / name).read_bytes() == before
+    res = call("prob_map_show.py", m, "-o", tmp_path / "p.webp", check=False)  # a format it cannot mark
+    assert res.returncode == 2 and "cannot write a .webp picture" in res.stderr

@@ -241,7 +241,7 @@ def test_classify_mode_on_idc_with_report(tmp_path):
     assert bad.returncode == 2 and "cannot write a .xyz picture" in bad.stderr
     image = sorted((valid / "1").iterdir())[0]  # a review: --plot onto one of the images replaced it
     bad = call("train.py", "--evaluate", tmp_path / "run" / "best.ckpt", valid, "--plot", image, check=False)
-    assert bad.returncode == 2 and "is also an input of this run" in bad.stderr and image.stat().st_size < 20000
+    assert bad.returncode == 2 and "is not a picture this tool wrote" in bad.stderr and image.stat().st_size < 20000
 
 
 def test_torchrun_two_processes_on_cpu(grid_data, tmp_path):
