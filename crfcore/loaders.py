@@ -101,6 +101,11 @@ class BalancedBatches(Sampler):
     def __iter__(self):
         return iter(self._mine())
 
+    @property
+    def largest(self) -> int:
+        """The most samples a batch holds (what a training step must fit in memory)."""
+        return max(map(len, self._all()))
+
     def __len__(self) -> int:
         return len(self._mine())
 

@@ -26,12 +26,13 @@ from tqdm import tqdm
 from .config import INTERNAL, ConfigError, TrainConfig
 from .consistency import DenseConsistent, check_geometry
 from .datasets import FolderDataset, GridDataset
-from .device import DistEnv, autocast, reader_workers, resolve_device, resolve_precision
+from .device import DistEnv, autocast, cpu_has_native_bf16, reader_workers, resolve_device, resolve_precision
 from .errors import CrfError
 from .evaluation import patch_metrics, patch_report
 from .heatmap import check_picture_output
 from .io import atomic_write_json, atomic_write_text, check_spares_inputs, ensure_free_space
 from .layers import all_finite
+from .memory import free_bytes, gb, step_memory
 from .model import CRFNet, ModelConfig, init_from_checkpoint, load_checkpoint, load_pretrained_backbone
 from .model import inference_copy, model_from_checkpoint, save_checkpoint
 from .loaders import build_loaders, collate, grid_folders, stain_normaliser
@@ -220,6 +221,8 @@ class Run:
         if ckpt is not None:
             self._restore(ckpt, cfg.lr)
         self.scored = self._scored()
+        if self.epoch < self.cfg.epochs:
+            self._check_memory()
         self.net = self._wrap_ddp()
 
     # -- construction steps
@@ -320,6 +323,32 @@ class Run:
         if why:
             raise ConfigError(f"config {why}")
         return DenseConsistent(self.model, self.cfg.patch_size, self.cfg.crop_size)
+
+    def _check_memory(self) -> None:
+        """Refuse a batch whose training step cannot fit in memory (crfcore.memory): on
+        the CPU it would end in the kernel's kill, with no message."""
+        free = free_bytes(self.device)
+        if free is None:
+            return
+        state = rng_state()  # reading a sample augments it: the run's draws must not move
+        try:
+            sample = to_device(collate([self.train_loader.dataset[0]])[0], self.device)
+        finally:
+            set_rng_state(state)
+        step = step_memory(self.scored, sample, self.device, self.precision)
+        sharing = self.env.world if self.device.type == "cpu" else 1  # torchrun's CPU ranks share the memory
+        need = sharing * step.need(self.train_loader.batch_sampler.largest)
+        where = f"free on {self.device.type.upper()}" if self.device.type == "cuda" else "available"
+        if need > free:
+            fits = step.largest_batch(free // sharing)
+            bf16 = (self.precision == "fp32" and (cpu_has_native_bf16() if self.device.type == "cpu"
+                                                  else torch.cuda.is_bf16_supported()))
+            hint = (f"lower batch_size to about {fits}" if fits else "not even one sample fits")
+            hint += " (or precision bf16, which about halves it)" if bf16 else ""
+            raise ConfigError(f"config batch_size {self.cfg.batch_size}: a training step needs about {gb(need)} "
+                              f"({gb(step.per_sample)} a sample, {self.precision}), more than the {gb(free)} "
+                              f"{where}; {hint}")
+        self.log(f"memory: a training step needs about {gb(need)} of the {gb(free)} {where}")
 
     def _wrap_ddp(self) -> nn.Module:
         """What a training step calls: `scored`, under DistributedDataParallel when there

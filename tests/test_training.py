@@ -1,5 +1,6 @@
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -10,8 +11,9 @@ import numpy as np
 import pytest
 import torch
 
-from crfcore import loaders, training
+from crfcore import loaders, memory, training
 from crfcore.config import load_config
+from crfcore.datasets import GridDataset
 from crfcore.model import CRFNet, ModelConfig, init_from_checkpoint, load_checkpoint, save_checkpoint
 from conftest import ROOT, call, load_script, run_script, shared
 
@@ -633,4 +635,40 @@ def test_workers_start_from_a_fork_server_and_train_as_forked_ones_do(grid_data,
     monkeypatch.setattr(loaders, "worker_processes", lambda workers: None)  # the platform's default, fork
     call("train.py", grid_data / "cfg.json", tmp_path / "forked", "--set", "workers=2", "--quiet")
     a, b = (load_checkpoint(tmp_path / r / "train.ckpt")["state_dict"] for r in ("served", "forked"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def step_of(grid_data) -> memory.StepMemory:
+    """What train.py measures for the reduced chain's config (a sample of its training set)."""
+    cfg = json.loads((grid_data / "cfg.json").read_text())
+    ds = GridDataset(grid_data / "tumor", grid_data / "json", cfg["image_size"], cfg["patch_size"], cfg["crop_size"])
+    net = CRFNet(ModelConfig(grid=3, width_mult=cfg["width_mult"])).to(memory_format=torch.channels_last)
+    return memory.step_memory(net, loaders.collate([ds[0]])[0], torch.device("cpu"), "fp32")
+
+
+def test_a_batch_that_cannot_fit_is_refused_naming_one_that_does(grid_data, tmp_path, monkeypatch):
+    step = step_of(grid_data)
+    monkeypatch.setattr(training, "free_bytes", lambda device: step.need(4) + step.per_sample // 2)
+    proc = call("train.py", grid_data / "cfg.json", tmp_path / "big", check=False)  # batch_size 8
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    line, = proc.stderr.strip().splitlines()
+    assert "config batch_size 8: a training step needs about" in line, line
+    assert not (tmp_path / "big").exists()
+    fits = int(re.search(r"lower batch_size to about (\d+)", line)[1])
+    assert fits == 4
+    proc = call("train.py", grid_data / "cfg.json", tmp_path / "fits", "--set", f"batch_size={fits}")
+    assert "memory: a training step needs about" in proc.stdout
+    assert (tmp_path / "fits" / "best.ckpt").exists()
+    monkeypatch.setattr(training, "free_bytes", lambda device: step.per_sample // 2)
+    proc = call("train.py", grid_data / "cfg.json", tmp_path / "none", "--set", "batch_size=2", check=False)
+    assert proc.returncode == 2 and "not even one sample fits" in proc.stderr
+
+
+def test_measuring_memory_does_not_change_the_run(grid_data, tmp_path, monkeypatch):
+    """The sample read and the model run for the estimate leave every random draw of
+    the run as it would be without them."""
+    call("train.py", grid_data / "cfg.json", tmp_path / "measured", "--quiet")
+    monkeypatch.setattr(training, "free_bytes", lambda device: None)  # unknown: nothing is measured
+    call("train.py", grid_data / "cfg.json", tmp_path / "not", "--quiet")
+    a, b = (load_checkpoint(tmp_path / r / "train.ckpt")["state_dict"] for r in ("measured", "not"))
     assert all(torch.equal(a[k], b[k]) for k in a)

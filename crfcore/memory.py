@@ -1,0 +1,85 @@
+"""Will a training step fit in memory? An estimate made before the first step.
+
+A step that does not fit in the CPU's memory is no error Python sees: the kernel kills
+the process, and the shell prints `Killed`. So before training, `train.py` runs one
+sample through a copy of the model and counts what autograd keeps for the backward pass
+(`torch.autograd.graph.saved_tensors_hooks`), scales that to the largest batch and
+refuses a batch that cannot fit, naming one that can. On CUDA the same refusal replaces
+an out-of-memory error after minutes of start-up.
+
+Measured by `bench/train_memory.py` (MobileNetV2 width 1, grid 3, crop 224, CPU, batches
+2 and 8): a training step peaks at 1.48-1.75 times the saved tensors of its batch, fp32
+and bf16, with and without `dense_consistency` (the gradients of the activations, the
+optimiser and its workspaces come on top); hence `STEP_OVERHEAD`, with which the
+estimate came to 0.87-1.00 of the measured peak. A memory limit below the machine's (a
+cgroup's) is not seen, so there the check errs on the side of letting the run start.
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import psutil
+import torch
+from torch import nn
+
+from .device import autocast
+
+STEP_OVERHEAD = 1.7  # a step's peak over its saved tensors: 1.48-1.75 measured (module docstring)
+GB = 2**30
+
+
+@dataclass(frozen=True)
+class StepMemory:
+    """What a training step needs: `per_sample` bytes for each sample of the batch, and
+    `fixed` bytes for the gradients and optimiser state of the weights."""
+    per_sample: int
+    fixed: int
+
+    def need(self, batch: int) -> int:
+        return self.fixed + batch * self.per_sample
+
+    def largest_batch(self, free: int) -> int:
+        """The largest batch whose step fits in `free` bytes (0: not even one sample)."""
+        return max(0, (free - self.fixed) // self.per_sample)
+
+
+def saved_bytes(net: nn.Module, batch, device: torch.device, precision: str) -> int:
+    """Bytes autograd keeps for the backward pass of `net` on `batch` (each storage once).
+    `net` is run in training mode on a copy, so its weights, batch-norm statistics and
+    the random state are as before."""
+    net = copy.deepcopy(net).train()
+    storages: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        s = t.untyped_storage()
+        storages[s.data_ptr()] = s.nbytes()
+        return t
+
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):  # dropout draws
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), autocast(device, precision):
+            net(batch)
+    return sum(storages.values())
+
+
+def step_memory(net: nn.Module, one_sample, device: torch.device, precision: str) -> StepMemory:
+    """The `StepMemory` of training `net` (Adam-like: two state tensors per weight) from
+    a batch of one sample."""
+    weights = sum(p.numel() * p.element_size() for p in net.parameters() if p.requires_grad)
+    per_sample = saved_bytes(net, one_sample, device, precision)
+    return StepMemory(per_sample=round(STEP_OVERHEAD * per_sample), fixed=3 * weights)
+
+
+def free_bytes(device: torch.device) -> int | None:
+    """Memory a new allocation can still get: the GPU's free memory, or the machine's
+    available memory and free swap; None where unknown."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    if device.type != "cpu":
+        return None
+    return psutil.virtual_memory().available + psutil.swap_memory().free
+
+
+def gb(n: int) -> str:
+    """Bytes for a message: GB to one decimal, MB below a tenth of a GB."""
+    return f"{n / GB:.1f} GB" if n >= GB / 10 else f"{n / 2**20:.0f} MB"

@@ -1,0 +1,41 @@
+"""The memory estimate of a training step (crfcore.memory); train.py's refusal of a batch
+that cannot fit is tested in test_training.py."""
+import pytest
+import torch
+
+from crfcore import memory
+from crfcore.model import CRFNet, ModelConfig
+
+
+def tiny_model() -> CRFNet:
+    return CRFNet(ModelConfig(grid=3, width_mult=0.25))
+
+
+def test_saved_bytes_grow_with_the_batch():
+    net, cpu, batch = tiny_model().train(), torch.device("cpu"), torch.rand(4, 9, 3, 64, 64)
+    one = memory.saved_bytes(net, batch[:1].clone(), cpu, "fp32")
+    four = memory.saved_bytes(net, batch, cpu, "fp32")
+    assert 3.6 < four / one < 4.1  # activations scale with the batch; the weights' share does not
+    assert memory.saved_bytes(net, batch, cpu, "bf16") < 0.75 * four
+
+
+def test_measuring_leaves_the_model_and_the_random_state_as_they_were():
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.BatchNorm2d(8), torch.nn.Dropout(0.5)).train()
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    batch = torch.rand(2, 3, 16, 16)
+    rng = torch.random.get_rng_state()
+    assert memory.saved_bytes(net, batch, torch.device("cpu"), "fp32") > batch.nbytes
+    assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())  # batch-norm statistics too
+    assert torch.equal(rng, torch.random.get_rng_state())  # dropout drew on a fork
+
+
+def test_the_largest_batch_that_fits():
+    step = memory.StepMemory(per_sample=100, fixed=50)
+    assert step.need(3) == 350
+    assert step.largest_batch(349) == 2 and step.largest_batch(350) == 3 and step.largest_batch(149) == 0
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_free_memory_on_cuda_is_the_gpus():
+    free = memory.free_bytes(torch.device("cuda"))
+    assert 0 < free <= torch.cuda.get_device_properties(0).total_memory
