@@ -109,6 +109,9 @@ def read_lesions(path: str | Path) -> np.ndarray:
                 row = [float(v) for v in line.split(",")]
             except ValueError:
                 row = []
+            if not row and lineno == 1 and len(line.split(",")) == 3:
+                raise EvaluationError(f"{path}:1: a header line ({line.strip()!r}); a lesion list has none, only "
+                                      "prob,x,y numbers per line (NCRF's format): remove it")
             if len(row) != 3 or not all(math.isfinite(v) for v in row):
                 raise EvaluationError(f"{path}:{lineno}: expected 'prob,x,y' (finite numbers), got {line.strip()!r}")
             if not (0 <= row[0] <= 1 and row[1] >= 0 and row[2] >= 0):

@@ -614,3 +614,13 @@ def test_lesions_takes_the_export_format_from_the_output_name(tmp_path):
         res = call("evaluate.py", "lesions", tmp_path / "t_prob.npy", *args, check=False)
         assert res.returncode == 2 and why in res.stderr, res.stderr
     assert not (tmp_path / "c.csv").exists() and not (tmp_path / "d.csv").exists()
+
+
+def test_a_lesion_list_with_a_header_says_so(tmp_path):
+    """From a hostile review: a header line was refused as "expected 'prob,x,y', got 'prob,x,y'"."""
+    (tmp_path / "t.csv").write_text("prob,x,y\n0.9,100,200\n")
+    with pytest.raises(ev.EvaluationError, match=r"t.csv:1: a header line \('prob,x,y'\); a lesion list has none"):
+        ev.read_lesions(tmp_path / "t.csv")
+    (tmp_path / "u.csv").write_text("0.9,100,200\nabc,1,2\n")  # text on a later line is no header
+    with pytest.raises(ev.EvaluationError, match=r"u.csv:2: expected 'prob,x,y'"):
+        ev.read_lesions(tmp_path / "u.csv")
