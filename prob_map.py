@@ -177,6 +177,9 @@ def map_slide(job: Job, model, ckpt: dict, args, opts: inference.Options, wanted
     prob, method = inference.probability_map(model, job.slide, mask, tuple(meta["downsample"]),
                                              cfg["patch_size"], cfg["crop_size"], args.method, opts, read)
     seconds = round(time.perf_counter() - t, 2)
+    if method == "dense" and not cfg.get("dense_consistency"):  # said once: the text is the same for every slide
+        warnings.warn(f"{args.ckpt}: not fine-tuned for --method dense (dense_consistency 0), so its dense map "
+                      "differs from lattice's more than a fine-tuned model's does (README: dense whole-slide inference)")
     bad = int((~np.isfinite(prob)).sum())
     if bad:  # an overflowing model: later steps would refuse the map, so it is not written
         raise UserError(f"{job.slide}: the model gives {bad} NaN or infinite probabilities; no map written")
@@ -240,9 +243,6 @@ def main(argv=None) -> int:
     opts = inference.Options(batch_size=args.batch_size, workers=args.workers, device=device,
                              precision=precision, tta=args.tta, quiet=args.quiet, dense_tile=args.dense_tile,
                              normaliser=MacenkoNormaliser.from_dict(ref) if ref else None)
-    if args.method == "dense" and not ckpt["config"].get("dense_consistency"):
-        warnings.warn(f"{args.ckpt}: not fine-tuned for --method dense (dense_consistency 0), so its dense map "
-                      "differs from lattice's more than a fine-tuned model's does (README: dense whole-slide inference)")
     wanted = settings(args, file_sha256(args.ckpt), precision, resolution(args, ckpt["config"]))
     todo, clash = split_clashes(jobs(args.slide, args.mask, out))
     todo = todo[env.rank::env.world]

@@ -168,7 +168,7 @@ def test_prob_map_dense(slide, model, tmp_path):
     save_checkpoint(tmp_path / "m.ckpt", model, cfg)
     res = call("prob_map.py", slide.path, tmp_path / "m.ckpt", tmp_path / "edge_tissue.npy", tmp_path / "p.npy",
                "--method", "dense", "--workers", "1", "--quiet")
-    assert "(dense)" in res.stdout
+    assert "(dense)" in res.stdout and "not fine-tuned for --method dense" in res.stderr  # it ran dense: a word
     prob, side = heatmap.load_probability_map(tmp_path / "p.npy", slide=slide.path)
     assert side["method"] == "dense" and side["method_asked"] == "dense"
     assert prob.shape == mask.shape and (prob[~mask] == 0).all() and prob[mask].std() > 0.02
