@@ -8,6 +8,7 @@ Checkpoints store `TrainConfig.to_dict()`.
 from __future__ import annotations
 
 import json
+import re
 import types
 import typing
 from dataclasses import asdict, dataclass, field, fields, replace
@@ -262,9 +263,10 @@ def load_config(path: str | Path | None, overrides: typing.Sequence[str] = ()) -
     """Defaults <- config JSON <- `key=value` overrides; unknown keys are refused by name.
     The keys train.py sets (`INTERNAL`) are dropped from a file (a run's config.json holds
     them) and refused in overrides."""
-    given: dict = _read_json(Path(path)) if path is not None else {}
-    for name in INTERNAL:  # a run's config.json holds them: train.py sets them again
-        given.pop(name, None)
+    in_file: dict = _read_json(Path(path)) if path is not None else {}
+    for name in (*INTERNAL, "crfcore_version"):  # a run's config.json holds them (older ones the version)
+        in_file.pop(name, None)
+    given, set_keys = dict(in_file), set()
     for item in overrides:
         name, sep, value = item.partition("=")
         if not sep:
@@ -272,13 +274,31 @@ def load_config(path: str | Path | None, overrides: typing.Sequence[str] = ()) -
         if name in INTERNAL:
             raise ConfigError(f"--set {name}: set by train.py from the data, not a config key")
         given[name] = parse_value(value)
-    given.pop("crfcore_version", None)  # written by older versions into config.json
+        set_keys.add(name)
     known = [f.name for f in fields(TrainConfig)]
     unknown = sorted(set(given) - set(known))
+    where = path if set(unknown) & set(in_file) else "--set"
     if unknown:
-        raise ConfigError(f"unknown config key(s) {unknown}; known keys: "
+        raise ConfigError(f"{where}: unknown config key(s) {unknown}; known keys: "
                           f"{', '.join(k for k in known if k not in INTERNAL)}")
-    return TrainConfig(**given).check()
+    try:
+        return TrainConfig(**given).check()
+    except ConfigError as err:
+        raise ConfigError(f"{_culprit(path, in_file, set_keys, err)}: {err}") from None
+
+
+def _culprit(path: str | Path | None, in_file: dict, set_keys: set[str], err: ConfigError) -> str | Path:
+    """Where a refused config came from: the file when its keys alone are refused the
+    same way, or when the refusal names no key given with --set; else --set."""
+    if path is None:
+        return "--set"
+    try:
+        TrainConfig(**in_file).check()
+    except ConfigError as alone:
+        if str(alone) == str(err):
+            return path
+    named = any(re.search(rf"\b{re.escape(k)}\b", str(err)) for k in set_keys)
+    return "--set" if named else path
 
 
 def _read_json(path: Path) -> dict:

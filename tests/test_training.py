@@ -153,6 +153,14 @@ def test_config_errors_are_one_line(grid_data, tmp_path):
     (tmp_path / "c.json").write_text(json.dumps(cfg))
     proc = call("train.py", tmp_path / "c.json", tmp_path / "y", check=False)
     assert proc.returncode == 2 and "syn_tumor" in proc.stderr and "Traceback" not in proc.stderr
+    cfg["epochs"] = "3"  # a review: a bad value did not name the file it came from
+    (tmp_path / "c.json").write_text(json.dumps(cfg))
+    proc = call("train.py", tmp_path / "c.json", tmp_path / "z", check=False)
+    assert proc.returncode == 2 and f"error: {tmp_path / 'c.json'}: config epochs='3': expected int" in proc.stderr
+    proc = call("train.py", tmp_path / "c.json", tmp_path / "z", "--set", "epochs=0", check=False)
+    assert proc.returncode == 2 and "error: --set: config epochs=0" in proc.stderr
+    proc = call("train.py", grid_data / "cfg.json", tmp_path / "z", "--set", "grid=5", check=False)
+    assert proc.returncode == 2 and "error: --set: " in proc.stderr and "grid (5)" in proc.stderr
 
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(grid_data, tmp_path, monkeypatch):
