@@ -36,7 +36,7 @@ from crfcore.datasets import extract_patches
 from crfcore.io import (check_fits_slide, check_output_path, companion, lock_folder, make_folder, remove_empty,
                         resolved_folder, write_image)
 from crfcore.scale import ReadScale, read_scale
-from crfcore.tilefolder import TileFolder
+from crfcore.tilefolder import TileFolder, tiles_in
 
 
 @dataclass(frozen=True)
@@ -147,6 +147,11 @@ def cut_slide(args, job: Job, rng) -> None:
         raise UserError(f"{job.slide}: no patch to cut ({why}); {kept}")
     boxes, centres = boxes[on], centres[on]
     preview = check_output_path(out / f"{sid}_preview.png")  # before the work, as every output
+    scale = (w0 / thumb.shape[1], h0 / thumb.shape[0])
+    if tiles.marker.exists() and not args.overwrite and not preview.exists():  # killed after the set, before this
+        cut = np.array([tiling.parse_tile_name(p).box for p in tiles_in(tiles.folder)]).reshape(-1, 4)
+        write_image(preview, tiling.preview_boxes(thumb, cut, scale))
+        warnings.warn(f"{preview}: was missing (a run stopped after cutting the patches); drawn from their names")
     staging = tiles.prepare(args.overwrite)
     names = [tiling.tile_name(i, level, tuple(b)) for i, b in enumerate(boxes)]
     try:
@@ -157,7 +162,7 @@ def cut_slide(args, job: Job, rng) -> None:
     except BaseException:  # a failed or interrupted run leaves the old tiles as they were
         tiles.abandon()
         raise
-    write_image(preview, tiling.preview_boxes(thumb, boxes, (w0 / thumb.shape[1], h0 / thumb.shape[0])))
+    write_image(preview, tiling.preview_boxes(thumb, boxes, scale))
     skipped = int((~on).sum())
     print(f"{job.slide.name}: {n} patches -> {out / sid}" + (f"; {skipped} squares off the slide skipped" if skipped else ""))
 

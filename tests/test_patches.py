@@ -853,3 +853,19 @@ def test_a_coords_list_may_start_with_a_header_line(tmp_path):
         path.write_text(text)
         with pytest.raises(tiling.TilingError, match=rf"c.txt:{line}: expected 'slide_id,x,y' with numbers x and y"):
             tiling.read_coords(path)
+
+
+def test_a_preview_a_kill_left_unwritten_is_drawn_on_the_next_run(syn_slide, syn_masks, tmp_path):
+    """From a hostile review: a kill after `<slide>.txt` (the set's commit) and before the
+    preview left a set without one, and every later run refused the slide ("already has
+    its patches") without drawing it. It is drawn from the tiles' names, as the first run
+    drew it."""
+    args = [syn_slide.path, "--mask", syn_masks / "syn_tumor_tumor.npy", "-o", tmp_path,
+            "--mode", "random", "--num", "12", "--image-size", "128", "--workers", "0", "--quiet"]
+    call("Patch_gen.py", *args)
+    preview = tmp_path / "syn_tumor_preview.png"
+    first = read_png(preview)
+    preview.unlink()  # as the kill left it
+    res = call("Patch_gen.py", *args, check=False)
+    assert res.returncode == 2 and "already has its patches" in res.stderr and "drawn from their names" in res.stderr
+    assert np.array_equal(read_png(preview), first)
