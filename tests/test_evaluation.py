@@ -624,3 +624,12 @@ def test_a_lesion_list_with_a_header_says_so(tmp_path):
     (tmp_path / "u.csv").write_text("0.9,100,200\nabc,1,2\n")  # text on a later line is no header
     with pytest.raises(ev.EvaluationError, match=r"u.csv:2: expected 'prob,x,y'"):
         ev.read_lesions(tmp_path / "u.csv")
+
+
+def test_labels_may_carry_columns_after_the_label(tmp_path):
+    """A hostile review found a third column accepted without a word; it is meant (a
+    reference list may add a metastasis size), and documented."""
+    from conftest import load_script
+
+    (tmp_path / "l.csv").write_text("slide,label,size\ntest_001,Tumor,Macro\ntest_002,normal,\n")
+    assert load_script("evaluate.py").read_labels(tmp_path / "l.csv") == {"test_001": 1, "test_002": 0}
