@@ -788,3 +788,21 @@ def test_files_of_the_output_format_in_a_folder_are_named_when_left_out(tmp_path
     assert code == 0 and f"left out {d / 't.xml'}" in err
     convert(d / "t.xml", "-o", tmp_path / "named.xml", "--to", "xml")
     assert an.load_annotation(tmp_path / "named.xml").positive_names == ["a"]
+
+
+def test_asap_sub_groups_take_the_class_of_their_parent_group(tmp_path):
+    """From a hostile review: ASAP nests groups (`<Group Name="Sub" PartOfGroup="Tumor">`),
+    and a polygon in such a sub-group was dropped as an unknown group."""
+    def region(name, group, x):
+        pts = "".join(f'<Coordinate Order="{i}" X="{px}" Y="{py}"/>'
+                      for i, (px, py) in enumerate([(x, 0), (x + 10, 0), (x + 10, 10), (x, 10)]))
+        return f'<Annotation Name="{name}" Type="Polygon" PartOfGroup="{group}"><Coordinates>{pts}</Coordinates></Annotation>'
+    groups = [("Tumor", "None"), ("Sub", "Tumor"), ("SubSub", "Sub"), ("Loop", "Loop2"), ("Loop2", "Loop")]
+    doc = ("<ASAP_Annotations><Annotations>" + region("a", "SubSub", 0) + region("b", "Tumor", 20)
+           + region("c", "Loop", 40) + "</Annotations><AnnotationGroups>"
+           + "".join(f'<Group Name="{n}" PartOfGroup="{p}" Color="#ff0000"><Attributes/></Group>' for n, p in groups)
+           + "</AnnotationGroups></ASAP_Annotations>")
+    (tmp_path / "n.xml").write_text(doc)
+    with pytest.warns(an.AnnotationWarning, match=r"unknown group\(s\) \['Loop'\]"):
+        ann = an.load_annotation(tmp_path / "n.xml", positive_groups=["Tumor"])
+    assert ann.positive_names == ["a", "b"]  # a group's sub-groups count as the group, a cycle as nothing

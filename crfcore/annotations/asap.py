@@ -39,12 +39,16 @@ def read_asap_xml(path: str | Path, positive_groups: Sequence[str] = POSITIVE_GR
                               f"<ASAP_Annotations>{aperio}")
     annos = root.findall("./Annotations/Annotation")
     ann = Annotation()
+    parents = {}
     for g in root.findall("./AnnotationGroups/Group"):
         remember_colour(ann, g.get("Name"), g.get("Color"))
+        parents[g.get("Name")] = g.get("PartOfGroup")
+    known = (*positive_groups, *negative_groups)
+    group_of = [mapped_group(a.get("PartOfGroup") or UNGROUPED, parents, known) for a in annos]
     for part, groups in (("positive", positive_groups), ("negative", negative_groups)):
         for group in groups:
-            for anno in annos:
-                if (anno.get("PartOfGroup") or UNGROUPED) != group:
+            for anno, its in zip(annos, group_of):
+                if its != group:
                     continue
                 name = anno.get("Name", "")
                 coords = anno.findall("./Coordinates/Coordinate")
@@ -53,9 +57,19 @@ def read_asap_xml(path: str | Path, positive_groups: Sequence[str] = POSITIVE_GR
                 verts = checked_vertices(str(path), name, pairs, text=True)
                 ann.add_checked(str(path), part, name, verts, None if group == UNGROUPED else group)
                 remember_colour(ann, group, anno.get("Color"))  # when AnnotationGroups lacks it
-    ann.unmapped = warn_unknown(str(path), "group(s)", (a.get("PartOfGroup") or None for a in annos),
-                 (*positive_groups, *negative_groups))
+    ann.unmapped = warn_unknown(str(path), "group(s)", group_of, known)
     return ann
+
+
+def mapped_group(group: str, parents: dict[str, str | None], known: Sequence[str]) -> str:
+    """`group`, or else the nearest of its parent groups (ASAP's AnnotationGroups nest
+    by PartOfGroup) that is one of `known`: a polygon in a sub-group of Tumor is tumour.
+    A group with no such parent stays itself (unknown)."""
+    seen, g = set(), group
+    while g not in known and g in parents and g not in seen:  # `seen`: a cycle of parents ends
+        seen.add(g)
+        g = parents[g]
+    return g if g in known else group
 
 
 REGION_TYPES = {"Polygon", "Spline", "Rectangle", None}  # ASAP's region types (None: no Type given)
