@@ -82,8 +82,13 @@ def warn_shape(path: str, name: str, kind: str | None, order: list[str | None]) 
     if kind not in REGION_TYPES:
         warnings.warn(f"{path}: annotation {name!r} is a {kind}, not a region; taken as a polygon, as NCRF does",
                       AnnotationWarning, stacklevel=3)
-    numbers = [int(o) for o in order if o is not None and o.strip().isdigit()]
-    if len(numbers) == len(order) and numbers != sorted(numbers):
+    given = [o for o in order if o is not None]
+    numbers = [int(o) for o in given if o.strip().isdigit()]
+    if len(numbers) < len(given):
+        bad = next(o for o in given if not o.strip().isdigit())
+        warnings.warn(f"{path}: annotation {name!r} has a vertex Order {bad!r} that is no whole number; vertices "
+                      "taken in document order, as NCRF does", AnnotationWarning, stacklevel=3)
+    elif len(numbers) == len(order) and numbers != sorted(numbers):
         warnings.warn(f"{path}: annotation {name!r} lists its vertices out of their Order; taken in document "
                       "order, as NCRF does", AnnotationWarning, stacklevel=3)
 
