@@ -179,7 +179,7 @@ def map_slide(job: Job, model, ckpt: dict, args, opts: inference.Options, wanted
     seconds = round(time.perf_counter() - t, 2)
     if method == "dense" and not cfg.get("dense_consistency"):  # said once: the text is the same for every slide
         warnings.warn(f"{args.ckpt}: not fine-tuned for --method dense (dense_consistency 0), so its dense map "
-                      "differs from lattice's more than a fine-tuned model's does (README: dense whole-slide inference)")
+                      "differs from lattice's more than a fine-tuned model's does (docs/speed.md: dense whole-slide inference)")
     bad = int((~np.isfinite(prob)).sum())
     if bad:  # an overflowing model: later steps would refuse the map, so it is not written
         raise UserError(f"{job.slide}: the model gives {bad} NaN or infinite probabilities; no map written")

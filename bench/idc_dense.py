@@ -25,7 +25,7 @@ recipe, thresholds and cell scoring are idc_wsi.py's.
    lattice and by dense, and the fine-tuned model mapped by dense.
 
 `--validation-only` maps the validation slide alone, to choose the weight and epochs
-there (see the README for the choice). Otherwise the last line is the fine-tuned
+there (see docs/speed.md for the choice). Otherwise the last line is the fine-tuned
 checkpoint on the held-out slide:
   idc_dense: pearson=<r> max_abs_diff=<d> auc_lattice=<a> auc_dense=<b> dice_lattice=.. dice_dense=..
              f1_lattice=.. f1_dense=.. froc_lattice=.. froc_dense=..

@@ -3,7 +3,7 @@
 `dense` gives each lattice point the pooled feature-map cells under its crop, computed
 over a whole slide tile, where `lattice` runs the crop on its own (zero padding at its
 edges). A model trained on crops alone never learnt to make the two agree, and they do
-not (README: Pearson r 0.77-0.80 on the demo). The fix belongs to training: with config
+not (docs/speed.md: Pearson r 0.77-0.84 on the demo models). The fix belongs to training: with config
 `dense_consistency` > 0, each grid image also goes through the backbone whole (its
 crops' corners on the feature grid, as `dense` places its tiles), every cell's window
 gives a dense logit and feature, and the loss adds

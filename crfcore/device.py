@@ -94,7 +94,7 @@ def resolve_precision(device: torch.device, precision: str) -> str:
     missing); on the CPU fp32, even where the CPU has native bf16: the rule was bf16 only
     if it moved a trained model's maps by at most 0.01 with unchanged metrics, and on the
     demo's trained models bf16 autocast moved them by up to 0.045-0.077 (bench/agreement.py;
-    FROC, slide AUC and pixel AUC unchanged), for 1.3-1.6x the speed (README, bf16 on the CPU)."""
+    FROC, slide AUC and pixel AUC unchanged), for 1.3-1.6x the speed (docs/speed.md, bf16 on the CPU)."""
     if precision not in PRECISIONS:
         raise DeviceError(f"unknown precision {precision!r} (expected one of {', '.join(PRECISIONS)})")
     if precision == "auto":
