@@ -89,7 +89,7 @@ def configs(out: Path, args) -> dict[str, dict]:
             "precision": "bf16" if cpu_has_native_bf16() else "fp32"}
     tune = {**base, "init_from": str(out / "trained.ckpt"), "dense_consistency": 1.0, "lr": 5e-4,
             "epochs": args.tune_epochs, "best_metric": "total_loss",
-            "batch_size": 8}  # 16 was killed here by forked workers (fixed since: loaders.worker_processes); kept
+            "batch_size": 8}  # 16 was killed here by forked workers (fixed since: retain_freed_memory); kept
     return {"trained": base, "dense": tune}
 
 

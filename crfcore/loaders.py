@@ -4,7 +4,6 @@ and shared out between torchrun ranks."""
 from __future__ import annotations
 
 import math
-import multiprocessing
 from pathlib import Path
 
 import numpy as np
@@ -15,19 +14,6 @@ from .config import TrainConfig
 from .datasets import Augment, DataError, FolderDataset, GridDataset
 from .device import DistEnv
 from .stain import HEDJitter, MacenkoNormaliser
-
-
-def worker_processes(workers: int):
-    """How DataLoader workers start: from a fork server where the platform has one. A
-    forked worker shares its trainer's memory copy-on-write, and train.py keeps freed
-    memory for reuse (`device.retain_freed_memory`): every page that the next training
-    step writes is then copied while the workers live. At NCRF's geometry (batch 16,
-    bf16, dense_consistency) a 14 GB trainer needed more than this machine's 24 GB at
-    the start of epoch 2 and was killed. The fork server is a small process started
-    once; its workers seed and load as forked ones do."""
-    if workers == 0 or "forkserver" not in multiprocessing.get_all_start_methods():
-        return None
-    return multiprocessing.get_context("forkserver")
 
 
 def augment_for(cfg: TrainConfig) -> Augment:
@@ -168,7 +154,7 @@ def build_loaders(cfg: TrainConfig, env: DistEnv = DistEnv(), norm: MacenkoNorma
                         f"the larger set's {max(sizes)}: lower batch_size")
     sampler = BalancedBatches(sizes, cfg.batch_size, cfg.seed, env.rank, env.world, cfg.max_steps)
     kw = dict(num_workers=cfg.workers, collate_fn=collate, persistent_workers=False,
-              pin_memory=torch.cuda.is_available(), multiprocessing_context=worker_processes(cfg.workers))
+              pin_memory=torch.cuda.is_available())
     train_loader = DataLoader(ConcatDataset(train_sets), batch_sampler=sampler, **kw)
     valid_loader = (DataLoader(ConcatDataset(valid_sets), batch_size=cfg.batch_size, shuffle=False, **kw)
                     if valid_sets else None)

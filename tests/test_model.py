@@ -4,6 +4,7 @@ import torch
 
 from crfcore.crf import CRF, mean_field
 from crfcore.model import CRFNet, ModelConfig, fold_batch_norm
+from conftest import ROOT
 
 
 def test_crf_with_zero_w_is_identity():
@@ -131,3 +132,33 @@ def test_retain_freed_memory_takes_effect_under_glibc():
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
         pytest.skip("mallopt is glibc's")
     assert retain_freed_memory()
+
+
+KEPT_THEN_FORKED = """
+import os, sys, psutil, torch
+from crfcore.device import retain_freed_memory
+assert retain_freed_memory()
+kept = [torch.ones(2**24) for _ in range(16)]  # 1 GiB in 64 MiB blocks, then freed: kept for reuse
+del kept
+before = psutil.Process().memory_info().rss
+pid = os.fork()
+if pid == 0:
+    os._exit(0)
+os.waitpid(pid, 0)
+print(before - psutil.Process().memory_info().rss)
+"""
+
+
+def test_memory_kept_for_reuse_is_handed_back_before_a_fork():
+    """The trainer keeps freed memory (retain_freed_memory); a DataLoader worker forked
+    from it shares those pages copy-on-write, and the trainer's next step copied them all:
+    a 14 GB run needed over 24 GB and was killed. Before a fork the kept memory goes back."""
+    import platform
+    import subprocess
+    import sys
+
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        pytest.skip("malloc_trim is glibc's")
+    out = subprocess.run([sys.executable, "-c", KEPT_THEN_FORKED], capture_output=True, text=True, check=True,
+                         cwd=ROOT)
+    assert int(out.stdout) > 2**29, "less than half the freed GiB went back before the fork"

@@ -12,7 +12,6 @@ import pytest
 import torch
 
 from crfcore import loaders, memory, training
-from crfcore.config import load_config
 from crfcore.datasets import GridDataset
 from crfcore.model import CRFNet, ModelConfig, init_from_checkpoint, load_checkpoint, save_checkpoint
 from conftest import ROOT, call, load_script, run_script, shared
@@ -629,21 +628,6 @@ def test_one_folder_as_two_sets_and_a_batch_larger_than_the_set_are_refused(grid
                    check=False)
         assert res.returncode == 2 and words in res.stderr and "Traceback" not in res.stderr, res.stderr
         assert not (tmp_path / "r" / "train.ckpt").exists()
-
-
-def test_workers_start_from_a_fork_server_and_train_as_forked_ones_do(grid_data, tmp_path, monkeypatch):
-    """DataLoader workers are not copies of the trainer, whose kept memory the next step
-    would copy page by page while they live (loaders.worker_processes); the run is the
-    same as with forked workers."""
-    cfg = load_config(grid_data / "cfg.json", ["workers=2"])
-    train, valid, _ = loaders.build_loaders(cfg)
-    assert train.multiprocessing_context.get_start_method() == "forkserver"
-    assert valid.multiprocessing_context.get_start_method() == "forkserver"
-    call("train.py", grid_data / "cfg.json", tmp_path / "served", "--set", "workers=2", "--quiet")
-    monkeypatch.setattr(loaders, "worker_processes", lambda workers: None)  # the platform's default, fork
-    call("train.py", grid_data / "cfg.json", tmp_path / "forked", "--set", "workers=2", "--quiet")
-    a, b = (load_checkpoint(tmp_path / r / "train.ckpt")["state_dict"] for r in ("served", "forked"))
-    assert all(torch.equal(a[k], b[k]) for k in a)
 
 
 def step_of(grid_data) -> memory.StepMemory:
