@@ -276,11 +276,11 @@ def load_config(path: str | Path | None, overrides: typing.Sequence[str] = ()) -
         given[name] = parse_value(value)
         set_keys.add(name)
     known = [f.name for f in fields(TrainConfig)]
-    unknown = sorted(set(given) - set(known))
-    where = path if set(unknown) & set(in_file) else "--set"
-    if unknown:
-        raise ConfigError(f"{where}: unknown config key(s) {unknown}; known keys: "
-                          f"{', '.join(k for k in known if k not in INTERNAL)}")
+    for where, keys in ((path, in_file), ("--set", set_keys)):
+        unknown = sorted(set(keys) - set(known))
+        if unknown:
+            raise ConfigError(f"{where}: unknown config key(s) {unknown}; known keys: "
+                              f"{', '.join(k for k in known if k not in INTERNAL)}")
     try:
         return TrainConfig(**given).check()
     except ConfigError as err:

@@ -28,14 +28,17 @@ class DistEnv:
     rank: int = 0
     world: int = 1
     local_rank: int = 0
+    local_world: int = 1  # the processes on this machine
 
     @classmethod
     def from_env(cls) -> "DistEnv":
         try:
-            return cls(int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)),
-                       int(os.environ.get("LOCAL_RANK", 0)))
+            world = int(os.environ.get("WORLD_SIZE", 1))
+            return cls(int(os.environ.get("RANK", 0)), world, int(os.environ.get("LOCAL_RANK", 0)),
+                       int(os.environ.get("LOCAL_WORLD_SIZE", world)))
         except ValueError:
-            raise DeviceError("RANK, WORLD_SIZE and LOCAL_RANK must be integers (set by torchrun)") from None
+            raise DeviceError("RANK, WORLD_SIZE, LOCAL_RANK and LOCAL_WORLD_SIZE must be integers "
+                              "(set by torchrun)") from None
 
     @property
     def main(self) -> bool:

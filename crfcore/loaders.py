@@ -90,7 +90,21 @@ class BalancedBatches(Sampler):
     @property
     def largest(self) -> int:
         """The most samples a batch holds (what a training step must fit in memory)."""
-        return max(map(len, self._all()))
+        return self.largest_for(self.batch)
+
+    def largest_for(self, batch: int) -> int:
+        """The most samples a batch would hold with `batch_size` `batch`, as `_all` cuts
+        them: half of each of two sets (at least one each), or one set's batches with a
+        last batch of one joined to the one before."""
+        if len(self.sizes) == 2:
+            return 2 * max(1, batch // 2)
+        n = self.sizes[0]
+        last = n % batch or batch
+        return batch + 1 if n > batch and last == 1 else min(batch, n)
+
+    def batch_size_within(self, samples: int) -> int:
+        """The largest `batch_size` whose batches hold at most `samples` (0: none does)."""
+        return next((b for b in range(samples, 0, -1) if self.largest_for(b) <= samples), 0)
 
     def __len__(self) -> int:
         return len(self._mine())

@@ -336,14 +336,15 @@ class Run:
         finally:
             set_rng_state(state)
         step = step_memory(self.scored, sample, self.device, self.precision)
-        sharing = self.env.world if self.device.type == "cpu" else 1  # torchrun's CPU ranks share the memory
-        need = sharing * step.need(self.train_loader.batch_sampler.largest)
+        sharing = self.env.local_world if self.device.type == "cpu" else 1  # a node's CPU ranks share its memory
+        batches = self.train_loader.batch_sampler
+        need = sharing * step.need(batches.largest)
         where = f"free on {self.device.type.upper()}" if self.device.type == "cuda" else "available"
         if need > free:
-            fits = step.largest_batch(free // sharing)
+            fits = batches.batch_size_within(step.largest_batch(free // sharing))
             bf16 = (self.precision == "fp32" and (cpu_has_native_bf16() if self.device.type == "cpu"
                                                   else torch.cuda.is_bf16_supported()))
-            hint = (f"lower batch_size to about {fits}" if fits else "not even one sample fits")
+            hint = (f"lower batch_size to {fits}" if fits else "not even the smallest batch fits")
             hint += " (or precision bf16, which about halves it)" if bf16 else ""
             raise ConfigError(f"config batch_size {self.cfg.batch_size}: a training step needs about {gb(need)} "
                               f"({gb(step.per_sample)} a sample, {self.precision}), more than the {gb(free)} "

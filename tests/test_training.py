@@ -160,6 +160,14 @@ def test_config_errors_are_one_line(grid_data, tmp_path):
     assert proc.returncode == 2 and "error: --set: config epochs=0" in proc.stderr
     proc = call("train.py", grid_data / "cfg.json", tmp_path / "z", "--set", "grid=5", check=False)
     assert proc.returncode == 2 and "error: --set: " in proc.stderr and "grid (5)" in proc.stderr
+    cfg["epochs"], cfg["bogus"] = 3, 1  # unknown keys in both: each source named with its own
+    (tmp_path / "c.json").write_text(json.dumps(cfg))
+    proc = call("train.py", tmp_path / "c.json", tmp_path / "z", "--set", "typo=3", check=False)
+    assert f"error: {tmp_path / 'c.json'}: unknown config key(s) ['bogus']" in proc.stderr
+    del cfg["bogus"]
+    (tmp_path / "c.json").write_text(json.dumps(cfg))
+    proc = call("train.py", tmp_path / "c.json", tmp_path / "z", "--set", "typo=3", check=False)
+    assert "error: --set: unknown config key(s) ['typo']" in proc.stderr
 
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(grid_data, tmp_path, monkeypatch):
@@ -646,14 +654,14 @@ def test_a_batch_that_cannot_fit_is_refused_naming_one_that_does(grid_data, tmp_
     line, = proc.stderr.strip().splitlines()
     assert "config batch_size 8: a training step needs about" in line, line
     assert not (tmp_path / "big").exists()
-    fits = int(re.search(r"lower batch_size to about (\d+)", line)[1])
+    fits = int(re.search(r"lower batch_size to (\d+)", line)[1])
     assert fits == 4
     proc = call("train.py", grid_data / "cfg.json", tmp_path / "fits", "--set", f"batch_size={fits}")
     assert "memory: a training step needs about" in proc.stdout
     assert (tmp_path / "fits" / "best.ckpt").exists()
     monkeypatch.setattr(training, "free_bytes", lambda device: step.per_sample // 2)
     proc = call("train.py", grid_data / "cfg.json", tmp_path / "none", "--set", "batch_size=2", check=False)
-    assert proc.returncode == 2 and "not even one sample fits" in proc.stderr
+    assert proc.returncode == 2 and "not even the smallest batch fits" in proc.stderr
 
 
 def test_measuring_memory_does_not_change_the_run(grid_data, tmp_path, monkeypatch):
@@ -664,3 +672,20 @@ def test_measuring_memory_does_not_change_the_run(grid_data, tmp_path, monkeypat
     call("train.py", grid_data / "cfg.json", tmp_path / "not", "--quiet")
     a, b = (load_checkpoint(tmp_path / r / "train.ckpt")["state_dict"] for r in ("measured", "not"))
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_the_batch_size_named_fits_the_batches_as_they_are_cut():
+    """From a review: with two sets a batch holds 2 x (batch_size // 2), and one set's last
+    batch of one joins the one before, so "lower batch_size to about N" named sizes that
+    were refused again. `batch_size_within` names one whose batches fit."""
+    two = loaders.BalancedBatches([50, 40], 8, seed=0)
+    assert two.largest == 8 and two.largest_for(1) == 2 and two.largest_for(7) == 6
+    assert two.batch_size_within(5) == 5 and two.largest_for(5) == 4 and two.batch_size_within(1) == 0
+    one = loaders.BalancedBatches([81], 8, seed=0)  # 81 = 10 x 8 + 1: the last 1 joins the 10th batch
+    assert one.largest == 9 == max(map(len, one._all()))
+    assert one.batch_size_within(8) == 7 and max(map(len, loaders.BalancedBatches([81], 7, seed=0)._all())) <= 8
+    for sizes in ([50, 40], [81], [9], [2]):
+        for b in range(1, 12):
+            batches = loaders.BalancedBatches(sizes, b, seed=0)
+            assert batches.largest == max(map(len, batches._all())), (sizes, b)
+
