@@ -73,16 +73,23 @@ def save_figure(fig, path: str | Path, dpi: int = 100) -> None:
         plt.close(fig)
 
 
+PICTURE_MAX_BYTES = 64 * 2**20  # a file larger than this is no picture save_figure wrote (not read to find out)
+
+
 def is_own_picture(path: Path) -> bool:
     """Whether `path` is a picture `save_figure` wrote (it carries `PICTURE_SOFTWARE`)."""
     from PIL import Image, UnidentifiedImageError
 
     try:
+        if path.stat().st_size > PICTURE_MAX_BYTES:  # a slide, say: no picture of ours is that large
+            return False
         if path.suffix[1:].lower() in ("pdf", "svg", "eps", "ps"):
             return PICTURE_SOFTWARE.encode() in path.read_bytes()
-        with Image.open(path) as im:
-            found = [*im.info.values(), *(getattr(im, "tag_v2", None) or {}).values()]
-    except (OSError, UnidentifiedImageError, ValueError):
+        with warnings.catch_warnings():  # a large image's size warning: ours are small, so it is not ours
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path) as im:
+                found = [*im.info.values(), *(getattr(im, "tag_v2", None) or {}).values()]
+    except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError):
         return False
     return any(v in (PICTURE_SOFTWARE, PICTURE_SOFTWARE.encode()) for v in found if isinstance(v, (str, bytes)))
 

@@ -147,3 +147,7 @@ def test_a_picture_replaces_only_a_picture_this_tool_wrote(prob, tmp_path):
         assert (tmp_path / name).read_bytes() == before
     res = call("prob_map_show.py", m, "-o", tmp_path / "p.webp", check=False)  # a format it cannot mark
     assert res.returncode == 2 and "cannot write a .webp picture" in res.stderr
+    big = tmp_path / "big.tif"  # a review: a slide-sized image was a PIL DecompressionBombError traceback
+    tifffile.imwrite(big, np.zeros((16384, 16384, 3), np.uint8), tile=(256, 256), compression="zlib")
+    res = call("prob_map_show.py", m, "-o", big, check=False)
+    assert res.returncode == 2 and "is a slide" in res.stderr and res.stderr.count("\n") == 1, res.stderr
