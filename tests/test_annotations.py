@@ -489,10 +489,11 @@ def test_numbers_are_ascii_decimals_and_points_or_shuffled_orders_are_named(tmp_
         assert "not a number" in error(capsys, tmp_path / "n.xml", "-o", tmp_path / "n.json")
     doc = xml_doc([("a", "_0", square(0, 0, 10))])
     for odd in (doc.replace('Type="Polygon"', 'Type="PointSet"'), doc.replace('Order="0"', 'Order="9"'),
-                doc.replace('Order="0"', 'Order="x"')):  # a review: a non-numeric Order went without a word
-        (tmp_path / "o.xml").write_text(odd)
+                doc.replace('Order="0"', 'Order="x"'), doc.replace('Order="0"', 'Order="\u00b2"'),
+                doc.replace('Order="0"', 'Order="-1"')):  # reviews: no word for "x", a traceback for "²"
+        (tmp_path / "o.xml").write_text(odd, encoding="utf-8")
         code, err = script(capsys, tmp_path / "o.xml", "-o", tmp_path / "o.json")
-        assert code == 0 and ("not a region" in err or "out of their Order" in err or "no whole number" in err), err
+        assert code == 0 and ("not a region" in err or "out of their Order" in err or "not a count" in err), err
 
 
 def test_group_options_name_each_group_once(tmp_path, capsys):
@@ -798,7 +799,8 @@ def test_asap_sub_groups_take_the_class_of_their_parent_group(tmp_path):
         pts = "".join(f'<Coordinate Order="{i}" X="{px}" Y="{py}"/>'
                       for i, (px, py) in enumerate([(x, 0), (x + 10, 0), (x + 10, 10), (x, 10)]))
         return f'<Annotation Name="{name}" Type="Polygon" PartOfGroup="{group}"><Coordinates>{pts}</Coordinates></Annotation>'
-    groups = [("Tumor", "None"), ("Sub", "Tumor"), ("SubSub", "Sub"), ("Loop", "Loop2"), ("Loop2", "Loop")]
+    groups = [("Tumor", "None"), ("Sub", "Tumor"), ("SubSub", "Sub"), ("Loop", "Loop2"), ("Loop2", "Loop"),
+              ("Stroma", "None")]
     doc = ("<ASAP_Annotations><Annotations>" + region("a", "SubSub", 0) + region("b", "Tumor", 20)
            + region("c", "Loop", 40) + "</Annotations><AnnotationGroups>"
            + "".join(f'<Group Name="{n}" PartOfGroup="{p}" Color="#ff0000"><Attributes/></Group>' for n, p in groups)
@@ -807,3 +809,7 @@ def test_asap_sub_groups_take_the_class_of_their_parent_group(tmp_path):
     with pytest.warns(an.AnnotationWarning, match=r"unknown group\(s\) \['Loop'\]"):
         ann = an.load_annotation(tmp_path / "n.xml", positive_groups=["Tumor"])
     assert ann.positive_names == ["a", "b"]  # a group's sub-groups count as the group, a cycle as nothing
+    (tmp_path / "s.xml").write_text(doc.replace(region("c", "Loop", 40), region("s", "Stroma", 40)))
+    with pytest.warns(an.AnnotationWarning, match=r"unknown group\(s\) \['Stroma'\]"):  # a review: ASAP's
+        ann = an.load_annotation(tmp_path / "s.xml", positive_groups=["Tumor", "None"])  # "None" is no parent
+    assert ann.positive_names == ["a", "b"]

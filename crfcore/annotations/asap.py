@@ -42,7 +42,8 @@ def read_asap_xml(path: str | Path, positive_groups: Sequence[str] = POSITIVE_GR
     parents = {}
     for g in root.findall("./AnnotationGroups/Group"):
         remember_colour(ann, g.get("Name"), g.get("Color"))
-        parents[g.get("Name")] = g.get("PartOfGroup")
+        if g.get("PartOfGroup") not in (None, "", "None"):  # ASAP writes "None" for a top-level group
+            parents[g.get("Name")] = g.get("PartOfGroup")
     known = (*positive_groups, *negative_groups)
     group_of = [mapped_group(a.get("PartOfGroup") or UNGROUPED, parents, known) for a in annos]
     for part, groups in (("positive", positive_groups), ("negative", negative_groups)):
@@ -83,10 +84,10 @@ def warn_shape(path: str, name: str, kind: str | None, order: list[str | None]) 
         warnings.warn(f"{path}: annotation {name!r} is a {kind}, not a region; taken as a polygon, as NCRF does",
                       AnnotationWarning, stacklevel=3)
     given = [o for o in order if o is not None]
-    numbers = [int(o) for o in given if o.strip().isdigit()]
+    numbers = [int(o) for o in given if re.fullmatch(r"[0-9]+", o.strip())]
     if len(numbers) < len(given):
-        bad = next(o for o in given if not o.strip().isdigit())
-        warnings.warn(f"{path}: annotation {name!r} has a vertex Order {bad!r} that is no whole number; vertices "
+        bad = next(o for o in given if not re.fullmatch(r"[0-9]+", o.strip()))
+        warnings.warn(f"{path}: annotation {name!r} has a vertex Order {bad!r}, not a count from 0; vertices "
                       "taken in document order, as NCRF does", AnnotationWarning, stacklevel=3)
     elif len(numbers) == len(order) and numbers != sorted(numbers):
         warnings.warn(f"{path}: annotation {name!r} lists its vertices out of their Order; taken in document "
