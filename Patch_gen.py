@@ -148,9 +148,10 @@ def cut_slide(args, job: Job, rng) -> None:
     boxes, centres = boxes[on], centres[on]
     preview = check_output_path(out / f"{sid}_preview.png")  # before the work, as every output
     scale = (w0 / thumb.shape[1], h0 / thumb.shape[0])
-    if tiles.marker.exists() and not args.overwrite and not preview.exists():  # killed after the set, before this
-        cut = np.array([tiling.parse_tile_name(p).box for p in tiles_in(tiles.folder)]).reshape(-1, 4)
-        write_image(preview, tiling.preview_boxes(thumb, cut, scale))
+    cut = tiles_in(tiles.folder) if tiles.marker.exists() and not args.overwrite and not preview.exists() else []
+    if cut:  # a run killed after the set (its marker) and before this
+        boxes_cut = np.array([tiling.parse_tile_name(p).box for p in cut])
+        write_image(preview, tiling.preview_boxes(thumb, boxes_cut, scale))
         warnings.warn(f"{preview}: was missing (a run stopped after cutting the patches); drawn from their names")
     staging = tiles.prepare(args.overwrite)
     names = [tiling.tile_name(i, level, tuple(b)) for i, b in enumerate(boxes)]

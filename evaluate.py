@@ -69,7 +69,8 @@ def lesion_outputs(out: Path, to: str | None) -> tuple[Path, Path | None]:
     if suffix and suffix not in LESION_FORMATS:
         raise UserError(f"{out}: -o ends with .csv (the lesion list), or .xml or .geojson (the list and that export)")
     if to is not None and suffix not in ("", "csv", to):
-        raise UserError(f"{out}: a .{suffix} name, but --to {to}: end -o with .{to} or .csv, or drop --to")
+        ends = "with .csv" if to == "csv" else f"with .{to} or .csv"
+        raise UserError(f"{out}: a .{suffix} name, but --to {to}: end -o {ends}, or drop --to")
     to = to or suffix or "csv"
     return out.with_suffix(".csv"), (None if to == "csv" else out.with_suffix("." + to))
 

@@ -11,6 +11,7 @@ from sklearn import metrics as skm
 from .annotations import LESION_CLASS, LESION_COLOUR, asap_xml, geojson_feature
 from .errors import CrfError
 from .io import save_figure
+from .tiling import is_number
 
 
 class EvaluationError(CrfError):
@@ -109,7 +110,7 @@ def read_lesions(path: str | Path) -> np.ndarray:
                 row = [float(v) for v in line.split(",")]
             except ValueError:
                 row = []
-            if not row and lineno == 1 and len(line.split(",")) == 3:
+            if lineno == 1 and all(not is_number(v) and v.strip() for v in line.split(",")):
                 raise EvaluationError(f"{path}:1: a header line ({line.strip()!r}); a lesion list has none, only "
                                       "prob,x,y numbers per line (NCRF's format): remove it")
             if len(row) != 3 or not all(math.isfinite(v) for v in row):

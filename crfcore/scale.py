@@ -97,8 +97,12 @@ def check_patch_fits(read: ReadScale, patch: int, dimensions: tuple[int, int], p
     """Refuse a resolution at which one `patch`-pixel patch covers more than the whole
     slide: its map would be padding, and the read of one crop can need gigabytes."""
     side = patch * read.scale
-    if side > max(dimensions):
-        raise ScaleError(f"{path}: at {read.scale:.4g} level-0 pixels per model pixel, one {patch}-pixel patch covers "
-                         f"{side:.0f} level-0 pixels, more than the whole {dimensions[0]}x{dimensions[1]} slide "
-                         "(the wrong --mpp or --level, or the checkpoint's mpp?)")
+    if side <= max(dimensions):
+        return
+    if read.identity:
+        raise ScaleError(f"{path}: the whole slide ({dimensions[0]}x{dimensions[1]} pixels) is smaller than one "
+                         f"{patch}-pixel patch: no map to make")
+    raise ScaleError(f"{path}: at {read.scale:.4g} level-0 pixels per model pixel, one {patch}-pixel patch covers "
+                     f"{side:.0f} level-0 pixels, more than the whole {dimensions[0]}x{dimensions[1]} slide "
+                     "(the wrong --mpp or --level, or the checkpoint's mpp?)")
 

@@ -610,6 +610,7 @@ def test_lesions_takes_the_export_format_from_the_output_name(tmp_path):
     call("evaluate.py", "lesions", tmp_path / "t_prob.npy", "-o", tmp_path / "b.xml")
     assert (tmp_path / "b.xml").exists() and (tmp_path / "b.csv").exists()
     for args, why in ((["-o", tmp_path / "c.geojson", "--to", "xml"], "a .geojson name, but --to xml"),
+                      (["-o", tmp_path / "e.xml", "--to", "csv"], "but --to csv: end -o with .csv, or drop --to"),
                       (["-o", tmp_path / "d.txt"], "-o ends with .csv")):
         res = call("evaluate.py", "lesions", tmp_path / "t_prob.npy", *args, check=False)
         assert res.returncode == 2 and why in res.stderr, res.stderr
@@ -624,6 +625,9 @@ def test_a_lesion_list_with_a_header_says_so(tmp_path):
     (tmp_path / "u.csv").write_text("0.9,100,200\nabc,1,2\n")  # text on a later line is no header
     with pytest.raises(ev.EvaluationError, match=r"u.csv:2: expected 'prob,x,y'"):
         ev.read_lesions(tmp_path / "u.csv")
+    (tmp_path / "v.csv").write_text("0.9,,100\n")  # a review: a lesion missing a value is no header to remove
+    with pytest.raises(ev.EvaluationError, match=r"v.csv:1: expected 'prob,x,y'"):
+        ev.read_lesions(tmp_path / "v.csv")
 
 
 def test_labels_may_carry_columns_after_the_label(tmp_path):

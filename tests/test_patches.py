@@ -1,4 +1,5 @@
 import os
+import shutil
 import tempfile
 import warnings
 from pathlib import Path
@@ -869,3 +870,7 @@ def test_a_preview_a_kill_left_unwritten_is_drawn_on_the_next_run(syn_slide, syn
     res = call("Patch_gen.py", *args, check=False)
     assert res.returncode == 2 and "already has its patches" in res.stderr and "drawn from their names" in res.stderr
     assert np.array_equal(read_png(preview), first)
+    preview.unlink()  # a review: with the tiles gone too, an empty preview was drawn "from their names"
+    shutil.rmtree(tmp_path / "syn_tumor")
+    res = call("Patch_gen.py", *args, check=False)
+    assert res.returncode == 2 and "drawn from" not in res.stderr and not preview.exists()

@@ -13,7 +13,7 @@ from crfcore.annotations import load_annotation, write_annotation
 from crfcore.datasets import DataError, GridDataset
 from crfcore.heatmap import TILE, pyramid_sizes, write_pyramid
 from crfcore.model import save_checkpoint
-from crfcore.scale import ReadScale, ScaleError, read_scale
+from crfcore.scale import ReadScale, ScaleError, check_patch_fits, read_scale
 from crfcore.testing import varied_model
 from conftest import call
 
@@ -241,3 +241,6 @@ def test_an_mpp_at_which_one_patch_covers_the_slide_is_refused(scans, tmp_path):
     assert not (tmp_path / "x.npy").exists()
     call("prob_map.py", d / "fine.tif", d / "m.ckpt", d / "fine_tissue.npy", tmp_path / "y.npy", "--mpp", "4",
          "--workers", "0", "--quiet")  # 512 level-0 pixels: still a map
+    with sl.open_slide(d / "fine.tif") as s:  # a review: a slide smaller than a patch blamed --mpp not given
+        with pytest.raises(ScaleError, match="the whole slide .10x8 pixels. is smaller than one 32-pixel patch"):
+            check_patch_fits(read_scale(s, "t.tif"), 32, (10, 8), "t.tif")
