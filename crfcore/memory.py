@@ -12,8 +12,9 @@ Measured by `bench/train_memory.py` (MobileNetV2 width 1, grid 3, crop 224, CPU,
 and bf16, with and without `dense_consistency` (the gradients of the activations, the
 optimiser and its workspaces come on top); hence `STEP_OVERHEAD`, with which the
 estimate came to 0.87-1.00 of the measured peak in that run, and 0.82-1.08 at batch 2 in
-another (2 steps): a guide within about 15 %, not a bound, so the check refuses only a
-batch that cannot fit. A memory limit below the machine's (a cgroup's) is not seen.
+another (2 steps): a guide within about 20 %, not a bound, so a batch whose step comes
+that close to the free memory may be refused though it would just fit, or pass though it
+would not. A memory limit below the machine's (a cgroup's) is not seen.
 """
 from __future__ import annotations
 
