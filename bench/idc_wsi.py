@@ -4,7 +4,7 @@ patches rebuilt into slides (bench/idc_slides.py), then the pipeline a user runs
 stage a subprocess with its command printed: xml2json.py, Mask_gen.py (tissue, tumour,
 normal), Patch_gen.py, coord_list_gen.py, train.py, prob_map.py, evaluate.py.
 
-  python bench/idc_wsi.py --out DIR [--stain none|hed|macenko] [--epochs 6]
+  python bench/idc_wsi.py --out DIR [--stain none|hed|macenko] [--epochs 6] [--seed 0]
   python bench/idc_wsi.py --score PROB.npy CELLS.csv --threshold T   # cell-level F1 of any map
 
 Split, by patient (only 8863, 8864 and 8865 are complete): 8864 (1,133 cells, 328 IDC,
@@ -99,8 +99,9 @@ class Cut:
     mpp: float | None = None
 
 
-def config(out: Path, epochs: int, stain: str, hed: float = HED, cut: Cut = Cut()) -> dict:
-    """The training config (grid 3; the CNN is the same with --set grid=1)."""
+def config(out: Path, epochs: int, stain: str, hed: float = HED, cut: Cut = Cut(), seed: int = 0) -> dict:
+    """The training config (grid 3; the CNN is the same with --set grid=1); `seed`: config seed
+    (initialisation, data order, augmentation) of both models."""
     data = out / "data"
     cfg = {"mode": "grid", "grid": GRID, "image_size": GRID * cut.patch, "patch_size": cut.patch,
            "crop_size": cut.patch, **({"mpp": cut.mpp} if cut.mpp else {}),
@@ -108,7 +109,7 @@ def config(out: Path, epochs: int, stain: str, hed: float = HED, cut: Cut = Cut(
            "data_path_tumor_valid": str(data / "tumor_valid"), "data_path_normal_valid": str(data / "normal_valid"),
            "json_path_train": str(out / "json"), "json_path_valid": str(out / "json"),
            "width_mult": 0.5, "optimizer": "adamw", "lr": 0.002, "weight_decay": 0.01, "schedule": "cosine",
-           "epochs": epochs, "max_steps": STEPS, "batch_size": 32, "color_jitter": [0.1, 0.1, 0.1, 0.02], "workers": 2, "seed": 0,
+           "epochs": epochs, "max_steps": STEPS, "batch_size": 32, "color_jitter": [0.1, 0.1, 0.1, 0.02], "workers": 2, "seed": seed,
            "best_metric": "auc"}
     if stain == "hed":
         cfg["hed_jitter"] = hed
@@ -188,7 +189,7 @@ def train(out: Path, args) -> None:
     """Slides to the two checkpoints DIR/cnn.ckpt and DIR/crf.ckpt."""
     if not (out / "data" / "normal_valid" / "list.txt").exists():
         prepare(out, args.data)
-    atomic_write_json(out / "config.json", config(out, args.epochs, args.stain, args.hed))
+    atomic_write_json(out / "config.json", config(out, args.epochs, args.stain, args.hed, seed=args.seed))
     for name, extra in MODELS.items():
         if not (out / f"{name}.ckpt").exists():
             sh("train.py", out / "config.json", out / "runs" / name, *extra, "--quiet")
@@ -268,6 +269,7 @@ def main(argv=None) -> int:
                    help="hed: HED jitter (config hed_jitter); macenko: Macenko normalisation to slide 8863 (stain_norm)")
     p.add_argument("--hed", type=float, default=HED, help="with --stain hed: the jitter strength")
     p.add_argument("--epochs", type=int, default=6)
+    p.add_argument("--seed", type=int, default=0, help="training seed of both models (another DIR per seed)")
     p.add_argument("--score", nargs=2, type=Path, metavar=("PROB", "CELLS"),
                    help="only print the cell-level F1 of a map against a <patient>_cells.csv")
     p.add_argument("--threshold", type=float, default=0.5, help="with --score: decision threshold")

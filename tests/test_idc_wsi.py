@@ -36,6 +36,7 @@ def test_the_dense_bench_geometry_lets_dense_run(bench):
         assert geom.lattice_step() == 2
         assert (dense.dense_applies(geom, dense.feature_stride(model)) is None) == applies
     assert bench.config(Path("o"), 6, "none", cut=cut)["mpp"] == 3.125 and "mpp" not in bench.config(Path("o"), 6, "none")
+    assert bench.config(Path("o"), 6, "none")["seed"] == 0 and bench.config(Path("o"), 6, "none", seed=2)["seed"] == 2
 
 
 def write_map(folder, prob, tissue, downsample):
