@@ -62,6 +62,7 @@ def check_picture_output(path: Path) -> None:
 
 
 def is_slide(path: Path) -> bool:
+    """Whether OpenSlide opens `path`."""
     try:
         sl.open_slide(path).close()
     except CrfError:

@@ -51,11 +51,12 @@ def check_output_path(path: str | Path) -> Path:
 
 
 PICTURE_SOFTWARE = "crfcore picture"  # in every picture save_figure writes: its own are told from others'
+_TEXT_PICTURES = ("pdf", "svg", "eps", "ps")  # formats whose mark is text in the file (their Creator)
 _JPEG = {"pil_kwargs": {"comment": PICTURE_SOFTWARE}}
 _TIFF = {"pil_kwargs": {"tiffinfo": {305: PICTURE_SOFTWARE}}}  # tag 305: Software
 # The picture formats written, and where each carries PICTURE_SOFTWARE.
 PICTURE_MARKS = {"png": {"metadata": {"Software": PICTURE_SOFTWARE}},
-                 **{f: {"metadata": {"Creator": PICTURE_SOFTWARE}} for f in ("pdf", "svg", "eps", "ps")},
+                 **{f: {"metadata": {"Creator": PICTURE_SOFTWARE}} for f in _TEXT_PICTURES},
                  "jpg": _JPEG, "jpeg": _JPEG, "tif": _TIFF, "tiff": _TIFF}
 
 
@@ -83,7 +84,7 @@ def is_own_picture(path: Path) -> bool:
     try:
         if path.stat().st_size > PICTURE_MAX_BYTES:  # a slide, say: no picture of ours is that large
             return False
-        if path.suffix[1:].lower() in ("pdf", "svg", "eps", "ps"):
+        if path.suffix[1:].lower() in _TEXT_PICTURES:
             return PICTURE_SOFTWARE.encode() in path.read_bytes()
         with warnings.catch_warnings():  # a large image's size warning: ours are small, so it is not ours
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)

@@ -105,4 +105,3 @@ def check_patch_fits(read: ReadScale, patch: int, dimensions: tuple[int, int], p
     raise ScaleError(f"{path}: at {read.scale:.4g} level-0 pixels per model pixel, one {patch}-pixel patch covers "
                      f"{side:.0f} level-0 pixels, more than the whole {dimensions[0]}x{dimensions[1]} slide "
                      "(the wrong --mpp or --level, or the checkpoint's mpp?)")
-

@@ -84,12 +84,11 @@ def warn_shape(path: str, name: str, kind: str | None, order: list[str | None]) 
         warnings.warn(f"{path}: annotation {name!r} is a {kind}, not a region; taken as a polygon, as NCRF does",
                       AnnotationWarning, stacklevel=3)
     given = [o for o in order if o is not None]
-    numbers = [int(o) for o in given if re.fullmatch(r"[0-9]+", o.strip())]
-    if len(numbers) < len(given):
-        bad = next(o for o in given if not re.fullmatch(r"[0-9]+", o.strip()))
-        warnings.warn(f"{path}: annotation {name!r} has a vertex Order {bad!r}, not a count from 0; vertices "
+    bad = [o for o in given if not re.fullmatch(r"[0-9]+", o.strip())]
+    if bad:
+        warnings.warn(f"{path}: annotation {name!r} has a vertex Order {bad[0]!r}, not a count from 0; vertices "
                       "taken in document order, as NCRF does", AnnotationWarning, stacklevel=3)
-    elif len(numbers) == len(order) and numbers != sorted(numbers):
+    elif len(given) == len(order) and (numbers := [int(o) for o in given]) != sorted(numbers):
         warnings.warn(f"{path}: annotation {name!r} lists its vertices out of their Order; taken in document "
                       "order, as NCRF does", AnnotationWarning, stacklevel=3)
 
