@@ -14,12 +14,17 @@ optimiser and its workspaces come on top); hence `STEP_OVERHEAD`, with which the
 estimate came to 0.87-1.00 of the measured peak in that run, and 0.82-1.08 at batch 2 in
 another (2 steps): a guide within about 20 %, not a bound, so a batch whose step comes
 that close to the free memory may be refused though it would just fit, or pass though it
-would not. A memory limit below the machine's (a cgroup's) is not seen.
+would not.
+
+A container, a SLURM job or a systemd unit may limit a process's memory below the
+machine's (a cgroup limit): the kernel then kills at that limit, so the limit left is
+what counts (`cgroup_free`).
 """
 from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
+from pathlib import Path
 
 import psutil
 import torch
@@ -79,7 +84,64 @@ def free_bytes(device: torch.device) -> int | None:
         return torch.cuda.mem_get_info(device)[0]
     if device.type != "cpu":
         return None
-    return psutil.virtual_memory().available + psutil.swap_memory().free
+    machine = psutil.virtual_memory().available + psutil.swap_memory().free
+    limited = cgroup_free()
+    return machine if limited is None else min(machine, limited)
+
+
+# What a memory cgroup's folder holds: its limit, its use, and the page cache in that use
+# that the kernel reclaims before it kills (cgroup v2, then v1).
+_CGROUP_FILES = {"v2": ("memory.max", "memory.current", "inactive_file"),
+                 "v1": ("memory.limit_in_bytes", "memory.usage_in_bytes", "total_inactive_file")}
+_NO_LIMIT = 2**60  # cgroup v1 writes "no limit" as about 2**63
+
+
+def cgroup_free(root: Path = Path("/sys/fs/cgroup"), own: Path = Path("/proc/self/cgroup")) -> int | None:
+    """Bytes this process's memory cgroup still allows: the least that it or any cgroup
+    above it leaves under its limit; None where no limit is set or none can be read."""
+    found = _own_cgroup(root, own)
+    if found is None:
+        return None
+    top, folder, version = found
+    left = [n for n in (_left_under_limit(d, version) for d in (folder, *folder.parents)
+                        if d.is_relative_to(top)) if n is not None]
+    return min(left, default=None)
+
+
+def _own_cgroup(root: Path, own: Path) -> tuple[Path, Path, str] | None:
+    """(the memory hierarchy's mount, this process's folder in it, "v1" or "v2") from
+    /proc/self/cgroup. Inside a container the folder named there may not be visible,
+    and the mount is the container's own cgroup."""
+    try:
+        lines = own.read_text().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        _, controllers, path = line.split(":", 2)
+        if "memory" in controllers.split(","):
+            top, version = root / "memory", "v1"
+        elif controllers == "" and (root / "cgroup.controllers").exists():
+            top, version = root, "v2"
+        else:
+            continue
+        folder = top / path.lstrip("/")
+        return top, folder if folder.is_dir() else top, version
+    return None
+
+
+def _left_under_limit(folder: Path, version: str) -> int | None:
+    """Limit minus use of one cgroup folder, reclaimable page cache counted as free;
+    None without a limit."""
+    limit_file, usage_file, cache_key = _CGROUP_FILES[version]
+    try:
+        limit = (folder / limit_file).read_text().strip()
+        if limit == "max" or int(limit) >= _NO_LIMIT:
+            return None
+        stat = dict(line.split() for line in (folder / "memory.stat").read_text().splitlines())
+        used = int((folder / usage_file).read_text()) - int(stat.get(cache_key, 0))
+    except (OSError, ValueError):
+        return None
+    return max(0, int(limit) - used)
 
 
 def gb(n: int) -> str:

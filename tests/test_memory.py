@@ -39,3 +39,44 @@ def test_the_largest_batch_that_fits():
 def test_free_memory_on_cuda_is_the_gpus():
     free = memory.free_bytes(torch.device("cuda"))
     assert 0 < free <= torch.cuda.get_device_properties(0).total_memory
+
+
+def write_cgroup(folder, files: dict) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, text in files.items():
+        (folder / name).write_text(text)
+
+
+def test_a_cgroup_v2_limit_above_the_process_counts(tmp_path):
+    """A SLURM job's or a container's limit sits on a parent cgroup; the page cache in its
+    use is reclaimable, so it counts as free."""
+    root, own = tmp_path / "cg", tmp_path / "self_cgroup"
+    write_cgroup(root, {"cgroup.controllers": "cpu memory\n"})
+    write_cgroup(root / "job", {"memory.max": f"{8 * memory.GB}\n", "memory.current": f"{6 * memory.GB}\n",
+                                "memory.stat": f"anon 1\ninactive_file {memory.GB}\n"})
+    write_cgroup(root / "job" / "step", {"memory.max": "max\n", "memory.current": "5\n", "memory.stat": ""})
+    own.write_text("0::/job/step\n")
+    assert memory.cgroup_free(root, own) == 3 * memory.GB
+
+
+def test_cgroup_v1_without_a_limit_and_a_hidden_folder(tmp_path):
+    root, own = tmp_path / "cg", tmp_path / "self_cgroup"
+    write_cgroup(root / "memory", {"memory.limit_in_bytes": "9223372036854771712\n",
+                                   "memory.usage_in_bytes": "100\n", "memory.stat": "total_inactive_file 0\n"})
+    own.write_text("5:cpu,cpuacct:/\n4:memory:/docker/abc\n0::/\n")  # /docker/abc is not visible inside
+    assert memory.cgroup_free(root, own) is None
+    write_cgroup(root / "memory", {"memory.limit_in_bytes": f"{2 * memory.GB}\n"})
+    assert memory.cgroup_free(root, own) == 2 * memory.GB - 100
+
+
+def test_no_cgroup_information_is_no_limit(tmp_path):
+    assert memory.cgroup_free(tmp_path, tmp_path / "missing") is None
+    (tmp_path / "self_cgroup").write_text("1:cpu:/\n")  # no memory controller
+    assert memory.cgroup_free(tmp_path, tmp_path / "self_cgroup") is None
+
+
+def test_free_cpu_memory_is_the_least_of_machine_and_cgroup(monkeypatch):
+    monkeypatch.setattr(memory, "cgroup_free", lambda: 12345)
+    assert memory.free_bytes(torch.device("cpu")) == 12345
+    monkeypatch.setattr(memory, "cgroup_free", lambda: None)
+    assert memory.free_bytes(torch.device("cpu")) > 12345
