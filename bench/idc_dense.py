@@ -52,7 +52,7 @@ import idc_wsi as wsi  # noqa: E402
 
 CUT = wsi.Cut(patch=64, mpp=4.0 * wsi.PATCH / 64)  # idc_slides.py writes 4.0 um: a 50-pixel cell read as 64
 METHODS = ("lattice", "dense")
-SPLITS = {"valid": wsi.VALID[0], "test": wsi.TEST[0]}
+SPLITS = {"valid": wsi.FOLDS[0].valid, "test": wsi.FOLDS[0].test}
 TUNE_LR = 5e-4  # the demo's dense fine-tune (example/config_dense.json)
 
 

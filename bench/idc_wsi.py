@@ -4,7 +4,7 @@ patches rebuilt into slides (bench/idc_slides.py), then the pipeline a user runs
 stage a subprocess with its command printed: xml2json.py, Mask_gen.py (tissue, tumour,
 normal), Patch_gen.py, coord_list_gen.py, train.py, prob_map.py, evaluate.py.
 
-  python bench/idc_wsi.py --out DIR [--stain none|hed|macenko] [--epochs 6] [--seed 0]
+  python bench/idc_wsi.py --out DIR [--stain none|hed|macenko] [--epochs 6] [--seed 0] [--fold 0]
   python bench/idc_wsi.py --score PROB.npy CELLS.csv --threshold T   # cell-level F1 of any map
 
 Split, by patient (only 8863, 8864 and 8865 are complete): 8864 (1,133 cells, 328 IDC,
@@ -12,7 +12,9 @@ the most IDC cells: the steadiest F1) is held out and never trained on; 8865 (71
 55 IDC) is the validation slide (best epoch, threshold); 8863 (979 cells, 207 IDC: IDC
 and normal tissue side by side) trains with the partial slides. On a partial slide a
 missing cell is unknown tissue shown as glass, so it trains only where every cell a
-training image touches is present (crfcore.mosaic.lattice_centres).
+training image touches is present (crfcore.mosaic.lattice_centres). `--fold 1` and
+`--fold 2` rotate the complete patients' roles (held out, validation, training) to 8865,
+8863, 8864 and to 8863, 8864, 8865, so that each patient is held out once.
 
 Geometry: the cells are 50 pixels (about 200 um), the data set's own unit, so the CNN
 sees one cell's worth of tissue (patch 50, crop 50: MobileNetV2's stride 32 leaves a
@@ -31,20 +33,21 @@ Stain: the default `none` was chosen on the validation slide alone (the CRF's ce
 
 Leaves DIR/cnn.ckpt, DIR/crf.ckpt, DIR/lattice.json ({"downsample": 25, "threshold": t}
 for crf.ckpt, "threshold_cnn" for cnn.ckpt; each t maximises Youden's J on the validation
-slide's cells) and DIR/idc_8864_maps.png, and ends with one line for the held-out slide:
+slide's cells) and DIR/idc_<held-out patient>_maps.png, and ends with one line for the held-out slide:
 `auc_cnn=<x> auc_crf=<y> dice_cnn=<x> dice_crf=<y> f1_cnn=<x> f1_crf=<y>`
 (pixel AUC over tissue and Dice at t from evaluate.py pixels; cell-level F1 at t against
 <patient>_cells.csv).
 """
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -62,8 +65,6 @@ from crfcore.tiling import format_coords
 ROOT = Path(__file__).resolve().parents[1]
 IDC = ROOT.parent / "shared" / "data" / "idc"
 
-TEST, VALID = ["8864"], ["8865"]
-TRAIN_COMPLETE = ["8863"]
 TRAIN_PARTIAL = ["8913", "8917", "8918", "8950", "8951", "8955", "8956", "8957", "8959", "8975", "8980",
                  "8984", "9022"]
 D = 25             # mask / map downsample: 2 x 2 lattice points per 50-pixel cell
@@ -77,6 +78,19 @@ STAINS = ("none", "hed", "macenko")
 # about 0.04 (median), so Tellez's "light" 0.05 shifts it by more than itself (27 grey
 # levels on average); 0.02 moves colours by about 11, as much as the patients differ
 HED = 0.02
+
+
+@dataclass(frozen=True)
+class Split:
+    """The complete patients' roles: `test` is held out and never trained on, `valid`
+    picks the epoch and the threshold, `train` trains with the partial slides."""
+
+    test: str = "8864"
+    valid: str = "8865"
+    train: str = "8863"
+
+
+FOLDS = (Split(), Split(test="8865", valid="8863", train="8864"), Split(test="8863", valid="8864", train="8865"))
 
 
 def sh(*args) -> str:
@@ -118,37 +132,37 @@ def config(out: Path, epochs: int, stain: str, hed: float = HED, cut: Cut = Cut(
     return cfg
 
 
-def prepare(out: Path, patches: Path, cut: Cut = Cut()) -> None:
+def prepare(out: Path, patches: Path, cut: Cut = Cut(), split: Split = FOLDS[0]) -> None:
     """Slides, annotations, masks, training and validation grids (images of 3 x 3 cells,
     `GRID * PATCH` level-0 pixels, cut as `cut` says)."""
     slides, masks = out / "slides", out / "masks"
-    for split, who in (("train", TRAIN_COMPLETE + TRAIN_PARTIAL), ("valid", VALID), ("test", TEST)):
-        sh("bench/idc_slides.py", patches, "-o", slides / split, "--patients", *who, "--quiet")
-        sh("xml2json.py", slides / split, "-o", out / "json")
-        kinds = ("tissue", "tumor", "normal") if split == "train" else ("tissue", "tumor")
+    for role, who in (("train", [split.train, *TRAIN_PARTIAL]), ("valid", [split.valid]), ("test", [split.test])):
+        sh("bench/idc_slides.py", patches, "-o", slides / role, "--patients", *who, "--quiet")
+        sh("xml2json.py", slides / role, "-o", out / "json")
+        kinds = ("tissue", "tumor", "normal") if role == "train" else ("tissue", "tumor")
         for kind in kinds:
-            sh("Mask_gen.py", slides / split, "-o", masks / split, "--kind", kind, "--annotation", out / "json",
+            sh("Mask_gen.py", slides / role, "-o", masks / role, "--kind", kind, "--annotation", out / "json",
                "--downsample", D, "--quiet")
-    for split in ("train", "valid"):
+    for role in ("train", "valid"):
         tumour, normal = [], []
-        for csv in sorted((slides / split).glob("*_cells.csv")):
+        for csv in sorted((slides / role).glob("*_cells.csv")):
             sid = csv.name[:-len("_cells.csv")]
             t, n = mosaic.lattice_centres(mosaic.read_cells(csv), D, GRID * PATCH, sid not in TRAIN_PARTIAL,
-                                          per_cell=None if split == "train" else 1)
-            if split == "valid":  # to pick an epoch, grids on every other cell (a checkerboard) do
+                                          per_cell=None if role == "train" else 1)
+            if role == "valid":  # to pick an epoch, grids on every other cell (a checkerboard) do
                 t, n = (c[(c[:, 0] // mosaic.CELL + c[:, 1] // mosaic.CELL) % 2 == 0] for c in (t, n))
             tumour.append(format_coords(sid, t))
             normal.append(format_coords(sid, n))
         for kind, lines in (("tumor", tumour), ("normal", normal)):
-            coords = out / "coords" / f"{kind}_{split}.txt"
+            coords = out / "coords" / f"{kind}_{role}.txt"
             atomic_write_text(coords, "".join(lines))
-            mask_kind = kind if split == "train" else "tissue"
-            sh("Patch_gen.py", slides / split, "--mask", masks / split, "--mask-kind", mask_kind, "--mode", "coords",
-               "--coords", coords, "--image-size", GRID * cut.patch, "-o", out / "patches" / f"{kind}_{split}",
+            mask_kind = kind if role == "train" else "tissue"
+            sh("Patch_gen.py", slides / role, "--mask", masks / role, "--mask-kind", mask_kind, "--mode", "coords",
+               "--coords", coords, "--image-size", GRID * cut.patch, "-o", out / "patches" / f"{kind}_{role}",
                *(["--mpp", cut.mpp] if cut.mpp else []), "--quiet")
-            sh("coord_list_gen.py", out / "patches" / f"{kind}_{split}", "-o", out / "data" / f"{kind}_{split}",
+            sh("coord_list_gen.py", out / "patches" / f"{kind}_{role}", "-o", out / "data" / f"{kind}_{role}",
                "--overwrite")
-    with open_slide(slides / "train" / f"{TRAIN_COMPLETE[0]}.tif") as s:
+    with open_slide(slides / "train" / f"{split.train}.tif") as s:
         write_image(out / "stain_reference.png", read_level(s, 0))
 
 
@@ -186,21 +200,40 @@ def pixels(prob: Path, tumour: Path, t: float) -> dict:
 
 
 def train(out: Path, args) -> None:
-    """Slides to the two checkpoints DIR/cnn.ckpt and DIR/crf.ckpt."""
+    """Slides to the two checkpoints DIR/cnn.ckpt and DIR/crf.ckpt. A DIR is reused only
+    by a run with its split and config: its slides and models are kept."""
+    split, cfg = FOLDS[args.fold], config(out, args.epochs, args.stain, args.hed, seed=args.seed)
+    check_reuse(out, split, cfg)
     if not (out / "data" / "normal_valid" / "list.txt").exists():
-        prepare(out, args.data)
-    atomic_write_json(out / "config.json", config(out, args.epochs, args.stain, args.hed, seed=args.seed))
+        prepare(out, args.data, split=split)
+    atomic_write_json(out / "config.json", cfg)
     for name, extra in MODELS.items():
         if not (out / f"{name}.ckpt").exists():
             sh("train.py", out / "config.json", out / "runs" / name, *extra, "--quiet")
             shutil.copyfile(out / "runs" / name / "best.ckpt", out / f"{name}.ckpt")
 
 
-def evaluate(out: Path) -> dict:
+def check_reuse(out: Path, split: Split, cfg: dict) -> None:
+    """Refuse a DIR prepared for another split (DIR/split.json; a DIR without one was
+    prepared before --fold, for fold 0) or holding models trained with another config."""
+    made = out / "slides"
+    stored = (Split(**json.loads((out / "split.json").read_text())) if (out / "split.json").exists()
+              else FOLDS[0] if made.exists() else split)
+    if stored != split:
+        raise UserError(f"{out}: prepared with patient {stored.test} held out, not {split.test}; "
+                        f"give another --out for --fold {FOLDS.index(split)}")
+    trained = [out / f"{name}.ckpt" for name in MODELS if (out / f"{name}.ckpt").exists()]
+    if trained and (out / "config.json").exists() and json.loads((out / "config.json").read_text()) != cfg:
+        raise UserError(f"{out}: {trained[0].name} was trained with another config (DIR/config.json: another "
+                        f"--seed, --stain, --hed or --epochs); give another --out")
+    atomic_write_json(out / "split.json", asdict(split))
+
+
+def evaluate(out: Path, split: Split = FOLDS[0]) -> dict:
     """Maps of the validation and held-out slides; thresholds from the validation slide;
     scores on the held-out slide."""
     thresholds, result = {}, {}
-    (val,), (test,) = VALID, TEST
+    val, test = split.valid, split.test
     for name in MODELS:
         for split in ("valid", "test"):
             sh("prob_map.py", out / "slides" / split, out / f"{name}.ckpt", out / "masks" / split,
@@ -220,24 +253,23 @@ def evaluate(out: Path) -> dict:
     return result
 
 
-def picture(out: Path, result: dict) -> Path:
+def picture(out: Path, result: dict, split: Split = FOLDS[0]) -> Path:
     """The held-out slide with its IDC outline, and each model's map over it (outline on
     top): DIR/idc_<patient>_maps.png."""
-    (test,) = TEST
+    test = split.test
     return maps_picture(out, [(out / "maps" / name / f"{test}_prob.npy",
                                f"{label}: F1 {result[name]['f1']:.3f}, AUC {result[name]['auc']:.3f}")
                               for name, label in (("cnn", "CNN (grid 1)"), ("crf", "CNN+CRF (grid 3)"))],
-                        out / f"idc_{test}_maps.png")
+                        out / f"idc_{test}_maps.png", test)
 
 
-def maps_picture(out: Path, maps: list[tuple[Path, str]], path: Path) -> Path:
-    """The held-out slide with its IDC outline, then each (map, title) over it, in a row."""
+def maps_picture(out: Path, maps: list[tuple[Path, str]], path: Path, test: str = FOLDS[0].test) -> Path:
+    """The held-out slide `test` with its IDC outline, then each (map, title) over it, in a row."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    (test,) = TEST
     ann = load_annotation(out / "json" / f"{test}.json")
     with open_slide(out / "slides" / "test" / f"{test}.tif") as s:
         img = read_level(s, 0)
@@ -270,6 +302,8 @@ def main(argv=None) -> int:
     p.add_argument("--hed", type=float, default=HED, help="with --stain hed: the jitter strength")
     p.add_argument("--epochs", type=int, default=6)
     p.add_argument("--seed", type=int, default=0, help="training seed of both models (another DIR per seed)")
+    p.add_argument("--fold", type=int, choices=range(len(FOLDS)), default=0,
+                   help="which complete patient is held out: 0 8864, 1 8865, 2 8863 (another DIR per fold)")
     p.add_argument("--score", nargs=2, type=Path, metavar=("PROB", "CELLS"),
                    help="only print the cell-level F1 of a map against a <patient>_cells.csv")
     p.add_argument("--threshold", type=float, default=0.5, help="with --score: decision threshold")
@@ -285,11 +319,12 @@ def main(argv=None) -> int:
         raise UserError(f"{args.data}: IDC patches not found (give --data PATCH_DIR)")
     start, cpu = time.perf_counter(), os.times()
     train(args.out, args)
-    result = evaluate(args.out)
-    print(f"picture: {picture(args.out, result)}")
+    split = FOLDS[args.fold]
+    result = evaluate(args.out, split)
+    print(f"picture: {picture(args.out, result, split)}")
     now = os.times()
     used = sum(now[:4]) - sum(cpu[:4])  # user + system, this process and the scripts it ran
-    print(f"held-out slide {', '.join(TEST)}; {(time.perf_counter() - start) / 60:.1f} min wall-clock in all, "
+    print(f"held-out slide {split.test}; {(time.perf_counter() - start) / 60:.1f} min wall-clock in all, "
           f"{used / 60:.1f} min of CPU time")
     print(" ".join(f"{k}_{m}={result[m][k]:.4f}" for k in ("auc", "dice", "f1") for m in MODELS))
     return 0

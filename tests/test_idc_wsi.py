@@ -1,5 +1,6 @@
 """bench/idc_wsi.py: the protocol's fixed choices and its cell-level scoring (the bench
 itself trains for many minutes and is never run by the tests)."""
+import json
 from pathlib import Path
 
 import numpy as np
@@ -18,8 +19,10 @@ def bench():
 
 
 def test_split_and_geometry(bench):
-    train = set(bench.TRAIN_COMPLETE) | set(bench.TRAIN_PARTIAL)
-    assert not train & set(bench.VALID) and not train & set(bench.TEST) and not set(bench.VALID) & set(bench.TEST)
+    for split in bench.FOLDS:  # three patients in three roles, none among the partial slides
+        assert len({split.test, split.valid, split.train, *bench.TRAIN_PARTIAL}) == 3 + len(bench.TRAIN_PARTIAL)
+    assert sorted(s.test for s in bench.FOLDS) == sorted(s.valid for s in bench.FOLDS) == ["8863", "8864", "8865"]
+    assert bench.FOLDS[0] == bench.Split("8864", "8865", "8863")  # the README's figures
     assert bench.PATCH % bench.D == 0 and mosaic.CELL % bench.D == 0  # lattice method; points on cells
     assert bench.CROP <= bench.PATCH
 
@@ -68,3 +71,20 @@ def test_threshold_is_youdens_j(bench):
     scores = np.array([0.1, 0.2, 0.3, 0.6, 0.5, 0.8, 0.9])
     # cutting at 0.5 keeps all IDC and one false positive (J = 1 - 1/4), the best
     assert bench.choose_threshold(scores, labels) == pytest.approx(0.5)
+
+
+def test_a_folder_is_reused_only_by_its_split_and_config(bench, tmp_path):
+    cfg = bench.config(tmp_path, 6, "none")
+    bench.check_reuse(tmp_path, bench.FOLDS[1], cfg)  # a new folder takes any split, and keeps it
+    (tmp_path / "slides").mkdir()
+    bench.check_reuse(tmp_path, bench.FOLDS[1], cfg)
+    with pytest.raises(bench.UserError, match="held out, not 8863; give another --out for --fold 2"):
+        bench.check_reuse(tmp_path, bench.FOLDS[2], cfg)
+    (tmp_path / "split.json").unlink()  # prepared before --fold: fold 0
+    with pytest.raises(bench.UserError, match="patient 8864 held out, not 8865"):
+        bench.check_reuse(tmp_path, bench.FOLDS[1], cfg)
+    (tmp_path / "config.json").write_text(json.dumps(bench.config(tmp_path, 6, "none", seed=1)))
+    bench.check_reuse(tmp_path, bench.FOLDS[0], cfg)  # no model yet: the config is rewritten
+    (tmp_path / "crf.ckpt").write_bytes(b"")
+    with pytest.raises(bench.UserError, match="crf.ckpt was trained with another config"):
+        bench.check_reuse(tmp_path, bench.FOLDS[0], cfg)
