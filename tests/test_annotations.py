@@ -813,3 +813,40 @@ def test_asap_sub_groups_take_the_class_of_their_parent_group(tmp_path):
     with pytest.warns(an.AnnotationWarning, match=r"unknown group\(s\) \['Stroma'\]"):  # a review: ASAP's
         ann = an.load_annotation(tmp_path / "s.xml", positive_groups=["Tumor", "None"])  # "None" is no parent
     assert ann.positive_names == ["a", "b"]
+
+
+def test_a_qupath_round_trip_is_the_same_truth_whatever_its_ring_order(tmp_path):
+    """From a hostile test of the review loop: XML -> GeoJSON -> QuPath (which drops the
+    crfcore properties) beside the XML was refused as 'different polygons', because the
+    rings came back reversed and the holes after their polygon."""
+    xml = _write(tmp_path / "s.xml", xml_doc([("t", "_0", square(0, 0, 100)), ("u", "_0", square(200, 0, 50)),
+                                              ("h", "_2", square(10, 10, 20))]))
+    convert(xml, "-o", tmp_path / "export.geojson", "--to", "geojson")
+    data = json.loads((tmp_path / "export.geojson").read_text())
+    for feat in data["features"]:
+        feat["properties"].pop("crfcore", None)
+    data["features"].reverse()
+    _write(tmp_path / "s.geojson", json.dumps(data))
+    assert an.find_annotation(tmp_path, "s") == xml
+    moved = json.loads((tmp_path / "s.geojson").read_text())
+    moved["features"][0]["geometry"]["coordinates"][0][1][0] += 3  # one vertex moved in QuPath
+    _write(tmp_path / "s.geojson", json.dumps(moved))
+    with pytest.raises(an.AnnotationError, match="hold different polygons"):
+        an.find_annotation(tmp_path, "s")
+
+
+def test_lesion_points_and_empty_geometries_are_no_normal_slide(tmp_path, capsys):
+    """From a hostile test: the GeoJSON lesion export given as truth read as a normal slide
+    (its Point classes were not counted, where ASAP Dots are); an empty Polygon failed the
+    whole file with a made-up name while an empty MultiPolygon vanished silently."""
+    export = _write(tmp_path / "lesions.geojson", json.dumps(ev.lesions_geojson(np.array([[0.9, 5.0, 5.0]]))))
+    with pytest.raises(an.AnnotationError, match=r"groups found: \['Predicted lesion'\].*as truth it would mean"):
+        an.load_truth(export)
+    tumour = qupath_feature({"type": "Polygon", "coordinates": [closed(square(0, 0, 10))]}, "Tumor", "t")
+    for empty in ({"type": "Polygon", "coordinates": []}, {"type": "MultiPolygon", "coordinates": []}):
+        path = _write(tmp_path / "e.geojson", json.dumps([tumour, qupath_feature(empty, "Tumor", "e")]))
+        with pytest.warns(an.AnnotationWarning, match=f"1 feature.s. of type empty {empty['type']} ignored.*classes: Tumor"):
+            assert len(an.load_annotation(path).positive) == 1
+        _write(path, json.dumps([qupath_feature(empty, "Tumor", "e")]))
+        code, err = script(capsys, path, "-o", tmp_path / "e.json")
+        assert code == 2 and f"['empty {empty['type']} Tumor']" in err and not (tmp_path / "e.json").exists()

@@ -187,10 +187,20 @@ def rounded(polys: list[np.ndarray]) -> list[np.ndarray]:
 
 
 def same_polygons(a: Annotation, b: Annotation) -> bool:
-    """Whether two annotations hold the same polygons in the same order, once both are
-    `rounded` as NCRF JSON rounds them."""
-    return all(len(pa) == len(pb) and all(u.shape == v.shape and (u == v).all() for u, v in zip(pa, pb))
-               for pa, pb in ((rounded(a.positive), rounded(b.positive)), (rounded(a.negative), rounded(b.negative))))
+    """Whether two annotations hold the same polygons once both are `rounded` as NCRF JSON
+    rounds them, in any order and from any start vertex in either direction: QuPath
+    writes a ring back counter-clockwise and a hole after the polygon that holds it."""
+    return all(sorted(map(_ring_key, rounded(pa))) == sorted(map(_ring_key, rounded(pb)))
+               for pa, pb in ((a.positive, b.positive), (a.negative, b.negative)))
+
+
+def _ring_key(v: np.ndarray) -> tuple:
+    """A ring's vertices as one comparable value, the same from any start and direction:
+    the least of its readings that start at its least vertex."""
+    starts = np.flatnonzero((v == v[np.lexsort(v.T[::-1])[0]]).all(axis=1))
+    n = len(v)
+    readings = [np.roll(v, -k, axis=0) for k in starts] + [np.roll(v[::-1], -(n - 1 - k), axis=0) for k in starts]
+    return min(tuple(map(tuple, r.tolist())) for r in readings)
 
 
 def holds_geojson(path: str | Path) -> bool:

@@ -2,8 +2,9 @@
 
 GeoJSON reading: a FeatureCollection, a bare list of features or one Feature. Polygon and
 MultiPolygon geometries are regions, their class mapped to a part by the same group lists
-as XML; unknown classes, unclassified features and other geometries (Point, LineString)
-are ignored with one warning each. A hole of a positive polygon becomes a negative
+as XML; unknown classes, unclassified features, other geometries (Point, LineString) and
+empty ones are ignored with one warning each (a file of only such features, or of points
+of unknown classes, is no normal slide as truth: `nothing_read`). A hole of a positive polygon becomes a negative
 polygon; a hole of a negative polygon cannot be expressed (`contains` is: inside a
 positive and inside no negative) and is ignored with a warning.
 
@@ -83,6 +84,7 @@ def _features(path: Path, data: object) -> list[dict]:
 def from_geojson(path: Path, data: object, positive_groups: Sequence[str],
                  negative_groups: Sequence[str]) -> Annotation:
     ann, found, classes, others, objects, holed = Annotation(), [], [], Counter(), Counter(), 0
+    other_classes: list[str] = []  # of the features that are no region
     for i, feat in enumerate(_features(path, data)):
         props = feat.get("properties") if isinstance(feat.get("properties"), dict) else {}
         if (obj := _object_type(feat, props)) != "annotation":
@@ -94,10 +96,14 @@ def from_geojson(path: Path, data: object, positive_groups: Sequence[str],
         kind = geom.get("type")
         cls = _class_name(props)
         group = UNGROUPED if cls is None else cls  # so that --positive-groups "(none)" takes unclassified ones
-        if kind not in ("Polygon", "MultiPolygon"):
-            others["null" if kind is None else str(kind)] += 1  # GeoJSON spells a missing geometry null
+        polys = geom.get("coordinates") if kind == "MultiPolygon" else [geom.get("coordinates")]
+        polys = [p for p in polys if p != []] if isinstance(polys, list) else [None]  # RFC 7946: [] is empty
+        if kind not in ("Polygon", "MultiPolygon") or not polys:
+            what = "null" if kind is None else str(kind) if polys else f"empty {kind}"  # GeoJSON: null, no geometry
+            others[what] += 1
+            other_classes.append(group)
             if group in positive_groups:  # a tumour marked by a point or line: no region, no normal slide
-                ann.dropped.append(f"{'null' if kind is None else kind} {cls}")
+                ann.dropped.append(f"{what} {cls}")
             continue
         classes.append(cls)
         part = "positive" if group in positive_groups else "negative" if group in negative_groups else None
@@ -105,21 +111,23 @@ def from_geojson(path: Path, data: object, positive_groups: Sequence[str],
             continue
         remember_colour(ann, cls, _class_colour(props))
         name = str(props.get("name") or f"{cls} {i}")
-        polys = geom.get("coordinates") if kind == "MultiPolygon" else [geom.get("coordinates")]
         meta = props.get("crfcore") if kind == "Polygon" and isinstance(props.get("crfcore"), dict) else {}
-        for poly in polys if isinstance(polys, list) else [None]:
+        for poly in polys:
             mine, ignored = _polygon_rings(path, part, name, cls, poly, meta)
             found.append(mine)
             holed += ignored
     for r in _ordered([r for rings in found for r in rings]):
         ann.add_checked(str(path), r.part, r.name, r.vertices, r.group)
-    ann.unmapped = warn_unknown(str(path), "class(es)", classes, (*positive_groups, *negative_groups))
+    known = (*positive_groups, *negative_groups)
+    ann.unmapped = warn_unknown(str(path), "class(es)", classes, known)
+    ann.unmapped += [g for g in other_classes if g not in known]  # lesion points as truth: no normal slide (as XML)
     if objects:
         warnings.warn(f"{path}: {_counted(objects)} ignored (only QuPath annotations are regions, not its "
                       "detections or cells)", AnnotationWarning, stacklevel=3)
     if others:
         warnings.warn(f"{path}: {sum(others.values())} feature(s) of type {', '.join(sorted(others))} "
-                      "ignored (only Polygon and MultiPolygon are regions)", AnnotationWarning, stacklevel=3)
+                      f"ignored (only non-empty Polygon and MultiPolygon geometries are regions; their classes: "
+                      f"{', '.join(sorted(set(other_classes)))})", AnnotationWarning, stacklevel=3)
     if holed:
         warnings.warn(f"{path}: the holes of {holed} negative polygon(s) ignored (what lies inside a "
                       "negative polygon is never tumour)", AnnotationWarning, stacklevel=3)
@@ -176,8 +184,8 @@ def _polygon_rings(path: Path, part: str, name: str, cls: str, poly: object,
                    meta: dict) -> tuple[list[_Ring], int]:
     """One GeoJSON polygon: its exterior ring in `part` and, for a positive polygon, its
     holes as negative rings; and 1 when it is a negative polygon whose holes are dropped."""
-    if not isinstance(poly, list) or not poly:
-        raise AnnotationError(f"{path}: polygon {name!r} has no coordinate rings")
+    if not isinstance(poly, list):
+        raise AnnotationError(f"{path}: polygon {name!r} has no list of coordinate rings")
     rings = [_Ring(part, meta.get("index"), name, cls, _ring(path, name, poly[0], meta))]
     if part == "negative":
         return rings, int(len(poly) > 1)
