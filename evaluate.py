@@ -34,7 +34,7 @@ from crfcore.cli import PROBABILITY, UserError, add_workers, given_path, number,
 from crfcore.errors import CrfError
 from crfcore.heatmap import check_picture_output, load_probability_map
 from crfcore.io import (COMPANIONS, atomic_write_text, check_fits_slide, check_spares_inputs, companion, companion_stem,
-                        file_sha256, matching_name, save_figure, sidecar_path, visible_files)
+                        file_sha256, matching_name, save_figure, sidecar_path, visible_files, visible_names)
 from crfcore.tilefolder import tiles_in
 from crfcore.tiling import format_coords, read_coords
 
@@ -152,7 +152,21 @@ def truth_labels(stem: str, truth_dir: Path, level: int, mpp: float,
             pixels = sl.read_level(m, lvl, background=0)  # a sparse TIFF's missing tiles: no tumour
         check_grey(tif, pixels)
         return tumour_labels(pixels[..., 0] > 0, ds, mpp)
+    check_not_misnamed(truth_dir, stem)
     return None, (1.0, 1.0)
+
+
+def check_not_misnamed(truth_dir: Path, stem: str) -> None:
+    """Refuse to call slide `stem` normal while its truth lies in `truth_dir` under the
+    slide's file name (`test_001.tif.geojson`, as QuPath scripts that export per image
+    name it): its tumour would count as false positives, or be mined as normal."""
+    if not truth_dir.is_dir():
+        return
+    names = {n.lower(): n for n in visible_names(truth_dir)}
+    for want in (f"{stem}{ext}{suffix}".lower() for ext in sl.SLIDE_EXTENSIONS for suffix in COMPANIONS["annotation"]):
+        if want in names:
+            raise UserError(f"{truth_dir}: holds no truth named {stem}.json, .xml or .geojson, but {names[want]}: "
+                            f"rename it {stem}{Path(names[want]).suffix} (or move it out if {stem} is a normal slide)")
 
 
 def tumour_labels(tumour: np.ndarray, ds: tuple[float, float], mpp: float) -> tuple[np.ndarray | None, tuple]:
@@ -377,6 +391,7 @@ def map_truth(truth_dir: Path, stem: str, map_path: Path, shape: tuple[int, int]
         return masks.annotation_mask(ann, masks.Lattice(shape, ds, meta.get("level"))), ann_path
     tif = companion(truth_dir, stem, "truth_mask")
     if tif is None:
+        check_not_misnamed(truth_dir, stem)
         return np.zeros(shape, bool), None
     with sl.open_slide(tif) as m:
         if meta.get("slide_dimensions"):  # the map's slide is known: the mask must be its size exactly

@@ -637,3 +637,26 @@ def test_labels_may_carry_columns_after_the_label(tmp_path):
 
     (tmp_path / "l.csv").write_text("slide,label,size\ntest_001,Tumor,Macro\ntest_002,normal,\n")
     assert load_script("evaluate.py").read_labels(tmp_path / "l.csv") == {"test_001": 1, "test_002": 0}
+
+
+def test_truth_named_after_the_slide_file_is_refused_not_taken_for_a_normal_slide(truth, tmp_path):
+    """From a hostile test of the review loop: QuPath scripts export `t1.tif.geojson`; negatives
+    called t1 normal and mined 108 points inside its tumour, froc counted its lesions as
+    false positives."""
+    prob = np.zeros((600, 600), np.float32)
+    prob[100:200, 100:200] = 0.95
+    (tmp_path / "maps").mkdir(), (tmp_path / "truth").mkdir(), (tmp_path / "lesions").mkdir()
+    save_probability_map(tmp_path / "maps" / "t1_prob.npy", prob,
+                         {"slide": "t1.tif", "level": 5, "downsample": [32.0, 32.0], "mpp": [0.243, 0.243]})
+    write_annotation(truth, tmp_path / "truth" / "T1.tif.geojson", to="geojson")
+    (tmp_path / "lesions" / "t1.csv").write_text("0.95,4800,4800\n")
+    for args in (("negatives", tmp_path / "maps", tmp_path / "truth", "-o", tmp_path / "neg.txt"),
+                 ("froc", tmp_path / "lesions", tmp_path / "truth")):
+        res = call("evaluate.py", *args, check=False)
+        assert res.returncode == 2 and res.stderr.strip().endswith(
+            "holds no truth named t1.json, .xml or .geojson, but T1.tif.geojson: rename it t1.geojson (or move it "
+            "out if t1 is a normal slide)"), res.stderr
+    assert not (tmp_path / "neg.txt").exists()
+    (tmp_path / "truth" / "T1.tif.geojson").rename(tmp_path / "truth" / "t1.geojson")
+    call("evaluate.py", "negatives", tmp_path / "maps", tmp_path / "truth", "-o", tmp_path / "neg.txt")
+    assert (tmp_path / "neg.txt").read_text() == ""  # every point above 0.5 is tumour
