@@ -51,6 +51,14 @@ def entries(patch_dirs: list[Path], keep: list[str]) -> tuple[list[trainset.Entr
     return new, len(found)
 
 
+def firsts(new: list[trainset.Entry]) -> list[Path]:
+    """The first image of each slide in `new`."""
+    found: dict[str, Path] = {}
+    for e in new:
+        found.setdefault(e.line.split(",")[0], e.source)
+    return list(found.values())
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = parser(__doc__)
     p.add_argument("patch_dirs", nargs="+", type=given_path, metavar="PATCH_DIR", help="Patch_gen.py output folders")
@@ -80,6 +88,7 @@ def main(argv=None) -> int:
         trainset.recover_moves(args.output)
         new, slides = entries(args.patch_dirs, trainset.listed(args.output) if args.append else [])
         keep = trainset.existing_lines(args.output, args.append, args.overwrite)
+        trainset.check_one_size(firsts(new), args.output if keep else None)
         if args.overwrite:
             lines = trainset.replace(args.output, new, args.how or "link")
         else:

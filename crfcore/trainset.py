@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Iterator
 
 import numpy as np
+from PIL import Image
 
 from .errors import CrfError, OutputError
 from .io import (atomic_copy, atomic_path, atomic_write_json, atomic_write_text, lock_folder, make_folder, read_json,
@@ -89,6 +90,28 @@ def gather(patch_dir: Path) -> tuple[dict[str, list[TileInfo]], list[Path]]:
                 raise TrainSetError(f"{patch_dir / sid}: {len(infos)} tiles do not match the {len(listed)} "
                                     f"centres of {marker.name} (stale tiles? run Patch_gen.py --overwrite)")
     return tiles, bad
+
+
+def image_size(path: Path) -> tuple[int, int]:
+    """An image's (width, height) in pixels, from its header."""
+    try:
+        with Image.open(path) as img:
+            return img.size
+    except (OSError, ValueError) as err:
+        raise TrainSetError(f"{path}: not a readable image ({err})") from None
+
+
+def check_one_size(firsts: list[Path], out: Path | None) -> None:
+    """A set trains at one `image_size`: refuse images of another pixel size than the set
+    in `out` (--append) or than each other. `firsts`: one tile of each new slide (a
+    Patch_gen.py run cuts all of a slide's tiles at one size)."""
+    images = [out / "0.png"] if out is not None and (out / "0.png").exists() else []
+    sizes = [(p, image_size(p)) for p in images + firsts]
+    (first, want), *rest = sizes
+    other = next(((p, wh) for p, wh in rest if wh != want), None)
+    if other is not None:
+        raise TrainSetError(f"{other[0]}: is {other[1][0]}x{other[1][1]} pixels, but {first} is {want[0]}x{want[1]}: "
+                            "a training set holds one image size (cut it with the set's Patch_gen.py --image-size)")
 
 
 def existing_lines(out: Path, append: bool, overwrite: bool) -> list[str]:

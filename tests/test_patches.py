@@ -122,6 +122,21 @@ def test_coord_list_gen_refusals_and_append(syn_slide, syn_masks, tmp_path):
     assert proc.returncode == 2 and "holds 1 numbered images but no list.txt" in proc.stderr
     call("coord_list_gen.py", tmp_path / "p", "-o", killed, "--append")
     assert len((killed / "list.txt").read_text().split()) == 5
+    # a hostile test: 96-pixel mined patches appended to a 64-pixel set, which train.py then refused whole
+    call("Patch_gen.py", syn_slide.path, "--mask", syn_masks / "syn_tumor_tumor.npy", "-o", tmp_path / "big",
+         "--mode", "random", "--num", "2", "--image-size", "96", "--workers", "0", "--quiet", "--seed", "7")
+    before = (tmp_path / "ds" / "list.txt").read_text()
+    for out, more in ((tmp_path / "ds", ["--append"]), (tmp_path / "mixed", [tmp_path / "p2"])):
+        if more != ["--append"]:
+            shutil.copytree(tmp_path / "p", tmp_path / "p2")
+            (tmp_path / "p2" / "syn_tumor").rename(tmp_path / "p2" / "other")  # another slide's 64-pixel tiles
+            (tmp_path / "p2" / "syn_tumor.txt").write_text((tmp_path / "p2" / "syn_tumor.txt").read_text().replace(
+                "syn_tumor,", "other,"))
+            (tmp_path / "p2" / "syn_tumor.txt").rename(tmp_path / "p2" / "other.txt")
+        proc = call("coord_list_gen.py", tmp_path / "big", *more, "-o", out, check=False)
+        assert proc.returncode == 2 and "is 96x96 pixels, but" in proc.stderr and "is 64x64" in proc.stderr, proc.stderr
+    assert (tmp_path / "ds" / "list.txt").read_text() == before and not (tmp_path / "ds" / "5.png").exists()
+    assert not (tmp_path / "mixed").exists()  # a refused first run leaves no folder
 
 
 def test_coord_list_gen_reads_list_txt_as_train_py_does_and_leaves_no_empty_set(syn_slide, syn_masks, tmp_path):
