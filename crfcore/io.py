@@ -167,7 +167,7 @@ def atomic_path(path: str | Path, suffix: str = "") -> Iterator[Path]:
 
 def atomic_write_text(path: str | Path, text: str) -> None:
     with atomic_path(path) as tmp:
-        tmp.write_text(text)
+        tmp.write_text(text, encoding="utf-8")  # never the locale's: readers read UTF-8
 
 
 def atomic_write_json(path: str | Path, obj: object) -> None:
@@ -216,15 +216,15 @@ def read_json(path: str | Path, what: str, error: type[CrfError] = CrfError, uni
     """What the JSON file `path` (a `what`) holds; every way it can be unreadable is an
     `error` naming the file (a byte-order mark is allowed). With `unique_keys`, so is a key
     given twice in one object (JSON itself lets the last one win, silently)."""
-    path = Path(path)
+    path, a_what = Path(path), f"{'an' if what[:1] in tuple('aeiou') else 'a'} {what}"
     try:
         text = path.read_text(encoding="utf-8-sig")
     except FileNotFoundError:
         raise error(f"{path}: no such {what}") from None
     except IsADirectoryError:
-        raise error(f"{path}: is a directory, not a {what}") from None
+        raise error(f"{path}: is a directory, not {a_what}") from None
     except UnicodeDecodeError:
-        raise error(f"{path}: not a text file (expected a {what})") from None
+        raise error(f"{path}: not a text file (expected {a_what})") from None
     except OSError as err:
         raise error(f"{path}: cannot read ({err.strerror or err})") from None
     try:

@@ -19,7 +19,7 @@ def read_log(path: Path) -> list[dict]:
     if not path.exists():
         return []
     try:
-        with path.open(newline="") as fh:
+        with path.open(newline="", encoding="utf-8") as fh:
             rows = list(csv.DictReader(fh))
         for row in rows:
             row["epoch"] = int(row["epoch"])
@@ -34,7 +34,7 @@ def append_log(path: Path, row: dict) -> None:
     row of an epoch already logged (a resumed run redoing it) replaces it and those after."""
     rows = [r for r in read_log(path) if r["epoch"] < row["epoch"]] + [row]
     keys = list(dict.fromkeys(k for r in rows for k in r))
-    with atomic_path(path) as tmp, tmp.open("w", newline="") as fh:
+    with atomic_path(path) as tmp, tmp.open("w", newline="", encoding="utf-8") as fh:
         w = csv.DictWriter(fh, fieldnames=keys)
         w.writeheader()
         w.writerows(rows)

@@ -357,7 +357,7 @@ def recover_moves(out: Path, quiet: bool = False) -> None:
         raise TrainSetError(f"{journal}: not a move journal of coord_list_gen.py; if no --move was interrupted, "
                             "delete it")
     lst = out / "list.txt"
-    if lst.exists() and _sha(lst.read_text()) == state["list_sha256"]:
+    if lst.exists() and _sha(lst.read_text(encoding="utf-8")) == state["list_sha256"]:
         journal.unlink()  # the move had finished; only the journal was left
         return
     lost = [src for src, dst in moves if not (Path(src).exists() or Path(dst).exists())]

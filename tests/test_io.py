@@ -158,6 +158,9 @@ def test_every_unreadable_json_is_one_error_naming_the_file(tmp_path, text, mess
         io.read_json(path, "sidecar")
     assert str(err.value).startswith(str(path)) and "\n" not in str(err.value)
     assert io.read_json(path.with_name("bom.json").write_text("\ufeff[1]") and path.with_name("bom.json"), "x") == [1]
+    if isinstance(text, bytes):  # a review: "expected a annotation"
+        with pytest.raises(io.CrfError, match=r"\(expected an annotation\)$"):
+            io.read_json(path, "annotation")
 
 
 def test_an_output_never_replaces_a_file_that_is_not_its_own_sidecar(tmp_path):
@@ -216,3 +219,26 @@ def test_an_array_whose_values_its_sidecar_does_not_record_is_read_with_a_warnin
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         io.load_array(out)
+
+
+def test_text_outputs_are_utf8_whatever_the_locale(tmp_path):
+    """From a hostile test: under a non-UTF-8 locale, an annotation named `Läsion` was a
+    UnicodeEncodeError traceback (an ASCII locale), or undeclared Latin-1 XML."""
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+    src = tmp_path / "in.xml"
+    src.write_text('<?xml version="1.0" encoding="utf-8"?><ASAP_Annotations><Annotations>'
+                   '<Annotation Name="Läsion 0" Type="Polygon" PartOfGroup="_0"><Coordinates>'
+                   + "".join(f'<Coordinate Order="{i}" X="{x}" Y="{y}"/>' for i, (x, y) in
+                             enumerate([(0, 0), (50, 0), (50, 50)]))
+                   + "</Coordinates></Annotation></Annotations></ASAP_Annotations>", encoding="utf-8")
+    env = {**os.environ, "LC_ALL": "C", "PYTHONUTF8": "0", "PYTHONCOERCECLOCALE": "0"}
+    for to in ("xml", "json", "geojson"):
+        out = tmp_path / f"out.{to}"
+        done = subprocess.run([sys.executable, str(ROOT / "xml2json.py"), str(src), "-o", str(out), "--to", to],
+                              env=env, capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr
+        text = out.read_bytes().decode("utf-8")
+        assert "Läsion 0" in (text if to == "xml" else json.dumps(json.loads(text), ensure_ascii=False))
