@@ -155,9 +155,9 @@ def main() -> int:
           f"{chosen['epoch']} of {len(log)}, chosen on "
           f"the validation patients (balanced accuracy {float(chosen['valid_balanced_acc']):.4f})")
     out = subprocess.run([sys.executable, str(ROOT / "evaluate.py"), "patches", str(args.out / "best.ckpt"),
-                          str(data / "test"), "--quiet"], check=True, capture_output=True, text=True).stdout.rstrip()
+                          str(data / "test"), "--plot", str(args.out / "confusion_matrix.png"), "--quiet"],
+                         check=True, capture_output=True, text=True).stdout.rstrip()
     (args.out / "report.txt").write_text(out + "\n")
-    (data / "test" / "confusion_matrix.png").replace(args.out / "confusion_matrix.png")
     print("held-out patients (evaluated once, after training):")
     print(out.rsplit("\n", 1)[0])
     print(out.rsplit("\n", 1)[1] + f" f1={class1_f1(out):.4f}")
