@@ -22,6 +22,7 @@ import argparse
 import csv
 import json
 import math
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -29,7 +30,7 @@ import numpy as np
 from crfcore import evaluation as ev
 from crfcore import masks
 from crfcore import slide as sl
-from crfcore.annotations import find_annotation, is_lesion_export, load_truth
+from crfcore.annotations import find_annotation, is_lesion_export, load_annotation, load_truth, same_polygons
 from crfcore.cli import PROBABILITY, UserError, add_workers, given_path, number, parser, run
 from crfcore.errors import CrfError
 from crfcore.heatmap import check_picture_output, load_probability_map
@@ -126,6 +127,7 @@ def truth_labels(stem: str, truth_dir: Path, level: int, mpp: float,
     """Labelled evaluation mask of a slide and its per-axis downsample, from its
     annotation or a Camelyon16 mask TIFF; None for a normal slide (no truth, no polygons)."""
     path = find_annotation(truth_dir, stem)
+    check_not_misnamed(truth_dir, stem, path)
     if path is not None:
         ann = load_truth(path)
         if not ann.positive:
@@ -152,21 +154,32 @@ def truth_labels(stem: str, truth_dir: Path, level: int, mpp: float,
             pixels = sl.read_level(m, lvl, background=0)  # a sparse TIFF's missing tiles: no tumour
         check_grey(tif, pixels)
         return tumour_labels(pixels[..., 0] > 0, ds, mpp)
-    check_not_misnamed(truth_dir, stem)
     return None, (1.0, 1.0)
 
 
-def check_not_misnamed(truth_dir: Path, stem: str) -> None:
-    """Refuse to call slide `stem` normal while its truth lies in `truth_dir` under the
-    slide's file name (`test_001.tif.geojson`, as QuPath scripts that export per image
-    name it): its tumour would count as false positives, or be mined as normal."""
-    if not truth_dir.is_dir():
+def check_not_misnamed(truth_dir: Path, stem: str, used: Path | None) -> None:
+    """Refuse truth of slide `stem` named after the slide's file (`t1.tif.geojson`, as
+    QuPath scripts that export per image name it): with no truth of the slide's own name
+    (`used` None) the slide would count as normal, its tumour as false positives or mined
+    as normal tissue; beside `used` it may be the newer truth, so it must hold the same
+    polygons (as find_annotation asks of `t1.xml` beside `t1.geojson`)."""
+    names = {n.lower(): n for n in visible_names(truth_dir)} if truth_dir.is_dir() else {}
+    wanted = (f"{stem}{ext}{suffix}".lower() for ext in sl.SLIDE_EXTENSIONS for suffix in (".json", ".xml", ".geojson"))
+    misnamed = next((truth_dir / names[w] for w in wanted if w in names), None)
+    if misnamed is None or is_lesion_export(misnamed):
         return
-    names = {n.lower(): n for n in visible_names(truth_dir)}
-    for want in (f"{stem}{ext}{suffix}".lower() for ext in sl.SLIDE_EXTENSIONS for suffix in COMPANIONS["annotation"]):
-        if want in names:
-            raise UserError(f"{truth_dir}: holds no truth named {stem}.json, .xml or .geojson, but {names[want]}: "
-                            f"rename it {stem}{Path(names[want]).suffix} (or move it out if {stem} is a normal slide)")
+    rename = f"rename it {stem}{misnamed.suffix} (or move it out if {stem} is a normal slide)"
+    if used is None:
+        raise UserError(f"{truth_dir}: holds no truth named {stem}.json, .xml or .geojson, but {misnamed.name}: {rename}")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            same = same_polygons(load_annotation(used), load_annotation(misnamed))
+    except CrfError:
+        return  # no annotation: not a rival truth
+    if not same:
+        raise UserError(f"{truth_dir}: {used.name} (which would be used) and {misnamed.name} hold different polygons "
+                        f"for slide {stem}; keep one of them, named {stem}.json, .xml or .geojson")
 
 
 def tumour_labels(tumour: np.ndarray, ds: tuple[float, float], mpp: float) -> tuple[np.ndarray | None, tuple]:
@@ -382,6 +395,7 @@ def map_truth(truth_dir: Path, stem: str, map_path: Path, shape: tuple[int, int]
     TIFF (as froc reads truth), and the truth file; no truth: nothing is tumour."""
     ds = tuple(meta["downsample"])
     ann_path = find_annotation(truth_dir, stem)
+    check_not_misnamed(truth_dir, stem, ann_path)
     if ann_path is not None:
         ann = load_truth(ann_path)
         extent = (shape[1] * ds[0], shape[0] * ds[1])
@@ -391,7 +405,6 @@ def map_truth(truth_dir: Path, stem: str, map_path: Path, shape: tuple[int, int]
         return masks.annotation_mask(ann, masks.Lattice(shape, ds, meta.get("level"))), ann_path
     tif = companion(truth_dir, stem, "truth_mask")
     if tif is None:
-        check_not_misnamed(truth_dir, stem)
         return np.zeros(shape, bool), None
     with sl.open_slide(tif) as m:
         if meta.get("slide_dimensions"):  # the map's slide is known: the mask must be its size exactly

@@ -127,7 +127,7 @@ def config(out: Path, epochs: int, stain: str, hed: float = HED, cut: Cut = Cut(
            "best_metric": "auc"}
     if stain == "hed":
         cfg["hed_jitter"] = hed
-    elif stain == "macenko":  # a training slide's stains (8863, whole)
+    elif stain == "macenko":  # the complete training slide's stains (8863 in fold 0), whole
         cfg["stain_norm"] = str(out / "stain_reference.png")
     return cfg
 
@@ -223,10 +223,20 @@ def check_reuse(out: Path, split: Split, cfg: dict) -> None:
         raise UserError(f"{out}: prepared with patient {stored.test} held out, not {split.test}; "
                         f"give another --out for --fold {FOLDS.index(split)}")
     trained = [out / f"{name}.ckpt" for name in MODELS if (out / f"{name}.ckpt").exists()]
-    if trained and (out / "config.json").exists() and json.loads((out / "config.json").read_text()) != cfg:
-        raise UserError(f"{out}: {trained[0].name} was trained with another config (DIR/config.json: another "
-                        f"--seed, --stain, --hed or --epochs); give another --out")
+    old = json.loads((out / "config.json").read_text()) if trained and (out / "config.json").exists() else cfg
+    was, now = _settings(old), _settings(cfg)
+    differ = sorted(k for k in {*was, *now} if was.get(k) != now.get(k))
+    if differ:
+        raise UserError(f"{out}: {trained[0].name} was trained with another config (DIR/config.json differs in "
+                        f"{', '.join(differ)}: another --seed, --stain, --hed or --epochs); give another --out")
     atomic_write_json(out / "split.json", asdict(split))
+
+
+def _settings(cfg: dict) -> dict:
+    """What of a config trains the models: its folder paths left out (the same folder may
+    be named another way), the stain reference kept as given or not."""
+    return {k: ("given" if k == "stain_norm" else v) for k, v in cfg.items()
+            if not k.startswith(("data_path", "json_path"))}
 
 
 def evaluate(out: Path, split: Split = FOLDS[0]) -> dict:
@@ -298,7 +308,8 @@ def main(argv=None) -> int:
     p.add_argument("--out", type=Path, help="working folder (required unless --score)")
     p.add_argument("--data", type=Path, default=IDC, help="folder of IDC patches")
     p.add_argument("--stain", choices=STAINS, default="none",
-                   help="hed: HED jitter (config hed_jitter); macenko: Macenko normalisation to slide 8863 (stain_norm)")
+                   help="hed: HED jitter (config hed_jitter); macenko: Macenko normalisation to the complete "
+                        "training slide, 8863 in fold 0 (stain_norm)")
     p.add_argument("--hed", type=float, default=HED, help="with --stain hed: the jitter strength")
     p.add_argument("--epochs", type=int, default=6)
     p.add_argument("--seed", type=int, default=0, help="training seed of both models (another DIR per seed)")

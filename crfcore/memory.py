@@ -89,10 +89,11 @@ def free_bytes(device: torch.device) -> int | None:
     return machine if limited is None else min(machine, limited)
 
 
-# What a memory cgroup's folder holds: its limit, its use, and the page cache in that use
-# that the kernel reclaims before it kills (cgroup v2, then v1).
-_CGROUP_FILES = {"v2": ("memory.max", "memory.current", "inactive_file"),
-                 "v1": ("memory.limit_in_bytes", "memory.usage_in_bytes", "total_inactive_file")}
+# What a memory cgroup's folder holds: its limit, its use, and in memory.stat the page
+# cache in that use and its shared memory; the kernel reclaims the cache but for shared
+# memory (which has nowhere to go without swap) before it kills (cgroup v2, then v1).
+_CGROUP_FILES = {"v2": ("memory.max", "memory.current", "file", "shmem"),
+                 "v1": ("memory.limit_in_bytes", "memory.usage_in_bytes", "total_cache", "total_shmem")}
 _NO_LIMIT = 2**60  # cgroup v1 writes "no limit" as about 2**63
 
 
@@ -130,15 +131,16 @@ def _own_cgroup(root: Path, own: Path) -> tuple[Path, Path, str] | None:
 
 
 def _left_under_limit(folder: Path, version: str) -> int | None:
-    """Limit minus use of one cgroup folder, reclaimable page cache counted as free;
-    None without a limit."""
-    limit_file, usage_file, cache_key = _CGROUP_FILES[version]
+    """Limit minus use of one cgroup folder, reclaimable page cache (read files, active or
+    not: a training run reads its images every epoch) counted as free; None without a limit."""
+    limit_file, usage_file, cache_key, shmem_key = _CGROUP_FILES[version]
     try:
         limit = (folder / limit_file).read_text().strip()
         if limit == "max" or int(limit) >= _NO_LIMIT:
             return None
         stat = dict(line.split() for line in (folder / "memory.stat").read_text().splitlines())
-        used = int((folder / usage_file).read_text()) - int(stat.get(cache_key, 0))
+        cache = int(stat.get(cache_key, 0)) - int(stat.get(shmem_key, 0))
+        used = int((folder / usage_file).read_text()) - cache
     except (OSError, ValueError):
         return None
     return max(0, int(limit) - used)

@@ -834,6 +834,16 @@ def test_a_qupath_round_trip_is_the_same_truth_whatever_its_ring_order(tmp_path)
     with pytest.raises(an.AnnotationError, match="hold different polygons"):
         an.find_annotation(tmp_path, "s")
 
+    def one(*rings):
+        ann = an.Annotation()
+        for r in rings:
+            ann.add("positive", "t", np.array(r, float))
+        return ann
+    sq = square(0, 0, 10)
+    assert an.same_polygons(one(sq), one(closed(sq))) and an.same_polygons(one(sq), one([sq[0], sq[1], sq[1], *sq[2:]]))
+    assert an.same_polygons(one(sq), one([sq[0], [9.8, 0], [10.2, 0], *sq[2:]]))  # the same once rounded
+    assert not an.same_polygons(one([*sq, [5, 5]]), one([sq[0], [5, 5], *sq[1:]]))  # the same vertices, another ring
+
 
 def test_lesion_points_and_empty_geometries_are_no_normal_slide(tmp_path, capsys):
     """From a hostile test: the GeoJSON lesion export given as truth read as a normal slide
@@ -842,6 +852,10 @@ def test_lesion_points_and_empty_geometries_are_no_normal_slide(tmp_path, capsys
     export = _write(tmp_path / "lesions.geojson", json.dumps(ev.lesions_geojson(np.array([[0.9, 5.0, 5.0]]))))
     with pytest.raises(an.AnnotationError, match=r"groups found: \['Predicted lesion'\].*as truth it would mean"):
         an.load_truth(export)
+    notes = [qupath_feature({"type": "Point", "coordinates": [5, 5]}), qupath_feature(  # QuPath's unclassified points
+        {"type": "MultiPoint", "coordinates": [[1, 1], [2, 2]]})]
+    with pytest.warns(an.AnnotationWarning, match="2 feature.s. of type MultiPoint, Point ignored"):
+        assert not an.load_truth(_write(tmp_path / "normal.geojson", json.dumps(notes)))  # still a normal slide
     tumour = qupath_feature({"type": "Polygon", "coordinates": [closed(square(0, 0, 10))]}, "Tumor", "t")
     for empty in ({"type": "Polygon", "coordinates": []}, {"type": "MultiPolygon", "coordinates": []}):
         path = _write(tmp_path / "e.geojson", json.dumps([tumour, qupath_feature(empty, "Tumor", "e")]))

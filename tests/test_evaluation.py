@@ -657,6 +657,16 @@ def test_truth_named_after_the_slide_file_is_refused_not_taken_for_a_normal_slid
             "holds no truth named t1.json, .xml or .geojson, but T1.tif.geojson: rename it t1.geojson (or move it "
             "out if t1 is a normal slide)"), res.stderr
     assert not (tmp_path / "neg.txt").exists()
-    (tmp_path / "truth" / "T1.tif.geojson").rename(tmp_path / "truth" / "t1.geojson")
+    # a hostile review: an old (empty) t1.json beside QuPath's t1.tif.geojson hid it
+    write_annotation(Annotation(), tmp_path / "truth" / "t1.json")
+    res = call("evaluate.py", "negatives", tmp_path / "maps", tmp_path / "truth", "-o", tmp_path / "neg.txt",
+               check=False)
+    assert res.returncode == 2 and "t1.json (which would be used) and T1.tif.geojson hold different polygons" in res.stderr
+    write_annotation(truth, tmp_path / "truth" / "t1.json")  # the same polygons: either is the truth
     call("evaluate.py", "negatives", tmp_path / "maps", tmp_path / "truth", "-o", tmp_path / "neg.txt")
     assert (tmp_path / "neg.txt").read_text() == ""  # every point above 0.5 is tumour
+    (tmp_path / "truth" / "t1.json").unlink()
+    (tmp_path / "truth" / "T1.tif.geojson").rename(tmp_path / "truth" / "t1.geojson")
+    (tmp_path / "truth" / "t1.svs.txt").write_text("notes")  # a notes file is no truth
+    call("evaluate.py", "negatives", tmp_path / "maps", tmp_path / "truth", "-o", tmp_path / "neg.txt")
+    assert (tmp_path / "neg.txt").read_text() == ""

@@ -86,5 +86,7 @@ def test_a_folder_is_reused_only_by_its_split_and_config(bench, tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(bench.config(tmp_path, 6, "none", seed=1)))
     bench.check_reuse(tmp_path, bench.FOLDS[0], cfg)  # no model yet: the config is rewritten
     (tmp_path / "crf.ckpt").write_bytes(b"")
-    with pytest.raises(bench.UserError, match="crf.ckpt was trained with another config"):
+    with pytest.raises(bench.UserError, match="crf.ckpt was trained with another config .DIR/config.json differs in seed"):
         bench.check_reuse(tmp_path, bench.FOLDS[0], cfg)
+    (tmp_path / "config.json").write_text(json.dumps(bench.config(tmp_path.relative_to(tmp_path.parent), 6, "none")))
+    bench.check_reuse(tmp_path, bench.FOLDS[0], cfg)  # the same folder named another way (a review)

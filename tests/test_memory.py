@@ -49,11 +49,12 @@ def write_cgroup(folder, files: dict) -> None:
 
 def test_a_cgroup_v2_limit_above_the_process_counts(tmp_path):
     """A SLURM job's or a container's limit sits on a parent cgroup; the page cache in its
-    use is reclaimable, so it counts as free."""
+    use, active or not, is reclaimable, so it counts as free; shared memory is not."""
     root, own = tmp_path / "cg", tmp_path / "self_cgroup"
     write_cgroup(root, {"cgroup.controllers": "cpu memory\n"})
     write_cgroup(root / "job", {"memory.max": f"{8 * memory.GB}\n", "memory.current": f"{6 * memory.GB}\n",
-                                "memory.stat": f"anon 1\ninactive_file {memory.GB}\n"})
+                                "memory.stat": f"anon 1\nfile {2 * memory.GB}\nshmem {memory.GB}\n"
+                                                               f"active_file {memory.GB}\n"})
     write_cgroup(root / "job" / "step", {"memory.max": "max\n", "memory.current": "5\n", "memory.stat": ""})
     own.write_text("0::/job/step\n")
     assert memory.cgroup_free(root, own) == 3 * memory.GB
@@ -62,7 +63,7 @@ def test_a_cgroup_v2_limit_above_the_process_counts(tmp_path):
 def test_cgroup_v1_without_a_limit_and_a_hidden_folder(tmp_path):
     root, own = tmp_path / "cg", tmp_path / "self_cgroup"
     write_cgroup(root / "memory", {"memory.limit_in_bytes": "9223372036854771712\n",
-                                   "memory.usage_in_bytes": "100\n", "memory.stat": "total_inactive_file 0\n"})
+                                   "memory.usage_in_bytes": "100\n", "memory.stat": "total_cache 0\n"})
     own.write_text("5:cpu,cpuacct:/\n4:memory:/docker/abc\n0::/\n")  # /docker/abc is not visible inside
     assert memory.cgroup_free(root, own) is None
     write_cgroup(root / "memory", {"memory.limit_in_bytes": f"{2 * memory.GB}\n"})

@@ -195,8 +195,10 @@ def same_polygons(a: Annotation, b: Annotation) -> bool:
 
 
 def _ring_key(v: np.ndarray) -> tuple:
-    """A ring's vertices as one comparable value, the same from any start and direction:
-    the least of its readings that start at its least vertex."""
+    """A ring's vertices as one comparable value, the same from any start and direction
+    and with a vertex repeated in a row (a closing vertex) taken once: the least of its
+    readings that start at its least vertex."""
+    v = v[(v != np.roll(v, 1, axis=0)).any(axis=1)]
     starts = np.flatnonzero((v == v[np.lexsort(v.T[::-1])[0]]).all(axis=1))
     n = len(v)
     readings = [np.roll(v, -k, axis=0) for k in starts] + [np.roll(v[::-1], -(n - 1 - k), axis=0) for k in starts]

@@ -3,8 +3,9 @@
 GeoJSON reading: a FeatureCollection, a bare list of features or one Feature. Polygon and
 MultiPolygon geometries are regions, their class mapped to a part by the same group lists
 as XML; unknown classes, unclassified features, other geometries (Point, LineString) and
-empty ones are ignored with one warning each (a file of only such features, or of points
-of unknown classes, is no normal slide as truth: `nothing_read`). A hole of a positive polygon becomes a negative
+empty ones are ignored with one warning each (a file of only such features of a tumour
+class, or of classified points of unknown classes, is no normal slide as truth:
+`nothing_read`; unclassified points leave it normal). A hole of a positive polygon becomes a negative
 polygon; a hole of a negative polygon cannot be expressed (`contains` is: inside a
 positive and inside no negative) and is ignored with a warning.
 
@@ -120,7 +121,9 @@ def from_geojson(path: Path, data: object, positive_groups: Sequence[str],
         ann.add_checked(str(path), r.part, r.name, r.vertices, r.group)
     known = (*positive_groups, *negative_groups)
     ann.unmapped = warn_unknown(str(path), "class(es)", classes, known)
-    ann.unmapped += [g for g in other_classes if g not in known]  # lesion points as truth: no normal slide (as XML)
+    # points of a class, such as the lesion export's, make no normal slide (as XML's Dots);
+    # unclassified ones (QuPath's default: notes, counts) leave it normal
+    ann.unmapped += [g for g in other_classes if g not in (*known, UNGROUPED)]
     if objects:
         warnings.warn(f"{path}: {_counted(objects)} ignored (only QuPath annotations are regions, not its "
                       "detections or cells)", AnnotationWarning, stacklevel=3)
