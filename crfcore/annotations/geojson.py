@@ -5,9 +5,9 @@ MultiPolygon geometries are regions, their class mapped to a part by the same gr
 as XML; unknown classes, unclassified features, other geometries (Point, LineString) and
 empty ones are ignored with one warning each (a file of only such features of a tumour
 class, or of classified points of unknown classes, is no normal slide as truth:
-`nothing_read`; unclassified points leave it normal). A hole of a positive polygon becomes a negative
-polygon; a hole of a negative polygon cannot be expressed (`contains` is: inside a
-positive and inside no negative) and is ignored with a warning.
+`nothing_read`; unclassified points leave it normal). A hole of a positive polygon
+becomes a negative polygon; a hole of a negative polygon cannot be expressed (`contains`
+is: inside a positive and inside no negative) and is ignored with a warning.
 
 GeoJSON writing (RFC 7946): one Polygon feature per positive polygon, holding as holes the
 negative polygons that lie inside it (valid polygons only, holes not overlapping each
