@@ -850,7 +850,8 @@ def test_lesion_points_and_empty_geometries_are_no_normal_slide(tmp_path, capsys
     (its Point classes were not counted, where ASAP Dots are); an empty Polygon failed the
     whole file with a made-up name while an empty MultiPolygon vanished silently."""
     export = _write(tmp_path / "lesions.geojson", json.dumps(ev.lesions_geojson(np.array([[0.9, 5.0, 5.0]]))))
-    with pytest.raises(an.AnnotationError, match=r"groups found: \['Predicted lesion'\].*as truth it would mean"):
+    with pytest.raises(an.AnnotationError, match=r"groups found: \['Predicted lesion'\].*as truth it would mean"), \
+            pytest.warns(an.AnnotationWarning, match="1 feature.s. of type Point ignored .*classes: Predicted lesion"):
         an.load_truth(export)
     notes = [qupath_feature({"type": "Point", "coordinates": [5, 5]}), qupath_feature(  # QuPath's unclassified points
         {"type": "MultiPoint", "coordinates": [[1, 1], [2, 2]]})]
