@@ -23,6 +23,7 @@ from pathlib import Path
 from crfcore import trainset
 from crfcore.cli import UserError, given_path, parser, run
 from crfcore.io import resolved_folder
+from crfcore.tiling import collect_tiles, read_coords
 
 
 def entries(patch_dirs: list[Path], keep: list[str]) -> tuple[list[trainset.Entry], int]:
@@ -59,6 +60,16 @@ def firsts(new: list[trainset.Entry]) -> list[Path]:
     return list(found.values())
 
 
+def moved_into(patch_dirs: list[Path], out: Path) -> bool:
+    """Whether the patch folders have no tiles left and DATASET_DIR lists every centre
+    of their markers: a --move that finished, or that a kill stopped and this run's
+    recovery finished."""
+    listed = set(trainset.listed(out))
+    markers = [m for d in patch_dirs for m in d.glob("*.txt") if (d / m.stem).is_dir()]
+    return bool(markers) and not any(collect_tiles(d)[0] for d in patch_dirs) and all(
+        f"{s},{x},{y}" in listed for m in markers for s, x, y in read_coords(m))
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = parser(__doc__)
     p.add_argument("patch_dirs", nargs="+", type=given_path, metavar="PATCH_DIR", help="Patch_gen.py output folders")
@@ -86,7 +97,14 @@ def main(argv=None) -> int:
     with trainset.locked(args.output):
         trainset.recover_replacement(args.output)  # first: they may put images back into the patch folders
         trainset.recover_moves(args.output)
-        new, slides = entries(args.patch_dirs, trainset.listed(args.output) if args.append else [])
+        try:
+            new, slides = entries(args.patch_dirs, trainset.listed(args.output) if args.append else [])
+        except trainset.TrainSetError:
+            if args.how == "move" and moved_into(args.patch_dirs, args.output):
+                print(f"{args.output}: already holds the patches of {', '.join(map(str, args.patch_dirs))}, moved "
+                      "there by an earlier run (one that was killed?); nothing left to gather")
+                return 0
+            raise
         keep = trainset.existing_lines(args.output, args.append, args.overwrite)
         trainset.check_one_size(firsts(new), args.output if keep else None)
         if args.overwrite:

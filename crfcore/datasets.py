@@ -16,11 +16,12 @@ from tqdm import tqdm
 
 from . import slide as sl
 from .annotations import find_annotation, load_truth
+from .device import fork_safe_opencv
 from .errors import CrfError
 from .io import visible_files, write_image
 from .scale import ReadScale, resize
 from .tiling import GridGeometry, group_boxes, read_coords
-from .trainset import LEGACY_FIX, SIDES, read_sides
+from .trainset import BUILD, LEGACY_FIX, SIDES, read_sides
 
 
 class SlideDataset(Dataset):
@@ -86,7 +87,7 @@ def extract_patches(slide_path: str | Path, boxes: np.ndarray, level: int, size:
     benchmarks)."""
     Path(out_dir).mkdir(parents=True, exist_ok=True)
     cutter = PatchCutter(slide_path, boxes, level, size, out_dir, names, batched, out_size, reader)
-    loader = DataLoader(cutter, batch_size=None, num_workers=workers)
+    loader = DataLoader(cutter, batch_size=None, num_workers=fork_safe_opencv(workers))
     done, batches = 0, iter(loader)
     try:
         with tqdm(total=len(boxes), desc=f"patches {Path(slide_path).name}", disable=quiet) as bar:
@@ -228,7 +229,9 @@ class GridDataset(Dataset):
         self.dir = Path(data_dir)
         self.context = context
         if not (self.dir / "list.txt").exists():
-            raise DataError(f"{self.dir}: no list.txt (make it with coord_list_gen.py)")
+            killed = (self.dir / BUILD).exists()  # a coord_list_gen.py --overwrite killed while swapping sets
+            raise DataError(f"{self.dir}: no list.txt (" + ("an interrupted coord_list_gen.py --overwrite: run it "
+                            "again to finish it)" if killed else "make it with coord_list_gen.py)"))
         self.coords = read_coords(self.dir / "list.txt")
         if not self.coords:
             raise DataError(f"{self.dir}: list.txt is empty")

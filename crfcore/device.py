@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
+import cv2
 import torch
 
 from .errors import CrfError
@@ -88,6 +89,18 @@ def _release_before_fork(trim) -> None:
     at the start of epoch 2 and was killed. After the trim the child shares only live
     memory; the parent faults its buffers back in once per fork, not once per pass."""
     trim(0)
+
+
+def fork_safe_opencv(workers: int) -> int:
+    """`workers`, after making OpenCV safe for DataLoader workers forked from this process
+    (where there are any): its thread pool does not survive a fork, and a worker forked
+    while a pool thread held the pool's lock waits on it for ever (a kill -9 sweep saw one
+    Patch_gen.py worker stuck so, in pthread_mutex_lock inside cv2, in about 60 runs).
+    OpenCV then runs single-threaded in this process and its workers: the CNN's threads,
+    not OpenCV's, use the cores, and the workers are the parallel readers."""
+    if workers:
+        cv2.setNumThreads(0)
+    return workers
 
 
 def reader_workers(asked: int | None, device: torch.device) -> int:

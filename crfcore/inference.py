@@ -27,7 +27,7 @@ from tqdm import tqdm
 from . import slide as sl
 from .crf import mean_field
 from .datasets import Normaliser, SlideDataset, cut_grid, normalise_batch, to_tensor
-from .device import autocast, reader_workers
+from .device import autocast, fork_safe_opencv, reader_workers
 from .model import CRFNet, inference_copy
 from .scale import ReadScale
 from .shared_stem import StemPlan, stem_cells, stem_plan
@@ -254,7 +254,7 @@ class Options:
 
 def slide_loader(ds: Dataset, opts: Options, batch: int | None) -> DataLoader:
     """A DataLoader over slide reads with the run's workers (batch None: the dataset batches)."""
-    workers = reader_workers(opts.workers, opts.device)
+    workers = fork_safe_opencv(reader_workers(opts.workers, opts.device))
     return DataLoader(ds, batch_size=batch, num_workers=workers, pin_memory=opts.device.type == "cuda",
                       prefetch_factor=4 if workers else None)
 

@@ -12,7 +12,7 @@ from torch.utils.data import ConcatDataset, DataLoader, Sampler
 
 from .config import TrainConfig
 from .datasets import Augment, DataError, FolderDataset, GridDataset
-from .device import DistEnv
+from .device import DistEnv, fork_safe_opencv
 from .stain import HEDJitter, MacenkoNormaliser
 
 
@@ -167,7 +167,7 @@ def build_loaders(cfg: TrainConfig, env: DistEnv = DistEnv(), norm: MacenkoNorma
         raise DataError(f"config batch_size {cfg.batch_size} takes {half} samples of each set per step, more than "
                         f"the larger set's {max(sizes)}: lower batch_size")
     sampler = BalancedBatches(sizes, cfg.batch_size, cfg.seed, env.rank, env.world, cfg.max_steps)
-    kw = dict(num_workers=cfg.workers, collate_fn=collate, persistent_workers=False,
+    kw = dict(num_workers=fork_safe_opencv(cfg.workers), collate_fn=collate, persistent_workers=False,
               pin_memory=torch.cuda.is_available())
     train_loader = DataLoader(ConcatDataset(train_sets), batch_sampler=sampler, **kw)
     valid_loader = (DataLoader(ConcatDataset(valid_sets), batch_size=cfg.batch_size, shuffle=False, **kw)

@@ -26,7 +26,8 @@ from tqdm import tqdm
 from .config import INTERNAL, ConfigError, TrainConfig
 from .consistency import DenseConsistent, check_geometry
 from .datasets import FolderDataset, GridDataset
-from .device import DistEnv, autocast, cpu_has_native_bf16, reader_workers, resolve_device, resolve_precision
+from .device import (DistEnv, autocast, cpu_has_native_bf16, fork_safe_opencv, reader_workers, resolve_device,
+                     resolve_precision)
 from .errors import CrfError
 from .evaluation import patch_metrics, patch_report
 from .heatmap import check_picture_output
@@ -562,7 +563,8 @@ def evaluate_folder(ckpt_path: str | Path, data_dir: str | Path, picture: str | 
         ds = GridDataset(data_dir, json_dir, cfg.image_size, cfg.patch_size, cfg.crop_size, None, norm,
                          mpp_set=cfg.mpp is not None)
     check_spares_inputs([picture], [ckpt_path, *ds.files()])  # --plot DATA/1.png would replace an image
-    loader = DataLoader(ds, batch_size=batch_size, num_workers=reader_workers(workers, dev), collate_fn=collate)
+    workers = fork_safe_opencv(reader_workers(workers, dev))
+    loader = DataLoader(ds, batch_size=batch_size, num_workers=workers, collate_fn=collate)
     model = inference_copy(model).to(dev, memory_format=torch.channels_last)
     y, p, *_ = predict(model, loader, dev, resolve_precision(dev, cfg.precision), model.cfg.num_classes, quiet=quiet)
     title = f"{Path(ckpt_path).name} on {Path(data_dir).name}"  # the folder, not where it lies on this machine

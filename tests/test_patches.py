@@ -719,6 +719,40 @@ def test_a_killed_overwrite_leaves_the_old_set_or_the_new_one(syn_slide, syn_mas
             shutil.rmtree(folder)
 
 
+def test_rerunning_a_killed_overwrite_move_finishes_it(syn_slide, syn_masks, tmp_path):
+    """From a kill -9 sweep: killed while or after swapping the new set in, the rerun of
+    the same `--overwrite --move` exited 2 ('no tiles, but ... lists centres': they had
+    been moved into the set). Every rerun now ends with the new set and exit 0."""
+    import shutil
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+    two_tile_folders(syn_slide, syn_masks, tmp_path)
+    call("coord_list_gen.py", tmp_path / "a", "-o", tmp_path / "ds", "--copy")
+    new = sorted(p.read_bytes() for p in (tmp_path / "b" / "syn_tumor").iterdir())
+    finished = swapping = 0
+    for k in range(1, 20):
+        run = tmp_path / f"k{k}"
+        shutil.copytree(tmp_path / "ds", run / "ds")
+        shutil.copytree(tmp_path / "b", run / "b")
+        args = [str(run / "b"), "-o", str(run / "ds"), "--overwrite", "--move"]
+        subprocess.run([sys.executable, "-c", KILL_AFTER, str(ROOT / "coord_list_gen.py"), *args],
+                       env={**os.environ, "KILL_AFTER": str(k)}, capture_output=True, cwd=ROOT)
+        if not (run / "ds" / "list.txt").exists():  # killed in the swap: train.py's reader says what to do
+            with pytest.raises(CrfError, match="an interrupted coord_list_gen.py --overwrite: run it again"):
+                GridDataset(run / "ds", tmp_path, 64, 32, 32)
+            swapping += 1
+        res = call("coord_list_gen.py", *args, check=False)
+        assert res.returncode == 0, (k, res.stderr)
+        lines, images = dataset(run / "ds")
+        assert len(lines) == 4 and sorted(images) == new, k
+        finished += "moved there by an earlier run" in res.stdout
+    assert finished and swapping  # some kills landed after the last move, some in the swap
+    res = call("coord_list_gen.py", tmp_path / "a", "-o", tmp_path / "k1" / "ds", "--overwrite", "--move", check=False)
+    assert res.returncode == 0  # tiles present: an ordinary run
+
+
 @pytest.mark.parametrize("where", ["dot", "symlink"])
 def test_overwrite_works_in_place_for_dot_and_a_linked_folder(syn_slide, syn_masks, tmp_path, where):
     """The new set is moved over the old one inside DATASET_DIR, so `-o .` and a symlink
@@ -889,3 +923,17 @@ def test_a_preview_a_kill_left_unwritten_is_drawn_on_the_next_run(syn_slide, syn
     shutil.rmtree(tmp_path / "syn_tumor")
     res = call("Patch_gen.py", *args, check=False)
     assert res.returncode == 2 and "drawn from" not in res.stderr and not preview.exists()
+
+
+def test_opencv_runs_single_threaded_where_readers_fork():
+    """A kill -9 sweep saw a Patch_gen.py worker hang for ever in a lock of OpenCV's thread
+    pool, inherited locked by the fork; with workers, OpenCV runs without its pool."""
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+    code = ("import cv2; from crfcore.device import fork_safe_opencv; n = cv2.getNumThreads(); "
+            "fork_safe_opencv(0); kept = cv2.getNumThreads(); fork_safe_opencv(2); print(n, kept, cv2.getNumThreads())")
+    n, kept, after = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                                    check=True).stdout.split()
+    assert kept == n and after == "1"
