@@ -29,7 +29,8 @@ patch positions the map later asks about. A cell's score is the map's mean over 
 tissue points (0 without any).
 
 Stain: the default `none` was chosen on the validation slide alone (the CRF's cell AUC on
-8865: 0.9793 with `none`, 0.9748 with `macenko`, 0.9678 with `hed` 0.02; one run each).
+8865 on the earlier machine: 0.9793 with `none`, 0.9748 with `macenko`, 0.9678 with `hed`
+0.02; one run each; on the current one 0.9737, 0.9757 and 0.9735: see the README).
 
 Leaves DIR/cnn.ckpt, DIR/crf.ckpt, DIR/lattice.json ({"downsample": 25, "threshold": t}
 for crf.ckpt, "threshold_cnn" for cnn.ckpt; each t maximises Youden's J on the validation
